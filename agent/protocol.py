@@ -1,0 +1,454 @@
+"""The wire format: MQTT topics, payload schemas, error codes.
+
+The server imports this module; it never defines its own copy of the format. Every parser
+raises ProtocolError with a code and a message naming the offending field, so a malformed
+payload is counted and reported, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from agent.signing import DIRECTIVE_PAYLOAD_TYPE, RELEASE_PAYLOAD_TYPE, Keyring, verify_envelope
+
+SPEC_VERSION = 1
+MAX_PAYLOAD_BYTES = 64 * 1024
+DEFAULT_TOPIC_ROOT = "fleet"
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ErrorCode:
+    """Machine-readable outcome codes a device reports. Never 'unknown'."""
+
+    MALFORMED = "MALFORMED"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    SIGNATURE_INVALID = "SIGNATURE_INVALID"
+    UNKNOWN_KEY = "UNKNOWN_KEY"
+    WRONG_PAYLOAD_TYPE = "WRONG_PAYLOAD_TYPE"
+    WRONG_DEVICE = "WRONG_DEVICE"
+    REPLAYED = "REPLAYED"
+    EXPIRED = "EXPIRED"
+    RELEASE_EXPIRED = "RELEASE_EXPIRED"
+    BELOW_ROLLBACK_FLOOR = "BELOW_ROLLBACK_FLOOR"
+    NO_ARTIFACT = "NO_ARTIFACT"
+    DENYLISTED = "DENYLISTED"
+    DISK_FULL = "DISK_FULL"
+    DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+    NOT_FOUND = "NOT_FOUND"
+    TOO_LARGE = "TOO_LARGE"
+    HASH_MISMATCH = "HASH_MISMATCH"
+    PRECHECK_FAILED = "PRECHECK_FAILED"
+    ACTIVATE_FAILED = "ACTIVATE_FAILED"
+    TRIAL_FAILED = "TRIAL_FAILED"
+    ROLLBACK_LOOP = "ROLLBACK_LOOP"
+
+
+class State:
+    """Update states a device reports on its events topic (DESIGN.md §5)."""
+
+    RECEIVED = "received"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    PRECHECKING = "prechecking"
+    ACTIVATING = "activating"
+    TRIAL = "trial"
+    COMMITTED = "committed"  # terminal success: healthy after activation
+    ROLLED_BACK = "rolled_back"  # terminal failure after activation
+    FAILED = "failed"  # terminal failure before activation; current untouched
+    REJECTED = "rejected"  # directive refused before any work
+
+    TERMINAL = frozenset({COMMITTED, ROLLED_BACK, FAILED, REJECTED})
+    ALL = frozenset({RECEIVED, DOWNLOADING, VERIFYING, PRECHECKING, ACTIVATING, TRIAL}) | TERMINAL
+
+
+class ProtocolError(Exception):
+    def __init__(self, message: str, code: str = ErrorCode.MALFORMED):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Topics:
+    root: str = DEFAULT_TOPIC_ROOT
+
+    def device(self, device_id: str, kind: str) -> str:
+        return f"{self.root}/devices/{device_id}/{kind}"
+
+    def directive(self, device_id: str) -> str:
+        return self.device(device_id, "directive")
+
+    def events(self, device_id: str) -> str:
+        return self.device(device_id, "events")
+
+    def telemetry(self, device_id: str) -> str:
+        return self.device(device_id, "telemetry")
+
+    def presence(self, device_id: str) -> str:
+        return self.device(device_id, "presence")
+
+    def parse(self, topic: str) -> tuple[str, str]:
+        """Return (device_id, kind) for a device topic, else raise ProtocolError."""
+        parts = topic.split("/")
+        root_parts = self.root.split("/")
+        n = len(root_parts)
+        if (
+            len(parts) != n + 3
+            or parts[:n] != root_parts
+            or parts[n] != "devices"
+            or parts[n + 2] not in ("directive", "events", "telemetry", "presence")
+            or not IDENT_RE.match(parts[n + 1])
+        ):
+            raise ProtocolError(f"not a device topic: {topic!r}")
+        return parts[n + 1], parts[n + 2]
+
+
+# --- time -------------------------------------------------------------------------------------
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def format_time(value: datetime) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: object, name: str) -> datetime:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{name} must be an RFC 3339 UTC timestamp string")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ProtocolError(f"{name} is not an RFC 3339 timestamp: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise ProtocolError(f"{name} must carry a timezone (use Z)")
+    return parsed
+
+
+# --- field helpers ----------------------------------------------------------------------------
+
+
+def _req(data: Mapping, name: str, kind: type | tuple, where: str) -> Any:
+    if name not in data:
+        raise ProtocolError(f"{where}.{name} is missing")
+    value = data[name]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ProtocolError(f"{where}.{name} must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _opt(data: Mapping, name: str, kind: type | tuple, where: str, default: Any = None) -> Any:
+    if data.get(name) is None:
+        return default
+    return _req(data, name, kind, where)
+
+
+def _sha(data: Mapping, name: str, where: str) -> str:
+    value = _req(data, name, str, where)
+    if not SHA256_RE.match(value):
+        raise ProtocolError(f"{where}.{name} must be 64 lowercase hex characters")
+    return value
+
+
+def _nonneg_int(data: Mapping, name: str, where: str) -> int:
+    value = _req(data, name, int, where)
+    if value < 0:
+        raise ProtocolError(f"{where}.{name} must be >= 0")
+    return value
+
+
+def decode_json(payload: bytes, what: str) -> dict:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(
+            f"{what} is {len(payload)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit",
+            ErrorCode.PAYLOAD_TOO_LARGE,
+        )
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{what} must be a JSON object")
+    return data
+
+
+def encode_json(data: Mapping) -> bytes:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+# --- release manifest -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseArtifact:
+    hardware: str
+    format: str
+    file_name: str
+    length: int
+    sha256: str
+    runtime: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReleaseManifest:
+    model: str
+    version: str
+    counter: int
+    rollback_floor: int
+    created: datetime
+    expires: datetime | None
+    artifacts: tuple[ReleaseArtifact, ...]
+    health: dict | None
+    provenance: dict
+
+    def artifact_for(self, hardware: str) -> ReleaseArtifact | None:
+        return next((a for a in self.artifacts if a.hardware == hardware), None)
+
+
+def build_release_payload(
+    *,
+    model: str,
+    version: str,
+    counter: int,
+    rollback_floor: int,
+    created: datetime,
+    expires: datetime | None,
+    artifacts: list[dict],
+    health: dict | None,
+    provenance: dict,
+) -> bytes:
+    body = {
+        "_type": "release",
+        "spec_version": SPEC_VERSION,
+        "model": model,
+        "version": version,
+        "counter": counter,
+        "rollback_floor": rollback_floor,
+        "created": format_time(created),
+        "expires": format_time(expires) if expires else None,
+        "artifacts": artifacts,
+        "health": health,
+        "provenance": provenance,
+    }
+    payload = encode_json(body)
+    parse_release(payload)  # never sign something our own agents would refuse
+    return payload
+
+
+def parse_release(payload: bytes) -> ReleaseManifest:
+    data = decode_json(payload, "release manifest")
+    where = "release"
+    if data.get("_type") != "release":
+        raise ProtocolError("release._type must be 'release'")
+    if data.get("spec_version") != SPEC_VERSION:
+        raise ProtocolError(f"release.spec_version {data.get('spec_version')!r} is not supported")
+    counter = _nonneg_int(data, "counter", where)
+    floor = _nonneg_int(data, "rollback_floor", where)
+    if floor > counter:
+        raise ProtocolError("release.rollback_floor must not exceed release.counter")
+    raw_artifacts = _req(data, "artifacts", list, where)
+    if not raw_artifacts:
+        raise ProtocolError("release.artifacts must not be empty")
+    artifacts = []
+    for i, raw in enumerate(raw_artifacts):
+        w = f"release.artifacts[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ProtocolError(f"{w} must be an object")
+        artifacts.append(
+            ReleaseArtifact(
+                hardware=_req(raw, "hardware", str, w),
+                format=_req(raw, "format", str, w),
+                file_name=_req(raw, "file_name", str, w),
+                length=_nonneg_int(raw, "length", w),
+                sha256=_sha(raw, "sha256", w),
+                runtime=_opt(raw, "runtime", dict, w, {}),
+            )
+        )
+    expires = data.get("expires")
+    return ReleaseManifest(
+        model=_req(data, "model", str, where),
+        version=_req(data, "version", str, where),
+        counter=counter,
+        rollback_floor=floor,
+        created=parse_time(data.get("created"), "release.created"),
+        expires=parse_time(expires, "release.expires") if expires is not None else None,
+        artifacts=tuple(artifacts),
+        health=_opt(data, "health", dict, where),
+        provenance=_opt(data, "provenance", dict, where, {}),
+    )
+
+
+def verify_release(envelope: object, keyring: Keyring) -> ReleaseManifest:
+    return parse_release(verify_envelope(envelope, RELEASE_PAYLOAD_TYPE, keyring))
+
+
+# --- directive --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirectiveArtifact:
+    hardware: str
+    sha256: str
+    length: int
+    url: str
+
+
+@dataclass(frozen=True)
+class Directive:
+    device_id: str
+    seq: int
+    issued: datetime
+    expires: datetime
+    rollout_id: str | None
+    model: str
+    release: dict  # the release DSSE envelope, verified separately with the release key
+    artifact: DirectiveArtifact
+
+
+def build_directive_payload(
+    *,
+    device_id: str,
+    seq: int,
+    issued: datetime,
+    expires: datetime,
+    rollout_id: str | None,
+    model: str,
+    release_envelope: dict,
+    artifact: dict,
+) -> bytes:
+    body = {
+        "_type": "directive",
+        "spec_version": SPEC_VERSION,
+        "device_id": device_id,
+        "seq": seq,
+        "issued": format_time(issued),
+        "expires": format_time(expires),
+        "rollout_id": rollout_id,
+        "model": model,
+        "release": release_envelope,
+        "artifact": artifact,
+    }
+    payload = encode_json(body)
+    parse_directive(payload)
+    return payload
+
+
+def parse_directive(payload: bytes) -> Directive:
+    data = decode_json(payload, "directive")
+    where = "directive"
+    if data.get("_type") != "directive":
+        raise ProtocolError("directive._type must be 'directive'")
+    if data.get("spec_version") != SPEC_VERSION:
+        raise ProtocolError(f"directive.spec_version {data.get('spec_version')!r} is not supported")
+    raw_artifact = _req(data, "artifact", dict, where)
+    w = "directive.artifact"
+    url = _req(raw_artifact, "url", str, w)
+    if not url.startswith(("http://", "https://")):
+        raise ProtocolError("directive.artifact.url must be an http(s) URL")
+    seq = _req(data, "seq", int, where)
+    if seq < 1:
+        raise ProtocolError("directive.seq must be >= 1")
+    rollout_id = data.get("rollout_id")
+    if rollout_id is not None and not isinstance(rollout_id, (str, int)):
+        raise ProtocolError("directive.rollout_id must be a string or null")
+    return Directive(
+        device_id=_req(data, "device_id", str, where),
+        seq=seq,
+        issued=parse_time(data.get("issued"), "directive.issued"),
+        expires=parse_time(data.get("expires"), "directive.expires"),
+        rollout_id=str(rollout_id) if rollout_id is not None else None,
+        model=_req(data, "model", str, where),
+        release=_req(data, "release", dict, where),
+        artifact=DirectiveArtifact(
+            hardware=_req(raw_artifact, "hardware", str, w),
+            sha256=_sha(raw_artifact, "sha256", w),
+            length=_nonneg_int(raw_artifact, "length", w),
+            url=url,
+        ),
+    )
+
+
+def verify_directive(envelope: object, keyring: Keyring) -> Directive:
+    return parse_directive(verify_envelope(envelope, DIRECTIVE_PAYLOAD_TYPE, keyring))
+
+
+# --- device → server --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """One update-progress report. (device_id, seq, event_no) is unique: the server drops repeats."""
+
+    device_id: str
+    event_no: int  # per-device, strictly increasing across all directives
+    seq: int  # the directive this event is about (0: none, e.g. a local rollback)
+    model: str
+    state: str
+    error_code: str | None = None
+    detail: str = ""
+    sha256: str | None = None  # the artifact the event concerns
+    active_sha256: str | None = None  # what `current` points at after this step
+    rollout_id: str | None = None
+    health: dict | None = None
+    ts: str = ""
+
+    def to_payload(self) -> bytes:
+        return encode_json({"_type": "event", **asdict(self)})
+
+
+def parse_event(payload: bytes) -> Event:
+    data = decode_json(payload, "event")
+    where = "event"
+    state = _req(data, "state", str, where)
+    if state not in State.ALL:
+        raise ProtocolError(f"event.state {state!r} is not a known state")
+    error_code = _opt(data, "error_code", str, where)
+    if state in (State.FAILED, State.ROLLED_BACK, State.REJECTED) and not error_code:
+        raise ProtocolError(f"event.error_code is required when state is {state!r}")
+    for name in ("sha256", "active_sha256"):
+        if data.get(name) is not None:
+            _sha(data, name, where)
+    rollout_id = data.get("rollout_id")
+    return Event(
+        device_id=_req(data, "device_id", str, where),
+        event_no=_nonneg_int(data, "event_no", where),
+        seq=_nonneg_int(data, "seq", where),
+        model=_req(data, "model", str, where),
+        state=state,
+        error_code=error_code,
+        detail=_opt(data, "detail", str, where, "")[:2000],
+        sha256=data.get("sha256"),
+        active_sha256=data.get("active_sha256"),
+        rollout_id=str(rollout_id) if rollout_id is not None else None,
+        health=_opt(data, "health", dict, where),
+        ts=_opt(data, "ts", str, where, ""),
+    )
+
+
+def presence_payload(*, online: bool, agent_version: str, active: Mapping[str, str] | None = None) -> bytes:
+    return encode_json(
+        {"_type": "presence", "online": online, "agent_version": agent_version, "active": dict(active or {})}
+    )
+
+
+def parse_presence(payload: bytes) -> dict:
+    data = decode_json(payload, "presence")
+    _req(data, "online", bool, "presence")
+    _opt(data, "active", dict, "presence", {})
+    return data
+
+
+def parse_telemetry(payload: bytes) -> dict:
+    data = decode_json(payload, "telemetry")
+    for name in ("cpu_percent", "memory_percent", "disk_percent", "temperature_c"):
+        if data.get(name) is not None:
+            _req(data, name, (int, float), "telemetry")
+    return data

@@ -1,0 +1,61 @@
+"""JSON errors everywhere: API clients (CI scripts) never see an HTML page."""
+
+from __future__ import annotations
+
+import logging
+
+from django.core.exceptions import PermissionDenied, ValidationError as DjangoValidationError
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(exceptions.APIException):
+    """A business-rule refusal with a stable machine-readable `code`."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+
+    def __init__(self, message: str, *, code: str, status_code: int = 400, **extra):
+        super().__init__(detail=message, code=code)
+        self.status_code = status_code
+        self.extra = extra
+
+
+class Conflict(ApiError):
+    def __init__(self, message: str, *, code: str = "conflict", **extra):
+        super().__init__(message, code=code, status_code=status.HTTP_409_CONFLICT, **extra)
+
+
+def _flatten(detail) -> str:
+    if isinstance(detail, dict):
+        return "; ".join(f"{k}: {_flatten(v)}" for k, v in detail.items())
+    if isinstance(detail, list):
+        return " ".join(_flatten(v) for v in detail)
+    return str(detail)
+
+
+def json_exception_handler(exc, context):
+    if isinstance(exc, DjangoValidationError):
+        exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
+    elif isinstance(exc, Http404):
+        exc = exceptions.NotFound(str(exc) or "Not found.")
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied(str(exc) or "Permission denied.")
+    response = exception_handler(exc, context)
+    if response is None:
+        logger.exception("unhandled API error", exc_info=exc)
+        return Response(
+            {"error": {"code": "server_error", "message": "Internal server error; see the server log."}},
+            status=500,
+        )
+    if isinstance(exc, exceptions.ValidationError):
+        body = {"error": {"code": "invalid", "message": _flatten(exc.detail), "fields": exc.detail}}
+    else:
+        codes = exc.get_codes() if hasattr(exc, "get_codes") else "error"
+        body = {"error": {"code": codes if isinstance(codes, str) else "error", "message": _flatten(exc.detail)}}
+        body["error"].update(getattr(exc, "extra", {}))
+    response.data = body
+    return response

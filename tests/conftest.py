@@ -1,0 +1,106 @@
+"""Shared fixtures: isolated storage and keys, and the named principals every feature test uses
+(an operator, a viewer, a CI token, and — with the rollout service — a device of another fleet)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from agent.signing import generate_private_key_pem
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory):
+    keys_dir = tmp_path_factory.mktemp("keys")
+    for role in ("release", "rollout"):
+        path = keys_dir / f"{role}.pem"
+        path.write_bytes(generate_private_key_pem())
+        path.chmod(0o600)
+    return keys_dir
+
+
+@pytest.fixture(autouse=True)
+def isolated_storage(settings, tmp_path, signing_keys):
+    """Each test gets its own artifact store and the session's signing keys."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "artifacts": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(tmp_path / "artifacts")},
+        },
+    }
+    settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path / "upload-tmp")
+    (tmp_path / "upload-tmp").mkdir()
+    settings.KEYS_DIR = signing_keys
+    settings.RELEASE_KEY_PATH = signing_keys / "release.pem"
+    settings.ROLLOUT_KEY_PATH = signing_keys / "rollout.pem"
+    return tmp_path / "artifacts"
+
+
+@dataclass
+class Token:
+    secret: str
+    scope: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"HTTP_AUTHORIZATION": f"Bearer {self.secret}"}
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"}
+
+
+def _token(scope: str) -> Token:
+    from registry.models import ApiToken
+
+    secret = ApiToken.new_secret()
+    ApiToken.objects.create(
+        name=f"test-{scope}", scope=scope, prefix=secret[:8], token_hash=ApiToken.hash_secret(secret)
+    )
+    return Token(secret=secret, scope=scope)
+
+
+@pytest.fixture
+def ci_token(db) -> Token:
+    return _token("ci")
+
+
+@pytest.fixture
+def read_token(db) -> Token:
+    return _token("read")
+
+
+@pytest.fixture
+def operator_token(db) -> Token:
+    return _token("operator")
+
+
+@pytest.fixture
+def admin_token(db) -> Token:
+    return _token("admin")
+
+
+def _user(username: str, group: str):
+    from django.contrib.auth.models import Group, User
+
+    user = User.objects.create_user(username=username, password=f"{username}-password-123")
+    user.groups.add(Group.objects.get_or_create(name=group)[0])
+    return user
+
+
+@pytest.fixture
+def operator(db):
+    return _user("olivia-operator", "operator")
+
+
+@pytest.fixture
+def viewer(db):
+    return _user("victor-viewer", "viewer")
+
+
+@pytest.fixture
+def api(client):
+    """Django test client that speaks JSON by default."""
+    return client
