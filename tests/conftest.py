@@ -104,3 +104,13 @@ def viewer(db):
 def api(client):
     """Django test client that speaks JSON by default."""
     return client
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A private anonymous Mosquitto on a free port (stop()/start() to simulate outages)."""
+    from tests.support.mosquitto import Mosquitto
+
+    broker = Mosquitto(tmp_path / "broker").start()
+    yield broker
+    broker.stop()
