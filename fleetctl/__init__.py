@@ -1,0 +1,1 @@
+"""fleetctl: the CI and operator command-line client for the modelfleet REST API (stdlib only)."""

@@ -1,0 +1,1 @@
+"""Devices, enrollment, credentials and what the fleet reports."""

@@ -1,0 +1,1 @@
+"""Rollouts, waves and per-device assignments."""
