@@ -9,6 +9,7 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/v1/", include("registry.urls")),
+    path("api/v1/", include("ota.urls")),
     path("healthz", lambda request: JsonResponse({"ok": True}), name="healthz"),
 ]
 
