@@ -1,1 +1,204 @@
-"""Rollouts, waves and per-device assignments."""
+"""Rollouts, waves, per-device assignments and the directives sent for them."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+__all__ = ["Rollout", "Wave", "RolloutDevice", "Directive"]
+
+
+class Rollout(models.Model):
+    class State(models.TextChoices):
+        CREATED = "created"  # planned, waiting for start (and approval when required)
+        RUNNING = "running"
+        PAUSED = "paused"
+        COMPLETED = "completed"
+        ABORTED = "aborted"  # stopped; with abort_policy=revert the updated devices were sent back
+        ROLLED_BACK = "rolled_back"  # an operator sent every updated device back to its previous release
+
+    class AbortPolicy(models.TextChoices):
+        PAUSE = "pause"
+        ABORT = "abort"
+        REVERT = "revert"
+
+    # States in which a rollout "owns" its devices for its model (a device is never in two).
+    ACTIVE_STATES = (State.RUNNING, State.PAUSED)
+    OPEN_STATES = (State.CREATED, State.RUNNING, State.PAUSED)
+
+    name = models.CharField(max_length=200, blank=True)
+    release = models.ForeignKey("registry.ModelVersion", on_delete=models.PROTECT, related_name="rollouts")
+    # Denormalised from release so "one running rollout per device and model" is one query.
+    model = models.ForeignKey("registry.Model", on_delete=models.PROTECT, related_name="rollouts")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.CREATED, db_index=True)
+    # The definition exactly as accepted (validated and normalised), kept for audit and display.
+    target = models.JSONField(default=dict)
+    waves_spec = models.JSONField(default=list)
+    gates = models.JSONField(default=dict)
+    abort_policy = models.CharField(max_length=8, choices=AbortPolicy.choices, default=AbortPolicy.PAUSE)
+    requires_approval = models.BooleanField(default=False)
+    # Target devices that match labels/hardware but have no artifact for their hardware.
+    incompatible = models.JSONField(default=list, blank=True)
+    current_wave = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.CharField(max_length=150, blank=True)
+    approved_at = models.DateTimeField(null=True, blank=True)
+    approved_by = models.CharField(max_length=150, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    started_by = models.CharField(max_length=150, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    reverted_at = models.DateTimeField(null=True, blank=True)
+    state_reason = models.TextField(blank=True)
+    # Last time the engine evaluated it; lets the beat tick skip rollouts that were just looked at.
+    evaluated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["model", "state"])]
+
+    def __str__(self) -> str:
+        return f"rollout {self.pk} {self.release} ({self.state})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in self.ACTIVE_STATES
+
+
+class Wave(models.Model):
+    class State(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"  # directives going out (rate-capped), outcomes arriving
+        SOAKING = "soaking"  # success gate met; waiting out the soak time
+        PASSED = "passed"
+        HALTED = "halted"  # failure gate tripped (or the rollout was aborted during it)
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="waves")
+    index = models.PositiveIntegerField()
+    spec = models.JSONField(default=dict)
+    # Effective gates for this wave: rollout gates with the wave's own overrides applied.
+    gates = models.JSONField(default=dict)
+    size = models.PositiveIntegerField(default=0)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    started_at = models.DateTimeField(null=True, blank=True)
+    gate_met_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["rollout", "index"]
+        constraints = [models.UniqueConstraint(fields=["rollout", "index"], name="unique_wave_index")]
+
+    def __str__(self) -> str:
+        return f"rollout {self.rollout_id} wave {self.index}"
+
+
+class RolloutDevice(models.Model):
+    """One device's place in a rollout: its wave, where its update stands, and when each phase began."""
+
+    class State(models.TextChoices):
+        PLANNED = "planned"  # in a wave that has not started
+        QUEUED = "queued"  # its wave started; waiting for the rate cap
+        DIRECTED = "directed"  # directive signed and published, nothing heard yet
+        RECEIVED = "received"
+        DOWNLOADING = "downloading"
+        VERIFYING = "verifying"
+        PRECHECKING = "prechecking"
+        ACTIVATING = "activating"
+        TRIAL = "trial"
+        COMMITTED = "committed"  # healthy after activation: the only success
+        FAILED = "failed"  # failed before activation (current model untouched)
+        ROLLED_BACK = "rolled_back"  # activated, failed its trial, went back by itself
+        REJECTED = "rejected"  # refused the directive
+        TIMED_OUT = "timed_out"  # a phase outlived its timeout
+        SKIPPED = "skipped"  # never sent: the rollout stopped before its turn
+        REVERTING = "reverting"  # sent back to its previous release
+        REVERTED = "reverted"
+        REVERT_FAILED = "revert_failed"
+
+    IN_FLIGHT = (
+        State.DIRECTED, State.RECEIVED, State.DOWNLOADING, State.VERIFYING,
+        State.PRECHECKING, State.ACTIVATING, State.TRIAL,
+    )
+    FAILURES = (State.FAILED, State.ROLLED_BACK, State.REJECTED, State.TIMED_OUT)
+    # Agent-reported update states mapped onto assignment states (protocol State values).
+    FROM_EVENT = {
+        "received": State.RECEIVED,
+        "downloading": State.DOWNLOADING,
+        "verifying": State.VERIFYING,
+        "prechecking": State.PRECHECKING,
+        "activating": State.ACTIVATING,
+        "trial": State.TRIAL,
+        "committed": State.COMMITTED,
+        "failed": State.FAILED,
+        "rolled_back": State.ROLLED_BACK,
+        "rejected": State.REJECTED,
+    }
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="assignments")
+    wave = models.ForeignKey(Wave, on_delete=models.CASCADE, related_name="assignments")
+    device = models.ForeignKey("ota.Device", on_delete=models.CASCADE, related_name="rollout_assignments")
+    # Position in the stable hash order (sha256 of rollout id and device id).
+    rank = models.PositiveIntegerField()
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PLANNED, db_index=True)
+    seq = models.PositiveBigIntegerField(null=True, blank=True, help_text="seq of the update directive")
+    revert_seq = models.PositiveBigIntegerField(null=True, blank=True)
+    # What the device ran before this rollout touched it, for revert.
+    previous_version = models.ForeignKey(
+        "registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    previous_sha256 = models.CharField(max_length=64, blank=True)
+    error_code = models.CharField(max_length=32, blank=True)
+    detail = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    queued_at = models.DateTimeField(null=True, blank=True)
+    directed_at = models.DateTimeField(null=True, blank=True)
+    received_at = models.DateTimeField(null=True, blank=True)
+    download_started_at = models.DateTimeField(null=True, blank=True)
+    verify_started_at = models.DateTimeField(null=True, blank=True)
+    activate_started_at = models.DateTimeField(null=True, blank=True)
+    trial_started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    revert_directed_at = models.DateTimeField(null=True, blank=True)
+    reverted_at = models.DateTimeField(null=True, blank=True)
+    last_event_no = models.BigIntegerField(default=-1)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["rollout", "rank"]
+        constraints = [
+            models.UniqueConstraint(fields=["rollout", "device"], name="one_assignment_per_rollout_device")
+        ]
+        indexes = [models.Index(fields=["wave", "state"]), models.Index(fields=["device", "seq"])]
+
+    def __str__(self) -> str:
+        return f"{self.device_id} in rollout {self.rollout_id}: {self.state}"
+
+
+class Directive(models.Model):
+    """Every directive ever signed: which device, which seq, for what, and when it went out."""
+
+    class Kind(models.TextChoices):
+        UPDATE = "update"
+        REVERT = "revert"
+
+    device = models.ForeignKey("ota.Device", on_delete=models.CASCADE, related_name="directives")
+    seq = models.PositiveBigIntegerField()
+    rollout = models.ForeignKey(Rollout, null=True, blank=True, on_delete=models.SET_NULL, related_name="directives")
+    kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.UPDATE)
+    version = models.ForeignKey("registry.ModelVersion", on_delete=models.PROTECT, related_name="+")
+    payload_sha256 = models.CharField(max_length=64)
+    # The signed envelope exactly as published, so an unpublished one (worker died between
+    # commit and publish) goes out later byte for byte, with the same seq.
+    envelope = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)
+    published_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [models.UniqueConstraint(fields=["device", "seq"], name="unique_directive_seq")]
+        indexes = [
+            models.Index(fields=["created_at"], condition=Q(published_at__isnull=True), name="directive_unpublished")
+        ]
+
+    def __str__(self) -> str:
+        return f"directive {self.device_id}#{self.seq} ({self.kind})"
