@@ -19,6 +19,8 @@ SCOPE_GRANTS: dict[str, frozenset[str]] = {
     "ci": frozenset({"read", "ci"}),
     "operator": frozenset({"read", "operator"}),
     "admin": frozenset({"read", "ci", "operator", "admin"}),
+    # Devices (tokens authenticated by ota.auth) may only fetch artifacts and release manifests.
+    "device": frozenset({"device"}),
 }
 ROLE_GROUPS = ("admin", "operator", "viewer")
 
@@ -113,7 +115,7 @@ class HasScope(permissions.BasePermission):
     """Safe methods need `read`; writes need the view's `write_scope` (default admin).
 
     A view may set `required_scopes = {"action_name": "operator"}` for finer control, keyed by
-    DRF action or HTTP method.
+    DRF action or HTTP method. Any scope setting may also be a tuple, meaning "any one of these".
     """
 
     def has_permission(self, request, view) -> bool:
@@ -123,13 +125,15 @@ class HasScope(permissions.BasePermission):
         user = request.user
         if user is None or not getattr(user, "is_authenticated", False):
             raise exceptions.NotAuthenticated("Authentication required: send 'Authorization: Bearer <token>'.")
-        if needed not in scopes_of(user):
+        accepted = (needed,) if isinstance(needed, str) else tuple(needed)
+        if not scopes_of(user) & set(accepted):
             have = ", ".join(sorted(scopes_of(user))) or "none"
-            raise exceptions.PermissionDenied(f"This action needs the '{needed}' scope; you have: {have}.")
+            want = " or ".join(f"'{scope}'" for scope in accepted)
+            raise exceptions.PermissionDenied(f"This action needs the {want} scope; you have: {have}.")
         return True
 
 
-def required_scope(request, view) -> str | None:
+def required_scope(request, view) -> str | tuple[str, ...] | None:
     overrides = getattr(view, "required_scopes", {})
     action = getattr(view, "action", None)
     if action and action in overrides:
