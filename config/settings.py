@@ -138,6 +138,13 @@ MQTT_USERNAME = env_str("MQTT_USERNAME", "")
 MQTT_PASSWORD = env_str("MQTT_PASSWORD", "")
 MQTT_TLS = env_bool("MQTT_TLS", False)
 MQTT_TOPIC_ROOT = env_str("MQTT_TOPIC_ROOT", "fleet")
+# How devices reach the broker (enrollment writes these into agent.toml); defaults to ours.
+MQTT_PUBLIC_HOST = env_str("MQTT_PUBLIC_HOST", MQTT_HOST)
+MQTT_PUBLIC_PORT = env_int("MQTT_PUBLIC_PORT", MQTT_PORT, min_value=1, max_value=65535)
+MQTT_PUBLIC_TLS = env_bool("MQTT_PUBLIC_TLS", MQTT_TLS)
+# dynsec: per-device credentials through Mosquitto's dynamic-security plugin (deploy/mosquitto/);
+# none: an anonymous development broker, enrollment registers nothing with it.
+MQTT_BROKER_AUTH = env_str("MQTT_BROKER_AUTH", "dynsec", choices=("dynsec", "none"))
 
 # Base URL devices use to reach this server (artifact downloads, enrollment).
 PUBLIC_URL = env_str("PUBLIC_URL", f"http://127.0.0.1:{env_int('WEB_PORT', 8000)}").rstrip("/")
