@@ -30,6 +30,8 @@ fi
 PYTHON=${PYTHON:-python3}
 extras="server,runtime"
 $want_test && extras="server,runtime,test"
+# A venv made by `make test` already holds everything `make run` needs: keep it in step as such.
+[[ -f .venv/.installed-server,runtime,test ]] && extras="server,runtime,test"
 stamp=".venv/.installed-$extras"
 if [[ ! -x .venv/bin/python ]]; then
     echo "bootstrap: creating .venv"
