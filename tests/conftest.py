@@ -114,3 +114,16 @@ def mosquitto(tmp_path):
     broker = Mosquitto(tmp_path / "broker").start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def secure_broker(tmp_path, settings):
+    """A private Mosquitto with the deploy/ security config (dynamic security, anonymous off)
+    on a free port. Django settings already point at it (service account); `.env` holds the
+    same as environment variables for subprocesses, `.username`/`.password` the service account."""
+    from tests.support.broker_auth import start_secure_broker
+
+    broker = start_secure_broker(tmp_path / "secure-broker")
+    broker.apply(settings)
+    yield broker
+    broker.stop()
