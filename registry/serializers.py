@@ -1,0 +1,188 @@
+"""Request validation and response shapes of the registry API (v1). Business rules live in
+registry.actions; these only check types and shape JSON."""
+
+from __future__ import annotations
+
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from registry.models import Artifact, HardwareTarget, Model, ModelVersion, identifier
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+class HardwareCreateSerializer(serializers.Serializer):
+    id = serializers.CharField(max_length=64, validators=[identifier])
+    description = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    max_artifact_bytes = serializers.IntegerField(min_value=1)
+
+
+class ModelCreateSerializer(serializers.Serializer):
+    name = serializers.SlugField(max_length=64)
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    tags = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
+
+
+class ProvenanceSerializer(serializers.Serializer):
+    git_sha = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
+    ci_run_url = serializers.URLField(max_length=500, required=False, allow_blank=True, default="")
+    training_run_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+
+
+class VersionCreateSerializer(serializers.Serializer):
+    version = serializers.CharField(max_length=64, validators=[identifier])
+    metadata = serializers.DictField(required=False, default=dict)
+    metrics = serializers.DictField(required=False, default=dict)
+    provenance = ProvenanceSerializer(required=False)
+    health = serializers.JSONField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text='{"inputs": {NAME: {"dtype", "shape", "data"}}, "outputs": {...}, "atol", "rtol", '
+        '"latency_budget_ms"}; every key optional, outputs need inputs.',
+    )
+    rollback_floor = serializers.IntegerField(min_value=0, required=False, default=0)
+
+
+class ArtifactUploadSerializer(serializers.Serializer):
+    """Multipart form (documented for the schema; the action checks each field itself)."""
+
+    hardware = serializers.CharField(help_text="Hardware target id.")
+    format = serializers.ChoiceField(choices=Artifact.Format.choices)
+    file = serializers.FileField()
+    sha256 = serializers.CharField(required=False, help_text="Expected SHA-256 (hex); refused on mismatch.")
+
+
+class ReleaseSerializer(serializers.Serializer):
+    approver = serializers.CharField(max_length=150, required=False, allow_blank=True)
+
+
+class ReasonSerializer(serializers.Serializer):
+    reason = serializers.CharField(required=False, allow_blank=True, default="")
+
+
+class AliasSetSerializer(serializers.Serializer):
+    version = serializers.CharField(max_length=64)
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+class HardwareSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = HardwareTarget
+        fields = ["id", "description", "max_artifact_bytes", "created_at"]
+
+
+class ArtifactSerializer(serializers.ModelSerializer):
+    hardware = serializers.CharField(source="hardware_id")
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Artifact
+        fields = ["hardware", "format", "file_name", "length", "sha256", "created_at", "download_url"]
+
+    def get_download_url(self, artifact: Artifact) -> str:
+        path = reverse(
+            "registry:artifact-download",
+            kwargs={"name": artifact.version.model.name, "version": artifact.version.version, "hardware": artifact.hardware_id},
+        )
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request else path
+
+
+class VersionSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name")
+    provenance = serializers.SerializerMethodField()
+    aliases = serializers.SlugRelatedField(many=True, read_only=True, slug_field="name")
+    artifacts = ArtifactSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = ModelVersion
+        fields = [
+            "model",
+            "version",
+            "counter",
+            "rollback_floor",
+            "state",
+            "metadata",
+            "metrics",
+            "health",
+            "provenance",
+            "created_at",
+            "created_by",
+            "released_at",
+            "released_by",
+            "expires_at",
+            "manifest_sha256",
+            "aliases",
+            "artifacts",
+        ]
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "properties": {k: {"type": "string"} for k in ("git_sha", "ci_run_url", "training_run_id", "approver")},
+        }
+    )
+    def get_provenance(self, version: ModelVersion) -> dict:
+        return {
+            "git_sha": version.git_sha,
+            "ci_run_url": version.ci_run_url,
+            "training_run_id": version.training_run_id,
+            "approver": version.approver,
+        }
+
+
+class ModelSerializer(serializers.ModelSerializer):
+    aliases = serializers.SerializerMethodField()
+    latest_version = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Model
+        fields = ["name", "description", "tags", "created_at", "aliases", "latest_version"]
+
+    @extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
+    def get_aliases(self, model: Model) -> dict:
+        return {alias.name: alias.version.version for alias in model.aliases.select_related("version")}
+
+    @extend_schema_field({"type": "string", "nullable": True})
+    def get_latest_version(self, model: Model) -> str | None:
+        latest = model.versions.order_by("-counter").first()
+        return latest.version if latest else None
+
+
+class AliasMoveSerializer(serializers.Serializer):
+    from_version = serializers.CharField(allow_null=True)
+    to_version = serializers.CharField()
+    moved_by = serializers.CharField()
+    moved_at = serializers.DateTimeField()
+
+
+class AliasSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    version = serializers.CharField()
+    updated_at = serializers.DateTimeField()
+    updated_by = serializers.CharField()
+    history = AliasMoveSerializer(many=True)
+
+
+class EnvelopeSignatureSerializer(serializers.Serializer):
+    keyid = serializers.CharField()
+    sig = serializers.CharField(help_text="base64 Ed25519 signature over DSSE PAE")
+
+
+class EnvelopeSerializer(serializers.Serializer):
+    """A DSSE envelope (https://github.com/secure-systems-lab/dsse)."""
+
+    payloadType = serializers.CharField()
+    payload = serializers.CharField(help_text="base64 of the release manifest JSON")
+    signatures = EnvelopeSignatureSerializer(many=True)
+
+
+class PublicKeySerializer(serializers.Serializer):
+    keyid = serializers.CharField()
+    role = serializers.ChoiceField(choices=["release", "rollout"])
+    public_key_pem = serializers.CharField()

@@ -1,0 +1,249 @@
+"""Registry REST API v1. Thin: parse, call registry.actions, shape the response."""
+
+from __future__ import annotations
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import generics, status
+from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from registry import actions, keys
+from registry.auth import actor_label
+from registry.downloads import artifact_response
+from registry.errors import ApiError
+from registry.models import HardwareTarget, Model, ModelVersion
+from registry.serializers import (
+    AliasSerializer,
+    AliasSetSerializer,
+    ArtifactSerializer,
+    ArtifactUploadSerializer,
+    EnvelopeSerializer,
+    HardwareCreateSerializer,
+    HardwareSerializer,
+    ModelCreateSerializer,
+    ModelSerializer,
+    PublicKeySerializer,
+    ReasonSerializer,
+    ReleaseSerializer,
+    VersionCreateSerializer,
+    VersionSerializer,
+)
+
+ERROR = OpenApiResponse(description='{"error": {"code", "message", ...}}')
+
+
+class HardwareListCreate(generics.ListAPIView):
+    write_scope = "ci"
+    serializer_class = HardwareSerializer
+    queryset = HardwareTarget.objects.order_by("id")
+
+    @extend_schema(request=HardwareCreateSerializer, responses={201: HardwareSerializer, 409: ERROR})
+    def post(self, request):
+        data = _valid(HardwareCreateSerializer, request)
+        hardware = actions.hardware_create(**data, actor=actor_label(request.user))
+        return Response(HardwareSerializer(hardware).data, status=status.HTTP_201_CREATED)
+
+
+class ModelListCreate(generics.ListAPIView):
+    write_scope = "ci"
+    serializer_class = ModelSerializer
+    queryset = Model.objects.order_by("name")
+
+    @extend_schema(request=ModelCreateSerializer, responses={201: ModelSerializer, 409: ERROR})
+    def post(self, request):
+        data = _valid(ModelCreateSerializer, request)
+        model = actions.model_create(**data, actor=actor_label(request.user))
+        return Response(ModelSerializer(model).data, status=status.HTTP_201_CREATED)
+
+
+class ModelDetail(APIView):
+    @extend_schema(responses={200: ModelSerializer, 404: ERROR})
+    def get(self, request, name):
+        return Response(ModelSerializer(actions.model_get(name=name)).data)
+
+
+class VersionListCreate(generics.ListAPIView):
+    write_scope = "ci"
+    serializer_class = VersionSerializer
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):
+            return ModelVersion.objects.none()
+        model = actions.model_get(name=self.kwargs["name"])
+        return (
+            model.versions.select_related("model")
+            .prefetch_related("artifacts__version__model", "aliases")
+            .order_by("-counter")
+        )
+
+    @extend_schema(request=VersionCreateSerializer, responses={201: VersionSerializer, 400: ERROR, 409: ERROR})
+    def post(self, request, name):
+        model = actions.model_get(name=name)
+        data = _valid(VersionCreateSerializer, request)
+        version = actions.version_create(model=model, actor=actor_label(request.user), **data)
+        return Response(VersionSerializer(version, context={"request": request}).data, status=status.HTTP_201_CREATED)
+
+
+class VersionDetail(APIView):
+    @extend_schema(responses={200: VersionSerializer, 404: ERROR})
+    def get(self, request, name, version):
+        found = actions.version_get(model_name=name, version=version)
+        return Response(VersionSerializer(found, context={"request": request}).data)
+
+
+class ArtifactListUpload(APIView):
+    write_scope = "ci"
+    parser_classes = [MultiPartParser, FormParser]
+
+    @extend_schema(responses={200: ArtifactSerializer(many=True), 404: ERROR})
+    def get(self, request, name, version):
+        found = actions.version_get(model_name=name, version=version)
+        return Response(ArtifactSerializer(found.artifacts.all(), many=True, context={"request": request}).data)
+
+    @extend_schema(
+        request={"multipart/form-data": ArtifactUploadSerializer},
+        responses={201: ArtifactSerializer, 400: ERROR, 409: ERROR, 413: ERROR},
+        description="Streams the file to disk while hashing it; refusals leave nothing stored.",
+    )
+    def post(self, request, name, version):
+        found = actions.version_get(model_name=name, version=version)
+        # request.data parses (and spools) the body; request.FILES shares the same parse.
+        data, files = request.data, request.FILES
+        extra = [f for f in files if f != "file"]
+        for field in extra:
+            actions._discard_upload(files[field])
+        artifact = actions.artifact_upload(
+            version=found,
+            hardware_id=data.get("hardware"),
+            format=data.get("format"),
+            upload=files.get("file"),
+            expected_sha256=data.get("sha256") or None,
+            actor=actor_label(request.user),
+        )
+        return Response(ArtifactSerializer(artifact, context={"request": request}).data, status=status.HTTP_201_CREATED)
+
+
+class VersionRelease(APIView):
+    write_scope = "ci"
+
+    @extend_schema(
+        request=ReleaseSerializer,
+        responses={200: EnvelopeSerializer, 400: ERROR, 409: ERROR, 503: ERROR},
+        description="Signs the release manifest with the release key and returns the DSSE envelope.",
+    )
+    def post(self, request, name, version):
+        found = actions.version_get(model_name=name, version=version)
+        data = _valid(ReleaseSerializer, request)
+        envelope = actions.version_release(
+            version=found, actor=actor_label(request.user), approver=data.get("approver") or None
+        )
+        found.refresh_from_db()
+        return Response(envelope, headers={"X-Manifest-Sha256": found.manifest_sha256})
+
+
+class VersionManifest(APIView):
+    read_scope = ("read", "device")
+
+    @extend_schema(responses={200: EnvelopeSerializer, 404: ERROR})
+    def get(self, request, name, version):
+        found = actions.version_get(model_name=name, version=version)
+        if found.envelope is None:
+            raise ApiError(f"{found} is a draft; it has no signed manifest until released.", code="not_released", status_code=404)
+        return Response(found.envelope, headers={"X-Manifest-Sha256": found.manifest_sha256})
+
+
+class VersionDeprecate(APIView):
+    write_scope = "admin"
+
+    @extend_schema(request=ReasonSerializer, responses={200: VersionSerializer, 409: ERROR})
+    def post(self, request, name, version):
+        found = actions.version_get(model_name=name, version=version)
+        data = _valid(ReasonSerializer, request)
+        updated = actions.version_deprecate(version=found, actor=actor_label(request.user), reason=data["reason"])
+        return Response(VersionSerializer(updated, context={"request": request}).data)
+
+
+class VersionRevoke(APIView):
+    write_scope = "admin"
+
+    @extend_schema(request=ReasonSerializer, responses={200: VersionSerializer, 409: ERROR})
+    def post(self, request, name, version):
+        found = actions.version_get(model_name=name, version=version)
+        data = _valid(ReasonSerializer, request)
+        updated = actions.version_revoke(version=found, actor=actor_label(request.user), reason=data["reason"])
+        return Response(VersionSerializer(updated, context={"request": request}).data)
+
+
+class ArtifactDownload(APIView):
+    read_scope = ("read", "device")
+
+    @extend_schema(
+        parameters=[OpenApiParameter("Range", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False)],
+        responses={
+            (200, "application/octet-stream"): OpenApiTypes.BINARY,
+            (206, "application/octet-stream"): OpenApiTypes.BINARY,
+            302: OpenApiResponse(description="Redirect to a presigned object-store URL (S3 storage)."),
+            410: ERROR,
+            416: OpenApiResponse(description="Range not satisfiable."),
+        },
+    )
+    def get(self, request, name, version, hardware):
+        found = actions.version_get(model_name=name, version=version)
+        if found.state == ModelVersion.State.REVOKED:
+            raise ApiError(
+                f"{found} has been revoked; its artifacts may no longer be downloaded.",
+                code="version_revoked",
+                status_code=410,
+            )
+        artifact = actions.artifact_get(version=found, hardware_id=hardware)
+        return artifact_response(request, artifact=artifact, storage=actions.artifact_storage())
+
+
+class AliasList(APIView):
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "at", OpenApiTypes.DATETIME, description="Show each alias as it stood at this instant (ISO 8601)."
+            )
+        ],
+        responses={200: AliasSerializer(many=True), 400: ERROR},
+    )
+    def get(self, request, name):
+        model = actions.model_get(name=name)
+        at = request.query_params.get("at")
+        rows = actions.aliases_list(model=model, at=actions.parse_instant(at) if at is not None else None)
+        return Response(AliasSerializer(rows, many=True).data)
+
+
+class AliasDetail(APIView):
+    required_scopes = {"PUT": ("ci", "operator")}
+
+    @extend_schema(responses={200: AliasSerializer, 404: ERROR})
+    def get(self, request, name, alias):
+        model = actions.model_get(name=name)
+        rows = [row for row in actions.aliases_list(model=model) if row["name"] == alias]
+        if not rows:
+            raise ApiError(f"Model '{name}' has no alias '{alias}'.", code="alias_not_found", status_code=404)
+        return Response(AliasSerializer(rows[0]).data)
+
+    @extend_schema(request=AliasSetSerializer, responses={200: AliasSerializer, 404: ERROR, 409: ERROR})
+    def put(self, request, name, alias):
+        model = actions.model_get(name=name)
+        data = _valid(AliasSetSerializer, request)
+        actions.alias_set(model=model, name=alias, version_name=data["version"], actor=actor_label(request.user))
+        row = next(row for row in actions.aliases_list(model=model) if row["name"] == alias)
+        return Response(AliasSerializer(row).data)
+
+
+class KeyList(APIView):
+    @extend_schema(responses={200: PublicKeySerializer(many=True), 503: ERROR})
+    def get(self, request):
+        return Response([info.as_dict() for info in keys.public_keys()])
+
+
+def _valid(serializer_class, request) -> dict:
+    serializer = serializer_class(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
