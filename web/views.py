@@ -1,0 +1,272 @@
+"""Web admin views. Thin: they read through web.queries, change state only through
+registry.actions / ota.actions / ota.devices (the same functions the API calls), and check roles
+on the server with web.access.scope_required."""
+
+from __future__ import annotations
+
+import json
+
+from django.contrib import messages
+from django.contrib.auth import views as auth_views
+from django.core.paginator import Paginator
+from django.db.models import Count, Prefetch
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from ota.models import ActiveRelease, Device, DeviceEvent
+from registry import actions as registry_actions
+from registry.auth import actor_label, scopes_of
+from registry.errors import ApiError
+from registry.models import Alias, AliasMove, AuditEntry, Model, ModelVersion
+from web import queries
+from web.access import Can, scope_required
+from web.forms import AliasMoveForm, DeviceFilterForm
+
+DEVICE_PAGE_SIZE = 50
+
+
+def role_of(user) -> str:
+    scopes = scopes_of(user)
+    if "admin" in scopes:
+        return "admin"
+    if "operator" in scopes:
+        return "operator"
+    return "viewer" if "read" in scopes else "no role"
+
+
+def page(request, template, context=None, *, section="", status=200):
+    context = {**(context or {}), "can": Can(request.user), "role": role_of(request.user), "section": section}
+    return render(request, template, context, status=status)
+
+
+def is_htmx(request) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def chart(chart_type: str, labels, datasets, **extra) -> dict:
+    return {"type": chart_type, "data": {"labels": list(labels), "datasets": datasets}, **extra}
+
+
+class LoginView(auth_views.LoginView):
+    template_name = "web/login.html"
+    redirect_authenticated_user = True
+
+
+logout_view = require_POST(auth_views.LogoutView.as_view(next_page="web:login"))
+
+
+# --- overview --------------------------------------------------------------------------------
+
+
+@require_GET
+@scope_required("read")
+def overview(request):
+    fleet = queries.fleet_counts()
+    by_version = fleet["by_version"]
+    version_chart = chart(
+        "bar",
+        [f"{row['model__name']}@{row['active_version__version'] or 'none'}" for row in by_version],
+        [{"label": "devices", "data": [row["total"] for row in by_version]}],
+        legend=False,
+        options={"indexAxis": "y"},
+    )
+    hardware_chart = chart(
+        "bar",
+        [row["hardware_id"] for row in fleet["by_hardware"]],
+        [
+            {"label": "online", "data": [row["online"] for row in fleet["by_hardware"]], "color": "#1f8a4c"},
+            {
+                "label": "offline",
+                "data": [row["total"] - row["online"] for row in fleet["by_hardware"]],
+                "color": "#a0aec0",
+            },
+        ],
+        options={"scales": {"x": {"stacked": True}, "y": {"stacked": True}}},
+    )
+    decisions = AuditEntry.objects.filter(actor="system").order_by("-created_at", "-id")[:15]
+    context = {
+        "fleet": fleet,
+        "version_chart": version_chart,
+        "hardware_chart": hardware_chart,
+        "decisions": decisions,
+        "rollouts": queries.running_rollouts(),
+    }
+    return page(request, "web/overview.html", context, section="overview")
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+
+@require_GET
+@scope_required("read")
+def device_list(request):
+    form = DeviceFilterForm(request.GET or None)
+    devices = Device.objects.none()
+    if form.is_bound and not form.is_valid():
+        devices = Device.objects.none()
+    else:
+        filters = form.cleaned_data if form.is_bound else {}
+        devices = queries.filtered_devices(**filters)
+    devices = devices.select_related("hardware").prefetch_related(queries.device_states_prefetch()).order_by("id")
+    paginator = Paginator(devices, DEVICE_PAGE_SIZE)
+    page_obj = paginator.get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    context = {"form": form, "page_obj": page_obj, "query": query.urlencode()}
+    template = "web/devices/_table.html" if is_htmx(request) else "web/devices/list.html"
+    return page(request, template, context, section="devices")
+
+
+@require_GET
+@scope_required("read")
+def device_detail(request, device_id):
+    device = get_object_or_404(
+        Device.objects.select_related("hardware").prefetch_related(queries.device_states_prefetch()), pk=device_id
+    )
+    events = list(DeviceEvent.objects.filter(device=device).order_by("-received_at", "-id")[:100])
+    history = list(
+        ActiveRelease.objects.filter(device=device).select_related("model", "version").order_by("-from_time")[:50]
+    )
+    directives = queries.device_directives(device)
+    timeline = queries.device_timeline(events=events, history=history, directives=directives)
+    context = {
+        "device": device,
+        "timeline": timeline,
+        "history": history,
+        "telemetry": queries.telemetry_figures(device),
+        "health_chart": queries.device_health_chart(events),
+        "audit": AuditEntry.objects.filter(object_type="device", object_id=device.pk)[:20],
+    }
+    return page(request, "web/devices/detail.html", context, section="devices")
+
+
+# --- registry --------------------------------------------------------------------------------
+
+
+@require_GET
+@scope_required("read")
+def model_list(request):
+    models = Model.objects.annotate(version_count=Count("versions")).prefetch_related(
+        Prefetch("aliases", queryset=Alias.objects.select_related("version"))
+    )
+    return page(request, "web/registry/models.html", {"models": models}, section="registry")
+
+
+@require_GET
+@scope_required("read")
+def model_detail(request, name, alias_form=None, status=200):
+    model = get_object_or_404(Model, name=name)
+    versions = model.versions.annotate(artifact_count=Count("artifacts")).order_by("-counter")
+    aliases = model.aliases.select_related("version").order_by("name")
+    moves = (
+        AliasMove.objects.filter(alias__model=model)
+        .select_related("alias", "from_version", "to_version")
+        .order_by("-moved_at", "-id")[:50]
+    )
+    context = {"model": model, "versions": versions, "aliases": aliases, "moves": moves}
+    context["alias_form"] = alias_form or AliasMoveForm(model=model)
+    return page(request, "web/registry/model.html", context, section="registry", status=status)
+
+
+@require_GET
+@scope_required("read")
+def version_detail(request, name, version):
+    mv = get_object_or_404(ModelVersion.objects.select_related("model"), model__name=name, version=version)
+    artifacts = mv.artifacts.select_related("hardware").order_by("hardware_id")
+    signatures = (mv.envelope or {}).get("signatures", [])
+    context = {
+        "mv": mv,
+        "artifacts": artifacts,
+        "signatures": signatures,
+        "health_json": json.dumps(mv.health, indent=2) if mv.health else "",
+        "metrics_json": json.dumps(mv.metrics, indent=2) if mv.metrics else "",
+        "audit": AuditEntry.objects.filter(object_type="model_version", object_id=str(mv.pk))[:20],
+    }
+    return page(request, "web/registry/version.html", context, section="registry")
+
+
+@require_POST
+@scope_required("ci")
+def version_release(request, name, version):
+    mv = get_object_or_404(ModelVersion, model__name=name, version=version)
+    try:
+        registry_actions.version_release(version=mv, actor=actor_label(request.user))
+    except ApiError as exc:
+        messages.error(request, f"Not released: {exc.detail}")
+    else:
+        messages.success(request, f"Released {name}@{version}: manifest signed, version frozen.")
+    return redirect("web:version", name=name, version=version)
+
+
+@require_POST
+@scope_required("operator")
+def alias_move(request, name):
+    model = get_object_or_404(Model, name=name)
+    form = AliasMoveForm(request.POST, model=model)
+    if form.is_valid():
+        try:
+            alias = registry_actions.alias_set(
+                model=model,
+                name=form.cleaned_data["alias"],
+                version_name=form.cleaned_data["version"],
+                actor=actor_label(request.user),
+            )
+        except ApiError as exc:
+            form.add_error(None, str(exc.detail))
+        else:
+            messages.success(request, f"Alias {alias.name} now points at {alias.version.version}.")
+            return redirect("web:model", name=name)
+    # Re-render with the errors next to their fields (a GET view reused for its context).
+    request.method = "GET"
+    return model_detail(request, name, alias_form=form, status=400)
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+
+@require_GET
+@scope_required("read")
+def audit_log(request):
+    entries = AuditEntry.objects.order_by("-created_at", "-id")
+    actor = request.GET.get("actor", "")
+    if actor:
+        entries = entries.filter(actor=actor)
+    page_obj = Paginator(entries, 100).get_page(request.GET.get("page"))
+    return page(request, "web/audit.html", {"page_obj": page_obj, "actor": actor}, section="audit")
+
+
+
+
+# --- rollouts --------------------------------------------------------------------------------
+
+
+@require_GET
+@scope_required("read")
+def rollout_list(request):
+    from ota.models import Rollout
+
+    rollouts = list(Rollout.objects.select_related("release", "model").order_by("-created_at", "-id")[:200])
+    counts = queries.rollout_counts(r.pk for r in rollouts)
+    for rollout in rollouts:
+        rollout.progress = queries.summarise(counts.get(rollout.pk, {}))
+    return page(request, "web/rollouts/list.html", {"rollouts": rollouts}, section="rollouts")
+
+
+def rollout_new(request):
+    raise NotImplementedError
+
+
+def rollout_preview(request):
+    raise NotImplementedError
+
+
+def rollout_detail(request, pk):
+    raise NotImplementedError
+
+
+def rollout_live(request, pk):
+    raise NotImplementedError
+
+
+def rollout_action(request, pk, action):
+    raise NotImplementedError
