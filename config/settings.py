@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "registry",
     "ota",
+    "web",
 ]
 
 MIDDLEWARE = [

@@ -11,6 +11,7 @@ urlpatterns = [
     path("api/v1/", include("registry.urls")),
     path("api/v1/", include("ota.urls")),
     path("healthz", lambda request: JsonResponse({"ok": True}), name="healthz"),
+    path("", include("web.urls")),
 ]
 
 
