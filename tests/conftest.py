@@ -127,3 +127,13 @@ def secure_broker(tmp_path, settings):
     broker.apply(settings)
     yield broker
     broker.stop()
+
+
+@pytest.fixture(autouse=True)
+def plain_static_storage(settings):
+    """Tests render pages without running collectstatic: the manifest storage production uses
+    would refuse every {% static %} tag, so serve straight from the app and vendor folders."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
