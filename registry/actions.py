@@ -482,6 +482,17 @@ def version_delete_draft(*, version: ModelVersion, actor: str) -> None:
         transaction.on_commit(lambda: [storage.delete(key) for key in keys_to_delete])
 
 
+def artifact_delete_draft(*, artifact: Artifact, actor: str) -> None:
+    storage = artifact_storage()
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().get(pk=artifact.version_id)
+        _require_draft(locked)
+        key = artifact.storage_key
+        audit_record(actor=actor, action="artifact.delete", obj=artifact, detail={"version": str(locked), "hardware": artifact.hardware_id})
+        artifact.delete()
+        transaction.on_commit(lambda: storage.delete(key))
+
+
 # --- aliases ---------------------------------------------------------------------------------
 
 
@@ -581,14 +592,21 @@ def token_create(*, name: str, scope: str, actor: str) -> tuple[ApiToken, str]:
     return token, secret
 
 
-def token_revoke(*, name: str, actor: str) -> int:
+def tokens_revoke(*, tokens, actor: str) -> int:
+    """Revoke the still-active tokens among `tokens` (a queryset); returns how many."""
+    count = 0
     with transaction.atomic():
-        tokens = list(ApiToken.objects.select_for_update().filter(name=name, revoked_at__isnull=True))
-        if not tokens:
-            raise _not_found(f"No active token named '{name}'.", "token_not_found")
         now = timezone.now()
-        for token in tokens:
+        for token in tokens.select_for_update().filter(revoked_at__isnull=True):
             token.revoked_at = now
             token.save(update_fields=["revoked_at"])
-            audit_record(actor=actor, action="token.revoke", obj=token, detail={"name": name})
-    return len(tokens)
+            audit_record(actor=actor, action="token.revoke", obj=token, detail={"name": token.name})
+            count += 1
+    return count
+
+
+def token_revoke(*, name: str, actor: str) -> int:
+    count = tokens_revoke(tokens=ApiToken.objects.filter(name=name), actor=actor)
+    if not count:
+        raise _not_found(f"No active token named '{name}'.", "token_not_found")
+    return count
