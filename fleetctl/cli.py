@@ -84,6 +84,18 @@ def _parse_artifacts(values: list[str]) -> list[tuple[str, Path]]:
     return artifacts
 
 
+def _parse_expected(values: list[str], hardware_ids: set[str]) -> dict[str, str]:
+    expected: dict[str, str] = {}
+    for value in values:
+        hardware, sep, digest = value.partition("=")
+        if not sep or hardware not in hardware_ids:
+            raise UsageError(f"--expect-sha256 {value!r}: expected HARDWARE=SHA256 for a hardware given with --artifact")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+            raise UsageError(f"--expect-sha256 {value!r}: the digest must be 64 hex characters")
+        expected[hardware] = digest.lower()
+    return expected
+
+
 def _load_json_option(name: str, text: str | None, *, from_file: bool = False) -> Any:
     if text is None:
         return None
@@ -123,6 +135,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise UsageError("--alias needs --release: an alias can only point at a released version")
     # Everything local is checked before the first request, so a typo leaves nothing on the server.
     artifacts = _parse_artifacts(args.artifact)
+    expected = _parse_expected(args.expect_sha256, {hardware for hardware, _ in artifacts})
     metadata = _load_json_option("--metadata", args.metadata) or {}
     health = _load_json_option("--health", args.health, from_file=True)
     client = client_from_args(args)
@@ -161,10 +174,13 @@ def cmd_push(args: argparse.Namespace) -> int:
     version = path_quote(args.version)
     for hardware, file_path in artifacts:
         local_sha = sha256_file(file_path)
+        # The server checks the uploaded bytes against this: the local hash catches corruption
+        # in transit, an --expect-sha256 from the build step also catches a wrong or altered file.
+        sent_sha = expected.get(hardware, local_sha)
         label = f"{hardware} {file_path.name}"
         result = client.upload(
             f"{API}/models/{model}/versions/{version}/artifacts/",
-            fields={"hardware": hardware, "format": args.format, "sha256": local_sha},
+            fields={"hardware": hardware, "format": args.format, "sha256": sent_sha},
             file_path=file_path,
             progress=None if args.quiet else Progress(label),
         )
@@ -370,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--git-sha")
     push.add_argument("--ci-run-url")
     push.add_argument("--training-run-id")
+    push.add_argument("--expect-sha256", action="append", default=[], metavar="HARDWARE=SHA256",
+                      help="digest the artifact must have (e.g. from the build step); the server refuses "
+                      "the upload if the bytes differ. Default: the local file's sha256")
     push.add_argument("--health", metavar="FILE", help="JSON file with the health contract to sign into the release")
     push.add_argument("--create-model", action="store_true", help="create the model if it does not exist")
     push.add_argument("--description", help="model description, with --create-model")
