@@ -1,0 +1,172 @@
+"""Per-device directives: seq allocation, batch signing, and publishing after commit.
+
+A wave of thousands of devices is one transaction: one UPDATE ... RETURNING hands out every
+device's next seq, the payloads are built and signed in a loop (Ed25519 costs tens of
+microseconds), the records go in with one bulk INSERT, and the messages are published retained
+with QoS 1 once the transaction has committed, so a device never sees a directive the database
+does not know about. A worker killed between commit and publish leaves rows with
+`published_at` NULL, which the beat tick publishes byte for byte later (same seq, so an agent
+that already has it ignores the copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from agent.protocol import Topics, build_directive_payload, encode_json
+from agent.signing import DIRECTIVE_PAYLOAD_TYPE, sign_envelope
+from ota.models import Device, Directive
+from registry.keys import load_rollout_key
+from registry.models import Artifact, ModelVersion
+
+logger = logging.getLogger(__name__)
+
+# How long a directive stays valid: long enough for a device that is offline for weeks to
+# converge on reconnect; a newer directive (higher seq) supersedes it anyway.
+DIRECTIVE_VALIDITY = timedelta(days=30)
+PUBLISH_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class DirectiveRequest:
+    device_id: str
+    hardware: str
+    version: ModelVersion
+
+
+def artifact_url(version: ModelVersion, hardware: str) -> str:
+    return (
+        f"{settings.PUBLIC_URL}/api/v1/models/{version.model.name}/versions/{version.version}"
+        f"/artifacts/{hardware}/download"
+    )
+
+
+def allocate_seqs(device_ids: list[str]) -> dict[str, int]:
+    """Bump each device's directive counter in one conditional UPDATE and return the new values.
+
+    The UPDATE row-locks the devices until commit, so two transactions can never hand out the
+    same seq to one device; the unique (device, seq) constraint on Directive backs that up.
+    """
+    if not device_ids:
+        return {}
+    table = connection.ops.quote_name(Device._meta.db_table)
+    placeholders = ", ".join(["%s"] * len(device_ids))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET directive_seq = directive_seq + 1 "
+            f"WHERE id IN ({placeholders}) AND state = %s RETURNING id, directive_seq",
+            [*device_ids, Device.State.ACTIVE],
+        )
+        return dict(cursor.fetchall())
+
+
+def directives_issue(
+    *, requests: list[DirectiveRequest], rollout_id: int | None, kind: str
+) -> dict[str, Directive]:
+    """Sign and record one directive per request inside the caller's transaction; publish on commit.
+
+    Returns the Directive per device id. Revoked devices get none (and are simply absent).
+    """
+    if not requests:
+        return {}
+    seqs = allocate_seqs([r.device_id for r in requests])
+    key = load_rollout_key()
+    issued = timezone.now()
+    expires = issued + DIRECTIVE_VALIDITY
+    artifacts = _artifacts_for(requests)
+    records = []
+    for req in requests:
+        seq = seqs.get(req.device_id)
+        if seq is None:
+            continue
+        art = artifacts[(req.version.pk, req.hardware)]
+        payload = build_directive_payload(
+            device_id=req.device_id,
+            seq=seq,
+            issued=issued,
+            expires=expires,
+            rollout_id=str(rollout_id) if rollout_id is not None else None,
+            model=req.version.model.name,
+            release_envelope=req.version.envelope,
+            artifact={
+                "hardware": req.hardware,
+                "sha256": art.sha256,
+                "length": art.length,
+                "url": artifact_url(req.version, req.hardware),
+            },
+        )
+        records.append(
+            Directive(
+                device_id=req.device_id,
+                seq=seq,
+                rollout_id=rollout_id,
+                kind=kind,
+                version=req.version,
+                payload_sha256=hashlib.sha256(payload).hexdigest(),
+                envelope=sign_envelope(payload, DIRECTIVE_PAYLOAD_TYPE, key),
+                created_at=issued,
+            )
+        )
+    created = Directive.objects.bulk_create(records, batch_size=1000)
+    ids = [d.pk for d in created]
+    transaction.on_commit(lambda: directives_publish(directive_ids=ids))
+    return {d.device_id: d for d in created}
+
+
+def _artifacts_for(requests: list[DirectiveRequest]) -> dict[tuple[int, str], Artifact]:
+    version_ids = {r.version.pk for r in requests}
+    return {
+        (a.version_id, a.hardware_id): a for a in Artifact.objects.filter(version_id__in=version_ids)
+    }
+
+
+def directives_publish(*, directive_ids: list[int]) -> int:
+    """Publish the given directives (retained, QoS 1) that are not yet marked published.
+
+    Returns how many went out. A broker outage is logged, not raised: the rows stay
+    unpublished and the beat tick tries again.
+    """
+    from ota import mqtt
+
+    topics = Topics(settings.MQTT_TOPIC_ROOT)
+    published = 0
+    for start in range(0, len(directive_ids), PUBLISH_CHUNK):
+        chunk = directive_ids[start : start + PUBLISH_CHUNK]
+        rows = list(
+            Directive.objects.filter(pk__in=chunk, published_at__isnull=True).values_list(
+                "pk", "device_id", "envelope"
+            )
+        )
+        if not rows:
+            continue
+        messages = [(topics.directive(device_id), encode_json(envelope)) for _, device_id, envelope in rows]
+        try:
+            mqtt.publish_many(messages, qos=1, retain=True)
+        except Exception:  # noqa: BLE001 - any transport failure leaves the rows for the tick
+            logger.exception("publishing %d directives failed; the beat tick will retry", len(rows))
+            return published
+        Directive.objects.filter(pk__in=[pk for pk, _, _ in rows], published_at__isnull=True).update(
+            published_at=timezone.now()
+        )
+        published += len(rows)
+    return published
+
+
+def directives_publish_stale(*, older_than: timedelta = timedelta(seconds=10)) -> int:
+    """Publish directives whose publisher died between commit and publish."""
+    cutoff = timezone.now() - older_than
+    ids = list(
+        Directive.objects.filter(published_at__isnull=True, created_at__lt=cutoff)
+        .order_by("pk")
+        .values_list("pk", flat=True)[:5000]
+    )
+    if ids:
+        logger.warning("re-publishing %d directives that were committed but never published", len(ids))
+    return directives_publish(directive_ids=ids) if ids else 0

@@ -1,0 +1,47 @@
+"""Celery tasks for the wave engine. Thin: each takes ids and calls ota.actions.
+
+All of them are idempotent (the actions lock the rollout row and change state with
+conditional UPDATEs), so a redelivery after a worker died (acks_late) does no harm.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+from django.db import OperationalError
+
+from ota import actions
+from ota.directives import directives_publish_stale
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(name="ota.tasks.evaluate_rollout", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)
+def evaluate_rollout(rollout_id: int) -> str:
+    return actions.rollout_evaluate(rollout_id=rollout_id)
+
+
+@shared_task(name="ota.tasks.apply_device_events", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)
+def apply_device_events(event_ids: list[int]) -> list[int]:
+    touched = sorted(actions.rollout_apply_events(event_ids=event_ids))
+    for rollout_id in touched:
+        evaluate_rollout.delay(rollout_id)
+    return touched
+
+
+@shared_task(name="ota.tasks.rollout_tick")
+def rollout_tick() -> dict:
+    """The beat: re-publish directives a dead worker left unpublished, then evaluate every
+    running rollout (soak timers and phase timeouts need a clock, not only events)."""
+    republished = directives_publish_stale()
+    due = actions.rollouts_due()
+    for rollout_id in due:
+        evaluate_rollout.delay(rollout_id)
+    return {"republished": republished, "evaluated": due}
+
+
+def on_device_events(event_ids: list[int]) -> None:
+    """Called by ingest (ota.hooks) after a batch of events committed: hand them to a worker."""
+    if event_ids:
+        apply_device_events.delay(list(event_ids))

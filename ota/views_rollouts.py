@@ -1,0 +1,143 @@
+"""Rollout API views: thin wrappers over ota.actions."""
+
+from __future__ import annotations
+
+from rest_framework import generics, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from ota import actions
+from ota.models import Rollout, RolloutDevice
+from ota.serializers_rollouts import (
+    AuditEntrySerializer,
+    ReasonSerializer,
+    RolloutCreateSerializer,
+    RolloutDetailSerializer,
+    RolloutDeviceSerializer,
+    RolloutSerializer,
+)
+from registry.auth import actor_label
+from registry.errors import ApiError
+from registry.models import AuditEntry
+
+CREATE_SCOPES = ("ci", "operator")
+
+
+class RolloutListCreate(generics.ListCreateAPIView):
+    """GET: rollouts, newest first (?state=running&model=NAME). POST: create a rollout (ci or operator)."""
+
+    required_scopes = {"POST": CREATE_SCOPES}
+    serializer_class = RolloutSerializer
+
+    def get_queryset(self):
+        qs = Rollout.objects.select_related("model", "release")
+        params = self.request.query_params
+        if params.get("state"):
+            qs = qs.filter(state__in=params["state"].split(","))
+        if params.get("model"):
+            qs = qs.filter(model__name=params["model"])
+        return qs
+
+    def get_serializer_class(self):
+        return RolloutCreateSerializer if self.request.method == "POST" else RolloutSerializer
+
+    def create(self, request, *args, **kwargs):
+        body = RolloutCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        rollout = actions.rollout_create(**body.validated_data, actor=actor_label(request.user))
+        return Response(RolloutDetailSerializer(rollout).data, status=status.HTTP_201_CREATED)
+
+
+def _get(pk: int) -> Rollout:
+    rollout = Rollout.objects.select_related("model", "release").filter(pk=pk).first()
+    if rollout is None:
+        raise ApiError(f"No rollout with id {pk}.", code="not_found", status_code=404)
+    return rollout
+
+
+class RolloutDetail(APIView):
+    """State, definition, incompatible devices and, per wave, counts by device state."""
+
+    def get(self, request, pk: int):
+        return Response(RolloutDetailSerializer(_get(pk)).data)
+
+
+class RolloutDevices(generics.ListAPIView):
+    """Per-device progress in one rollout (?state=failed&wave=0), paginated."""
+
+    serializer_class = RolloutDeviceSerializer
+
+    def get_queryset(self):
+        _get(self.kwargs["pk"])
+        qs = RolloutDevice.objects.filter(rollout_id=self.kwargs["pk"]).select_related("wave", "previous_version")
+        params = self.request.query_params
+        if params.get("state"):
+            qs = qs.filter(state__in=params["state"].split(","))
+        if params.get("wave", "").isdigit():
+            qs = qs.filter(wave__index=int(params["wave"]))
+        return qs.order_by("rank")
+
+
+ACTIONS = {
+    "start": (actions.rollout_start, CREATE_SCOPES, False),
+    "approve": (actions.rollout_approve, "operator", False),
+    "pause": (actions.rollout_pause, "operator", True),
+    "resume": (actions.rollout_resume, "operator", False),
+    "advance": (actions.rollout_advance, "operator", False),
+    "retry": (actions.rollout_retry_failed, "operator", False),
+    "abort": (actions.rollout_abort, "operator", True),
+    "rollback": (actions.rollout_rollback, "operator", True),
+}
+
+
+class RolloutAction(APIView):
+    """POST /rollouts/{id}/{start|approve|pause|resume|advance|retry|abort|rollback} (body: optional reason)."""
+
+    action_name = ""
+
+    @property
+    def required_scopes(self):
+        return {"POST": ACTIONS[self.action_name][1]}
+
+    def post(self, request, pk: int):
+        func, _scope, takes_reason = ACTIONS[self.action_name]
+        kwargs = {"rollout_id": _get(pk).pk, "actor": actor_label(request.user)}
+        if takes_reason:
+            body = ReasonSerializer(data=request.data or {})
+            body.is_valid(raise_exception=True)
+            kwargs["reason"] = body.validated_data["reason"]
+        result = func(**kwargs)
+        data = RolloutDetailSerializer(_get(pk)).data
+        if self.action_name == "retry":
+            data["retried"] = result
+        return Response(data)
+
+
+class AuditList(generics.ListAPIView):
+    """The audit log, newest first (?object_type=rollout&object_id=7&action=rollout.start&actor=...)."""
+
+    serializer_class = AuditEntrySerializer
+
+    def get_queryset(self):
+        qs = AuditEntry.objects.all()
+        for param in ("object_type", "object_id", "action", "actor"):
+            value = self.request.query_params.get(param)
+            if value:
+                qs = qs.filter(**{param: value})
+        return qs
+
+
+def urlpatterns():
+    from django.urls import path, re_path
+
+    routes = [
+        path("rollouts/", RolloutListCreate.as_view(), name="rollout-list"),
+        path("rollouts/<int:pk>/", RolloutDetail.as_view(), name="rollout-detail"),
+        path("rollouts/<int:pk>/devices/", RolloutDevices.as_view(), name="rollout-devices"),
+        path("audit/", AuditList.as_view(), name="audit-list"),
+    ]
+    for name in ACTIONS:
+        routes.append(
+            re_path(rf"^rollouts/(?P<pk>[0-9]+)/{name}/?$", RolloutAction.as_view(action_name=name), name=f"rollout-{name}")
+        )
+    return routes

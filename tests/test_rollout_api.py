@@ -1,0 +1,162 @@
+"""Rollout API contract: definitions, per-wave plan, incompatible devices, conflicts, scopes, 400s."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tests.support.rollout_data import act, create_rollout, make_devices, release
+
+API = "/api/v1"
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def fleet(client, admin_token):
+    release(client, admin_token, "detector", "1.0", hardware=("rpi4", "jetson"))
+    release(client, admin_token, "detector", "2.0", hardware=("rpi4",))
+    release(client, admin_token, "detector", "3.0-draft", hardware=("rpi4",), released=False)
+    release(client, admin_token, "classifier", "1.0", hardware=("rpi4",))
+    rpi = make_devices(20, hardware="rpi4", labels={"site": "berlin"}, prefix="rpi")
+    jet = make_devices(3, hardware="jetson", labels={"site": "berlin"}, prefix="jet")
+    make_devices(4, hardware="rpi4", labels={"site": "paris"}, prefix="paris")
+    return {"rpi": rpi, "jetson": jet}
+
+
+def definition(**overrides):
+    body = {
+        "model": "detector",
+        "version": "2.0",
+        "target": {"labels": {"site": "berlin"}},
+        "waves": [{"devices": ["rpi-0000", "rpi-0001"]}, {"percent": 25}, {"percent": 100}],
+        "gates": {"success": {"min_healthy_percent": 90}, "failure": {"min_reports": 2, "max_failed_percent": 50}},
+        "abort_policy": "revert",
+    }
+    body.update(overrides)
+    return body
+
+
+def test_it_plans_waves_by_stable_hash_and_lists_incompatible_devices(client, ci_token, fleet):
+    response = create_rollout(client, ci_token, **definition())
+    assert response.status_code == 201, response.content
+    data = response.json()
+    assert data["state"] == "created"
+    assert [w["size"] for w in data["waves"]] == [2, 3, 15]  # 25 % of 20 compatible = 5 cumulative
+    assert data["waves"][0]["name"] == "canary"
+    assert sorted(d["device"] for d in data["incompatible"]) == fleet["jetson"]
+    assert all("no artifact for hardware 'jetson'" in d["reason"] for d in data["incompatible"])
+    assert data["totals"] == {"planned": 20}
+
+    listing = client.get(f"{API}/rollouts/{data['id']}/devices/?wave=1", **ci_token.headers).json()
+    wave1 = [row["device"] for row in listing["results"]]
+    rest = sorted(set(fleet["rpi"]) - {"rpi-0000", "rpi-0001"},
+                  key=lambda d: hashlib.sha256(f"{data['id']}:{d}".encode()).hexdigest())
+    assert wave1 == rest[:3]
+
+    audit = client.get(f"{API}/audit/?object_type=rollout&object_id={data['id']}", **ci_token.headers).json()
+    assert [e["action"] for e in audit["results"]] == ["rollout.create"]
+    assert audit["results"][0]["actor"] == "token:test-ci"
+    assert audit["results"][0]["detail"]["wave_sizes"] == [2, 3, 15]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        ({"model": "nope"}, "model", "no model named 'nope'"),
+        ({"version": "9.9"}, "version", "has no version '9.9'"),
+        ({"version": "3.0-draft"}, "version", "only a released (signed) version"),
+        ({"target": {}}, "target", "is empty"),
+        ({"target": {"labels": {"site": "tokyo"}}}, "target", "matches no active device"),
+        ({"target": {"hardware": ["jetson"]}, "waves": [{"percent": 100}]}, "target", "none of the 3 targeted devices"),
+        ({"target": {"devices": ["ghost-1"]}}, "target.devices", "unknown or revoked devices: ghost-1"),
+        ({"waves": [{"percent": 50}, {"percent": 25}]}, "waves[1].percent", "must increase: 25 follows 50"),
+        ({"waves": [{"percent": 50}, {"percent": 50}]}, "waves[1].percent", "must increase"),
+        ({"waves": [{"percent": 150}]}, "waves[0].percent", "between 0 and 100"),
+        ({"waves": []}, "waves", "non-empty list"),
+        ({"waves": [{"percent": 10, "count": 3}]}, "waves[0]", "exactly one of"),
+        ({"waves": [{"devices": ["paris-0000"]}, {"percent": 100}]}, "waves[0].devices", "not in the compatible target: paris-0000"),
+        ({"gates": {"success": {"min_healthy_percent": 120}}}, "gates.success.min_healthy_percent", "between 0 and 100, got 120"),
+        ({"gates": {"failure": {"max_failed_percent": -1}}}, "gates.failure.max_failed_percent", "between 0 and 100"),
+        ({"gates": {"failure": {"min_reports": 0}}}, "gates.failure.min_reports", "must be >= 1"),
+        ({"gates": {"timeouts": {"trial_seconds": "soon"}}}, "gates.timeouts.trial_seconds", "must be an integer"),
+        ({"gates": {"speed": 3}}, "gates.speed", "unknown gate setting"),
+        ({"waves": [{"percent": 100, "gates": {"soak_seconds": -5}}]}, "waves[0].gates.soak_seconds", "must be >= 0"),
+        ({"abort_policy": "explode"}, "abort_policy", "not a valid choice"),
+    ],
+)
+def test_it_refuses_bad_definitions_with_specific_400s(client, ci_token, fleet, overrides, field, message):
+    response = create_rollout(client, ci_token, **definition(**overrides))
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "invalid"
+    assert field in error["fields"], error
+    assert message in str(error["fields"][field]), error
+
+
+def test_it_refuses_a_device_in_two_running_rollouts_of_the_same_model(client, ci_token, operator_token, fleet):
+    first = create_rollout(client, ci_token, **definition()).json()
+    assert act(client, ci_token, first["id"], "start").status_code == 200
+    response = create_rollout(client, ci_token, **definition(target={"devices": ["rpi-0003", "rpi-0004"]}, waves=[{"percent": 100}]))
+    assert response.status_code == 409, response.content
+    error = response.json()["error"]
+    assert error["code"] == "device_in_running_rollout"
+    assert error["conflicts"] == {str(first["id"]): ["rpi-0003", "rpi-0004"]}
+    assert "rpi-0003" in error["message"]
+
+    # Another model on the same devices is fine; so is the same model once the first has ended.
+    other = create_rollout(client, ci_token, **definition(model="classifier", version="1.0",
+                                                           target={"devices": ["rpi-0003"]}, waves=[{"percent": 100}]))
+    assert other.status_code == 201, other.content
+    second = create_rollout(client, ci_token, **definition(target={"devices": ["rpi-0003"]}, waves=[{"percent": 100}]))
+    assert second.status_code == 409
+    assert act(client, operator_token, first["id"], "abort", reason="wrong build").status_code == 200
+    third = create_rollout(client, ci_token, **definition(target={"devices": ["rpi-0003"]}, waves=[{"percent": 100}]))
+    assert third.status_code == 201, third.content
+
+
+def test_it_refuses_to_start_two_created_rollouts_over_the_same_devices(client, ci_token, fleet):
+    a = create_rollout(client, ci_token, **definition()).json()
+    b = create_rollout(client, ci_token, **definition()).json()
+    assert act(client, ci_token, a["id"], "start").status_code == 200
+    response = act(client, ci_token, b["id"], "start")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "device_in_running_rollout"
+
+
+def test_it_gives_ci_create_and_start_and_operators_the_rest(client, ci_token, read_token, operator_token, fleet):
+    assert create_rollout(client, read_token, **definition()).status_code == 403
+    created = create_rollout(client, ci_token, **definition()).json()
+    rid = created["id"]
+    response = act(client, ci_token, rid, "pause")
+    assert response.status_code == 403
+    assert "'operator'" in response.json()["error"]["message"]
+    assert act(client, read_token, rid, "start").status_code == 403
+    assert act(client, ci_token, rid, "start").json()["state"] == "running"
+    assert act(client, operator_token, rid, "pause", reason="looking at graphs").json()["state"] == "paused"
+    again = act(client, operator_token, rid, "pause")
+    assert again.status_code == 409
+    assert "it is paused" in again.json()["error"]["message"]
+    assert act(client, operator_token, rid, "resume").json()["state"] == "running"
+    assert act(client, operator_token, rid, "abort").json()["state"] == "aborted"
+    detail = client.get(f"{API}/rollouts/{rid}/", **read_token.headers).json()
+    assert detail["totals"] == {"skipped": 20}
+    actions = [e["action"] for e in client.get(f"{API}/audit/?object_id={rid}", **read_token.headers).json()["results"]]
+    assert actions == ["rollout.abort", "rollout.resume", "rollout.pause", "rollout.start", "rollout.create"]
+
+
+def test_it_holds_a_rollout_that_requires_approval(client, ci_token, operator_token, fleet):
+    rid = create_rollout(client, ci_token, **definition(requires_approval=True)).json()["id"]
+    response = act(client, ci_token, rid, "start")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "approval_required"
+    assert act(client, ci_token, rid, "approve").status_code == 403
+    approved = act(client, operator_token, rid, "approve").json()
+    assert approved["approved_by"] == "token:test-operator"
+    assert act(client, ci_token, rid, "start").json()["state"] == "running"
+
+
+def test_it_answers_404_for_an_unknown_rollout(client, operator_token):
+    response = act(client, operator_token, 999999, "pause")
+    assert response.status_code == 404
+    assert "No rollout with id 999999" in response.json()["error"]["message"]
