@@ -48,6 +48,10 @@ class ErrorCode:
     ACTIVATE_FAILED = "ACTIVATE_FAILED"
     TRIAL_FAILED = "TRIAL_FAILED"
     ROLLBACK_LOOP = "ROLLBACK_LOOP"
+    # Added with the device agent:
+    ARTIFACT_MISMATCH = "ARTIFACT_MISMATCH"  # directive.artifact differs from the signed release artifact
+    ROLLBACK_FAILED = "ROLLBACK_FAILED"  # `previous` failed re-verification; the new model stays active
+    LOCAL_ROLLBACK = "LOCAL_ROLLBACK"  # an operator ran `fleet-agent rollback MODEL` on the box
 
 
 class State:
