@@ -1,0 +1,157 @@
+"""Devices and enrollment API. Thin: parse, call ota.devices, shape the response."""
+
+from __future__ import annotations
+
+from django.db.models import Prefetch
+from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import generics, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from ota import devices
+from ota.models import Device, DeviceModelState, EnrollmentToken
+from ota.serializers_devices import (
+    DeviceDetailSerializer,
+    DeviceSerializer,
+    EnrollmentTokenCreateSerializer,
+    EnrollmentTokenSerializer,
+    EnrollRequestSerializer,
+)
+from registry.auth import actor_label
+from registry.errors import ApiError
+
+ERROR = OpenApiResponse(description='{"error": {"code", "message", ...}}')
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+
+
+def _valid(serializer_class, request):
+    serializer = serializer_class(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def _device_queryset():
+    states = DeviceModelState.objects.select_related("model", "active_version").order_by("model__name")
+    return Device.objects.select_related("hardware").prefetch_related(Prefetch("model_states", queryset=states))
+
+
+class EnrollmentTokenListCreate(generics.ListAPIView):
+    read_scope = "admin"
+    write_scope = "admin"
+    serializer_class = EnrollmentTokenSerializer
+    queryset = EnrollmentToken.objects.order_by("-created_at", "-id")
+
+    @extend_schema(
+        request=EnrollmentTokenCreateSerializer,
+        responses={201: OpenApiResponse(description="The token row plus `token`, the secret, shown once.")},
+    )
+    def post(self, request):
+        data = _valid(EnrollmentTokenCreateSerializer, request)
+        token, secret = devices.enrollment_token_create(
+            max_uses=data["max_uses"],
+            expires_in=data.get("expires_in"),
+            labels=data["labels"],
+            name=data["name"],
+            created_by=actor_label(request.user),
+        )
+        return Response({**EnrollmentTokenSerializer(token).data, "token": secret}, status=status.HTTP_201_CREATED)
+
+
+class EnrollmentTokenRevoke(APIView):
+    write_scope = "admin"
+
+    @extend_schema(request=None, responses={200: EnrollmentTokenSerializer, 404: ERROR})
+    def post(self, request, pk):
+        get_object_or_404(EnrollmentToken, pk=pk)
+        token = devices.enrollment_token_revoke(token_id=pk, actor=actor_label(request.user))
+        return Response(EnrollmentTokenSerializer(token).data)
+
+
+class Enroll(APIView):
+    """Device side: authenticated by the enrollment token, never by a user or device token."""
+
+    authentication_classes: list = []
+    permission_classes: list = []
+
+    @extend_schema(
+        request=EnrollRequestSerializer,
+        responses={201: OpenApiResponse(description="Device id, MQTT credentials, device API token, pinned keys."),
+                   400: ERROR, 401: ERROR, 403: ERROR, 503: ERROR},
+    )
+    def post(self, request):
+        data = _valid(EnrollRequestSerializer, request)
+        secret = data["token"] or request.headers.get("X-Enrollment-Token", "")
+        if not secret:
+            auth = request.headers.get("Authorization", "")
+            if auth.lower().startswith("bearer "):
+                secret = auth.split(None, 1)[1].strip()
+        enrollment = devices.device_enroll(
+            token_secret=secret, hardware=data["hardware"], labels=data["labels"], name=data["name"]
+        )
+        return Response(enrollment.agent_settings(), status=status.HTTP_201_CREATED)
+
+
+class DeviceList(generics.ListAPIView):
+    serializer_class = DeviceSerializer
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("label", OpenApiTypes.STR, many=True, description="key=value (repeat to AND), or key"),
+            OpenApiParameter("hardware", OpenApiTypes.STR),
+            OpenApiParameter("model", OpenApiTypes.STR, description="devices that report this model"),
+            OpenApiParameter("version", OpenApiTypes.STR, description="with model: devices running this version"),
+            OpenApiParameter("online", OpenApiTypes.BOOL),
+            OpenApiParameter("state", OpenApiTypes.STR, enum=["active", "revoked"]),
+        ],
+        responses={200: DeviceSerializer(many=True), 400: ERROR},
+    )
+    def get(self, request, *args, **kwargs):
+        return super().get(request, *args, **kwargs)
+
+    def get_queryset(self):
+        qs = _device_queryset().order_by("id")
+        params = self.request.query_params
+        for raw in params.getlist("label"):
+            key, sep, value = raw.partition("=")
+            if not key or "__" in key:
+                raise ApiError(f"label filter {raw!r} must look like key=value or key", code="invalid_filter")
+            qs = qs.filter(**{f"labels__{key}": value}) if sep else qs.filter(labels__has_key=key)
+        if params.get("hardware"):
+            qs = qs.filter(hardware_id=params["hardware"])
+        model, version = params.get("model"), params.get("version")
+        if version and not model:
+            raise ApiError("the version filter needs a model filter too (model=NAME&version=V)", code="invalid_filter")
+        if model and version:
+            qs = qs.filter(model_states__model__name=model, model_states__active_version__version=version)
+        elif model:
+            qs = qs.filter(model_states__model__name=model)
+        if params.get("online") is not None:
+            online = params["online"].lower()
+            if online not in _TRUE | _FALSE:
+                raise ApiError(f"online must be true or false, got {params['online']!r}", code="invalid_filter")
+            qs = qs.filter(online=online in _TRUE)
+        if params.get("state"):
+            if params["state"] not in Device.State.values:
+                raise ApiError(f"state must be one of {', '.join(Device.State.values)}", code="invalid_filter")
+            qs = qs.filter(state=params["state"])
+        return qs.distinct()
+
+
+class DeviceDetail(APIView):
+    @extend_schema(responses={200: DeviceDetailSerializer, 404: ERROR})
+    def get(self, request, pk):
+        device = get_object_or_404(_device_queryset(), pk=pk)
+        return Response(DeviceDetailSerializer(device).data)
+
+
+class DeviceRevoke(APIView):
+    write_scope = "admin"
+
+    @extend_schema(request=None, responses={200: DeviceDetailSerializer, 404: ERROR, 503: ERROR})
+    def post(self, request, pk):
+        get_object_or_404(Device, pk=pk)
+        devices.device_revoke(device_id=pk, actor=actor_label(request.user))
+        return Response(DeviceDetailSerializer(get_object_or_404(_device_queryset(), pk=pk)).data)
