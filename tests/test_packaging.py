@@ -1,0 +1,60 @@
+"""`pip install .` (no extras) is the edge-box and CI install: agent + fleetctl, no server stack."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_ONLY = {"django", "celery", "boto3", "botocore", "djangorestframework", "django-storages", "redis", "psycopg"}
+
+
+def _copy_source(target: Path) -> Path:
+    """Build from a copy: an in-tree build would write build/ and egg-info into the shared checkout."""
+    ignore = shutil.ignore_patterns(".git", ".venv", "var", "tests", "__pycache__", "*.egg-info", "build", "dist",
+                                    ".pytest_cache", "node_modules", "benchmarks")
+    shutil.copytree(ROOT, target, ignore=ignore)
+    return target
+
+
+@pytest.mark.slow
+def test_it_installs_the_agent_without_the_server_stack(tmp_path):
+    source = _copy_source(tmp_path / "src")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(source)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format", "json", "--disable-pip-version-check"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    installed = {package["name"].lower() for package in json.loads(listed.stdout)}
+    assert "modelfleet" in installed
+    assert not installed & SERVER_ONLY, f"the bare install pulled server packages: {installed & SERVER_ONLY}"
+
+    for script, expected in (("fleet-agent", "usage: fleet-agent"), ("fleetctl", "usage: fleetctl")):
+        result = subprocess.run(
+            [str(env_dir / "bin" / script), "--help"], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, f"{script} --help failed: {result.stderr[-2000:]}"
+        assert expected in result.stdout
+
+    # The agent imports nothing from the server side even when those packages are absent.
+    probe = subprocess.run(
+        [str(python), "-c", "import agent.protocol, agent.signing, fleetctl.cli; import sys; "
+         "print(sorted(m for m in ('django', 'celery', 'boto3') if m in sys.modules))"],
+        capture_output=True, text=True, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "[]"
