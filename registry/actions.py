@@ -20,7 +20,7 @@ from django.core.files.storage import storages
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
+from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.text import get_valid_filename
 
 from agent import protocol
@@ -532,7 +532,12 @@ def alias_set(*, model: Model, name: str, version_name: str, actor: str) -> Alia
 
 
 def parse_instant(value: str) -> datetime:
-    parsed = parse_datetime(value.strip().replace(" ", "+")) if value else None
+    """ISO 8601 date-time; naive means UTC; a bare date means 00:00 UTC that day."""
+    value = (value or "").strip().replace(" ", "+")  # '+' arrives as a space from unencoded query strings
+    parsed = parse_datetime(value) if value else None
+    if parsed is None and value:
+        day = parse_date(value) if len(value) == 10 else None
+        parsed = datetime(day.year, day.month, day.day) if day else None
     if parsed is None:
         raise ApiError(f"'at' must be an ISO 8601 date-time such as 2026-01-31T12:00:00Z; got {value!r}.", code="invalid_at")
     if timezone.is_naive(parsed):
