@@ -1,0 +1,484 @@
+"""Ingest: device → server messages from a shared MQTT subscription into the database.
+
+Several ingest processes can share `$share/modelfleet-ingest/...`; the broker hands each
+message to one of them. Correctness never relies on that: events are deduplicated by
+(device, seq, event_no) in the database, device state only moves forward by event_no, and
+MQTT acknowledgements are sent only after the batch has committed (at-least-once delivery
+with idempotent writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+
+from django.db import DatabaseError, close_old_connections, transaction
+from django.db.models.functions import Greatest
+from django.utils import timezone
+
+from agent.protocol import (
+    Event,
+    ProtocolError,
+    Topics,
+    parse_event,
+    parse_presence,
+    parse_telemetry,
+    parse_time,
+)
+from ota import hooks
+from ota.broker import INGEST_SHARE_GROUP
+from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState
+from ota.mqtt import BrokerSettings, new_client
+from registry.models import Artifact, Model
+
+logger = logging.getLogger(__name__)
+
+# Clock skew we tolerate in device timestamps before falling back to our receive time.
+MAX_FUTURE_SKEW = timedelta(minutes=1)
+
+
+@dataclass
+class Message:
+    topic: str
+    payload: bytes
+    received_at: datetime = field(default_factory=timezone.now)
+    mid: int = 0
+    qos: int = 0
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    events_stored: int = 0
+    duplicates: int = 0
+    presence: int = 0
+    telemetry: int = 0
+    malformed: int = 0
+    unknown_device: int = 0
+    revoked_device: int = 0
+    wrong_device: int = 0
+    ignored: int = 0
+    failed: int = 0
+    batches: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Parsed:
+    device_id: str
+    kind: str
+    received_at: datetime
+    event: Event | None = None
+    data: dict | None = None
+
+
+class Ingestor:
+    """Turns batches of raw MQTT messages into database rows. No MQTT in here (testable alone)."""
+
+    def __init__(self, topic_root: str = "fleet"):
+        self.topics = Topics(topic_root)
+        self.stats = IngestStats()
+
+    def _drop(self, counter: str, message: Message, reason: str) -> None:
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        logger.warning("ingest: dropped message on %s (%s): %s", message.topic, counter, reason)
+
+    def _parse(self, message: Message) -> _Parsed | None:
+        try:
+            device_id, kind = self.topics.parse(message.topic)
+        except ProtocolError as exc:
+            self._drop("malformed", message, str(exc))
+            return None
+        try:
+            if kind == "events":
+                event = parse_event(message.payload)
+                if event.device_id != device_id:
+                    self._drop("wrong_device", message, f"event claims device {event.device_id!r}")
+                    return None
+                return _Parsed(device_id, kind, message.received_at, event=event)
+            if kind == "presence":
+                if not message.payload:  # a cleared retained presence
+                    self.stats.ignored += 1
+                    return None
+                return _Parsed(device_id, kind, message.received_at, data=parse_presence(message.payload))
+            if kind == "telemetry":
+                data = parse_telemetry(message.payload)
+                claimed = data.get("device_id")
+                if claimed is not None and claimed != device_id:
+                    self._drop("wrong_device", message, f"telemetry claims device {claimed!r}")
+                    return None
+                return _Parsed(device_id, kind, message.received_at, data=data)
+        except ProtocolError as exc:
+            self._drop("malformed", message, f"{exc} [{exc.code}]")
+            return None
+        self.stats.ignored += 1  # directives: our own output, never subscribed on purpose
+        return None
+
+    def process(self, messages: list[Message]) -> list[int]:
+        """Store a batch; return the ids of newly stored DeviceEvents (already handed to hooks)."""
+        self.stats.received += len(messages)
+        self.stats.batches += 1
+        parsed = [p for p in (self._parse(m) for m in messages) if p is not None]
+        if not parsed:
+            return []
+        devices = {
+            d.id: d
+            for d in Device.objects.filter(id__in={p.device_id for p in parsed}).only("id", "state", "hardware_id")
+        }
+        accepted = []
+        for item in parsed:
+            device = devices.get(item.device_id)
+            if device is None:
+                self.stats.unknown_device += 1
+                logger.warning("ingest: dropped %s from unknown device %s", item.kind, item.device_id)
+            elif device.state != Device.State.ACTIVE:
+                self.stats.revoked_device += 1
+                logger.warning("ingest: dropped %s from revoked device %s", item.kind, item.device_id)
+            else:
+                accepted.append(item)
+        if not accepted:
+            return []
+        with transaction.atomic():
+            new_events = self._store_events([p for p in accepted if p.kind == "events"])
+            self._apply_model_states(new_events, devices)
+            self._apply_presence_active([p for p in accepted if p.kind == "presence"], devices)
+            self._update_devices(accepted)
+            new_ids = [e.pk for e in new_events]
+            hooks.on_device_events(new_ids)
+        return new_ids
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def _store_events(self, items: list[_Parsed]) -> list[DeviceEvent]:
+        if not items:
+            return []
+        unique: dict[tuple, _Parsed] = {}
+        for item in items:
+            e = item.event
+            unique.setdefault((e.device_id, e.seq, e.event_no), item)
+        self.stats.duplicates += len(items) - len(unique)
+        existing = set(
+            DeviceEvent.objects.filter(
+                device_id__in={k[0] for k in unique}, event_no__in={k[2] for k in unique}
+            ).values_list("device_id", "seq", "event_no")
+        )
+        fresh = {k: v for k, v in unique.items() if k not in existing}
+        self.stats.duplicates += len(unique) - len(fresh)
+        if not fresh:
+            return []
+        rows = [
+            DeviceEvent(
+                device_id=e.device_id,
+                event_no=e.event_no,
+                seq=e.seq,
+                model=e.model[:64],
+                state=e.state,
+                error_code=(e.error_code or "")[:32],
+                detail=e.detail,
+                sha256=e.sha256 or "",
+                active_sha256=e.active_sha256 or "",
+                rollout_id=(e.rollout_id or "")[:64],
+                health=e.health,
+                device_ts=e.ts[:40],
+                received_at=item.received_at,
+            )
+            for item in fresh.values()
+            for e in (item.event,)
+        ]
+        # A second ingest process may insert the same redelivered event between our check and
+        # this insert; the unique constraint settles it.
+        DeviceEvent.objects.bulk_create(rows, ignore_conflicts=True)
+        stored = [
+            row
+            for row in DeviceEvent.objects.filter(
+                device_id__in={k[0] for k in fresh}, event_no__in={k[2] for k in fresh}
+            )
+            if (row.device_id, row.seq, row.event_no) in fresh
+        ]
+        self.stats.events_stored += len(stored)
+        return sorted(stored, key=lambda r: (r.device_id, r.event_no))
+
+    # --- per-model state and history ------------------------------------------------------------
+
+    def _locked_states(self, pairs: set[tuple[str, int]]) -> dict[tuple[str, int], DeviceModelState]:
+        DeviceModelState.objects.bulk_create(
+            [DeviceModelState(device_id=d, model_id=m) for d, m in pairs], ignore_conflicts=True
+        )
+        rows = (
+            DeviceModelState.objects.select_for_update()
+            .filter(device_id__in={d for d, _ in pairs}, model_id__in={m for _, m in pairs})
+            .order_by("id")  # one lock order for every ingest process: no deadlocks
+        )
+        return {(r.device_id, r.model_id): r for r in rows if (r.device_id, r.model_id) in pairs}
+
+    @staticmethod
+    def _versions(model_ids: set[int], shas: set[str]) -> dict[tuple, int]:
+        found: dict[tuple, int] = {}
+        for model_id, hardware_id, sha, version_id in Artifact.objects.filter(
+            version__model_id__in=model_ids, sha256__in=shas
+        ).values_list("version__model_id", "hardware_id", "sha256", "version_id"):
+            found[(model_id, hardware_id, sha)] = version_id
+            found.setdefault((model_id, None, sha), version_id)
+        return found
+
+    @staticmethod
+    def _event_time(event: DeviceEvent) -> datetime:
+        if event.device_ts:
+            try:
+                at = parse_time(event.device_ts, "ts")
+                if at <= event.received_at + MAX_FUTURE_SKEW:
+                    return min(at, event.received_at)
+            except ProtocolError:
+                pass
+        return event.received_at
+
+    def _switch_release(self, state: DeviceModelState, version_id: int | None, sha: str, at: datetime) -> None:
+        open_row = ActiveRelease.objects.filter(
+            device_id=state.device_id, model_id=state.model_id, to_time__isnull=True
+        ).first()
+        if open_row is not None:
+            if open_row.sha256 == sha:
+                return
+            at = max(at, open_row.from_time)
+            open_row.to_time = at
+            open_row.save(update_fields=["to_time"])
+        ActiveRelease.objects.create(
+            device_id=state.device_id, model_id=state.model_id, version_id=version_id, sha256=sha, from_time=at
+        )
+
+    def _apply_model_states(self, events: list[DeviceEvent], devices: dict[str, Device]) -> None:
+        if not events:
+            return
+        models = {m.name: m.pk for m in Model.objects.filter(name__in={e.model for e in events})}
+        known = [e for e in events if e.model in models]
+        if not known:
+            return
+        pairs = {(e.device_id, models[e.model]) for e in known}
+        states = self._locked_states(pairs)
+        versions = self._versions(set(models.values()), {e.active_sha256 for e in known if e.active_sha256})
+        now = timezone.now()
+        for event in known:  # sorted by (device, event_no)
+            state = states[(event.device_id, models[event.model])]
+            if event.event_no <= state.last_event_no:
+                continue  # an older report arriving late never moves state backwards
+            state.last_event_no = event.event_no
+            state.last_seq = max(event.seq, 0)
+            state.last_state = event.state
+            state.last_error_code = event.error_code
+            state.last_rollout_id = event.rollout_id
+            state.updated_at = now
+            if event.active_sha256 and event.active_sha256 != state.active_sha256:
+                hardware = devices[event.device_id].hardware_id
+                version_id = versions.get((state.model_id, hardware, event.active_sha256)) or versions.get(
+                    (state.model_id, None, event.active_sha256)
+                )
+                state.active_sha256 = event.active_sha256
+                state.active_version_id = version_id
+                self._switch_release(state, version_id, event.active_sha256, self._event_time(event))
+            state._touched = True
+        for state in states.values():
+            if getattr(state, "_touched", False):
+                state.save(
+                    update_fields=[
+                        "last_event_no", "last_seq", "last_state", "last_error_code", "last_rollout_id",
+                        "updated_at", "active_sha256", "active_version_id",
+                    ]
+                )
+
+    def _apply_presence_active(self, items: list[_Parsed], devices: dict[str, Device]) -> None:
+        """Presence carries what each model's `current` points at right now (sent on connect)."""
+        wanted = [
+            (p, name, sha)
+            for p in items
+            for name, sha in (p.data.get("active") or {}).items()
+            if isinstance(name, str) and isinstance(sha, str) and len(sha) == 64
+        ]
+        if not wanted:
+            return
+        models = {m.name: m.pk for m in Model.objects.filter(name__in={name for _, name, _ in wanted})}
+        wanted = [(p, name, sha) for p, name, sha in wanted if name in models]
+        if not wanted:
+            return
+        states = self._locked_states({(p.device_id, models[name]) for p, name, _ in wanted})
+        versions = self._versions(set(models.values()), {sha for _, _, sha in wanted})
+        for item, name, sha in wanted:
+            state = states[(item.device_id, models[name])]
+            if state.active_sha256 == sha:
+                continue
+            hardware = devices[item.device_id].hardware_id
+            version_id = versions.get((state.model_id, hardware, sha)) or versions.get((state.model_id, None, sha))
+            state.active_sha256 = sha
+            state.active_version_id = version_id
+            state.updated_at = timezone.now()
+            state.save(update_fields=["active_sha256", "active_version_id", "updated_at"])
+            self._switch_release(state, version_id, sha, item.received_at)
+
+    # --- device row -------------------------------------------------------------------------------
+
+    def _update_devices(self, items: list[_Parsed]) -> None:
+        per_device: dict[str, dict] = defaultdict(dict)
+        max_event_no: dict[str, int] = {}
+        for item in items:  # arrival order: the last message decides `online`
+            fields = per_device[item.device_id]
+            fields["last_seen"] = max(fields.get("last_seen", item.received_at), item.received_at)
+            if item.kind == "presence":
+                self.stats.presence += 1
+                fields["online"] = bool(item.data["online"])
+                version = item.data.get("agent_version")
+                if isinstance(version, str) and version:
+                    fields["agent_version"] = version[:64]
+            else:
+                fields["online"] = True
+            if item.kind == "telemetry":
+                self.stats.telemetry += 1
+                fields["last_telemetry"] = item.data
+                fields["last_telemetry_at"] = item.received_at
+            if item.kind == "events":
+                max_event_no[item.device_id] = max(max_event_no.get(item.device_id, -1), item.event.event_no)
+        for device_id, fields in per_device.items():
+            if device_id in max_event_no:
+                fields["last_event_no"] = Greatest("last_event_no", max_event_no[device_id])
+            Device.objects.filter(pk=device_id).update(**fields)
+
+
+class IngestRunner:
+    """The long-running loop: paho subscriber → queue → batched, acknowledged database writes."""
+
+    def __init__(
+        self,
+        broker: BrokerSettings | None = None,
+        *,
+        share_group: str = INGEST_SHARE_GROUP,
+        client_id: str | None = None,
+        batch_size: int = 500,
+        flush_interval: float = 0.2,
+        idle_flush: float = 0.02,
+        stats_interval: float = 30.0,
+    ):
+        self.broker = broker or BrokerSettings.from_settings()
+        self.topics = Topics(self.broker.topic_root)
+        self.share_group = share_group
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.idle_flush = idle_flush
+        self.stats_interval = stats_interval
+        self.ingestor = Ingestor(self.broker.topic_root)
+        self.queue: queue.Queue[Message] = queue.Queue()
+        self.subscribed = threading.Event()
+        # A named client keeps a persistent session, so QoS 1 events queue at the broker
+        # while this process restarts; an anonymous one must not leave sessions behind.
+        self.client = new_client(
+            self.broker, client_id=client_id, clean_session=client_id is None, manual_ack=True
+        )
+        self.client.max_inflight_messages_set(batch_size)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+
+    @property
+    def stats(self) -> IngestStats:
+        return self.ingestor.stats
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        root = self.topics.root
+        return [(f"$share/{self.share_group}/{root}/devices/+/{kind}", 1) for kind in ("events", "telemetry", "presence")]
+
+    def _on_connect(self, client, _userdata, _flags, reason_code, _properties):
+        if reason_code.is_failure:
+            logger.error("ingest: broker refused the connection: %s", reason_code)
+            return
+        client.subscribe(self.subscriptions())
+
+    def _on_subscribe(self, _client, _userdata, _mid, reason_codes, _properties):
+        refused = [rc for rc in reason_codes if rc.is_failure]
+        if refused:
+            logger.error("ingest: broker refused the subscriptions: %s", refused)
+        else:
+            logger.info("ingest: subscribed to %s", ", ".join(t for t, _ in self.subscriptions()))
+            self.subscribed.set()
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties):
+        self.subscribed.clear()
+        logger.warning("ingest: disconnected from the broker (%s); paho reconnects", reason_code)
+
+    def _on_message(self, _client, _userdata, message):
+        self.queue.put(Message(message.topic, message.payload, timezone.now(), message.mid, message.qos))
+
+    def _next_batch(self, stop: threading.Event) -> list[Message]:
+        try:
+            first = self.queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.flush_interval
+        while len(batch) < self.batch_size and not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self.queue.get(timeout=min(self.idle_flush, remaining)))
+            except queue.Empty:
+                break
+        return batch
+
+    def _process(self, batch: list[Message], stop: threading.Event) -> None:
+        while True:
+            close_old_connections()
+            try:
+                self.ingestor.process(batch)
+                return
+            except DatabaseError as exc:
+                if stop.is_set():
+                    logger.error("ingest: database error while stopping; %d messages left unacknowledged", len(batch))
+                    raise
+                logger.error("ingest: database error, retrying the batch of %d in 1s: %s", len(batch), exc)
+                close_old_connections()
+                time.sleep(1)
+            except Exception:
+                logger.exception("ingest: batch of %d failed; retrying message by message", len(batch))
+                break
+        for message in batch:
+            try:
+                self.ingestor.process([message])
+            except Exception:
+                self.stats.failed += 1
+                logger.exception("ingest: dropped a message on %s that could not be stored", message.topic)
+
+    def _ack(self, batch: list[Message]) -> None:
+        for message in batch:
+            if message.qos > 0:
+                self.client.ack(message.mid, message.qos)
+
+    def run(self, stop: threading.Event) -> IngestStats:
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        self.client.loop_start()
+        last_stats = time.monotonic()
+        try:
+            while not stop.is_set():
+                batch = self._next_batch(stop)
+                if batch:
+                    self._process(batch, stop)
+                    self._ack(batch)
+                if time.monotonic() - last_stats >= self.stats_interval:
+                    logger.info("ingest: %s", self.stats.as_dict())
+                    last_stats = time.monotonic()
+            # Drain what already arrived so a clean stop loses nothing it could have stored.
+            while not self.queue.empty():
+                batch = self._next_batch(stop)
+                if batch:
+                    self._process(batch, stop)
+                    self._ack(batch)
+        finally:
+            self.client.disconnect()
+            self.client.loop_stop()
+            logger.info("ingest: stopped: %s", self.stats.as_dict())
+        return self.stats
