@@ -172,6 +172,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Several apps have a "state" field; name the registry's so the schema is stable.
+    "ENUM_NAME_OVERRIDES": {"VersionStateEnum": "registry.models.ModelVersion.State"},
 }
 
 LOGIN_URL = "/login/"
