@@ -141,7 +141,7 @@ def test_it_gives_ci_create_and_start_and_operators_the_rest(client, ci_token, r
     assert act(client, operator_token, rid, "abort").json()["state"] == "aborted"
     detail = client.get(f"{API}/rollouts/{rid}/", **read_token.headers).json()
     assert detail["totals"] == {"skipped": 20}
-    actions = [e["action"] for e in client.get(f"{API}/audit/?object_id={rid}", **read_token.headers).json()["results"]]
+    actions = [e["action"] for e in client.get(f"{API}/audit/?object_type=rollout&object_id={rid}", **read_token.headers).json()["results"]]
     assert actions == ["rollout.abort", "rollout.resume", "rollout.pause", "rollout.start", "rollout.create"]
 
 

@@ -1,0 +1,304 @@
+"""The real server processes for end-to-end tests: Celery workers, Celery beat, `mqtt_ingest`,
+and a service-account subscriber that records every directive the broker carries.
+
+Use from a `transaction=True` test (the processes share the test database, so data must be
+committed) together with `live_server` and `secure_broker`:
+
+    @pytest.fixture
+    def platform(live_server, secure_broker, tmp_path):
+        with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url) as p:
+            p.start_worker(); p.start_beat(); p.start_ingest()
+            yield p
+
+Every process gets the same environment: the test database, its own Redis db (Celery broker,
+flushed at start so no task of an earlier run leaks in), the broker's service account, the
+test's signing keys, and a short rollout tick. `kill_worker()` SIGKILLs a worker; logs of
+every process are kept under tmp_path/platform/ and shown by `logs()` when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/4"
+
+
+def _django_env(settings) -> dict[str, str]:
+    from django.db import connection
+
+    db = connection.settings_dict
+    user = db.get("USER") or "postgres"
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or "5432"
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    if db["ENGINE"].endswith("postgresql"):
+        url = f"postgres://{user}{password}@{host}:{port}/{db['NAME']}"
+    else:
+        url = f"sqlite:///{db['NAME']}"
+    return {
+        "DATABASE_URL": url,
+        "SECRET_KEY": settings.SECRET_KEY,
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "RELEASE_KEY_PATH": str(settings.RELEASE_KEY_PATH),
+        "ROLLOUT_KEY_PATH": str(settings.ROLLOUT_KEY_PATH),
+        "PUBLIC_URL": settings.PUBLIC_URL,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+class Platform:
+    def __init__(self, workdir: Path, *, broker, live_server_url: str | None = None,
+                 redis_url: str = DEFAULT_REDIS_URL, tick_seconds: int = 1, extra_env: dict | None = None):
+        from django.conf import settings
+
+        self.workdir = Path(workdir) / "platform"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.broker = broker
+        self.redis_url = redis_url
+        self.procs: list[Proc] = []
+        if live_server_url:
+            # Directives carry artifact URLs built from PUBLIC_URL: point them at the live server.
+            settings.PUBLIC_URL = live_server_url.rstrip("/")
+        self.env = {
+            **os.environ,
+            **_django_env(settings),
+            **broker.env,
+            "CELERY_BROKER_URL": redis_url,
+            "REDIS_URL": redis_url,
+            "ROLLOUT_TICK_SECONDS": str(tick_seconds),
+            **(extra_env or {}),
+        }
+        self._counter = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def __enter__(self) -> Platform:
+        self.flush_redis()
+        self._point_celery_here()
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        self.stop_all()
+        if exc_type is not None:
+            print(self.logs(), file=sys.stderr)
+
+    def flush_redis(self) -> None:
+        import redis
+
+        redis.Redis.from_url(self.redis_url).flushdb()
+
+    def _point_celery_here(self) -> None:
+        """The test process itself enqueues tasks (API calls in the live server thread)."""
+        from config.celery import app
+
+        app.conf.broker_url = self.redis_url
+        app.conf.task_always_eager = False
+        # Connections made before the switch would still talk to the old URL.
+        app.pool.force_close_all() if app.pool else None
+
+    def _spawn(self, name: str, args: list[str]) -> Proc:
+        self._counter += 1
+        log_path = self.workdir / f"{self._counter:02d}-{name}.log"
+        handle = open(log_path, "wb")
+        popen = subprocess.Popen(
+            args, cwd=REPO, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        proc = Proc(name=name, popen=popen, log_path=log_path)
+        self.procs.append(proc)
+        return proc
+
+    def start_worker(self, name: str = "worker", *, pool: str = "solo", concurrency: int = 1) -> Proc:
+        proc = self._spawn(
+            name,
+            [PYTHON, "-m", "celery", "-A", "config", "worker", "-P", pool, "-c", str(concurrency),
+             "-n", f"{name}-{self._counter}@%h", "--without-gossip", "--without-mingle", "-l", "INFO"],
+        )
+        self.wait_for_log(proc, "ready", timeout=60)
+        return proc
+
+    def start_beat(self) -> Proc:
+        return self._spawn(
+            "beat",
+            [PYTHON, "-m", "celery", "-A", "config", "beat", "-l", "INFO",
+             "-s", str(self.workdir / "beat-schedule")],
+        )
+
+    def start_ingest(self, name: str = "ingest", *extra_args: str) -> Proc:
+        return self._spawn(name, [PYTHON, "manage.py", "mqtt_ingest", *extra_args])
+
+    def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
+        if proc.alive():
+            os.killpg(proc.popen.pid, sig)
+            proc.popen.wait(30)
+
+    def kill_worker(self, proc: Proc) -> None:
+        """SIGKILL: no warm shutdown, tasks in hand are lost (and redelivered: acks_late)."""
+        self.kill(proc, signal.SIGKILL)
+
+    def stop(self, proc: Proc) -> None:
+        if proc.alive():
+            os.killpg(proc.popen.pid, signal.SIGTERM)
+            try:
+                proc.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+
+    # --- diagnostics ---------------------------------------------------------------------------
+
+    def wait_for_log(self, proc: Proc, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in proc.log_path.read_text(errors="replace"):
+                return
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited early:\n{proc.log_path.read_text(errors='replace')[-4000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{proc.name} did not log {text!r} within {timeout}s:\n{proc.log_path.read_text()[-4000:]}")
+
+    def logs(self, tail: int = 3000) -> str:
+        parts = []
+        for proc in self.procs:
+            text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
+            parts.append(f"===== {proc.name} (pid {proc.popen.pid}, rc {proc.popen.poll()}) =====\n{text[-tail:]}")
+        return "\n".join(parts)
+
+    def peak_rss_kb(self) -> dict[str, int]:
+        """Peak resident memory of each live process and its children (VmHWM from /proc)."""
+        import psutil
+
+        out = {}
+        for proc in self.procs:
+            if not proc.alive():
+                continue
+            total = 0
+            try:
+                root = psutil.Process(proc.popen.pid)
+                for p in [root, *root.children(recursive=True)]:
+                    total = max(total, _vm_hwm_kb(p.pid))
+            except psutil.NoSuchProcess:
+                continue
+            out[proc.name] = total
+        return out
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class DirectiveRecorder:
+    """Subscribes with the service account to every device's directive topic and keeps each
+    message as it arrives: what the fleet was told, independent of what the database says."""
+
+    def __init__(self, broker, *, topic_root: str = "fleet"):
+        from ota.mqtt import BrokerSettings
+
+        self.settings = BrokerSettings(
+            host=broker.host if hasattr(broker, "host") else "127.0.0.1",
+            port=broker.port,
+            username=getattr(broker, "username", ""),
+            password=getattr(broker, "password", ""),
+            topic_root=topic_root,
+        )
+        self.topic_root = topic_root
+        self.messages: list[dict] = []
+        self._lock = threading.Lock()
+        self.client = None
+
+    def start(self) -> DirectiveRecorder:
+        from ota.mqtt import connect_blocking, new_client
+
+        subscribed = threading.Event()
+        self.client = new_client(self.settings, client_id="directive-recorder")
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        connect_blocking(self.client, self.settings)
+        self.client.subscribe(f"{self.topic_root}/devices/+/directive", qos=1)
+        if not subscribed.wait(10):
+            raise TimeoutError("directive recorder: no SUBACK")
+        return self
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+
+    def __enter__(self) -> DirectiveRecorder:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _on_message(self, _client, _userdata, message) -> None:
+        import base64
+
+        device_id = message.topic.split("/")[-2]
+        record = {"device": device_id, "retained": bool(message.retain), "raw": message.payload}
+        if message.payload:
+            envelope = json.loads(message.payload)
+            body = json.loads(base64.b64decode(envelope["payload"]))
+            record.update(seq=body["seq"], rollout_id=body["rollout_id"], body=body, envelope=envelope,
+                          sha256=body["artifact"]["sha256"], version=_release_version(body["release"]))
+        with self._lock:
+            self.messages.append(record)
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return list(self.messages)
+
+    def live(self) -> list[dict]:
+        """Messages published while subscribed (not retained copies replayed at subscribe time)."""
+        return [m for m in self.snapshot() if not m["retained"] and m["raw"]]
+
+    def devices(self) -> set[str]:
+        return {m["device"] for m in self.live()}
+
+    def by_device(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = defaultdict(list)
+        for m in self.live():
+            out[m["device"]].append(m)
+        return dict(out)
+
+    def wait_for(self, predicate, timeout: float = 30, what: str = "directives") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"timed out waiting for {what}; have {len(self.live())} messages")
+
+
+def _release_version(envelope: dict) -> str:
+    import base64
+
+    return json.loads(base64.b64decode(envelope["payload"]))["version"]
