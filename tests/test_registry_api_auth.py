@@ -1,0 +1,105 @@
+"""API auth and errors: bearer tokens with scopes, 401 vs 403, and JSON (never HTML) errors."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+from django.utils import timezone
+
+from registry import actions
+from registry.models import ApiToken
+
+pytestmark = pytest.mark.django_db
+
+
+def test_it_answers_401_without_a_token(client):
+    response = client.get("/api/v1/models/")
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == "Bearer"
+    assert response.json()["error"]["code"] == "not_authenticated"
+    assert "Bearer" in response.json()["error"]["message"]
+
+
+def test_it_answers_401_for_an_unknown_or_malformed_token(client):
+    assert client.get("/api/v1/models/", HTTP_AUTHORIZATION="Bearer mf_nope").status_code == 401
+    malformed = client.get("/api/v1/models/", HTTP_AUTHORIZATION="Bearer two parts")
+    assert malformed.status_code == 401 and "Bearer <token>" in malformed.json()["error"]["message"]
+
+
+def test_it_answers_401_for_a_revoked_token(client, ci_token):
+    assert client.get("/api/v1/models/", **ci_token.headers).status_code == 200
+    ApiToken.objects.update(revoked_at=timezone.now())
+    response = client.get("/api/v1/models/", **ci_token.headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "authentication_failed"
+
+
+def test_it_answers_403_for_the_wrong_scope(client, read_token, ci_token):
+    response = client.post("/api/v1/models/", {"name": "m"}, content_type="application/json", **read_token.headers)
+    assert response.status_code == 403
+    error = response.json()["error"]
+    assert error["code"] == "permission_denied" and "'ci'" in error["message"] and "read" in error["message"]
+    hardware = client.post(
+        "/api/v1/hardware/", {"id": "rpi5", "max_artifact_bytes": 10}, content_type="application/json", **read_token.headers
+    )
+    assert hardware.status_code == 403
+    assert client.post("/api/v1/models/m/versions/1/revoke", **ci_token.headers).status_code == 403
+
+
+def test_it_answers_json_404s(client, read_token):
+    unknown_route = client.get("/api/v1/no-such-thing/", **read_token.headers)
+    assert unknown_route.status_code == 404
+    assert unknown_route["Content-Type"] == "application/json"
+    assert unknown_route.json()["error"]["code"] == "not_found"
+    unknown_model = client.get("/api/v1/models/ghost/", **read_token.headers)
+    assert unknown_model.status_code == 404
+    assert unknown_model.json()["error"] == {"code": "model_not_found", "message": "No model named 'ghost'."}
+
+
+def test_it_answers_json_for_an_unexpected_server_error(client, read_token):
+    with mock.patch.object(actions, "model_get", autospec=True, side_effect=RuntimeError("boom")):
+        response = client.get("/api/v1/models/anything/", **read_token.headers)
+    assert response.status_code == 500
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "server_error"
+    assert "boom" not in response.content.decode()
+
+
+def test_it_answers_json_for_bad_request_bodies(client, ci_token):
+    broken = client.post("/api/v1/models/", "{not json", content_type="application/json", **ci_token.headers)
+    assert broken.status_code == 400 and broken.json()["error"]["code"] == "parse_error"
+    invalid = client.post("/api/v1/models/", {"name": "has spaces"}, content_type="application/json", **ci_token.headers)
+    assert invalid.status_code == 400
+    assert invalid.json()["error"]["code"] == "invalid" and "name" in invalid.json()["error"]["fields"]
+
+
+def test_it_serves_the_openapi_schema_and_swagger_ui_without_a_cdn(client):
+    schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert schema.status_code == 200
+    paths = schema.json()["paths"]
+    for path in (
+        "/api/v1/hardware/",
+        "/api/v1/models/{name}/versions/{version}/artifacts/",
+        "/api/v1/models/{name}/versions/{version}/release",
+        "/api/v1/models/{name}/versions/{version}/manifest",
+        "/api/v1/models/{name}/versions/{version}/artifacts/{hardware}/download",
+        "/api/v1/models/{name}/aliases/{alias}",
+        "/api/v1/keys/",
+    ):
+        assert path in paths
+    assert "bearerToken" in schema.json()["components"]["securitySchemes"]
+    docs = client.get("/api/docs/")
+    assert docs.status_code == 200
+    html = docs.content.decode()
+    assert "swagger-ui" in html and "drf_spectacular_sidecar" in html and "cdn.jsdelivr" not in html
+
+
+def test_it_generates_the_registry_schema_without_warnings(capsys):
+    from django.core.management import call_command
+
+    call_command("spectacular", "--validate", "--file", "/dev/null")
+    report = capsys.readouterr().err
+    registry_lines = [line for line in report.splitlines() if "registry" in line.lower() or "VersionState" in line]
+    assert registry_lines == []
+    assert "Schema generation summary" in report or report == ""
