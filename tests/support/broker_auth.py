@@ -4,10 +4,15 @@ with a freshly written dynamic-security.json holding only the service account.""
 from __future__ import annotations
 
 import glob
+import queue
 import re
 import secrets
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import paho.mqtt.client as mqtt
 
 from ota.broker import write_initial_config
 from tests.support.mosquitto import Mosquitto
@@ -96,3 +101,83 @@ def start_secure_broker(workdir: Path, *, topic_root: str = "fleet") -> SecureBr
 
 def log_mentions(broker: SecureBroker, pattern: str) -> bool:
     return re.search(pattern, broker.broker.log_text()) is not None
+
+
+class MqttProbe:
+    """A real paho client for assertions: records what it receives, reports refusals."""
+
+    def __init__(self, port: int, username: str | None, password: str | None, *, host: str = "127.0.0.1",
+                 client_id: str | None = None):
+        self.messages: queue.Queue = queue.Queue()
+        self.connack = None
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.subacks: dict[int, list] = {}
+        self._suback = threading.Condition()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"probe-{secrets.token_hex(4)}",
+            protocol=mqtt.MQTTv311,
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self.disconnected.set()
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, m.retain))
+        self.client.on_subscribe = self._on_subscribe
+        self.host, self.port = host, port
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self.connack = reason_code
+        if not reason_code.is_failure:
+            self.connected.set()
+        else:
+            self.disconnected.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        with self._suback:
+            self.subacks[mid] = reason_codes
+            self._suback.notify_all()
+
+    def connect(self, timeout: float = 5.0) -> bool:
+        """True when the broker accepted the connection, False when it refused."""
+        self.client.reconnect_delay_set(min_delay=30, max_delay=30)  # a probe never retries on its own
+        self.client.connect(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.connected.is_set():
+                return True
+            if self.connack is not None and self.connack.is_failure:
+                return False
+            time.sleep(0.01)
+        raise TimeoutError("no CONNACK")
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> list:
+        _rc, mid = self.client.subscribe(topic, qos)
+        deadline = time.monotonic() + timeout
+        with self._suback:
+            while mid not in self.subacks:
+                if not self._suback.wait(max(deadline - time.monotonic(), 0.01)) and time.monotonic() > deadline:
+                    raise TimeoutError(f"no SUBACK for {topic}")
+            return self.subacks[mid]
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5)
+
+    def received(self, wait: float = 1.0) -> list[tuple[str, bytes, bool]]:
+        """Everything received within `wait` seconds from now."""
+        out = []
+        deadline = time.monotonic() + wait
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                out.append(self.messages.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return out
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

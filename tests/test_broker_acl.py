@@ -1,0 +1,103 @@
+"""Broker auth and ACL with the deploy/ config: real Mosquitto, real paho clients, real credentials
+created by enrollment. With MQTT 3.1.1 Mosquitto may still grant a refused subscription's QoS
+in some setups, so every denial is proven by what never arrives, next to a positive control."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.protocol import Topics
+from tests.support.broker_auth import MqttProbe
+from tests.support.fleet import enroll_device
+
+pytestmark = pytest.mark.django_db(transaction=True)
+T = Topics("fleet")
+
+
+@pytest.fixture
+def probes():
+    made = []
+
+    def make(port, username, password, **kw):
+        probe = MqttProbe(port, username, password, **kw)
+        made.append(probe)
+        return probe
+
+    yield make
+    for probe in made:
+        probe.close()
+
+
+def test_it_refuses_anonymous_and_wrong_password_connects(secure_broker, probes):
+    assert probes(secure_broker.port, None, None).connect() is False
+    assert probes(secure_broker.port, secure_broker.username, "not-the-password").connect() is False
+    assert probes(secure_broker.port, "dev-nobody", "whatever").connect() is False
+    assert probes(secure_broker.port, secure_broker.username, secure_broker.password).connect() is True
+
+
+def test_it_keeps_device_a_out_of_device_b_directive(secure_broker, probes):
+    a, b = enroll_device(), enroll_device()
+    service = probes(secure_broker.port, secure_broker.username, secure_broker.password)
+    assert service.connect()
+    service.publish(T.directive(a.device.id), b"directive-for-a", retain=True)
+    service.publish(T.directive(b.device.id), b"directive-for-b", retain=True)
+
+    device_a = probes(secure_broker.port, a.device.id, a.mqtt_password)
+    assert device_a.connect()
+    device_a.subscribe(T.directive(a.device.id))
+    device_a.subscribe(T.directive(b.device.id))
+    device_a.subscribe("fleet/#")
+    device_a.subscribe("#")
+    got = device_a.received(wait=1.5)
+    assert (T.directive(a.device.id), b"directive-for-a", True) in got  # positive control
+    assert all(topic == T.directive(a.device.id) for topic, _, _ in got), got
+
+    service.publish(T.directive(b.device.id), b"live-directive-for-b", retain=True)
+    assert device_a.received(wait=1.0) == []
+
+    device_b = probes(secure_broker.port, b.device.id, b.mqtt_password)
+    assert device_b.connect()
+    device_b.subscribe(T.directive(b.device.id))
+    assert [p for _, p, _ in device_b.received(wait=1.0)] == [b"live-directive-for-b"]
+
+
+def test_it_drops_device_a_publishing_on_device_b_topics(secure_broker, probes):
+    a, b = enroll_device(), enroll_device()
+    service = probes(secure_broker.port, secure_broker.username, secure_broker.password)
+    assert service.connect()
+    service.subscribe("fleet/devices/+/+")
+
+    device_a = probes(secure_broker.port, a.device.id, a.mqtt_password)
+    assert device_a.connect()
+    device_a.publish(T.events(b.device.id), b"forged-event")
+    device_a.publish(T.telemetry(b.device.id), b"forged-telemetry")
+    device_a.publish(T.presence(b.device.id), b"forged-presence")
+    device_a.publish(T.directive(b.device.id), b"forged-directive", retain=True)
+    device_a.publish(T.directive(a.device.id), b"self-directive", retain=True)
+    device_a.publish(T.events(a.device.id), b"own-event")
+
+    got = service.received(wait=1.5)
+    assert [(t, p) for t, p, _ in got] == [(T.events(a.device.id), b"own-event")]
+
+
+def test_it_disconnects_a_revoked_device_and_refuses_it_afterwards(secure_broker, probes):
+    from ota.devices import device_revoke
+
+    a = enroll_device()
+    service = probes(secure_broker.port, secure_broker.username, secure_broker.password)
+    assert service.connect()
+    service.publish(T.directive(a.device.id), b"directive-for-a", retain=True)
+
+    device_a = probes(secure_broker.port, a.device.id, a.mqtt_password)
+    assert device_a.connect()
+    device_a.subscribe(T.directive(a.device.id))
+    assert [p for _, p, _ in device_a.received(wait=1.0)] == [b"directive-for-a"]
+
+    device_revoke(device_id=a.device.id, actor="test")
+
+    assert device_a.disconnected.wait(5), "revocation must drop the live session at once"
+    assert probes(secure_broker.port, a.device.id, a.mqtt_password).connect() is False
+    watcher = probes(secure_broker.port, secure_broker.username, secure_broker.password)
+    assert watcher.connect()
+    watcher.subscribe(T.directive(a.device.id))
+    assert watcher.received(wait=1.0) == [], "the retained directive must be cleared"
