@@ -1,0 +1,673 @@
+"""The update state machine (DESIGN.md §5), driven from the on-disk journal.
+
+    directive ─► received ─► downloading ─► verifying ─► prechecking ─► activating ─► trial ─► committed
+        │            │            │             │              │              │          └─► rolling_back ─► rolled_back
+        └► rejected  └► failed    └► failed     └► failed      └► failed      └─► rolling_back
+
+Each arrow is a journal write made *before* the side effects of the next step, and every step is
+safe to run twice, so a SIGKILL anywhere resumes at the journalled phase. `current` is touched
+only in `activating` and `rolling_back`; before that, any failure leaves the active model as it
+was. Events go to the on-disk outbox in the same breath as the journal write that caused them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from hashlib import sha256
+from pathlib import Path
+
+from agent import __version__ as AGENT_VERSION
+from agent.config import Config
+from agent.download import DownloadError, Interrupted, fetch
+from agent.health import run_health
+from agent.install import Store, StoreError, sha256_file
+from agent.journal import Journal, crash_point
+from agent.outbox import Outbox
+from agent.precheck import run_precheck
+from agent.protocol import (
+    MAX_PAYLOAD_BYTES,
+    ErrorCode,
+    Event,
+    ProtocolError,
+    State,
+    format_time,
+    presence_payload,
+    utcnow,
+    verify_directive,
+    verify_release,
+)
+from agent.signing import Keyring, VerificationError
+
+log = logging.getLogger("fleet_agent")
+
+
+class AgentLocked(Exception):
+    """Another agent process owns this state directory."""
+
+
+class Refusal(Exception):
+    def __init__(self, code: str, message: str, *, seq: int = 0, model: str = "", sha: str | None = None,
+                 rollout_id: str | None = None, record_seq: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.seq = seq
+        self.model = model
+        self.sha = sha
+        self.rollout_id = rollout_id
+        self.record_seq = record_seq  # an authentic, fresh directive: remember its seq as handled
+
+
+def lock_state_dir(state_dir: Path, *, blocking: bool = False):
+    """flock the state directory; the returned file object holds the lock until closed."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(state_dir / "lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        raise AgentLocked(f"another fleet-agent is running on {state_dir}") from None
+    return handle
+
+
+def _safe_file_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\x00" not in name and name not in (".", "..") and not name.startswith(".")
+
+
+class Agent:
+    def __init__(self, cfg: Config, *, link_factory=None):
+        self.cfg = cfg
+        self.state_dir = cfg.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.state_dir)
+        self.journal = Journal(self.state_dir)
+        self.outbox = Outbox(self.state_dir / "outbox")
+        self.requests_dir = self.state_dir / "requests"
+        self.requests_dir.mkdir(exist_ok=True)
+        self.release_keys = Keyring.from_pems(*cfg.keys.release)
+        self.rollout_keys = Keyring.from_pems(*cfg.keys.rollout)
+        self.inbox: queue.Queue[bytes] = queue.Queue()
+        self.stop = threading.Event()
+        self._digests: dict[str, str] = {}  # sha -> digest computed while downloading (this process)
+        self._refused: set[str] = set()  # payload digests already reported (retained re-deliveries)
+        self.link = None
+        if link_factory is not None:
+            self.link = link_factory(
+                cfg.mqtt, device_id=cfg.device_id, on_directive=self.inbox.put, presence=self._presence
+            )
+
+    # --- running --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        lock = lock_state_dir(self.state_dir)
+        try:
+            signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+            signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+            self.recover()
+            threads = [
+                threading.Thread(target=self.outbox.drain, args=(self._publish_event, self.stop), daemon=True),
+                threading.Thread(target=self._telemetry_loop, daemon=True),
+            ]
+            if self.link:
+                self.link.start()
+            for t in threads:
+                t.start()
+            log.info("fleet-agent %s running for %s (%s)", AGENT_VERSION, self.cfg.device_id, self.cfg.hardware)
+            while not self.stop.is_set():
+                if self.journal.update:
+                    self.drive()
+                    self._publish_presence()
+                    continue
+                self._handle_requests()
+                try:
+                    payload = self.inbox.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                self.handle_payload(payload)
+            log.info("stopping")
+            return 0
+        finally:
+            self.stop.set()
+            self.outbox.wake.set()
+            if self.link:
+                self.link.stop()
+            lock.close()
+
+    def recover(self) -> None:
+        """After a (re)start: re-queue the last transition's events, count trial restarts."""
+        for item in self.journal.data.get("last_events") or []:
+            self.outbox.put(item["event_no"], item["payload"].encode("utf-8"))
+        upd = self.journal.update
+        if not upd:
+            return
+        data = self.journal.snapshot()
+        u = data["update"]
+        u["transitions"] = u.get("transitions", 0) + 1  # a crash loop counts too
+        if u["phase"] == "trial":
+            u["trial_restarts"] = u.get("trial_restarts", 0) + 1
+            if u["trial_restarts"] > self.cfg.update.max_trial_restarts:
+                u["phase"] = "rolling_back"
+                u["error_code"] = ErrorCode.TRIAL_FAILED
+                u["detail"] = f"agent restarted {u['trial_restarts']} times during the trial"
+        data["last_events"] = []
+        self.journal.commit(data, "trial-restart" if upd["phase"] == "trial" else "resume")
+
+    def drive(self) -> None:
+        """Run journalled steps until the update reaches a terminal state (or we are told to stop)."""
+        steps = {
+            "received": self._step_received,
+            "downloading": self._step_downloading,
+            "verifying": self._step_verifying,
+            "prechecking": self._step_prechecking,
+            "activating": self._step_activating,
+            "trial": self._step_trial,
+            "rolling_back": self._step_rolling_back,
+        }
+        while not self.stop.is_set() and (upd := self.journal.update):
+            phase = upd["phase"]
+            if upd.get("transitions", 0) > self.cfg.update.max_transitions and phase != "rolling_back":
+                detail = f"more than {self.cfg.update.max_transitions} transitions for directive {upd['seq']}"
+                if phase in ("activating", "trial"):
+                    self._transition("rolling_back", None, error_code=ErrorCode.ROLLBACK_LOOP, detail=detail)
+                else:
+                    self._finish(State.FAILED, ErrorCode.ROLLBACK_LOOP, detail)
+                continue
+            try:
+                steps[phase](upd)
+            except Interrupted:
+                return
+
+    # --- journal + events -----------------------------------------------------------------
+
+    def _event(self, data: dict, *, state: str, seq: int, model: str, sha: str | None, rollout_id: str | None,
+               code: str | None = None, detail: str = "", health: dict | None = None) -> dict:
+        data["event_no"] = data.get("event_no", 0) + 1
+        active = (data["models"].get(model) or {}).get("current") if model else None
+        event = Event(
+            device_id=self.cfg.device_id,
+            event_no=data["event_no"],
+            seq=seq,
+            model=model,
+            state=state,
+            error_code=code,
+            detail=detail[:2000],
+            sha256=sha,
+            active_sha256=active,
+            rollout_id=rollout_id,
+            health=health,
+            ts=format_time(utcnow()),
+        )
+        log.info("event %d seq=%d %s %s %s %s", event.event_no, seq, model, state, code or "", detail[:200])
+        return {"event_no": event.event_no, "payload": event.to_payload().decode("utf-8")}
+
+    def _commit(self, data: dict, point: str, events: list[dict]) -> None:
+        data["last_events"] = events
+        self.journal.commit(data, point)
+        for item in events:
+            self.outbox.put(item["event_no"], item["payload"].encode("utf-8"))
+
+    def _transition(self, phase: str, event_state: str | None, *, mutate=None, **changes) -> None:
+        data = self.journal.snapshot()
+        upd = data["update"]
+        upd.update(changes)
+        upd["phase"] = phase
+        upd["transitions"] = upd.get("transitions", 0) + 1
+        if mutate:
+            mutate(data)
+        events = []
+        if event_state:
+            events.append(
+                self._event(data, state=event_state, seq=upd["seq"], model=upd["model"], sha=upd["sha"],
+                            rollout_id=upd.get("rollout_id"), detail=upd.get("detail", "") if phase == "rolling_back" else "")
+            )
+        self._commit(data, phase, events)
+
+    def _finish(self, state: str, code: str | None, detail: str = "", *, health: dict | None = None, mutate=None) -> None:
+        data = self.journal.snapshot()
+        upd = data["update"]
+        if mutate:
+            mutate(data)
+        data["update"] = None
+        data["last_outcome"] = {
+            "seq": upd["seq"], "model": upd["model"], "sha256": upd["sha"], "state": state,
+            "error_code": code, "detail": detail[:500], "ts": format_time(utcnow()),
+        }
+        event = self._event(data, state=state, seq=upd["seq"], model=upd["model"], sha=upd["sha"],
+                            rollout_id=upd.get("rollout_id"), code=code, detail=detail, health=health)
+        self._commit(data, state, [event])
+        self._gc()
+
+    def _report(self, state: str, *, seq: int, model: str, sha: str | None, rollout_id: str | None,
+                code: str | None, detail: str, record_seq: bool, health: dict | None = None) -> None:
+        """A terminal event for a directive that never became an update (refused or already there)."""
+        data = self.journal.snapshot()
+        if record_seq:
+            data["last_seq"] = max(data["last_seq"], seq)
+            data["last_outcome"] = {
+                "seq": seq, "model": model, "sha256": sha, "state": state, "error_code": code,
+                "detail": detail[:500], "ts": format_time(utcnow()),
+            }
+        event = self._event(data, state=state, seq=seq, model=model, sha=sha, rollout_id=rollout_id, code=code,
+                            detail=detail, health=health)
+        self._commit(data, state, [event])
+
+    def _gc(self) -> None:
+        keep = set()
+        for m in self.journal.data["models"].values():
+            keep.update(s for s in (m.get("current"), m.get("previous")) if s)
+        if self.journal.update:
+            keep.add(self.journal.update["sha"])
+        try:
+            self.store.gc(keep)
+        except OSError as exc:
+            log.warning("store clean-up failed: %s", exc)
+
+    # --- directives -----------------------------------------------------------------------
+
+    def handle_payload(self, payload: bytes) -> None:
+        digest = sha256(payload).hexdigest()
+        try:
+            self._accept(payload)
+        except Refusal as r:
+            if not r.record_seq:
+                if digest in self._refused:
+                    return  # the same retained payload again after a reconnect: reported once
+                self._refused.add(digest)
+            self._report(State.REJECTED, seq=r.seq, model=r.model, sha=r.sha, rollout_id=r.rollout_id,
+                         code=r.code, detail=str(r), record_seq=r.record_seq)
+
+    def _accept(self, payload: bytes) -> None:
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise Refusal(ErrorCode.PAYLOAD_TOO_LARGE,
+                          f"directive is {len(payload)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit")
+        try:
+            envelope = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Refusal(ErrorCode.MALFORMED, f"directive is not valid JSON: {exc}") from None
+        try:
+            directive = verify_directive(envelope, self.rollout_keys)
+        except VerificationError as exc:
+            raise Refusal(exc.code, f"directive refused: {exc}") from None
+        except ProtocolError as exc:
+            raise Refusal(exc.code, f"directive refused: {exc}") from None
+        seq = directive.seq
+        ctx = {"seq": seq, "model": directive.model, "sha": directive.artifact.sha256, "rollout_id": directive.rollout_id}
+        if directive.device_id != self.cfg.device_id:
+            raise Refusal(ErrorCode.WRONG_DEVICE,
+                          f"directive is for device {directive.device_id!r}, this is {self.cfg.device_id!r}",
+                          model=directive.model)
+        last = self.journal.data["last_seq"]
+        if seq == last:
+            return  # the retained directive re-delivered: already handled (or in flight)
+        if seq < last:
+            raise Refusal(ErrorCode.REPLAYED, f"directive seq {seq} is not greater than the last accepted {last}",
+                          **ctx)
+        if self.journal.update:
+            # One update at a time; the retained directive is re-delivered after a reconnect anyway.
+            self.inbox.put(payload)
+            return
+        now = utcnow()
+        if directive.expires <= now:
+            raise Refusal(ErrorCode.EXPIRED, f"directive expired at {format_time(directive.expires)}",
+                          record_seq=True, **ctx)
+        try:
+            release = verify_release(directive.release, self.release_keys)
+        except VerificationError as exc:
+            raise Refusal(exc.code, f"release refused: {exc}", record_seq=True, **ctx) from None
+        except ProtocolError as exc:
+            raise Refusal(exc.code, f"release refused: {exc}", record_seq=True, **ctx) from None
+        if release.model != directive.model:
+            raise Refusal(ErrorCode.MALFORMED,
+                          f"directive.model {directive.model!r} does not match release.model {release.model!r}",
+                          record_seq=True, **ctx)
+        if release.expires is not None and release.expires <= now:
+            raise Refusal(ErrorCode.RELEASE_EXPIRED, f"release expired at {format_time(release.expires)}",
+                          record_seq=True, **ctx)
+        floor = self.journal.data["floors"].get(release.model, 0)
+        if release.counter < floor:
+            raise Refusal(ErrorCode.BELOW_ROLLBACK_FLOOR,
+                          f"release counter {release.counter} is below this device's rollback floor {floor}",
+                          record_seq=True, **ctx)
+        artifact = release.artifact_for(self.cfg.hardware)
+        if artifact is None:
+            have = ", ".join(a.hardware for a in release.artifacts)
+            raise Refusal(ErrorCode.NO_ARTIFACT, f"release has no artifact for hardware {self.cfg.hardware!r} ({have})",
+                          record_seq=True, **ctx)
+        d = directive.artifact
+        if (d.hardware, d.sha256, d.length) != (artifact.hardware, artifact.sha256, artifact.length):
+            raise Refusal(ErrorCode.ARTIFACT_MISMATCH,
+                          "directive.artifact does not match the signed release artifact for this hardware",
+                          record_seq=True, **ctx)
+        if not _safe_file_name(artifact.file_name):
+            raise Refusal(ErrorCode.MALFORMED, f"release file_name {artifact.file_name!r} is not a plain file name",
+                          record_seq=True, **ctx)
+        if artifact.sha256 in self.journal.data["denylist"]:
+            raise Refusal(ErrorCode.DENYLISTED, f"artifact {artifact.sha256} failed a trial on this device before",
+                          record_seq=True, **ctx)
+        active = self.journal.data["models"].get(release.model) or {}
+        if active.get("current") == artifact.sha256 and active.get("committed"):
+            # Desired state already reached: converge by confirming it under the new seq.
+            self._report(State.COMMITTED, seq=seq, model=release.model, sha=artifact.sha256,
+                         rollout_id=directive.rollout_id, code=None, detail="already active and committed",
+                         record_seq=True, health=self.journal.data.get("last_health"))
+            return
+        data = self.journal.snapshot()
+        data["last_seq"] = seq
+        data["update"] = {
+            "phase": "received",
+            "seq": seq,
+            "model": release.model,
+            "version": release.version,
+            "counter": release.counter,
+            "rollback_floor": release.rollback_floor,
+            "rollout_id": directive.rollout_id,
+            "sha": artifact.sha256,
+            "length": artifact.length,
+            "file_name": artifact.file_name,
+            "url": d.url,
+            "health": release.health,
+            "transitions": 1,
+            "started": format_time(utcnow()),
+        }
+        event = self._event(data, state=State.RECEIVED, seq=seq, model=release.model, sha=artifact.sha256,
+                            rollout_id=directive.rollout_id)
+        self._commit(data, "received", [event])
+
+    # --- steps ------------------------------------------------------------------------------
+
+    def _step_received(self, upd: dict) -> None:
+        part = self.store.part_path(upd["sha"])
+        have = part.stat().st_size if part.exists() else 0
+        need = 0 if self.store.has(upd["sha"], upd["file_name"]) else max(0, upd["length"] - have)
+        free = shutil.disk_usage(self.state_dir).free
+        reserve = int(self.cfg.update.disk_reserve_mb * 2**20)
+        if free - need < reserve:
+            self._finish(State.FAILED, ErrorCode.DISK_FULL,
+                         f"needs {need / 2**20:.1f} MiB plus a reserve of {reserve / 2**20:.0f} MiB, "
+                         f"{free / 2**20:.1f} MiB free")
+            return
+        self._transition("downloading", State.DOWNLOADING)
+
+    def _step_downloading(self, upd: dict) -> None:
+        sha = upd["sha"]
+        if not self.store.has(sha, upd["file_name"]):
+            u = self.cfg.update
+            try:
+                result = fetch(
+                    upd["url"], self.store.part_path(sha), length=upd["length"], token=self.cfg.server.token,
+                    timeout=u.download_timeout_seconds, retries=u.download_retries, backoff=u.download_backoff_seconds,
+                    backoff_max=u.download_backoff_max_seconds, byte_budget_factor=u.download_byte_budget_factor,
+                    stop=self.stop, on_chunk=lambda _pos: crash_point("download-chunk"),
+                    ssl_context=self._ssl_context(),
+                )
+            except DownloadError as exc:
+                if exc.code == ErrorCode.TOO_LARGE:
+                    self.store.part_path(sha).unlink(missing_ok=True)
+                self._finish(State.FAILED, exc.code, str(exc))
+                return
+            self._digests[sha] = result.sha256
+            log.info("downloaded %s: %d bytes received (resumed from %d)", sha[:12], result.bytes_received,
+                     result.resumed_from)
+        self._transition("verifying", State.VERIFYING)
+
+    def _ssl_context(self):
+        if not self.cfg.server.ca_file:
+            return None
+        import ssl
+
+        return ssl.create_default_context(cafile=self.cfg.server.ca_file)
+
+    def _step_verifying(self, upd: dict) -> None:
+        sha, name, length = upd["sha"], upd["file_name"], upd["length"]
+        part = self.store.part_path(sha)
+        if self.store.has(sha, name):
+            stored = self.store.stored_file(sha, name)
+            if stored.stat().st_size != length or sha256_file(stored) != sha:
+                self.store.remove(sha)
+                self._finish(State.FAILED, ErrorCode.HASH_MISMATCH, f"stored copy of {sha} is corrupt")
+                return
+        elif part.exists():
+            size = part.stat().st_size
+            digest = self._digests.pop(sha, None) or sha256_file(part)
+            if size != length or digest != sha:
+                part.unlink(missing_ok=True)
+                self._finish(State.FAILED, ErrorCode.HASH_MISMATCH,
+                             f"downloaded {size} bytes with sha256 {digest}, signed {length} bytes with sha256 {sha}")
+                return
+            self.store.stage(sha, name)
+            crash_point("staged")
+        else:
+            try:
+                self.store.stage(sha, name)  # a crash between the move and the rename
+            except StoreError:
+                self._transition("downloading", None)
+                return
+            if sha256_file(self.store.stored_file(sha, name)) != sha:
+                self.store.remove(sha)
+                self._finish(State.FAILED, ErrorCode.HASH_MISMATCH, "staged copy does not match its sha256")
+                return
+        self._transition("prechecking", State.PRECHECKING)
+
+    def _step_prechecking(self, upd: dict) -> None:
+        path = self.store.stored_file(upd["sha"], upd["file_name"])
+        u = self.cfg.update
+        result = run_precheck(path, upd.get("health"), timeout=u.precheck_timeout_seconds, memory_mb=u.precheck_memory_mb)
+        if not result.ok:
+            self._finish(State.FAILED, ErrorCode.PRECHECK_FAILED, result.detail)
+            return
+        old = self.journal.data["models"].get(upd["model"])
+        previous_model = old if old and old.get("current") and old["current"] != upd["sha"] else None
+        self._transition("activating", State.ACTIVATING, previous_model=previous_model,
+                         precheck_latency_ms=result.latency_ms)
+
+    def _run_reload(self) -> tuple[bool, str]:
+        command = self.cfg.update.reload_command
+        if not command:
+            return True, ""
+        env = {k: v for k, v in os.environ.items() if k != "FLEET_AGENT_CRASH_AT"}
+        try:
+            proc = subprocess.run(command, shell=True, capture_output=True, env=env,
+                                  timeout=self.cfg.update.command_timeout_seconds)
+        except subprocess.TimeoutExpired:
+            return False, f"reload command timed out after {self.cfg.update.command_timeout_seconds:g}s"
+        if proc.returncode != 0:
+            return False, f"reload command exited {proc.returncode}: {proc.stderr.decode('utf-8', 'replace')[-300:]}"
+        return True, ""
+
+    def _step_activating(self, upd: dict) -> None:
+        model, sha = upd["model"], upd["sha"]
+        prev = upd.get("previous_model")
+        if prev:
+            self.store.point(model, "previous", prev["current"])
+        self.store.point(model, "current", sha)
+        crash_point("swapped")
+        record = {
+            "current": sha, "previous": prev["current"] if prev else None, "file_name": upd["file_name"],
+            "committed": False, "version": upd["version"], "counter": upd["counter"],
+        }
+
+        def mutate(data):
+            data["models"][model] = record
+
+        ok, detail = self._run_reload()
+        if not ok:
+            self._transition("rolling_back", None, mutate=mutate, error_code=ErrorCode.ACTIVATE_FAILED, detail=detail)
+            return
+        crash_point("reloaded")
+        self._transition("trial", State.TRIAL, mutate=mutate, trial_restarts=0)
+
+    def _step_trial(self, upd: dict) -> None:
+        u = self.cfg.update
+        deadline = time.monotonic() + u.trial_seconds
+        figures: dict = {}
+        checks = 0
+        app_path = str(self.store.app_path(upd["model"], upd["file_name"]))
+        while True:
+            if u.health_command:
+                result = run_health(
+                    u.health_command, model=upd["model"], model_path=app_path, expected_sha256=upd["sha"],
+                    timeout=u.command_timeout_seconds, max_error_rate=u.max_error_rate,
+                    max_latency_ms_p95=u.max_latency_ms_p95,
+                )
+                checks += 1
+                if not result.ok:
+                    self._transition("rolling_back", None, error_code=ErrorCode.TRIAL_FAILED, detail=result.detail,
+                                     health=result.figures)
+                    return
+                figures = result.figures
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self.stop.wait(min(u.health_interval_seconds, remaining)):
+                raise Interrupted()
+        health = {
+            **{k: v for k, v in figures.items() if k in ("model_sha256", "error_rate", "latency_ms_p95")},
+            "checks": checks,
+            "trial_seconds": u.trial_seconds,
+            "trial_restarts": upd.get("trial_restarts", 0),
+            "precheck_latency_ms": upd.get("precheck_latency_ms"),
+        }
+        model = upd["model"]
+
+        def mutate(data):
+            data["models"][model]["committed"] = True
+            data["floors"][model] = max(data["floors"].get(model, 0), upd["rollback_floor"])
+            data["last_health"] = health
+
+        self._finish(State.COMMITTED, None, "trial passed", health=health, mutate=mutate)
+
+    def _step_rolling_back(self, upd: dict) -> None:
+        model, sha = upd["model"], upd["sha"]
+        prev = upd.get("previous_model")
+        code = upd.get("error_code") or ErrorCode.TRIAL_FAILED
+        detail = upd.get("detail", "")
+        if prev:
+            prev_sha = prev["current"]
+            prev_file = self.store.stored_file(prev_sha, prev["file_name"])
+            try:
+                intact = sha256_file(prev_file) == prev_sha
+            except OSError:
+                intact = False
+            if not intact:
+                # Switching to bytes we cannot vouch for would be worse than keeping the new model.
+                self._finish(State.FAILED, ErrorCode.ROLLBACK_FAILED,
+                             f"{detail}; previous model {prev_sha} failed re-verification, kept {sha}")
+                return
+            self.store.point(model, "current", prev_sha)
+            self.store.point(model, "previous", None)
+        else:
+            self.store.point(model, "current", None)
+            self.store.point(model, "previous", None)
+        crash_point("swapped-back")
+        ok, reload_detail = self._run_reload()
+        if not ok:
+            detail = f"{detail}; {reload_detail}"
+
+        def mutate(data):
+            if prev:
+                data["models"][model] = {**prev, "committed": True}
+            else:
+                data["models"].pop(model, None)
+            if sha not in data["denylist"]:
+                data["denylist"].append(sha)
+
+        self._finish(State.ROLLED_BACK, code, detail, health=upd.get("health") or None, mutate=mutate)
+
+    # --- local rollback -----------------------------------------------------------------------
+
+    def start_local_rollback(self, model: str) -> None:
+        """Queue a rollback of `model` to its `previous` (re-verified) as a journalled update."""
+        if self.journal.update:
+            raise ValueError(f"an update of {self.journal.update['model']} is in progress; try again after it ends")
+        current = self.journal.data["models"].get(model)
+        if not current:
+            raise ValueError(f"model {model!r} is not installed here")
+        prev_sha = current.get("previous")
+        if not prev_sha:
+            raise ValueError(f"model {model!r} has no previous version to roll back to")
+        files = [p.name for p in (self.store.store / prev_sha).iterdir()] if (self.store.store / prev_sha).is_dir() else []
+        if len(files) != 1:
+            raise ValueError(f"previous version {prev_sha} of {model!r} is missing from the store")
+        data = self.journal.snapshot()
+        data["update"] = {
+            "phase": "rolling_back", "seq": 0, "model": model, "sha": current["current"],
+            "file_name": current.get("file_name"), "version": current.get("version"),
+            "rollout_id": None, "transitions": 1, "local": True,
+            "previous_model": {"current": prev_sha, "previous": None, "file_name": files[0], "committed": True},
+            "error_code": ErrorCode.LOCAL_ROLLBACK, "detail": "rolled back locally by an operator",
+            "started": format_time(utcnow()),
+        }
+        self._commit(data, "rolling_back", [])
+
+    def _handle_requests(self) -> None:
+        for request in sorted(self.requests_dir.glob("rollback-*.json")):
+            try:
+                model = json.loads(request.read_text())["model"]
+                self.start_local_rollback(model)
+                answer = {"ok": True}
+            except (ValueError, KeyError, OSError) as exc:
+                answer = {"ok": False, "error": str(exc)}
+            from agent.journal import atomic_write_json
+
+            atomic_write_json(request.with_suffix(".done"), answer)
+            request.unlink(missing_ok=True)
+
+    # --- mqtt side ----------------------------------------------------------------------------
+
+    def active_models(self) -> dict[str, str]:
+        return {name: m["current"] for name, m in self.journal.data["models"].items() if m.get("current")}
+
+    def _presence(self, online: bool) -> bytes:
+        return presence_payload(online=online, agent_version=AGENT_VERSION, active=self.active_models())
+
+    def _publish_presence(self) -> None:
+        if self.link and self.link.connected.is_set():
+            self.link.publish("presence", self._presence(True), qos=1, retain=True, timeout=0)
+
+    def _publish_event(self, payload: bytes) -> bool:
+        return bool(self.link) and self.link.publish("events", payload, qos=1, timeout=10)
+
+    def _telemetry_loop(self) -> None:
+        from agent.telemetry import collect
+
+        collect(device_id=self.cfg.device_id, state_dir=self.state_dir, active={}, health=None)  # primes cpu_percent
+        while not self.stop.wait(self.cfg.telemetry.interval_seconds):
+            if not (self.link and self.link.connected.is_set()):
+                continue
+            try:
+                payload = collect(device_id=self.cfg.device_id, state_dir=self.state_dir,
+                                  active=self.active_models(), health=self.journal.data.get("last_health"))
+                self.link.publish("telemetry", payload, qos=0)
+            except Exception:  # telemetry must never take the agent down
+                log.exception("telemetry failed")
+
+
+def status(cfg: Config) -> dict:
+    journal = Journal.load(cfg.state_dir / "journal.json")
+    outbox_dir = cfg.state_dir / "outbox"
+    pending = len(list(outbox_dir.glob("*.json"))) if outbox_dir.is_dir() else 0
+    upd = journal.get("update")
+    return {
+        "device_id": cfg.device_id,
+        "hardware": cfg.hardware,
+        "state_dir": str(cfg.state_dir),
+        "state": upd["phase"] if upd else "idle",
+        "update": {k: upd.get(k) for k in ("seq", "model", "version", "sha", "phase", "trial_restarts")} if upd else None,
+        "models": {
+            name: {k: m.get(k) for k in ("current", "previous", "file_name", "version", "committed")}
+            for name, m in journal["models"].items()
+        },
+        "last_seq": journal["last_seq"],
+        "last_outcome": journal.get("last_outcome"),
+        "last_health": journal.get("last_health"),
+        "denylist": journal["denylist"],
+        "pending_outbox": pending,
+    }

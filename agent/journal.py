@@ -1,0 +1,105 @@
+"""The on-disk journal: the single source of truth for what the agent has done and intends to do.
+
+Every write goes temp file → fsync → os.replace → fsync of the directory, so after a power cut
+the journal is either the old or the new version, never a torn one. The daemon writes the
+journal *before* each side effect, and every step is safe to run twice.
+
+Crash hook (test-only, compiled in): FLEET_AGENT_CRASH_AT=<point>[:<n>] makes the agent
+SIGKILL itself the n-th time (default 1st) it passes <point>. Points are the journalled
+transitions (received, downloading, verifying, prechecking, activating, trial, trial-restart,
+rolling_back, committed, failed, rolled_back, rejected) plus side-effect points between them
+(download-chunk, staged, swapped, reloaded, event-queued). Leave it unset in production.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+CRASH_ENV = "FLEET_AGENT_CRASH_AT"
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def empty_journal() -> dict:
+    return {
+        "version": 1,
+        "last_seq": 0,  # highest authentic directive seq this device accepted or refused
+        "event_no": 0,  # last event number handed out (per device, strictly increasing)
+        "models": {},  # name -> {current, previous, file_name, committed, counter, version}
+        "floors": {},  # name -> rollback floor from the newest committed release
+        "denylist": [],  # artifact sha256s that failed a trial here
+        "update": None,  # the in-flight update, with its phase
+        "last_outcome": None,
+        "last_events": [],  # events written by the last transition (re-queued after a crash)
+        "last_health": None,
+    }
+
+
+class Journal:
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "journal.json"
+        self.data = self.load(self.path)
+
+    @staticmethod
+    def load(path: Path) -> dict:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return empty_journal()
+        data = json.loads(raw)
+        return {**empty_journal(), **data}
+
+    def snapshot(self) -> dict:
+        return copy.deepcopy(self.data)
+
+    def commit(self, data: dict, point: str) -> None:
+        """Make `data` the journal (durably), then pass the crash point named after the transition."""
+        atomic_write_json(self.path, data)
+        self.data = data
+        crash_point(point)
+
+    @property
+    def update(self) -> dict | None:
+        return self.data.get("update")
