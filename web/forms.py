@@ -3,6 +3,8 @@ registry.actions and ota.actions."""
 
 from __future__ import annotations
 
+import re
+
 from django import forms
 
 from registry.models import HardwareTarget
@@ -52,3 +54,237 @@ class AliasMoveForm(forms.Form):
         if aliases:
             self.fields["alias"].widget.attrs["list"] = "alias-names"
             self.alias_names = aliases
+
+
+# --- rollout wizard --------------------------------------------------------------------------
+
+WAVE_TEMPLATES = [
+    ("canary 2 → 10% → 50% → 100%", "Canary of 2, then 10 %, 50 %, 100 %"),
+    ("canary 2 → 25% → 100%", "Canary of 2, then 25 %, 100 %"),
+    ("canary 5 → 20% → 40% → 60% → 80% → 100%", "Canary of 5, then steps of 20 %"),
+    ("canary 1 → 100%", "One canary, then everyone"),
+    ("100%", "Everyone at once (no canary)"),
+]
+ABORT_POLICIES = [
+    ("pause", "Pause and wait for an operator"),
+    ("abort", "Abort: send nothing more"),
+    ("revert", "Abort and revert updated devices to their previous release"),
+]
+STEP_SPLIT = re.compile(r"\s*(?:→|->|>|;|\n)\s*")
+NAMED_COUNT = re.compile(r"^([A-Za-z][\w-]*)\s+(\d+)$")
+
+
+def parse_wave_plan(text: str) -> list[dict]:
+    """'canary 2 → 10% → 50% → 100%' -> [{"name": "canary", "count": 2}, {"percent": 10}, ...].
+
+    A step is 'N%' (cumulative share of the target), 'N' (that many more devices), 'NAME N', or
+    'NAME: id1, id2' (an explicit device list). Steps are separated by →, ->, >, ; or new lines.
+    """
+    steps = [s for s in STEP_SPLIT.split(text.strip()) if s]
+    if not steps:
+        raise ValueError("Give at least one wave, e.g. 'canary 2 → 10% → 100%'.")
+    waves = []
+    for number, step in enumerate(steps, start=1):
+        name, colon, rest = step.partition(":")
+        if colon:
+            name, body = name.strip(), rest.strip()
+        else:
+            name, body = "", step.strip()
+        named = NAMED_COUNT.match(body)
+        wave: dict = {"name": name} if name else {}
+        if named and not name:
+            wave = {"name": named.group(1), "count": int(named.group(2))}
+        elif body.endswith("%"):
+            try:
+                wave["percent"] = float(body[:-1].strip())
+            except ValueError:
+                raise ValueError(f"Wave {number}: '{step}' is not a percentage like 10%.") from None
+            if wave["percent"].is_integer():
+                wave["percent"] = int(wave["percent"])
+        elif body.isdigit():
+            wave["count"] = int(body)
+        elif colon and body:
+            devices = [d for d in re.split(r"[\s,]+", body) if d]
+            wave["devices"] = devices
+        else:
+            raise ValueError(
+                f"Wave {number}: '{step}' is not understood; use 10%, 25, 'canary 2' or 'canary: dev-1, dev-2'."
+            )
+        waves.append(wave)
+    return waves
+
+
+def split_ids(text: str) -> list[str]:
+    return [d for d in re.split(r"[\s,]+", text or "") if d]
+
+
+class RolloutForm(forms.Form):
+    name = forms.CharField(max_length=200, required=False, help_text="Optional; shown in lists and the audit log.")
+    release = forms.TypedChoiceField(coerce=int, label="Released version", help_text="Only released (signed) versions.")
+    target_labels = forms.CharField(
+        required=False,
+        label="Labels",
+        widget=forms.TextInput(attrs={"placeholder": "site=berlin, line=2"}),
+        help_text="Devices carrying all these labels (key=value, comma separated).",
+    )
+    target_hardware = forms.MultipleChoiceField(
+        required=False, label="Hardware", widget=forms.CheckboxSelectMultiple,
+        help_text="Only devices of these hardware ids (none ticked: any hardware).",
+    )
+    target_devices = forms.CharField(
+        required=False,
+        label="Device list",
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "dev-0001 dev-0002"}),
+        help_text="Explicit device ids, added to what labels/hardware select.",
+    )
+    target = forms.CharField(required=False, widget=forms.HiddenInput)  # carries errors about the target as a whole
+    template = forms.ChoiceField(choices=WAVE_TEMPLATES, required=False, label="Wave plan template")
+    waves = forms.CharField(
+        label="Wave plan",
+        initial=WAVE_TEMPLATES[0][0],
+        help_text="Steps separated by →: 'canary 2', 'canary: dev-1, dev-2', 25 (devices), 10% (cumulative).",
+    )
+    success_percent = forms.FloatField(
+        min_value=0, max_value=100, initial=100, label="Success gate: healthy %",
+        help_text="A wave passes when this share of its devices is healthy after activation.",
+    )
+    failure_min_reports = forms.IntegerField(
+        min_value=1, initial=1, label="Failure gate: after reports", help_text="Judge failures once this many devices reported.",
+    )
+    failure_percent = forms.FloatField(
+        min_value=0, max_value=100, initial=10, label="Failure gate: failed %", help_text="Trip when this share of reports failed.",
+    )
+    failure_count = forms.IntegerField(
+        min_value=1, required=False, label="Failure gate: failures", help_text="Or trip at this many failures (blank: no count limit).",
+    )
+    soak_seconds = forms.IntegerField(
+        min_value=0, initial=600, label="Soak (s)", help_text="How long the success gate must hold before the next wave.",
+    )
+    rate_per_minute = forms.IntegerField(
+        min_value=1, required=False, initial=500, label="Rate cap (devices/min)", help_text="Blank: no cap.",
+    )
+    download_seconds = forms.IntegerField(min_value=1, initial=1800, label="Download timeout (s)")
+    activate_seconds = forms.IntegerField(min_value=1, initial=600, label="Activate timeout (s)")
+    trial_seconds = forms.IntegerField(min_value=1, initial=900, label="Trial timeout (s)")
+    abort_policy = forms.ChoiceField(
+        choices=ABORT_POLICIES, initial="pause", label="When the failure gate trips",
+    )
+    requires_approval = forms.BooleanField(required=False, label="Require a second operator's approval before start")
+
+    TARGET_FIELDS = ("target_labels", "target_hardware", "target_devices")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from registry.models import ModelVersion
+
+        releases = ModelVersion.objects.filter(state=ModelVersion.State.RELEASED).select_related("model").order_by(
+            "model__name", "-counter"
+        )
+        self.releases = {v.pk: v for v in releases}
+        self.fields["release"].choices = [("", "choose a release…")] + [
+            (v.pk, f"{v.model.name} @ {v.version}") for v in releases
+        ]
+        self.fields["target_hardware"].choices = [
+            (h, h) for h in HardwareTarget.objects.order_by("id").values_list("id", flat=True)
+        ]
+
+    def clean_target_labels(self):
+        try:
+            pairs = parse_labels(self.cleaned_data["target_labels"])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        bare = [k for k, v in pairs if v is None]
+        if bare:
+            raise forms.ValidationError(f"Give a value for {', '.join(bare)} (key=value).")
+        return dict(pairs)
+
+    def clean_target_devices(self):
+        return split_ids(self.cleaned_data["target_devices"])
+
+    def clean_waves(self):
+        try:
+            return parse_wave_plan(self.cleaned_data["waves"])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def clean(self):
+        data = super().clean()
+        if all(f in data for f in self.TARGET_FIELDS) and not (
+            data["target_labels"] or data["target_hardware"] or data["target_devices"]
+        ):
+            self.add_error("target", "Choose the target: labels, hardware and/or a device list.")
+        return data
+
+    # --- shapes ota.actions.rollout_create takes ---
+
+    @property
+    def release_obj(self):
+        return self.releases.get(self.cleaned_data.get("release"))
+
+    def target_spec(self) -> dict:
+        d = self.cleaned_data
+        return {"labels": d["target_labels"], "hardware": list(d["target_hardware"]), "devices": d["target_devices"]}
+
+    def gates_spec(self) -> dict:
+        d = self.cleaned_data
+        failure = {"min_reports": d["failure_min_reports"], "max_failed_percent": d["failure_percent"]}
+        if d.get("failure_count"):
+            failure["max_failures"] = d["failure_count"]
+        return {
+            "success": {"min_healthy_percent": d["success_percent"]},
+            "failure": failure,
+            "soak_seconds": d["soak_seconds"],
+            "rate_per_minute": d.get("rate_per_minute"),
+            "timeouts": {
+                "download_seconds": d["download_seconds"],
+                "activate_seconds": d["activate_seconds"],
+                "trial_seconds": d["trial_seconds"],
+            },
+        }
+
+    def create_kwargs(self) -> dict:
+        release = self.release_obj
+        return {
+            "model": release.model.name,
+            "version": release.version,
+            "target": self.target_spec(),
+            "waves": self.cleaned_data["waves"],
+            "gates": self.gates_spec(),
+            "abort_policy": self.cleaned_data["abort_policy"],
+            "requires_approval": self.cleaned_data["requires_approval"],
+            "name": self.cleaned_data["name"],
+        }
+
+    # ota.actions reports problems keyed by the API's field paths; show each next to our field.
+    ERROR_FIELDS = [
+        ("model", "release"),
+        ("version", "release"),
+        ("target.labels", "target_labels"),
+        ("target.hardware", "target_hardware"),
+        ("target.devices", "target_devices"),
+        ("target", "target"),
+        ("waves", "waves"),
+        ("gates.success", "success_percent"),
+        ("gates.failure.min_reports", "failure_min_reports"),
+        ("gates.failure.max_failed_percent", "failure_percent"),
+        ("gates.failure.max_failures", "failure_count"),
+        ("gates.soak_seconds", "soak_seconds"),
+        ("gates.rate_per_minute", "rate_per_minute"),
+        ("gates.timeouts.download_seconds", "download_seconds"),
+        ("gates.timeouts.activate_seconds", "activate_seconds"),
+        ("gates.timeouts.trial_seconds", "trial_seconds"),
+        ("abort_policy", "abort_policy"),
+    ]
+
+    def add_action_errors(self, errors: dict[str, list[str]]) -> None:
+        for key, messages in errors.items():
+            field = next((f for prefix, f in self.ERROR_FIELDS if key == prefix or key.startswith(prefix)), None)
+            for message in messages:
+                text = message
+                wave = re.match(r"waves\[(\d+)\]", key)
+                if wave:
+                    text = f"Wave {int(wave.group(1)) + 1}: {message}"
+                if field:
+                    self.add_error(field, text)
+                else:
+                    self.add_error(None, f"{key}: {text}")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from django.db import connection
 from django.db.models import Count, Exists, OuterRef, Prefetch, Q
+from django.utils import timezone
 
 from ota.models import Device, DeviceModelState
+from registry.models import AuditEntry
 
 
 def parse_labels(text: str) -> list[tuple[str, str | None]]:
@@ -268,3 +270,271 @@ def device_health_chart(events) -> dict | None:
             "datasets": [{"label": k, "data": [h.get(k) for _, h in points]} for k in keys],
         },
     }
+
+
+# --- wizard ----------------------------------------------------------------------------------
+
+
+def target_preview(form) -> dict:
+    """Per hardware: how many active devices the target matches and how many of them the release
+    has no artifact for. Resolution is ota.actions.target_resolve, the same the create uses."""
+    from django.core.exceptions import ValidationError
+
+    from ota import actions as ota_actions
+
+    data = getattr(form, "cleaned_data", {})
+    errors = {k: v for k, v in form.errors.items() if k in ("release", *form.TARGET_FIELDS)}
+    release = form.release_obj if "release" in data else None
+    result: dict = {"errors": [str(e) for v in errors.values() for e in v], "rows": [], "ready": False}
+    if errors:
+        return result
+    if not any(data.get(f) for f in form.TARGET_FIELDS):
+        result["hint"] = "Choose labels, hardware or devices to see how many devices match."
+        return result
+    if release is None:
+        result["hint"] = "Pick a released version to see which devices can take it."
+        return result
+    try:
+        target = ota_actions.target_validate(form.target_spec())
+        plan = ota_actions.target_resolve(target=target, release=release)
+    except ValidationError as exc:
+        result["errors"] = [f"{m}" for msgs in exc.message_dict.values() for m in msgs]
+        return result
+    per_hw: dict[str, dict] = {}
+    for _, hw in plan.targeted:
+        per_hw.setdefault(hw, {"hardware": hw, "matched": 0, "incompatible": 0})["matched"] += 1
+    for item in plan.incompatible:
+        per_hw[item["hardware"]]["incompatible"] += 1
+    conflicts = ota_actions.conflicts_find(model_id=release.model_id, device_ids=plan.compatible)
+    result.update(
+        ready=True,
+        rows=sorted(per_hw.values(), key=lambda r: r["hardware"]),
+        matched=len(plan.targeted),
+        incompatible=len(plan.incompatible),
+        compatible=len(plan.compatible),
+        busy=sum(len(v) for v in conflicts.values()),
+        busy_rollouts=sorted(conflicts),
+    )
+    waves = data.get("waves")
+    if waves:
+        try:
+            specs = ota_actions.waves_validate(waves)
+            sizes = [len(m) for m in ota_actions.plan_waves(plan=plan, waves=specs, rollout_id=0)]
+            result["waves"] = [{"spec": wave_label(s), "size": n} for s, n in zip(specs, sizes)]
+        except ValidationError as exc:
+            result["wave_errors"] = [m for msgs in exc.message_dict.values() for m in msgs]
+    return result
+
+
+def wave_label(spec: dict) -> str:
+    name = spec.get("name") or ""
+    if "devices" in spec:
+        body = f"{len(spec['devices'])} listed devices"
+    elif "percent" in spec:
+        body = f"up to {spec['percent']} % of the target"
+    elif "count" in spec:
+        body = f"{spec['count']} more devices"
+    else:
+        body = str(spec)
+    return f"{name}: {body}" if name else body
+
+
+def rollout_dry_run(form) -> dict:
+    """Everything rollout_create checks, without creating: raises django ValidationError."""
+    from ota import actions as ota_actions
+
+    release = form.release_obj
+    target = ota_actions.target_validate(form.target_spec())
+    specs = ota_actions.waves_validate(form.cleaned_data["waves"])
+    gates = ota_actions.gates_normalise(form.gates_spec())
+    for i, spec in enumerate(specs):
+        ota_actions.gates_normalise(spec.get("gates"), where=f"waves[{i}].gates", base=gates)
+    plan = ota_actions.target_resolve(target=target, release=release)
+    sizes = [len(m) for m in ota_actions.plan_waves(plan=plan, waves=specs, rollout_id=0)]
+    conflicts = ota_actions.conflicts_find(model_id=release.model_id, device_ids=plan.compatible)
+    return {
+        "release": release,
+        "target": target,
+        "gates": gates,
+        "waves": [{"label": wave_label(s), "size": n} for s, n in zip(specs, sizes)],
+        "matched": len(plan.targeted),
+        "compatible": len(plan.compatible),
+        "incompatible": plan.incompatible,
+        "planned": sum(sizes),
+        "busy": sum(len(v) for v in conflicts.values()),
+        "busy_rollouts": sorted(conflicts),
+    }
+
+
+# --- rollout page ----------------------------------------------------------------------------
+
+FAILURE_STATES = ("failed", "rolled_back", "rejected", "timed_out", "revert_failed")
+
+
+def allowed_actions(rollout) -> list[str]:
+    state = rollout.state
+    if state == "created":
+        needs_approval = rollout.requires_approval and not rollout.approved_at
+        return (["approve"] if needs_approval else ["start"]) + ["abort"]
+    if state == "running":
+        return ["pause", "advance", "retry", "abort", "rollback"]
+    if state == "paused":
+        return ["resume", "advance", "retry", "abort", "rollback"]
+    if state in ("completed", "aborted"):
+        return ["rollback"]
+    return []
+
+
+def confirm_text(rollout, action: str, live: dict) -> str:
+    release = f"{rollout.model.name}@{rollout.release.version}"
+    n = live["overall"]["devices"]
+    current = live["current_wave"]
+    wave_text = f"wave {current['index'] + 1} ({current['name'] or 'unnamed'}, {current['size']} devices)" if current else "the current wave"
+    failed = live["overall"]["counts"]["failed"] + live["overall"]["counts"]["timed_out"] + live["overall"]["counts"]["rolled_back"]
+    texts = {
+        "approve": f"Approve rollout #{rollout.pk} of {release}? Another operator can then start it.",
+        "start": f"Start rollout #{rollout.pk}? {release} goes to {n} devices in {len(live['waves'])} waves, "
+        f"beginning with {wave_text}.",
+        "pause": f"Pause rollout #{rollout.pk}? No new directives go out until it is resumed; devices already "
+        "updating finish what they started.",
+        "resume": f"Resume rollout #{rollout.pk}? Directives for {wave_text} go out again under the rate cap.",
+        "advance": f"Advance rollout #{rollout.pk} now? {wave_text[0].upper() + wave_text[1:]} is passed without "
+        "waiting for its gates or soak time, and the next wave starts.",
+        "retry": f"Retry failed devices of rollout #{rollout.pk}? About {failed} failed or timed-out devices get a "
+        "fresh directive for " + release + ".",
+        "abort": f"Abort rollout #{rollout.pk}? Nothing more is sent; devices already on {release} keep it.",
+        "rollback": f"Abort rollout #{rollout.pk} and revert? Every device it updated (or was updating) gets a new "
+        "directive back to the release it ran before.",
+    }
+    return texts[action]
+
+
+def rollout_live(rollout) -> dict:
+    from ota import actions as ota_actions
+    from ota.models import RolloutDevice, Wave
+
+    summary = ota_actions.rollout_summary(rollout)
+    counts = rollout_counts([rollout.pk]).get(rollout.pk, {})
+    waves_by_index = {w.index: w for w in Wave.objects.filter(rollout=rollout)}
+    now = timezone.now()
+    waves = []
+    for item in summary["waves"]:
+        wave = waves_by_index[item["index"]]
+        wave_counts = counts.get(wave.pk, empty_counts())
+        figures = ota_actions.wave_figures(wave) if wave.state != "pending" else None
+        gates = wave.gates
+        soak_left = None
+        if wave.gate_met_at and wave.state == "soaking":
+            soak_left = max(0, int(gates["soak_seconds"] - (now - wave.gate_met_at).total_seconds()))
+        failure = gates["failure"]
+        gate_rows = []
+        if figures:
+            gate_rows = [
+                {
+                    "name": "Success",
+                    "figure": f"{figures['healthy_percent']} % healthy ({figures['committed']} of {figures['size']})",
+                    "threshold": f"passes at ≥ {gates['success']['min_healthy_percent']} %",
+                    "ok": ota_actions.success_gate_met(gates, figures),
+                },
+                {
+                    "name": "Failure",
+                    "figure": f"{figures['failed']} failed of {figures['reported']} reports ({figures['failed_percent']} %)",
+                    "threshold": f"trips at ≥ {failure['max_failed_percent']} % once ≥ {failure['min_reports']} reported"
+                    + (f", or at {failure['max_failures']} failures" if failure.get("max_failures") else ""),
+                    "ok": ota_actions.failure_gate_tripped(gates, figures) is None,
+                },
+            ]
+        waves.append({
+            **item,
+            "number": item["index"] + 1,
+            "rows": progress_rows(wave_counts),
+            "bucket_counts": wave_counts,
+            "gate_rows": gate_rows,
+            "soak_left": soak_left,
+            "is_current": item["index"] == rollout.current_wave and rollout.state in ("running", "paused", "created"),
+        })
+    overall = summarise(counts)
+    failures: dict[str, list[str]] = {}
+    failure_rows = (
+        RolloutDevice.objects.filter(rollout=rollout, state__in=FAILURE_STATES)
+        .order_by("error_code", "device_id")
+        .values_list("error_code", "device_id", "state")
+    )
+    for code, device_id, state in failure_rows[:2000]:
+        failures.setdefault(code or state.upper(), []).append(device_id)
+    failure_groups = [
+        {"code": code, "count": len(ids), "devices": ids[:40], "more": max(0, len(ids) - 40)}
+        for code, ids in sorted(failures.items(), key=lambda kv: -len(kv[1]))
+    ]
+    current = next((w for w in waves if w["index"] == rollout.current_wave), None)
+    return {
+        "waves": waves,
+        "overall": overall,
+        "current_wave": current,
+        "failures": failure_groups,
+        "health": rollout_health(rollout),
+        "audit": list(
+            AuditEntry.objects.filter(object_type="rollout", object_id=str(rollout.pk)).order_by("-created_at", "-id")[:40]
+        ),
+        "polling": rollout.state in ("created", "running", "paused")
+        or RolloutDevice.objects.filter(rollout=rollout, state="reverting").exists(),
+        "finished": rollout.state == "completed" and overall["percent"] == 100,
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def rollout_health(rollout) -> dict:
+    """Median health figures devices report (latency p95, error rate), new release next to the
+    old: devices of this rollout are split by the sha their telemetry says is active."""
+    from ota.models import Device
+    from registry.models import Artifact
+
+    new_shas = set(Artifact.objects.filter(version=rollout.release).values_list("sha256", flat=True))
+    model = rollout.model.name
+    groups: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
+    devices = Device.objects.filter(rollout_assignments__rollout=rollout).values_list("last_telemetry", flat=True)
+    for telemetry in devices.iterator(chunk_size=2000):
+        telemetry = telemetry or {}
+        active = (telemetry.get("active") or {}).get(model)
+        sha = active.get("sha256") if isinstance(active, dict) else active
+        numbers = health_numbers(telemetry.get("health"))
+        if not sha or not numbers:
+            continue
+        side = groups["new" if sha in new_shas else "old"]
+        for key, value in numbers.items():
+            side.setdefault(key, []).append(value)
+    metrics = [
+        ("latency_ms_p95", "latency p95 (ms)"),
+        ("error_rate", "error rate"),
+    ]
+    charts = []
+    for key, label in metrics:
+        old, new = _median(groups["old"].get(key, [])), _median(groups["new"].get(key, []))
+        if old is None and new is None:
+            continue
+        charts.append({
+            "key": key,
+            "label": label,
+            "old": old,
+            "new": new,
+            "old_n": len(groups["old"].get(key, [])),
+            "new_n": len(groups["new"].get(key, [])),
+            "chart": {
+                "type": "bar",
+                "legend": False,
+                "data": {
+                    "labels": ["previous release", f"{rollout.release.version} (new)"],
+                    "datasets": [{"label": label, "data": [old, new], "backgroundColor": ["#a0aec0", "#2457c5"]}],
+                },
+                "options": {"scales": {"y": {"beginAtZero": True}}},
+            },
+            "chart_id": f"health-{key}",
+        })
+    return {"charts": charts}

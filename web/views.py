@@ -8,19 +8,22 @@ import json
 
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
+from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Count, Prefetch
+from django.http import Http404, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from ota.models import ActiveRelease, Device, DeviceEvent
+from ota import actions as ota_actions
+from ota.models import ActiveRelease, Device, DeviceEvent, Rollout
 from registry import actions as registry_actions
 from registry.auth import actor_label, scopes_of
 from registry.errors import ApiError
 from registry.models import Alias, AliasMove, AuditEntry, Model, ModelVersion
 from web import queries
 from web.access import Can, scope_required
-from web.forms import AliasMoveForm, DeviceFilterForm
+from web.forms import AliasMoveForm, DeviceFilterForm, RolloutForm
 
 DEVICE_PAGE_SIZE = 50
 
@@ -243,8 +246,6 @@ def audit_log(request):
 @require_GET
 @scope_required("read")
 def rollout_list(request):
-    from ota.models import Rollout
-
     rollouts = list(Rollout.objects.select_related("release", "model").order_by("-created_at", "-id")[:200])
     counts = queries.rollout_counts(r.pk for r in rollouts)
     for rollout in rollouts:
@@ -252,21 +253,118 @@ def rollout_list(request):
     return page(request, "web/rollouts/list.html", {"rollouts": rollouts}, section="rollouts")
 
 
+ROLLOUT_ACTIONS = {
+    # action: (ota.actions function name, who may, button label, button class)
+    "approve": ("rollout_approve", "operator", "Approve", "secondary"),
+    "start": ("rollout_start", "operator", "Start", ""),
+    "pause": ("rollout_pause", "operator", "Pause", "warn"),
+    "resume": ("rollout_resume", "operator", "Resume", ""),
+    "advance": ("rollout_advance", "operator", "Advance now", "secondary"),
+    "retry": ("rollout_retry_failed", "operator", "Retry failed", "secondary"),
+    "abort": ("rollout_abort", "operator", "Abort", "danger"),
+    "rollback": ("rollout_rollback", "operator", "Abort and revert (roll back)", "danger"),
+}
+
+
+@scope_required("ci")
 def rollout_new(request):
-    raise NotImplementedError
+    """The wizard: one form (release, target with live preview, wave plan, gates), then a review
+    page, then create. Every check that decides whether a rollout is valid is ota.actions'."""
+    if request.method == "GET":
+        initial = {"release": request.GET.get("release")} if request.GET.get("release") else {}
+        return wizard_page(request, RolloutForm(initial=initial))
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["GET", "POST"])
+    form = RolloutForm(request.POST)
+    step = request.POST.get("step", "review")
+    if step == "edit" or not form.is_valid():
+        return wizard_page(request, form, status=200 if step == "edit" else 400)
+    if step == "create":
+        try:
+            rollout = ota_actions.rollout_create(**form.create_kwargs(), actor=actor_label(request.user))
+        except ValidationError as exc:
+            form.add_action_errors(exc.message_dict)
+        except ApiError as exc:
+            form.add_error("target", str(exc.detail))
+        else:
+            messages.success(request, f"Rollout #{rollout.pk} created. Check it, then start it.")
+            return redirect("web:rollout", pk=rollout.pk)
+        return wizard_page(request, form, status=400)
+    try:
+        review = queries.rollout_dry_run(form)
+    except ValidationError as exc:
+        form.add_action_errors(exc.message_dict)
+        return wizard_page(request, form, status=400)
+    return page(request, "web/rollouts/review.html", {"form": form, "review": review}, section="rollouts")
 
 
+def wizard_page(request, form, status=200):
+    from web.forms import WAVE_TEMPLATES
+
+    context = {"form": form, "templates": WAVE_TEMPLATES}
+    return page(request, "web/rollouts/wizard.html", context, section="rollouts", status=status)
+
+
+@require_GET
+@scope_required("ci")
 def rollout_preview(request):
-    raise NotImplementedError
+    """htmx: how many devices the target matches, per hardware, and how many cannot take the release."""
+    form = RolloutForm(request.GET)
+    form.is_valid()  # partial input is normal here; only the target and release fields matter
+    preview = queries.target_preview(form)
+    return page(request, "web/rollouts/_preview.html", {"preview": preview, "form": form})
 
 
+@require_GET
+@scope_required("read")
 def rollout_detail(request, pk):
-    raise NotImplementedError
+    context = rollout_context(request, pk)
+    return page(request, "web/rollouts/detail.html", context, section="rollouts")
 
 
+@require_GET
+@scope_required("read")
 def rollout_live(request, pk):
-    raise NotImplementedError
+    return page(request, "web/rollouts/_live.html", rollout_context(request, pk), section="rollouts")
 
 
+@require_POST
+@scope_required("operator")
 def rollout_action(request, pk, action):
-    raise NotImplementedError
+    if action not in ROLLOUT_ACTIONS:
+        raise Http404(f"No rollout action '{action}'.")
+    function = getattr(ota_actions, ROLLOUT_ACTIONS[action][0])
+    kwargs = {"rollout_id": pk, "actor": actor_label(request.user)}
+    reason = request.POST.get("reason", "").strip()
+    if reason and action in ("pause", "abort", "rollback"):
+        kwargs["reason"] = reason[:500]
+    try:
+        result = function(**kwargs)
+    except ApiError as exc:
+        note = ("error", f"{ROLLOUT_ACTIONS[action][2]} refused: {exc.detail}")
+    else:
+        done = {
+            "retry": f"{result} failed devices queued again." if isinstance(result, int) else "Retry queued.",
+        }.get(action, f"{ROLLOUT_ACTIONS[action][2]}: done.")
+        note = ("success", done)
+    if is_htmx(request):
+        context = rollout_context(request, pk)
+        context["note"] = note
+        # htmx swaps 2xx only; a refusal is still a full fragment that shows why.
+        return page(request, "web/rollouts/_live.html", context, section="rollouts")
+    getattr(messages, note[0])(request, note[1])
+    return redirect("web:rollout", pk=pk)
+
+
+def rollout_context(request, pk):
+    rollout = get_object_or_404(Rollout.objects.select_related("release", "model"), pk=pk)
+    live = queries.rollout_live(rollout)
+    can = Can(request.user)
+    buttons = []
+    if can.operate:
+        for action in queries.allowed_actions(rollout):
+            _, _, label, css = ROLLOUT_ACTIONS[action]
+            buttons.append(
+                {"action": action, "label": label, "css": css, "confirm": queries.confirm_text(rollout, action, live)}
+            )
+    return {"rollout": rollout, "live": live, "buttons": buttons}

@@ -1,0 +1,203 @@
+"""Rollout wizard and rollout page through the Django test client: validation messages next to
+their fields, the live target preview, review then create, role checks on every action."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from ota.models import Device, Rollout
+from registry.models import AuditEntry
+from tests.support import web_data
+
+pytestmark = pytest.mark.django_db
+
+
+def make_devices(count, *, hardware="jetson-orin", labels=None, prefix="cam"):
+    web_data.hardware(hardware)
+    ids = [f"{prefix}-{i:03d}" for i in range(count)]
+    Device.objects.bulk_create(
+        [Device(id=i, hardware_id=hardware, labels=dict(labels or {}), mqtt_username=i) for i in ids]
+    )
+    return ids
+
+
+def wizard_data(release, **overrides):
+    data = {
+        "release": release.pk,
+        "name": "",
+        "target_labels": "site=berlin",
+        "target_devices": "",
+        "waves": "canary 2 → 50% → 100%",
+        "success_percent": "100",
+        "failure_min_reports": "1",
+        "failure_percent": "10",
+        "failure_count": "",
+        "soak_seconds": "0",
+        "rate_per_minute": "",
+        "download_seconds": "600",
+        "activate_seconds": "300",
+        "trial_seconds": "60",
+        "abort_policy": "revert",
+    }
+    data.update(overrides)
+    return data
+
+
+def errors_for(html: str, field: str) -> list[str]:
+    block = re.search(rf'data-error-for="{field}">(.*?)</ul>', html, re.S)
+    return re.findall(r"<li>(.*?)</li>", block.group(1), re.S) if block else []
+
+
+@pytest.fixture
+def fleet(db):
+    release = web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",))
+    make_devices(10, hardware="jetson-orin", labels={"site": "berlin"})
+    make_devices(3, hardware="rpi5", labels={"site": "berlin"}, prefix="pi")
+    make_devices(4, hardware="jetson-orin", labels={"site": "paris"}, prefix="par")
+    return release
+
+
+def test_it_previews_matches_per_hardware_and_incompatible_devices(client, operator, fleet):
+    client.force_login(operator)
+    html = client.get(
+        reverse("web:rollout_preview"), {"release": fleet.pk, "target_labels": "site=berlin", "waves": "canary 2 → 100%"},
+        HTTP_HX_REQUEST="true",
+    ).content.decode()
+
+    assert re.search(r"<b data-matched>13</b>", html)
+    assert re.search(r"<b data-compatible>10</b>", html)
+    assert re.search(r"<b data-incompatible>3</b>", html)
+    assert re.search(r'data-hardware="jetson-orin"><td>jetson-orin</td><td>10</td><td>0</td>', html)
+    assert re.search(r'data-hardware="rpi5"><td>rpi5</td><td>3</td><td><span class="badge bad">3</span>', html)
+    assert "canary: 2 more devices → 2" in html and "up to 100 % of the target → 8" in html
+
+
+def test_it_shows_invalid_input_next_to_its_field(client, operator, fleet):
+    client.force_login(operator)
+    url = reverse("web:rollout_new")
+
+    html = client.post(url, wizard_data(fleet, target_labels="", waves="canary 2 → ten", success_percent="150")).content.decode()
+    assert errors_for(html, "target") == ["Choose the target: labels, hardware and/or a device list."]
+    assert errors_for(html, "waves") == [
+        "Wave 2: &#x27;ten&#x27; is not understood; use 10%, 25, &#x27;canary 2&#x27; or &#x27;canary: dev-1, dev-2&#x27;."
+    ]
+    assert errors_for(html, "success_percent") == ["Ensure this value is less than or equal to 100."]
+
+    # Rules only ota.actions knows come back next to their field too.
+    response = client.post(url, wizard_data(fleet, waves="50% → 20% → 100%"))
+    assert response.status_code == 400
+    assert errors_for(response.content.decode(), "waves") == [
+        "Wave 2: percentages are cumulative and must increase: 20 follows 50"
+    ]
+    html = client.post(url, wizard_data(fleet, target_labels="site=tokyo")).content.decode()
+    assert "matches no active device" in errors_for(html, "target")[0]
+    html = client.post(url, wizard_data(fleet, target_labels="", target_devices="cam-000 ghost-1")).content.decode()
+    assert errors_for(html, "target_devices") == ["unknown or revoked devices: ghost-1"]
+    assert not Rollout.objects.exists()
+
+
+def test_it_reviews_then_creates_the_rollout(client, operator, fleet):
+    client.force_login(operator)
+    url = reverse("web:rollout_new")
+    data = wizard_data(fleet, name="berlin cams", rate_per_minute="60")
+
+    review = client.post(url, {**data, "step": "review"})
+    html = review.content.decode()
+    assert review.status_code == 200 and 'id="create-form"' in html
+    assert "13 matched, 10 compatible, <b>10</b> in the waves" in html
+    assert "pi-000 (rpi5)" in html  # incompatible devices are listed, not skipped silently
+    assert not Rollout.objects.exists()
+
+    created = client.post(url, {**data, "step": "create"})
+    rollout = Rollout.objects.get()
+    assert created.status_code == 302 and created["Location"] == reverse("web:rollout", args=[rollout.pk])
+    assert rollout.name == "berlin cams" and rollout.abort_policy == "revert" and rollout.state == "created"
+    assert [w.size for w in rollout.waves.order_by("index")] == [2, 3, 5]
+    assert rollout.gates["rate_per_minute"] == 60 and rollout.gates["soak_seconds"] == 0
+    assert rollout.gates["failure"] == {"min_reports": 1, "max_failed_percent": 10.0, "max_failures": None}
+    assert AuditEntry.objects.filter(action="rollout.create", actor="user:olivia-operator").exists()
+
+
+def test_it_refuses_a_second_rollout_on_busy_devices_next_to_the_target(client, operator, fleet):
+    from ota import actions
+
+    first = actions.rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}],
+        actor="user:x",
+    )
+    actions.rollout_start(rollout_id=first.pk, actor="user:x")
+    client.force_login(operator)
+
+    html = client.post(reverse("web:rollout_new"), {**wizard_data(fleet), "step": "create"}).content.decode()
+
+    assert "already in a running rollout of this model" in errors_for(html, "target")[0]
+
+
+def test_it_shows_action_buttons_with_confirmations_to_operators_only(client, operator, viewer, fleet):
+    from ota import actions
+
+    rollout = actions.rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
+        waves=[{"name": "canary", "count": 2}, {"percent": 100}], actor="user:x",
+    )
+    url = reverse("web:rollout", args=[rollout.pk])
+    client.force_login(operator)
+    html = client.get(url).content.decode()
+    assert 'data-action="start"' in html
+    assert "Start rollout #%d? detector@2.0.0 goes to 10 devices in 2 waves, beginning with wave 1 (canary, 2 devices)." % rollout.pk in html
+
+    client.force_login(viewer)
+    html = client.get(url).content.decode()
+    assert "data-action=" not in html and 'id="rollout-actions"' not in html
+    assert 'id="waves"' in html  # but the viewer sees the progress
+
+
+@pytest.mark.parametrize("action", ["start", "pause", "resume", "advance", "retry", "abort", "rollback", "approve"])
+def test_it_answers_403_to_a_viewers_forged_post_with_a_valid_csrf_token(viewer, fleet, action):
+    from ota import actions
+
+    rollout = actions.rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}], actor="user:x"
+    )
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(viewer)
+    browser.get(reverse("web:rollout", args=[rollout.pk]))
+    token = browser.cookies["csrftoken"].value
+
+    response = browser.post(
+        reverse("web:rollout_action", args=[rollout.pk, action]), {"csrfmiddlewaretoken": token}
+    )
+
+    assert response.status_code == 403
+    rollout.refresh_from_db()
+    assert rollout.state == "created"
+
+
+def test_it_runs_operator_actions_through_htmx_and_reports_refusals(client, operator, fleet):
+    from ota import actions
+
+    rollout = actions.rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}], actor="user:x"
+    )
+    client.force_login(operator)
+    url = lambda action: reverse("web:rollout_action", args=[rollout.pk, action])  # noqa: E731
+
+    response = client.post(url("start"), HTTP_HX_REQUEST="true")
+    assert response.status_code == 200 and 'id="live"' in response.content.decode()
+    assert "Start: done." in response.content.decode()
+    rollout.refresh_from_db()
+    assert rollout.state == "running" and rollout.started_by == "user:olivia-operator"
+
+    html = client.post(url("resume"), HTTP_HX_REQUEST="true").content.decode()
+    assert "Resume refused: cannot resume rollout %d: it is running" % rollout.pk in html
+
+    client.post(url("pause"), {"reason": "checking dashboards"}, HTTP_HX_REQUEST="true")
+    rollout.refresh_from_db()
+    assert rollout.state == "paused"
+    assert AuditEntry.objects.filter(action="rollout.pause", reason="checking dashboards").exists()
+
+    assert client.post(url("explode")).status_code == 404
