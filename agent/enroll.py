@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import tempfile
 import tomllib
@@ -18,10 +19,11 @@ from agent.config import ConfigError, parse_config
 
 CONFIG_NAME = "agent.toml"
 
+# Same meanings as the rest of fleet-agent (agent/cli.py): 1 refused or failed, 2 usage.
 EXIT_OK = 0
+EXIT_REFUSED = 1  # the server said no (bad token, unknown hardware, ...)
+EXIT_UNREACHABLE = 1  # no answer, or a server-side failure worth retrying
 EXIT_USAGE = 2  # bad arguments or an existing enrollment
-EXIT_REFUSED = 3  # the server said no (bad token, unknown hardware, ...)
-EXIT_UNREACHABLE = 4  # no answer, or a server-side failure worth retrying
 
 
 class EnrollError(Exception):
@@ -164,7 +166,7 @@ def enroll_command(args) -> int:
             hardware=args.hardware or "",
             labels=parse_labels(getattr(args, "label", None)),
             state_dir=Path(args.state_dir),
-            name=getattr(args, "name", None) or "",
+            name=getattr(args, "name", None) or socket.gethostname(),
             force=bool(getattr(args, "force", False)),
         )
     except EnrollError as exc:
