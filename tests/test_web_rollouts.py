@@ -173,6 +173,7 @@ def test_it_answers_403_to_a_viewers_forged_post_with_a_valid_csrf_token(viewer,
     )
 
     assert response.status_code == 403
+    assert "needs the &#x27;operator&#x27; role" in response.content.decode()  # not a CSRF refusal
     rollout.refresh_from_db()
     assert rollout.state == "created"
 

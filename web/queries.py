@@ -249,7 +249,8 @@ def telemetry_figures(device) -> list[dict]:
     return figures
 
 
-HEALTH_KEYS = ("latency_p50_ms", "latency_p95_ms", "latency_ms", "error_rate")
+# What the agent's trial health check reports (agent/health.py) plus its precheck timing.
+HEALTH_KEYS = ("latency_ms_p95", "error_rate", "precheck_latency_ms")
 
 
 def health_numbers(health: dict | None) -> dict[str, float]:
@@ -262,7 +263,7 @@ def device_health_chart(events) -> dict | None:
     points = [(e.received_at, health_numbers(e.health)) for e in reversed(events) if health_numbers(e.health)]
     if not points:
         return None
-    keys = sorted({k for _, h in points for k in h}, key=lambda k: (k not in HEALTH_KEYS, k))[:4]
+    keys = [k for k in HEALTH_KEYS if any(k in h for _, h in points)]
     return {
         "type": "line",
         "data": {
