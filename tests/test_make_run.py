@@ -126,7 +126,10 @@ def test_it_runs_the_platform_and_stops_everything_on_signal(run_env, stop):
         # Every process the run started, recorded before the stop.
         children = psutil.Process(process.pid).children(recursive=True)
         names = " ".join(" ".join(child.cmdline()) for child in children if child.is_running())
-        for expected in ("gunicorn", "celery -A config worker", "celery -A config beat", "mosquitto", "redis-server"):
+        expected_processes = ["gunicorn", "celery -A config worker", "celery -A config beat", "mosquitto", "redis-server"]
+        if (ROOT / "ota" / "management" / "commands" / "mqtt_ingest.py").exists():
+            expected_processes.append("manage.py mqtt_ingest")
+        for expected in expected_processes:
             assert expected in names, f"{expected!r} not running; processes: {names}"
 
         stop(process)
