@@ -37,7 +37,6 @@ from registry.models import (
     Model,
     ModelVersion,
 )
-from registry.onnx_check import OnnxInvalid, onnx_validate
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +331,9 @@ def artifact_upload(
         if version.artifacts.filter(hardware=hardware).exists():
             raise Conflict(f"{version} already has an artifact for hardware '{hardware.id}'.", code="artifact_exists")
         if format == Artifact.Format.ONNX:
+            # Imported here: onnx + numpy cost ~25 MB that workers not validating uploads never need.
+            from registry.onnx_check import OnnxInvalid, onnx_validate
+
             path = getattr(upload, "temporary_file_path", None)
             if path is None:
                 raise ApiError("ONNX validation needs the upload spooled to disk.", code="invalid_onnx")
