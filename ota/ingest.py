@@ -22,6 +22,7 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from agent.protocol import (
+    SHA256_RE,
     Event,
     ProtocolError,
     Topics,
@@ -147,8 +148,7 @@ class Ingestor:
             return []
         with transaction.atomic():
             new_events = self._store_events([p for p in accepted if p.kind == "events"])
-            self._apply_model_states(new_events, devices)
-            self._apply_presence_active([p for p in accepted if p.kind == "presence"], devices)
+            self._apply_model_states(accepted, new_events, devices)
             self._update_devices(accepted)
             new_ids = [e.pk for e in new_events]
             hooks.on_device_events(new_ids)
@@ -253,72 +253,57 @@ class Ingestor:
             device_id=state.device_id, model_id=state.model_id, version_id=version_id, sha256=sha, from_time=at
         )
 
-    def _apply_model_states(self, events: list[DeviceEvent], devices: dict[str, Device]) -> None:
-        if not events:
+    def _apply_model_states(self, accepted: list[_Parsed], stored: list[DeviceEvent], devices: dict[str, Device]):
+        """Walk events and presence in arrival order: what arrived last wins, except that an
+        event never moves a model's state behind one with a higher event_no."""
+        by_key = {(e.device_id, e.seq, e.event_no): e for e in stored}
+        steps: list[tuple[str, str, DeviceEvent | None, str, datetime]] = []  # device, model, event, sha, at
+        for item in accepted:
+            if item.kind == "events":
+                e = item.event
+                row = by_key.get((e.device_id, e.seq, e.event_no))
+                if row is not None:
+                    steps.append((row.device_id, row.model, row, row.active_sha256, self._event_time(row)))
+            elif item.kind == "presence":
+                for name, sha in (item.data.get("active") or {}).items():
+                    if isinstance(name, str) and isinstance(sha, str) and SHA256_RE.match(sha):
+                        steps.append((item.device_id, name, None, sha, item.received_at))
+        if not steps:
             return
-        models = {m.name: m.pk for m in Model.objects.filter(name__in={e.model for e in events})}
-        known = [e for e in events if e.model in models]
-        if not known:
+        models = {m.name: m.pk for m in Model.objects.filter(name__in={s[1] for s in steps})}
+        steps = [s for s in steps if s[1] in models]
+        if not steps:
             return
-        pairs = {(e.device_id, models[e.model]) for e in known}
-        states = self._locked_states(pairs)
-        versions = self._versions(set(models.values()), {e.active_sha256 for e in known if e.active_sha256})
+        states = self._locked_states({(s[0], models[s[1]]) for s in steps})
+        versions = self._versions(set(models.values()), {s[3] for s in steps if s[3]})
         now = timezone.now()
-        for event in known:  # sorted by (device, event_no)
-            state = states[(event.device_id, models[event.model])]
-            if event.event_no <= state.last_event_no:
-                continue  # an older report arriving late never moves state backwards
-            state.last_event_no = event.event_no
-            state.last_seq = max(event.seq, 0)
-            state.last_state = event.state
-            state.last_error_code = event.error_code
-            state.last_rollout_id = event.rollout_id
-            state.updated_at = now
-            if event.active_sha256 and event.active_sha256 != state.active_sha256:
-                hardware = devices[event.device_id].hardware_id
-                version_id = versions.get((state.model_id, hardware, event.active_sha256)) or versions.get(
-                    (state.model_id, None, event.active_sha256)
-                )
-                state.active_sha256 = event.active_sha256
+        touched: set[int] = set()
+        for device_id, model_name, event, sha, at in steps:
+            state = states[(device_id, models[model_name])]
+            if event is not None:
+                if event.event_no <= state.last_event_no:
+                    continue  # an older report arriving late never moves state backwards
+                state.last_event_no = event.event_no
+                state.last_seq = max(event.seq, 0)
+                state.last_state = event.state
+                state.last_error_code = event.error_code
+                state.last_rollout_id = event.rollout_id
+            if sha and sha != state.active_sha256:
+                hardware = devices[device_id].hardware_id
+                version_id = versions.get((state.model_id, hardware, sha)) or versions.get((state.model_id, None, sha))
+                state.active_sha256 = sha
                 state.active_version_id = version_id
-                self._switch_release(state, version_id, event.active_sha256, self._event_time(event))
-            state._touched = True
+                self._switch_release(state, version_id, sha, at)
+            state.updated_at = now
+            touched.add(state.pk)
         for state in states.values():
-            if getattr(state, "_touched", False):
+            if state.pk in touched:
                 state.save(
                     update_fields=[
                         "last_event_no", "last_seq", "last_state", "last_error_code", "last_rollout_id",
                         "updated_at", "active_sha256", "active_version_id",
                     ]
                 )
-
-    def _apply_presence_active(self, items: list[_Parsed], devices: dict[str, Device]) -> None:
-        """Presence carries what each model's `current` points at right now (sent on connect)."""
-        wanted = [
-            (p, name, sha)
-            for p in items
-            for name, sha in (p.data.get("active") or {}).items()
-            if isinstance(name, str) and isinstance(sha, str) and len(sha) == 64
-        ]
-        if not wanted:
-            return
-        models = {m.name: m.pk for m in Model.objects.filter(name__in={name for _, name, _ in wanted})}
-        wanted = [(p, name, sha) for p, name, sha in wanted if name in models]
-        if not wanted:
-            return
-        states = self._locked_states({(p.device_id, models[name]) for p, name, _ in wanted})
-        versions = self._versions(set(models.values()), {sha for _, _, sha in wanted})
-        for item, name, sha in wanted:
-            state = states[(item.device_id, models[name])]
-            if state.active_sha256 == sha:
-                continue
-            hardware = devices[item.device_id].hardware_id
-            version_id = versions.get((state.model_id, hardware, sha)) or versions.get((state.model_id, None, sha))
-            state.active_sha256 = sha
-            state.active_version_id = version_id
-            state.updated_at = timezone.now()
-            state.save(update_fields=["active_sha256", "active_version_id", "updated_at"])
-            self._switch_release(state, version_id, sha, item.received_at)
 
     # --- device row -------------------------------------------------------------------------------
 
