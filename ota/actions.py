@@ -416,7 +416,13 @@ def _require_state(rollout: Rollout, allowed: tuple, verb: str) -> None:
 def _wake(rollout_id: int) -> None:
     from ota import tasks
 
-    transaction.on_commit(lambda: tasks.evaluate_rollout.delay(rollout_id))
+    def enqueue():
+        try:
+            tasks.evaluate_rollout.delay(rollout_id)
+        except Exception:  # noqa: BLE001 - the change is committed; the beat tick evaluates it anyway
+            logger.exception("could not enqueue evaluation of rollout %s; the beat tick will", rollout_id)
+
+    transaction.on_commit(enqueue)
 
 
 def rollout_approve(*, rollout_id: int, actor: str) -> Rollout:

@@ -6,6 +6,7 @@ or revert; timeouts count as failures; soak and rate caps hold the line."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -249,3 +250,20 @@ def test_it_never_directs_a_revoked_device(setup):
     fleet.evaluate(rollout)
     assert not Directive.objects.filter(device_id="dev-0005").exists()
     assert RolloutDevice.objects.get(rollout=rollout, device_id="dev-0005").state == "skipped"
+
+
+def test_it_publishes_directives_a_dead_worker_committed_but_never_sent(setup, recorder):
+    from ota.directives import directives_publish_stale
+
+    fleet = setup["fleet"]
+    rollout = start()
+    # The worker "dies" between commit and publish: the on_commit publish never runs.
+    with fleet.capture(execute=False):
+        actions.rollout_evaluate(rollout_id=rollout.pk)
+    assert Directive.objects.filter(rollout=rollout, published_at__isnull=True).count() == 2
+    assert directives_publish_stale(older_than=timedelta(0)) == 2
+    recorder.wait_for(lambda r: len(r.live()) == 2)
+    assert directives_publish_stale(older_than=timedelta(0)) == 0
+    time.sleep(0.5)
+    assert len(recorder.live()) == 2
+    assert sorted((m["device"], m["seq"]) for m in recorder.live()) == [("dev-0000", 1), ("dev-0001", 1)]

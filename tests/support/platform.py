@@ -114,8 +114,11 @@ class Platform:
 
         app.conf.broker_url = self.redis_url
         app.conf.task_always_eager = False
-        # Connections made before the switch would still talk to the old URL.
-        app.pool.force_close_all() if app.pool else None
+        # Pooled connections made before the switch would still talk to the old URL.
+        if app._pool is not None:
+            app._pool.force_close_all()
+            app._pool = None
+        app.amqp._producer_pool = None
 
     def _spawn(self, name: str, args: list[str]) -> Proc:
         self._counter += 1
@@ -302,3 +305,125 @@ def _release_version(envelope: dict) -> str:
     import base64
 
     return json.loads(base64.b64decode(envelope["payload"]))["version"]
+
+
+class ProtocolResponder:
+    """Stand-in devices for engine tests, each with its own broker credentials (created through
+    the dynamic-security admin like enrollment does) and its own MQTT connection, confined by the
+    broker ACL to its own subtree. For every directive it receives, a device publishes the update
+    events a healthy agent would (received … trial, committed), through real ingest.
+    `behaviour(device_id, body)` may return "fail" (precheck failure), "silent" (never answers)
+    or "ok". `go_offline(ids)` / `come_online(ids)` drop and restore connections.
+    """
+
+    STEPS = ("received", "downloading", "verifying", "prechecking", "activating", "trial")
+
+    def __init__(self, broker, device_ids, *, behaviour=None, step_delay: float = 0.02, trial_seconds: float = 0.3,
+                 topic_root: str = "fleet"):
+        self.broker = broker
+        self.device_ids = list(device_ids)
+        self.topic_root = topic_root
+        self.behaviour = behaviour or (lambda device_id, body: "ok")
+        self.step_delay = step_delay
+        self.trial_seconds = trial_seconds
+        self.event_no: dict[str, int] = defaultdict(int)
+        self.handled: set[tuple[str, int]] = set()
+        self.passwords: dict[str, str] = {}
+        self.clients: dict = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> ProtocolResponder:
+        import secrets
+
+        from django.conf import settings
+
+        from ota.broker import BrokerAdmin
+
+        with BrokerAdmin() as admin:
+            for device_id in self.device_ids:
+                self.passwords[device_id] = secrets.token_urlsafe(16)
+                admin.device_add(device_id=device_id, password=self.passwords[device_id],
+                                 topic_root=settings.MQTT_TOPIC_ROOT)
+        self.come_online(self.device_ids)
+        return self
+
+    def come_online(self, device_ids) -> None:
+        from ota.mqtt import BrokerSettings, connect_blocking, new_client
+
+        for device_id in device_ids:
+            creds = BrokerSettings(host="127.0.0.1", port=self.broker.port, username=device_id,
+                                   password=self.passwords[device_id], topic_root=self.topic_root)
+            subscribed = threading.Event()
+            client = new_client(creds, client_id=f"sim-{device_id}")
+            client.on_message = self._on_message
+            client.on_subscribe = lambda *args, ev=subscribed: ev.set()
+            connect_blocking(client, creds)
+            client.subscribe(f"{self.topic_root}/devices/{device_id}/directive", qos=1)
+            if not subscribed.wait(10):
+                raise TimeoutError(f"responder {device_id}: no SUBACK")
+            self.clients[device_id] = client
+
+    def go_offline(self, device_ids) -> None:
+        for device_id in device_ids:
+            client = self.clients.pop(device_id, None)
+            if client is not None:
+                client.disconnect()
+                client.loop_stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        self.go_offline(list(self.clients))
+
+    def __enter__(self) -> ProtocolResponder:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _on_message(self, _client, _userdata, message) -> None:
+        import base64
+
+        if not message.payload:
+            return
+        body = json.loads(base64.b64decode(json.loads(message.payload)["payload"]))
+        key = (body["device_id"], body["seq"])
+        with self._lock:
+            if key in self.handled:  # a retained copy or a re-publish: an agent ignores equal seqs
+                return
+            self.handled.add(key)
+        t = threading.Thread(target=self._run_update, args=(body,), daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _publish(self, body: dict, state: str, error_code: str | None = None, active: str | None = None) -> None:
+        from agent.protocol import Event
+
+        device_id = body["device_id"]
+        with self._lock:
+            self.event_no[device_id] += 1
+            n = self.event_no[device_id]
+        event = Event(device_id=device_id, event_no=n, seq=body["seq"], model=body["model"], state=state,
+                      error_code=error_code, sha256=body["artifact"]["sha256"], active_sha256=active,
+                      rollout_id=body["rollout_id"])
+        client = self.clients.get(device_id)
+        if client is not None:
+            client.publish(f"{self.topic_root}/devices/{device_id}/events", event.to_payload(), qos=1)
+
+    def _run_update(self, body: dict) -> None:
+        mode = self.behaviour(body["device_id"], body)
+        if mode == "silent":
+            return
+        for state in self.STEPS:
+            if self._stop.wait(self.step_delay):
+                return
+            if mode == "fail" and state == "activating":
+                self._publish(body, "failed", "PRECHECK_FAILED")
+                return
+            self._publish(body, state)
+        if self._stop.wait(self.trial_seconds):
+            return
+        self._publish(body, "committed", active=body["artifact"]["sha256"])
