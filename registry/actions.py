@@ -248,7 +248,7 @@ def _require_draft(version: ModelVersion) -> None:
 # --- artifacts -------------------------------------------------------------------------------
 
 
-def _discard_upload(upload) -> None:
+def upload_discard(upload) -> None:
     """Close and delete a spooled upload now rather than at the end of the request."""
     if upload is None:
         return
@@ -374,7 +374,7 @@ def artifact_upload(
                 storage.delete(stored_key)
             except Exception:  # the original error matters more; log the leftover
                 logger.exception("could not delete stored artifact %s after a failed upload", stored_key)
-        _discard_upload(upload)
+        upload_discard(upload)
         raise
 
 

@@ -113,7 +113,7 @@ class ArtifactListUpload(APIView):
         data, files = request.data, request.FILES
         extra = [f for f in files if f != "file"]
         for field in extra:
-            actions._discard_upload(files[field])
+            actions.upload_discard(files[field])
         artifact = actions.artifact_upload(
             version=found,
             hardware_id=data.get("hardware"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from registry.models import Artifact, AuditEntry
+from registry.models import Artifact, AuditEntry, ModelVersion
 from tests.support.onnx_models import linear_model
 from tests.support.registry_api import (
     create_hardware,
@@ -136,6 +136,8 @@ def test_it_refuses_a_duplicate_version_with_409(client, ci_token, draft):
     assert response.status_code == 409
     error = error_of(response)
     assert error["code"] == "version_exists" and "1.0.0" in error["message"]
+    assert ModelVersion.objects.filter(version="1.0.0").count() == 1
+    assert AuditEntry.objects.filter(action="version.create").count() == 1
 
 
 def test_it_refuses_an_upload_to_a_released_version_with_409(client, ci_token, draft, isolated_storage, settings):

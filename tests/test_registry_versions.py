@@ -118,3 +118,19 @@ def test_it_reports_duplicate_versions_from_the_action_too():
     with pytest.raises(ApiError) as exc:
         actions.version_create(model=model, version="1", actor="test")
     assert exc.value.status_code == 409
+
+
+@pytest.mark.django_db
+def test_it_refuses_duplicate_models_and_hardware_with_409(client, ci_token):
+    create_model(client, ci_token, "detector")
+    again = client.post("/api/v1/models/", {"name": "detector"}, content_type="application/json", **ci_token.headers)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "model_exists"
+    body = {"id": "rpi5", "max_artifact_bytes": 1000}
+    assert client.post("/api/v1/hardware/", body, content_type="application/json", **ci_token.headers).status_code == 201
+    dup = client.post("/api/v1/hardware/", body, content_type="application/json", **ci_token.headers)
+    assert dup.status_code == 409 and dup.json()["error"]["code"] == "hardware_exists"
+    bad = client.post("/api/v1/hardware/", {"id": "rpi 5", "max_artifact_bytes": 0}, content_type="application/json",
+                      **ci_token.headers)
+    assert bad.status_code == 400 and set(bad.json()["error"]["fields"]) == {"id", "max_artifact_bytes"}
+    listed = client.get("/api/v1/hardware/", **ci_token.headers).json()
+    assert [h["id"] for h in listed["results"]] == ["rpi5"]
