@@ -262,7 +262,8 @@ def cmd_alias_list(args: argparse.Namespace) -> int:
     if args.json:
         print_json(aliases)
         return EXIT_OK
-    print_table(aliases, [("name", "ALIAS"), ("version", "VERSION"), ("updated_at", "UPDATED"), ("updated_by", "BY")])
+    rows = [{**a, "updated_at": (a.get("updated_at") or "")[:19].replace("T", " ")} for a in aliases]
+    print_table(rows, [("name", "ALIAS"), ("version", "VERSION"), ("updated_at", "UPDATED"), ("updated_by", "BY")])
     return EXIT_OK
 
 
@@ -325,7 +326,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"OK: {manifest.model} {manifest.version} (counter {manifest.counter}, rollback floor {manifest.rollback_floor})")
     print(f"digest: {hashlib.sha256(payload).hexdigest()}")
     print(f"signed by: {', '.join(s.get('keyid', '')[:16] for s in envelope['signatures'] if s.get('keyid') in keyring.keys)}")
-    print(f"created: {manifest.created:%Y-%m-%dT%H:%M:%SZ}  expires: {manifest.expires or 'never'}")
+    expires = f"{manifest.expires:%Y-%m-%dT%H:%M:%SZ}" if manifest.expires else "never"
+    print(f"created: {manifest.created:%Y-%m-%dT%H:%M:%SZ}  expires: {expires}")
     for artifact in manifest.artifacts:
         print(f"  {artifact.hardware}  {artifact.format}  {artifact.file_name}  {artifact.length} bytes  sha256 {artifact.sha256}")
     return EXIT_OK
