@@ -19,6 +19,7 @@ from django.conf import settings
 from django.core.files.storage import storages
 from django.db import IntegrityError, transaction
 from django.db.models import Max
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.text import get_valid_filename
@@ -482,6 +483,21 @@ def version_delete_draft(*, version: ModelVersion, actor: str) -> None:
         audit_record(actor=actor, action="version.delete", obj=locked, detail={"version": str(locked)})
         locked.delete()
         transaction.on_commit(lambda: [storage.delete(key) for key in keys_to_delete])
+
+
+def artifact_fetch_url(*, artifact: Artifact) -> str:
+    """Where a device should fetch an artifact: a presigned object-store URL when the store can
+    make one (S3), else this server's download endpoint under PUBLIC_URL (device-token auth)."""
+    storage = artifact_storage()
+    try:
+        storage.path(artifact.storage_key)
+    except NotImplementedError:
+        return storage.url(artifact.storage_key)
+    path = reverse(
+        "registry:artifact-download",
+        kwargs={"name": artifact.version.model.name, "version": artifact.version.version, "hardware": artifact.hardware_id},
+    )
+    return f"{settings.PUBLIC_URL}{path}"
 
 
 def artifact_delete_draft(*, artifact: Artifact, actor: str) -> None:

@@ -85,3 +85,11 @@ def test_it_refuses_downloads_of_a_revoked_version_with_410(client, read_token, 
     response = client.get(URL, **read_token.headers)
     assert response.status_code == 410
     assert response.json()["error"]["code"] == "version_revoked"
+
+
+def test_it_gives_devices_this_servers_download_url(released, settings):
+    from registry import actions
+    from registry.models import Artifact
+
+    settings.PUBLIC_URL = "https://fleet.example"
+    assert actions.artifact_fetch_url(artifact=Artifact.objects.get()) == f"https://fleet.example{URL}"

@@ -102,6 +102,10 @@ def test_it_uploads_releases_and_redirects_downloads_to_a_presigned_url(client, 
     assert location.startswith(f"{s3_endpoint}/{BUCKET}/") and "Signature" in location and "Expires" in location
     with urllib.request.urlopen(location, timeout=10) as response:
         assert response.read() == data
+    fetch_url = actions.artifact_fetch_url(artifact=artifact)  # what directives hand to devices
+    assert fetch_url.startswith(f"{s3_endpoint}/{BUCKET}/") and "Signature" in fetch_url
+    with urllib.request.urlopen(fetch_url, timeout=10) as response:
+        assert response.read() == data
     ranged = urllib.request.Request(location, headers={"Range": "bytes=100-199"})
     with urllib.request.urlopen(ranged, timeout=10) as response:
         assert response.status == 206 and response.read() == data[100:200]
