@@ -423,11 +423,17 @@ class AgentProcess:
         self.log_path = log_path
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def ready(self) -> bool:
+        """The latest start has finished booting (its signal handlers are installed)."""
+        return self.alive() and self.log_text().count("running for") >= self.starts
 
     def start(self, env: dict | None = None) -> AgentProcess:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
         full_env.pop("DJANGO_SETTINGS_MODULE", None)
         log = open(self.log_path, "ab")
+        self.starts += 1
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
             stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,

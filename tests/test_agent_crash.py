@@ -1,0 +1,128 @@
+"""Crash matrix: the agent SIGKILLs itself (FLEET_AGENT_CRASH_AT test hook) at every journalled
+transition and at the side-effect points between them, each twice (once; and once more with the
+hook still armed on the restart, so points passed again on resume are killed again). In every run
+the app-facing model is old or new and byte-identical to its signed sha at the moment of death,
+the restarted agent converges to the directive, and a subscriber sees exactly one outcome event
+for the directive seq."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from hashlib import sha256
+
+import pytest
+
+from tests.support.agent_fixtures import MODEL, close_rig, install_template, make_rig
+from tests.support.agent_harness import (
+    Artifact,
+    active_file,
+    clone_state,
+    journal,
+    linear_contract,
+    release_envelope,
+    wait_for,
+)
+from tests.support.onnx_models import linear_model
+
+# (crash point, its occurrence). download-chunk needs an artifact of several 1 MiB chunks.
+POINTS = [
+    "received",
+    "event-queued",
+    "downloading",
+    "download-chunk:2",
+    "verifying",
+    "staged",
+    "prechecking",
+    "activating",
+    "swapped",
+    "reloaded",
+    "trial",
+    "committed",
+]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    rig, _ = make_rig(tmp_path_factory.mktemp("crash"))
+    try:
+        inst = install_template(rig, update={"reload_command": "true"})
+        inst.v2 = Artifact(linear_model(scale=3.0, bias=0.5, padding_bytes=3_500_000))
+        inst.rel2 = release_envelope(rig.keys, model=MODEL, version="2.0", counter=2, artifacts=[inst.v2.entry()],
+                                     health=linear_contract(scale=3.0, bias=0.5))
+        yield inst
+    finally:
+        close_rig(rig)
+
+
+def _check_active(state, allowed: dict[str, bytes]) -> str:
+    """The app-facing file is one of the allowed versions, byte-identical to its sha, and the
+    symlink names exactly that sha."""
+    path = active_file(state, MODEL)
+    assert path is not None, "no active model after a crash"
+    digest = sha256(path.read_bytes()).hexdigest()
+    assert digest in allowed, f"active file has sha {digest}, neither old nor new"
+    assert os.readlink(state / "models" / MODEL / "current") == f"../../store/{digest}"
+    return digest
+
+
+def _run(inst, device: str, point: str, double: bool) -> None:
+    rig = inst.rig
+    state = clone_state(inst.template, rig.tmp / device / "state")
+    rig.config(device, state_dir=state, update={"reload_command": "true"})
+    rig.publish_directive(device, rig.directive(device, 2, MODEL, inst.rel2, inst.v2))
+    allowed = {inst.v1.sha256: inst.v1.data, inst.v2.sha256: inst.v2.data}
+    crash_env = {"FLEET_AGENT_CRASH_AT": point}
+
+    agent = rig.agent(device).start(env=crash_env)
+    assert agent.wait(60) == -signal.SIGKILL, f"agent did not die at {point}:\n{agent.log_text()[-3000:]}"
+    _check_active(state, allowed)
+    if double:
+        # Restart with the hook still armed: a point passed again while resuming kills again.
+        agent.start(env=crash_env)
+        wait_for(lambda: not agent.alive() or rig.subscriber.outcomes(device, 2), 60, "death or outcome", agent=agent)
+        if not agent.alive():
+            assert agent.proc.returncode == -signal.SIGKILL, agent.log_text()[-3000:]
+            _check_active(state, allowed)
+    if not agent.alive():
+        agent.start(env={"FLEET_AGENT_CRASH_AT": ""})
+    outcome = rig.subscriber.wait_outcome(device, 2, timeout=60, agent=agent)
+    assert outcome["state"] == "committed", (outcome, agent.log_text()[-3000:])
+    wait_for(agent.ready, 30, "agent ready", agent=agent)
+    assert agent.stop() == 0
+
+    assert _check_active(state, allowed) == inst.v2.sha256
+    assert active_file(state, MODEL).read_bytes() == inst.v2.data
+    j = journal(state)
+    assert j["update"] is None and j["models"][MODEL]["committed"] and j["last_seq"] == 2
+    # Exactly one outcome per directive seq as the server would see it (deduplicated by event_no)...
+    assert len(rig.subscriber.outcomes(device, 2)) == 1
+    # ...and no event number was ever reused for a different message.
+    with rig.subscriber.lock:
+        raw = [e for e in rig.subscriber.events if e["device_id"] == device]
+    by_no: dict[int, set] = {}
+    for e in raw:
+        by_no.setdefault(e["event_no"], set()).add((e["state"], e["seq"], e["error_code"]))
+    assert all(len(v) == 1 for v in by_no.values()), by_no
+    assert [e["state"] for e in rig.subscriber.events_for(device, 2)][-1] == "committed"
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_it_survives_sigkill_at_every_transition(installed, point):
+    base = point.replace(":", "-")
+    errors: list[BaseException] = []
+
+    def run(device, double):
+        try:
+            _run(installed, device, point, double)
+        except BaseException as exc:  # surfaced below, in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(f"c-{base}-{i}", i == 1)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    if errors:
+        raise errors[0]
