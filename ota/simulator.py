@@ -1,0 +1,548 @@
+"""Simulated devices: many real MQTT connections with real per-device credentials, one thread.
+
+Each simulated device enrolls through ota.devices (the same path as `fleet-agent enroll`),
+connects with its own username and password, verifies every directive with the pinned release
+and rollout keys exactly as the agent does, and answers with the agent's event sequence. It
+skips the download, precheck and trial work itself, so one process can stand in for thousands
+of boxes. All sockets share one selector loop (paho's external-loop API) instead of a thread
+per device.
+
+Behaviours: healthy; fail-precheck (failed PRECHECK_FAILED, active model untouched);
+fail-trial (activates, then rolled_back TRIAL_FAILED); slow (long steps); flapping (drops
+offline now and then, converging from the retained directive after reconnecting).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import random
+import selectors
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from agent.protocol import (
+    ErrorCode,
+    Event,
+    ProtocolError,
+    State,
+    Topics,
+    encode_json,
+    format_time,
+    presence_payload,
+    utcnow,
+    verify_directive,
+    verify_release,
+)
+from agent.signing import Keyring, VerificationError
+
+logger = logging.getLogger(__name__)
+
+BEHAVIOURS = ("healthy", "fail-precheck", "fail-trial", "slow", "flapping")
+SIM_AGENT_VERSION = "sim-1"
+
+
+@dataclass
+class SimCredentials:
+    device_id: str
+    password: str
+    hardware: str
+    api_token: str = ""
+
+
+@dataclass
+class SimStats:
+    connected: int = 0
+    connects: int = 0
+    refused: int = 0
+    disconnects: int = 0
+    directives: int = 0
+    rejected: int = 0
+    updates_started: int = 0
+    committed: int = 0
+    failed: int = 0
+    rolled_back: int = 0
+    events_sent: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- enrollment -------------------------------------------------------------------------------
+
+
+def enroll_simulated_devices(
+    *,
+    count: int,
+    hardware: str,
+    labels: dict[str, str] | None = None,
+    token_secret: str | None = None,
+    name_prefix: str = "sim",
+) -> list[SimCredentials]:
+    """Enroll `count` devices through ota.devices.device_enroll (needs Django set up)."""
+    from ota.devices import device_enroll, enrollment_token_create
+
+    if token_secret is None:
+        _token, token_secret = enrollment_token_create(
+            max_uses=count, labels={}, name=f"simulate_fleet x{count}", created_by="simulator"
+        )
+    creds = []
+    for i in range(count):
+        enrollment = device_enroll(
+            token_secret=token_secret, hardware=hardware, labels=dict(labels or {}), name=f"{name_prefix}-{i:05d}"
+        )
+        creds.append(
+            SimCredentials(enrollment.device.id, enrollment.mqtt_password, hardware, enrollment.api_token)
+        )
+    return creds
+
+
+def load_credentials(path: Path) -> list[SimCredentials]:
+    return [SimCredentials(**row) for row in json.loads(path.read_text())]
+
+
+def save_credentials(path: Path, creds: list[SimCredentials]) -> None:
+    path.write_text(json.dumps([asdict(c) for c in creds]))
+    path.chmod(0o600)
+
+
+def resume_state(device_ids: list[str]) -> dict[str, dict]:
+    """What the server last heard from each device, so a restarted simulator neither reuses
+    event numbers nor re-runs updates it already finished (the agent keeps this in its journal)."""
+    from ota.models import Device, DeviceModelState
+
+    state = {d: {"event_no": 0, "last_seq": 0, "active": {}} for d in device_ids}
+    for device_id, last_event_no in Device.objects.filter(pk__in=device_ids).values_list("id", "last_event_no"):
+        state[device_id]["event_no"] = last_event_no + 1
+    for device_id, model, sha, seq in DeviceModelState.objects.filter(device_id__in=device_ids).values_list(
+        "device_id", "model__name", "active_sha256", "last_seq"
+    ):
+        if sha:
+            state[device_id]["active"][model] = sha
+        state[device_id]["last_seq"] = max(state[device_id]["last_seq"], seq)
+    return state
+
+
+# --- one simulated device ---------------------------------------------------------------------
+
+
+@dataclass
+class _Update:
+    seq: int
+    model: str
+    sha: str
+    rollout_id: str | None
+    steps: list = field(default_factory=list)
+
+
+class SimDevice:
+    def __init__(self, sim: FleetSimulator, creds: SimCredentials, behaviour: str, resume: dict | None = None):
+        self.sim = sim
+        self.creds = creds
+        self.id = creds.device_id
+        self.behaviour = behaviour
+        resume = resume or {}
+        self.event_no = resume.get("event_no", 0)
+        self.last_seq = resume.get("last_seq", 0)
+        self.active: dict[str, str] = dict(resume.get("active", {}))
+        self.denylist: set[str] = set()
+        self.update: _Update | None = None
+        self.pending: bytes | None = None
+        self.outbox: list[bytes] = []
+        self.online = False
+        self.dead = False  # refused by the broker (revoked): stop trying
+        topics = sim.topics
+        self.t_directive = topics.directive(self.id)
+        self.t_events = topics.events(self.id)
+        self.t_presence = topics.presence(self.id)
+        self.t_telemetry = topics.telemetry(self.id)
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"fleet-agent-{self.id}", protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        client.username_pw_set(self.id, creds.password)
+        client.will_set(self.t_presence, self._presence(False), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_socket_open = sim._socket_open
+        client.on_socket_close = sim._socket_close
+        client.on_socket_register_write = sim._socket_register_write
+        client.on_socket_unregister_write = sim._socket_unregister_write
+        client.user_data_set(self)
+        self.client = client
+
+    # connection ---------------------------------------------------------------------------------
+
+    def _presence(self, online: bool) -> bytes:
+        return presence_payload(online=online, agent_version=SIM_AGENT_VERSION, active=self.active)
+
+    def connect(self) -> None:
+        try:
+            self.client.connect(self.sim.host, self.sim.port, keepalive=self.sim.keepalive)
+        except OSError as exc:
+            logger.debug("sim %s: connect failed: %s", self.id, exc)
+            self.sim.schedule(self.sim.reconnect_delay(), self.connect)
+
+    def _on_connect(self, client, _userdata, _flags, reason_code, _properties) -> None:
+        if reason_code.is_failure:
+            self.sim.stats.refused += 1
+            self.dead = True
+            logger.warning("sim %s: broker refused the connection: %s", self.id, reason_code)
+            return
+        self.online = True
+        self.sim.stats.connects += 1
+        self.sim.stats.connected += 1
+        client.subscribe(self.t_directive, qos=1)
+        client.publish(self.t_presence, self._presence(True), qos=1, retain=True)
+        outbox, self.outbox = self.outbox, []
+        for payload in outbox:
+            self._send_event(payload)
+        if self.behaviour == "flapping":
+            self.sim.schedule(self.sim.flap_period * (0.5 + random.random()), self.flap)
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
+        if self.online:
+            self.sim.stats.connected -= 1
+            self.sim.stats.disconnects += 1
+        self.online = False
+        if not self.dead and not self.sim.stopping and not getattr(self, "_flapping", False):
+            self.sim.schedule(self.sim.reconnect_delay(), self.reconnect)
+
+    def reconnect(self) -> None:
+        if self.dead or self.sim.stopping:
+            return
+        self._flapping = False
+        try:
+            self.client.reconnect()
+        except OSError:
+            self.sim.schedule(self.sim.reconnect_delay(), self.reconnect)
+
+    def flap(self) -> None:
+        if not self.online or self.sim.stopping:
+            return
+        self._flapping = True
+        self.client.publish(self.t_presence, self._presence(False), qos=1, retain=True)
+        self.client.disconnect()
+        self.sim.schedule(self.sim.flap_down, self.reconnect)
+
+    # directives ---------------------------------------------------------------------------------
+
+    def _on_message(self, _client, _userdata, message) -> None:
+        if message.topic != self.t_directive or not message.payload:
+            return
+        self.sim.stats.directives += 1
+        if self.update is not None:
+            self.pending = bytes(message.payload)  # one update at a time, like the agent
+            return
+        self.handle_directive(bytes(message.payload))
+
+    def _reject(self, code: str, detail: str, *, seq: int = 0, model: str = "", sha=None, rollout_id=None) -> None:
+        self.sim.stats.rejected += 1
+        self._emit(State.REJECTED, seq=seq, model=model, sha=sha, rollout_id=rollout_id, code=code, detail=detail)
+
+    def handle_directive(self, payload: bytes) -> None:
+        try:
+            directive = verify_directive(json.loads(payload), self.sim.rollout_keys)
+        except (VerificationError, ProtocolError, ValueError) as exc:
+            self._reject(getattr(exc, "code", ErrorCode.MALFORMED), f"directive refused: {exc}")
+            return
+        ctx = {"seq": directive.seq, "model": directive.model, "sha": directive.artifact.sha256,
+               "rollout_id": directive.rollout_id}
+        if directive.device_id != self.id:
+            self._reject(ErrorCode.WRONG_DEVICE, f"directive is for {directive.device_id}", model=directive.model)
+            return
+        if directive.seq == self.last_seq:
+            return  # the retained directive again after a reconnect
+        if directive.seq < self.last_seq:
+            self._reject(ErrorCode.REPLAYED, f"seq {directive.seq} <= {self.last_seq}", **ctx)
+            return
+        self.last_seq = directive.seq
+        if directive.expires <= utcnow():
+            self._reject(ErrorCode.EXPIRED, "directive expired", **ctx)
+            return
+        try:
+            release = verify_release(directive.release, self.sim.release_keys)
+        except (VerificationError, ProtocolError) as exc:
+            self._reject(exc.code, f"release refused: {exc}", **ctx)
+            return
+        artifact = release.artifact_for(self.creds.hardware)
+        if artifact is None or artifact.sha256 != directive.artifact.sha256:
+            self._reject(ErrorCode.NO_ARTIFACT, f"no artifact for hardware {self.creds.hardware}", **ctx)
+            return
+        if artifact.sha256 in self.denylist:
+            self._reject(ErrorCode.DENYLISTED, "failed a trial here before", **ctx)
+            return
+        if self.active.get(release.model) == artifact.sha256:
+            self.sim.stats.committed += 1
+            self._emit(State.COMMITTED, detail="already active and committed", **ctx)
+            return
+        self.sim.stats.updates_started += 1
+        self.update = _Update(directive.seq, release.model, artifact.sha256, directive.rollout_id,
+                              steps=self._plan(artifact.sha256))
+        self._emit(State.RECEIVED, **ctx)
+        self.sim.schedule(self.sim.step_delay(self.behaviour), self.step)
+
+    def _plan(self, sha: str) -> list[tuple]:
+        fails_precheck = self.behaviour == "fail-precheck" or sha in self.sim.fail_shas
+        steps: list[tuple] = [(State.DOWNLOADING, None), (State.VERIFYING, None), (State.PRECHECKING, None)]
+        if fails_precheck:
+            return steps + [(State.FAILED, ErrorCode.PRECHECK_FAILED)]
+        steps += [(State.ACTIVATING, None), (State.TRIAL, "activate")]
+        if self.behaviour == "fail-trial":
+            return steps + [(State.ROLLED_BACK, ErrorCode.TRIAL_FAILED)]
+        return steps + [(State.COMMITTED, None)]
+
+    def step(self) -> None:
+        upd = self.update
+        if upd is None:
+            return
+        state, extra = upd.steps.pop(0)
+        health = None
+        detail = ""
+        if extra == "activate":
+            upd.previous = self.active.get(upd.model)
+            self.active[upd.model] = upd.sha
+        if state == State.COMMITTED:
+            self.sim.stats.committed += 1
+            health = {"error_rate": 0.0, "latency_ms_p95": 4.2, "checks": 1, "simulated": True}
+            detail = "trial passed"
+        elif state == State.FAILED:
+            self.sim.stats.failed += 1
+            detail = "simulated precheck failure: outputs outside the contract"
+        elif state == State.ROLLED_BACK:
+            self.sim.stats.rolled_back += 1
+            self.denylist.add(upd.sha)
+            previous = getattr(upd, "previous", None)
+            if previous:
+                self.active[upd.model] = previous
+            else:
+                self.active.pop(upd.model, None)
+            detail = "simulated trial failure"
+        code = extra if extra not in (None, "activate") else None
+        self._emit(state, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id, code=code,
+                   detail=detail, health=health)
+        if state in State.TERMINAL:
+            self.update = None
+            if self.online:
+                self.client.publish(self.t_presence, self._presence(True), qos=1, retain=True)
+            if self.pending is not None:
+                payload, self.pending = self.pending, None
+                self.handle_directive(payload)
+        else:
+            self.sim.schedule(self.sim.step_delay(self.behaviour), self.step)
+
+    # reports ------------------------------------------------------------------------------------
+
+    def _emit(self, state: str, *, seq: int, model: str, sha, rollout_id, code=None, detail: str = "",
+              health=None) -> None:
+        event = Event(
+            device_id=self.id, event_no=self.event_no, seq=seq, model=model, state=state, error_code=code,
+            detail=detail, sha256=sha, active_sha256=self.active.get(model), rollout_id=rollout_id, health=health,
+            ts=format_time(utcnow()),
+        )
+        self.event_no += 1
+        self._send_event(event.to_payload())
+
+    def _send_event(self, payload: bytes) -> None:
+        if not self.online:
+            self.outbox.append(payload)  # the agent's on-disk outbox, in memory
+            return
+        self.client.publish(self.t_events, payload, qos=1)
+        self.sim.stats.events_sent += 1
+
+    def send_telemetry(self) -> None:
+        if self.online:
+            self.client.publish(self.t_telemetry, encode_json({"cpu_percent": round(random.uniform(5, 60), 1),
+                                                               "memory_percent": 41.0, "simulated": True}), qos=0)
+
+
+# --- the fleet --------------------------------------------------------------------------------
+
+
+class FleetSimulator:
+    def __init__(
+        self,
+        creds: list[SimCredentials],
+        *,
+        host: str,
+        port: int,
+        release_pems: list[str],
+        rollout_pems: list[str],
+        topic_root: str = "fleet",
+        behaviour: str | dict[str, str] = "healthy",
+        step_seconds: float = 0.05,
+        slow_step_seconds: float = 2.0,
+        flap_period: float = 20.0,
+        flap_down: float = 5.0,
+        fail_shas: set[str] | None = None,
+        telemetry_seconds: float = 0.0,
+        keepalive: int = 60,
+        resume: dict[str, dict] | None = None,
+    ):
+        if isinstance(behaviour, str) and behaviour not in BEHAVIOURS:
+            raise ValueError(f"behaviour {behaviour!r} is not one of {', '.join(BEHAVIOURS)}")
+        self.host, self.port = host, port
+        self.topics = Topics(topic_root)
+        self.release_keys = Keyring.from_pems(*release_pems)
+        self.rollout_keys = Keyring.from_pems(*rollout_pems)
+        self.step_seconds = step_seconds
+        self.slow_step_seconds = slow_step_seconds
+        self.flap_period = flap_period
+        self.flap_down = flap_down
+        self.fail_shas = set(fail_shas or ())
+        self.telemetry_seconds = telemetry_seconds
+        self.keepalive = keepalive
+        self.stats = SimStats()
+        self.stopping = False
+        self._selector = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, object]] = []
+        self._timer_seq = 0
+        self._lock = threading.Lock()  # guards _timers against schedule() from other threads
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        resume = resume or {}
+        self.devices = [
+            SimDevice(self, c, behaviour if isinstance(behaviour, str) else behaviour.get(c.device_id, "healthy"),
+                      resume.get(c.device_id))
+            for c in creds
+        ]
+
+    @classmethod
+    def from_settings(cls, creds: list[SimCredentials], **kwargs) -> FleetSimulator:
+        """Broker address and pinned keys as an enrolled agent would get them (needs Django)."""
+        from django.conf import settings
+
+        from registry.keys import public_key_info
+
+        kwargs.setdefault("resume", resume_state([c.device_id for c in creds]))
+        return cls(
+            creds,
+            host=settings.MQTT_PUBLIC_HOST,
+            port=settings.MQTT_PUBLIC_PORT,
+            topic_root=settings.MQTT_TOPIC_ROOT,
+            release_pems=[public_key_info("release").public_key_pem],
+            rollout_pems=[public_key_info("rollout").public_key_pem],
+            **kwargs,
+        )
+
+    # timers and sockets -------------------------------------------------------------------------
+
+    def schedule(self, delay: float, callback) -> None:
+        with self._lock:
+            self._timer_seq += 1
+            heapq.heappush(self._timers, (time.monotonic() + delay, self._timer_seq, callback))
+
+    def step_delay(self, behaviour: str) -> float:
+        base = self.slow_step_seconds if behaviour == "slow" else self.step_seconds
+        return base * (0.5 + random.random())
+
+    def reconnect_delay(self) -> float:
+        return 1.0 + random.random() * 2
+
+    def _socket_open(self, client, device, sock) -> None:
+        self._selector.register(sock, selectors.EVENT_READ, device)
+
+    def _socket_close(self, client, device, sock) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _socket_register_write(self, client, device, sock) -> None:
+        try:
+            self._selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, device)
+        except (KeyError, ValueError):
+            pass
+
+    def _socket_unregister_write(self, client, device, sock) -> None:
+        try:
+            self._selector.modify(sock, selectors.EVENT_READ, device)
+        except (KeyError, ValueError):
+            pass
+
+    # running ------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None, duration: float = 0.0) -> SimStats:
+        stop = stop or self._stop
+        deadline = time.monotonic() + duration if duration else None
+        for device in self.devices:
+            device.connect()
+        if self.telemetry_seconds:
+            self.schedule(self.telemetry_seconds, self._telemetry_tick)
+        last_misc = 0.0
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            with self._lock:
+                next_due = self._timers[0][0] if self._timers else time.monotonic() + 0.5
+            timeout = max(0.0, min(next_due - time.monotonic(), 0.5))
+            for key, mask in self._selector.select(timeout) if self._selector.get_map() else _sleep(timeout):
+                client = key.data.client
+                if mask & selectors.EVENT_READ:
+                    client.loop_read()
+                if mask & selectors.EVENT_WRITE:
+                    client.loop_write()
+            now = time.monotonic()
+            while True:
+                with self._lock:
+                    if not self._timers or self._timers[0][0] > now:
+                        break
+                    _, _, callback = heapq.heappop(self._timers)
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("simulator: a scheduled step failed")
+            if now - last_misc >= 1.0:
+                for device in self.devices:
+                    device.client.loop_misc()
+                last_misc = now
+        self._shutdown()
+        return self.stats
+
+    def _telemetry_tick(self) -> None:
+        for device in self.devices:
+            device.send_telemetry()
+        self.schedule(self.telemetry_seconds, self._telemetry_tick)
+
+    def _shutdown(self) -> None:
+        self.stopping = True
+        for device in self.devices:
+            if device.online:
+                device.client.publish(device.t_presence, device._presence(False), qos=1, retain=True)
+                device.client.disconnect()
+        deadline = time.monotonic() + 2
+        while self._selector.get_map() and time.monotonic() < deadline:
+            for key, mask in self._selector.select(0.05):
+                if mask & selectors.EVENT_READ:
+                    key.data.client.loop_read()
+                if mask & selectors.EVENT_WRITE:
+                    key.data.client.loop_write()
+
+    def start(self) -> FleetSimulator:
+        """Run in a background thread (for tests and benchmarks in one process)."""
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name="fleet-simulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_connected(self, count: int | None = None, timeout: float = 60.0) -> None:
+        count = len(self.devices) if count is None else count
+        deadline = time.monotonic() + timeout
+        while self.stats.connected < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.stats.connected} of {count} simulated devices connected")
+            time.sleep(0.05)
+
+    def stop(self) -> SimStats:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
+        return self.stats
+
+
+def _sleep(timeout: float):
+    time.sleep(timeout)
+    return ()
