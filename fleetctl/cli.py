@@ -171,7 +171,21 @@ def cmd_push(args: argparse.Namespace) -> int:
     client.post(f"{API}/models/{model}/versions/", body)
     eprint(f"created draft {args.model} {args.version}")
 
-    version = path_quote(args.version)
+    try:
+        return _upload_and_release(client, args, artifacts, expected)
+    except ApiError as exc:
+        # The draft stays (released versions are immutable, drafts are not deleted behind the
+        # user's back); say so, or a retry with the same version only meets a 409.
+        if not getattr(exc, "released", False):
+            exc.message += (
+                f"\n  note: {args.model} {args.version} was created on the server and is still a draft;"
+                " push again under a new version, or finish it through the API"
+            )
+        raise
+
+
+def _upload_and_release(client: FleetClient, args, artifacts, expected) -> int:
+    model, version = path_quote(args.model), path_quote(args.version)
     for hardware, file_path in artifacts:
         local_sha = sha256_file(file_path)
         # The server checks the uploaded bytes against this: the local hash catches corruption
@@ -196,13 +210,18 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     envelope = client.post(f"{API}/models/{model}/versions/{version}/release")
     digest = envelope_digest(envelope)
-    eprint(f"released {args.model} {args.version}")
-    if args.alias:
-        client.put(f"{API}/models/{model}/aliases/{path_quote(args.alias)}", {"version": args.version})
-        eprint(f"alias {args.model}:{args.alias} -> {args.version}")
+    eprint(f"released {args.model} {args.version} (manifest sha256 {digest})")
     if args.envelope_out:
         Path(args.envelope_out).write_text(json.dumps(envelope, indent=2) + "\n")
         eprint(f"wrote the signed envelope to {args.envelope_out}")
+    if args.alias:
+        try:
+            client.put(f"{API}/models/{model}/aliases/{path_quote(args.alias)}", {"version": args.version})
+        except ApiError as exc:
+            exc.released = True
+            exc.message += f"\n  note: {args.model} {args.version} is released; only the alias move failed"
+            raise
+        eprint(f"alias {args.model}:{args.alias} -> {args.version}")
     print(digest)
     return EXIT_OK
 

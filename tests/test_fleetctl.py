@@ -250,6 +250,7 @@ def test_it_surfaces_the_servers_sha256_check(fleet_env, models_dir, isolated_st
     assert result.returncode == 3
     assert wrong in result.stderr and sha256_of(models_dir / "rpi.onnx") in result.stderr
     assert "HTTP 400" in result.stderr
+    assert f"note: {MODEL} 1.0.0 was created on the server and is still a draft" in result.stderr
     # The first artifact went in; the refused one left nothing behind.
     assert list(Artifact.objects.values_list("hardware_id", flat=True)) == ["jetson-orin"]
     stored = [p.name for p in isolated_storage.rglob("*") if p.is_file()]
@@ -258,6 +259,20 @@ def test_it_surfaces_the_servers_sha256_check(fleet_env, models_dir, isolated_st
     duplicate = push(fleet_env, models_dir, "1.0.0", "-q")
     assert duplicate.returncode == 3
     assert "HTTP 409" in duplicate.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_says_the_release_stands_when_only_the_alias_move_fails(fleet_env, models_dir):
+    from registry.models import Alias, ModelVersion
+
+    result = push(fleet_env, models_dir, "1.0.0", "--create-model", "-q", "--release", "--alias", "a" * 65)
+    assert result.returncode == 3
+    assert "Alias names use 1-64 letters" in result.stderr
+    assert f"note: {MODEL} 1.0.0 is released; only the alias move failed" in result.stderr
+    assert "still a draft" not in result.stderr
+    assert result.stdout == ""
+    assert ModelVersion.objects.get(version="1.0.0").state == ModelVersion.State.RELEASED
+    assert not Alias.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)
