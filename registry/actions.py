@@ -283,16 +283,26 @@ def artifact_upload(
     upload,
     expected_sha256: str | None,
     actor: str,
+    stopped_over_bytes: int | None = None,
 ) -> Artifact:
     """Validate a spooled upload and move it into the artifact store with its DB row.
 
-    On any refusal or failure the temporary file, the stored object and the row are all gone.
+    `stopped_over_bytes`: the upload handler dropped the file mid-stream at this many bytes (the
+    largest budget of any hardware target). On any refusal or failure the temporary file, the
+    stored object and the row are all gone.
     """
     stored_key = None
     storage = artifact_storage()
     try:
         _require_draft(version)
-        if upload is None:
+        if stopped_over_bytes is not None and not HardwareTarget.objects.filter(pk=hardware_id or "").exists():
+            raise ApiError(
+                f"The file is larger than {stopped_over_bytes} bytes, the largest budget of any hardware target.",
+                code="over_budget",
+                status_code=413,
+                limit=stopped_over_bytes,
+            )
+        if upload is None and stopped_over_bytes is None:
             raise ApiError("The multipart field 'file' is required.", code="file_missing")
         if not hardware_id:
             raise ApiError("The multipart field 'hardware' is required.", code="hardware_missing")
@@ -306,6 +316,13 @@ def artifact_upload(
         formats = [choice.value for choice in Artifact.Format]
         if format not in formats:
             raise ApiError(f"format must be one of {', '.join(formats)}; got {format!r}.", code="invalid_format")
+        if stopped_over_bytes is not None:
+            raise ApiError(
+                f"The file is larger than the {hardware.max_artifact_bytes}-byte limit of hardware '{hardware.id}'.",
+                code="over_budget",
+                status_code=413,
+                limit=hardware.max_artifact_bytes,
+            )
         if expected_sha256 is not None:
             expected_sha256 = expected_sha256.strip().lower()
             if not SHA256_RE.match(expected_sha256):

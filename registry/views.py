@@ -121,6 +121,7 @@ class ArtifactListUpload(APIView):
             upload=files.get("file"),
             expected_sha256=data.get("sha256") or None,
             actor=actor_label(request.user),
+            stopped_over_bytes=getattr(request._request, "upload_over_cap", None),
         )
         return Response(ArtifactSerializer(artifact, context={"request": request}).data, status=status.HTTP_201_CREATED)
 

@@ -71,6 +71,7 @@ def test_it_refuses_a_sha256_mismatch_naming_both_hashes(client, ci_token, draft
 
 
 def test_it_refuses_a_file_over_the_hardware_budget_naming_the_limit(client, ci_token, draft, isolated_storage, settings):
+    create_hardware(client, ci_token, "big-server", max_bytes=100_000_000)  # so the file is spooled whole
     big = linear_model(padding_bytes=1_200_000)
     response = upload(client, ci_token, *draft, hardware="jetson-orin", data=big)
 
@@ -79,6 +80,30 @@ def test_it_refuses_a_file_over_the_hardware_budget_naming_the_limit(client, ci_
     assert error["code"] == "over_budget"
     assert "1000000-byte limit" in error["message"] and "jetson-orin" in error["message"]
     assert error["limit"] == 1_000_000 and error["length"] == len(big)
+    assert_clean(isolated_storage, settings)
+
+
+def test_it_stops_writing_a_file_once_it_outgrows_every_budget(client, ci_token, draft, isolated_storage, settings):
+    big = linear_model(padding_bytes=3_000_000)  # past 1 MB, the largest budget there is, it is dropped
+    response = upload(client, ci_token, *draft, hardware="jetson-orin", data=big)
+
+    assert response.status_code == 413
+    error = error_of(response)
+    assert error["code"] == "over_budget" and error["limit"] == 1_000_000
+    assert "1000000-byte limit of hardware 'jetson-orin'" in error["message"]
+    assert_clean(isolated_storage, settings)
+
+
+def test_it_names_the_largest_budget_when_the_hardware_field_comes_after_the_file(client, ci_token, draft, isolated_storage, settings):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    form = {"file": SimpleUploadedFile("m.onnx", linear_model(padding_bytes=3_000_000)), "hardware": "jetson-orin", "format": "onnx"}
+    response = client.post(f"{version_url(*draft)}/artifacts/", form, **ci_token.headers)
+
+    assert response.status_code == 413
+    error = error_of(response)
+    assert error["code"] == "over_budget"
+    assert "larger than 1000000 bytes, the largest budget of any hardware target" in error["message"]
     assert_clean(isolated_storage, settings)
 
 
