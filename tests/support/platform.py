@@ -77,12 +77,11 @@ class Platform:
         self.broker = broker
         self.redis_url = redis_url
         self.procs: list[Proc] = []
-        if live_server_url:
-            # Directives carry artifact URLs built from PUBLIC_URL: point them at the live server.
-            settings.PUBLIC_URL = live_server_url.rstrip("/")
         self.env = {
             **os.environ,
             **_django_env(settings),
+            # Directives carry artifact URLs built from PUBLIC_URL: point them at the live server.
+            **({"PUBLIC_URL": live_server_url.rstrip("/")} if live_server_url else {}),
             **broker.env,
             "CELERY_BROKER_URL": redis_url,
             "REDIS_URL": redis_url,
