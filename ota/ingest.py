@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 
-from django.db import DatabaseError, close_old_connections, transaction
+from django.db import DatabaseError, close_old_connections, connections, transaction
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
@@ -465,5 +465,6 @@ class IngestRunner:
         finally:
             self.client.disconnect()
             self.client.loop_stop()
+            connections.close_all()  # this thread's connections only (they are thread-local)
             logger.info("ingest: stopped: %s", self.stats.as_dict())
         return self.stats

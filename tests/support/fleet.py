@@ -40,3 +40,44 @@ def release_rows(*, model: str = "detector", version: str = "1.0", counter: int 
         storage_key=key,
     )
     return version_row, artifact
+
+
+def signed_release(version_row, artifacts) -> dict:
+    """A release envelope signed with the test release key, over the given Artifact rows."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from agent.protocol import build_release_payload
+    from agent.signing import RELEASE_PAYLOAD_TYPE, sign_envelope
+    from registry.keys import load_release_key
+
+    payload = build_release_payload(
+        model=version_row.model.name, version=version_row.version, counter=version_row.counter,
+        rollback_floor=0, created=timezone.now(), expires=timezone.now() + timedelta(days=30),
+        artifacts=[{"hardware": a.hardware_id, "format": a.format, "file_name": a.file_name, "length": a.length,
+                    "sha256": a.sha256, "runtime": {}} for a in artifacts],
+        health=None, provenance={},
+    )
+    return sign_envelope(payload, RELEASE_PAYLOAD_TYPE, load_release_key())
+
+
+def signed_directive(*, device_id: str, seq: int, release: dict, artifact, rollout_id: str | None = "r-test",
+                     key=None) -> bytes:
+    """A directive envelope (JSON bytes, as published) signed with the rollout key or `key`."""
+    import json
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from agent.protocol import build_directive_payload
+    from agent.signing import DIRECTIVE_PAYLOAD_TYPE, sign_envelope
+    from registry.keys import load_rollout_key
+
+    payload = build_directive_payload(
+        device_id=device_id, seq=seq, issued=timezone.now(), expires=timezone.now() + timedelta(hours=1),
+        rollout_id=rollout_id, model=artifact.version.model.name, release_envelope=release,
+        artifact={"hardware": artifact.hardware_id, "sha256": artifact.sha256, "length": artifact.length,
+                  "url": f"http://127.0.0.1:9/artifacts/{artifact.sha256}"},
+    )
+    return json.dumps(sign_envelope(payload, DIRECTIVE_PAYLOAD_TYPE, key or load_rollout_key())).encode()

@@ -1,0 +1,157 @@
+"""The fleet simulator: real per-device MQTT connections enrolled through ota.devices, verifying
+signed directives and answering with the agent's event sequence, stored by real ingest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+
+from agent.protocol import Topics
+from agent.signing import generate_private_key_pem, load_private_key_pem
+from ota.ingest import IngestRunner
+from ota.models import Device, DeviceEvent, DeviceModelState
+from ota.mqtt import Publisher
+from ota.simulator import FleetSimulator, enroll_simulated_devices
+from tests.support.fleet import hardware, release_rows, signed_directive, signed_release
+
+pytestmark = pytest.mark.django_db(transaction=True)
+T = Topics("fleet")
+ROOT = Path(__file__).resolve().parents[1]
+HEALTHY = ["received", "downloading", "verifying", "prechecking", "activating", "trial", "committed"]
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def ingest(secure_broker):
+    stop = threading.Event()
+    runner = IngestRunner()
+    thread = threading.Thread(target=runner.run, args=(stop,), daemon=True)
+    thread.start()
+    assert runner.subscribed.wait(10)
+    yield runner
+    stop.set()
+    thread.join(10)
+
+
+def states(device_id: str) -> list[str]:
+    return list(DeviceEvent.objects.filter(device_id=device_id).order_by("event_no").values_list("state", flat=True))
+
+
+def test_it_runs_healthy_and_failing_devices_through_signed_directives(secure_broker, ingest):
+    v1, a1 = release_rows(version="1.0", counter=1)
+    v2, a2 = release_rows(version="2.0", counter=2)
+    release_v2 = signed_release(v2, [a2])
+    creds = enroll_simulated_devices(count=4, hardware="rpi4-arm64", labels={"sim": "yes"})
+    healthy, failing, forged_target, slow = (c.device_id for c in creds)
+    sim = FleetSimulator.from_settings(
+        creds, behaviour={failing: "fail-precheck", slow: "slow"}, step_seconds=0.01, slow_step_seconds=0.3
+    ).start()
+    try:
+        sim.wait_connected(timeout=20)
+        wait_for(lambda: Device.objects.filter(online=True).count() == 4, what="presence from all four")
+        assert Device.objects.get(pk=healthy).agent_version == "sim-1"
+        with Publisher() as publisher:
+            publisher.publish_many(
+                [(T.directive(d), signed_directive(device_id=d, seq=1, release=release_v2, artifact=a2))
+                 for d in (healthy, failing, slow)]
+                + [(T.directive(forged_target), signed_directive(
+                    device_id=forged_target, seq=1, release=release_v2, artifact=a2,
+                    key=load_private_key_pem(generate_private_key_pem())))]
+            )
+        wait_for(lambda: DeviceModelState.objects.filter(last_state__in=["committed", "failed"]).count() == 3,
+                 what="three terminal states")
+        wait_for(lambda: DeviceEvent.objects.filter(device_id=forged_target).exists(), what="the rejection")
+    finally:
+        stats = sim.stop()
+
+    assert states(healthy) == HEALTHY and states(slow) == HEALTHY
+    assert states(failing) == ["received", "downloading", "verifying", "prechecking", "failed"]
+    assert DeviceEvent.objects.get(device_id=failing, state="failed").error_code == "PRECHECK_FAILED"
+    rejected = DeviceEvent.objects.get(device_id=forged_target)
+    assert (rejected.state, rejected.error_code) == ("rejected", "UNKNOWN_KEY")
+    healthy_state = DeviceModelState.objects.get(device_id=healthy)
+    assert (healthy_state.active_version_id, healthy_state.last_seq) == (v2.pk, 1)
+    assert not DeviceModelState.objects.filter(device_id=failing, active_version=v2).exists()
+    assert stats.committed == 2 and stats.failed == 1 and stats.rejected == 1
+    wait_for(lambda: not Device.objects.filter(online=True).exists(), what="a clean stop to say offline")
+
+
+def test_it_converges_a_flapping_device_from_the_retained_directive(secure_broker, ingest):
+    _v1, _a1 = release_rows(version="1.0", counter=1)
+    v2, a2 = release_rows(version="2.0", counter=2)
+    creds = enroll_simulated_devices(count=2, hardware="rpi4-arm64")
+    sim = FleetSimulator.from_settings(creds, behaviour="flapping", step_seconds=0.2, flap_period=0.6,
+                                       flap_down=0.8).start()
+    try:
+        sim.wait_connected(timeout=20)
+        with Publisher() as publisher:
+            publisher.publish_many([(T.directive(c.device_id), signed_directive(
+                device_id=c.device_id, seq=1, release=signed_release(v2, [a2]), artifact=a2)) for c in creds])
+        wait_for(lambda: DeviceModelState.objects.filter(last_state="committed").count() == 2, timeout=60,
+                 what="both flapping devices committed")
+    finally:
+        stats = sim.stop()
+    assert stats.disconnects >= 2, stats
+    for c in creds:
+        assert states(c.device_id) == HEALTHY, "each step reported exactly once despite the drops"
+
+
+def test_it_refuses_a_revoked_simulated_device(secure_broker):
+    from ota.devices import device_revoke
+
+    hardware("rpi4-arm64")
+    creds = enroll_simulated_devices(count=2, hardware="rpi4-arm64")
+    device_revoke(device_id=creds[0].device_id, actor="test")
+    sim = FleetSimulator.from_settings(creds).start()
+    try:
+        sim.wait_connected(count=1, timeout=20)
+        wait_for(lambda: sim.stats.refused == 1, what="the refusal")
+    finally:
+        sim.stop()
+
+
+def test_it_runs_as_a_management_command_and_reuses_saved_credentials(secure_broker, tmp_path):
+    hardware("rpi4-arm64")
+    db = django_settings.DATABASES["default"]
+    env = {**os.environ, **secure_broker.env, "SECRET_KEY": "test-only",
+           "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+           "RELEASE_KEY_PATH": str(django_settings.RELEASE_KEY_PATH),
+           "ROLLOUT_KEY_PATH": str(django_settings.ROLLOUT_KEY_PATH)}
+    creds_file = tmp_path / "sim.json"
+    cmd = [sys.executable, str(ROOT / "manage.py"), "simulate_fleet", "--devices", "3", "--credentials-file",
+           str(creds_file), "--duration", "2", "--label", "ring=sim"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout.strip().splitlines()[-1])
+    assert out["simulator_stats"]["connects"] == 3 and out["simulator_stats"]["refused"] == 0
+    assert sorted(out["devices"]) == sorted(Device.objects.filter(labels__ring="sim").values_list("id", flat=True))
+    assert oct(creds_file.stat().st_mode & 0o777) == "0o600"
+
+    proc = subprocess.Popen(cmd[:-4] + ["--duration", "0"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr
+    assert sorted(json.loads(stdout.strip().splitlines()[-1])["devices"]) == sorted(out["devices"])
+    assert Device.objects.count() == 3, "saved credentials are reused, not re-enrolled"
+
+    bad = subprocess.run(cmd[:4] + ["0"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode != 0 and "--devices must be at least 1" in bad.stderr
