@@ -112,6 +112,12 @@ def build(inst, name: str, device: str) -> tuple[Case, list[bytes]]:
         short = Artifact(v2.data[:-1000])
         url = rig.server.add(f"/artifacts/long-{device}", v2.data)  # serves 1000 bytes more than signed
         return Case("failed", "TOO_LARGE", 6), [directive(rel=release(inst, short), artifact=short, url=url)]
+    if name == "length_overrun_unannounced":
+        # No Content-Length up front: the overrun shows only as a byte past the signed length.
+        short = Artifact(v2.data[:-1000])
+        rig.server.unannounced.add(f"/artifacts/unannounced-{device}")
+        url = rig.server.add(f"/artifacts/unannounced-{device}", v2.data)
+        return Case("failed", "TOO_LARGE", 6), [directive(rel=release(inst, short), artifact=short, url=url)]
     if name == "malformed_json":
         return Case("rejected", "MALFORMED", 0), [b'{"payloadType": "application/vnd.modelfleet.directive+json", ']
     if name == "schema_violation":
@@ -147,7 +153,7 @@ def build(inst, name: str, device: str) -> tuple[Case, list[bytes]]:
 CASES = [
     "bad_signature", "unknown_key", "release_unknown_key", "other_device", "replayed", "expired",
     "below_rollback_floor", "no_artifact_for_hardware", "directive_artifact_mismatch", "sha_mismatch",
-    "length_overrun", "malformed_json", "schema_violation", "oversized_payload", "artifact_404",
+    "length_overrun", "length_overrun_unannounced", "malformed_json", "schema_violation", "oversized_payload", "artifact_404",
     "disk_below_reserve", "precheck_wrong_outputs", "precheck_over_latency_budget", "precheck_not_a_model",
     "trial_health_command_fails", "trial_reports_another_sha", "trial_error_rate_over_limit",
 ]

@@ -167,6 +167,7 @@ class ArtifactServer:
         self.host = host
         self.files: dict[str, bytes | Path] = {}
         self.redirects: dict[str, str] = {}
+        self.unannounced: set[str] = set()  # paths served without Content-Length (close-delimited)
         self.cuts: list[int] = []
         self.rate: float | None = None
         self.bytes_served = 0
@@ -218,7 +219,11 @@ class ArtifactServer:
                     self.send_response(200)
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(size - start))
+                if path in server.unannounced:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(size - start))
                 self.end_headers()
                 if isinstance(source, Path) and not server.cuts and not server.rate:
                     self.wfile.flush()
