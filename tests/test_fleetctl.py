@@ -314,3 +314,19 @@ def test_it_draws_a_live_bar_on_a_terminal():
     assert "\r\x1b[K[------------------------]" in text
     assert "[########################] rpi5 model.onnx  100%  4.0 MiB / 4.0 MiB" in text
     assert text.endswith("\n")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_reports_the_budget_when_the_server_cuts_an_upload_short(live_server, ci_token, tmp_path):
+    """The server stops reading a body that outgrows every hardware budget; the client must
+    still show its 413 answer, not a broken pipe."""
+    from registry.models import HardwareTarget, Model
+
+    HardwareTarget.objects.create(id="tiny-mcu", max_artifact_bytes=1_000_000)
+    Model.objects.create(name=MODEL)
+    big = write_linear_model(tmp_path / "big.onnx", padding_bytes=16 * 1024 * 1024)
+    env = {"FLEET_URL": live_server.url, "FLEET_TOKEN": ci_token.secret}
+    result = run_fleetctl("push", "--model", MODEL, "--version", "1.0.0", "--artifact", f"tiny-mcu={big}", "-q", env=env)
+    assert result.returncode == 3, result.stderr
+    assert "HTTP 413" in result.stderr
+    assert "1000000" in result.stderr.replace(",", "").replace("_", "")
