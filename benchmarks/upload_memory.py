@@ -43,7 +43,6 @@ def free_port() -> int:
 def write_big_onnx(path: Path, size_mb: int) -> None:
     """A valid ONNX model whose weights are one float32 initializer of about `size_mb` MB."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     count = size_mb * 1024 * 1024 // 4
@@ -51,7 +50,9 @@ def write_big_onnx(path: Path, size_mb: int) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "big", [x], [y], [weights])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="modelfleet-bench")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="modelfleet-bench"
+    )
     model.ir_version = 8
     path.write_bytes(model.SerializeToString())
 
@@ -114,10 +115,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mf-bench-") as tmp:
         tmp_path = Path(tmp)
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ARTIFACT_STORAGE")}
-        env.update(DATA_DIR=str(tmp_path / "data"), SECRET_KEY="bench-only", DEBUG="false", LOG_LEVEL="WARNING")
+        env.update(
+            DATA_DIR=str(tmp_path / "data"), SECRET_KEY="bench-only", DEBUG="false", LOG_LEVEL="WARNING"
+        )
 
         def manage(*argv: str) -> str:
-            result = subprocess.run([python, "manage.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            result = subprocess.run(
+                [python, "manage.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+            )
             if result.returncode:
                 sys.exit(f"manage.py {' '.join(argv)} failed: {result.stderr}")
             return result.stdout
@@ -138,9 +143,20 @@ def main() -> int:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
-            [str(Path(python).parent / "gunicorn"), "config.wsgi:application", "--bind", f"127.0.0.1:{port}",
-             "--workers", "1", "--timeout", "600", "--log-level", "warning"],
-            cwd=ROOT, env=env,
+            [
+                str(Path(python).parent / "gunicorn"),
+                "config.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "1",
+                "--timeout",
+                "600",
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
         )
         try:
             deadline = time.monotonic() + 60
@@ -155,7 +171,9 @@ def main() -> int:
 
             def api(method: str, path: str, body: dict | None = None) -> dict:
                 request = urllib.request.Request(
-                    base + path, method=method, data=json.dumps(body).encode() if body is not None else None,
+                    base + path,
+                    method=method,
+                    data=json.dumps(body).encode() if body is not None else None,
                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
                 )
                 with urllib.request.urlopen(request, timeout=600) as response:
@@ -172,25 +190,54 @@ def main() -> int:
             with sampler.measure():
                 started = time.monotonic()
                 upload = subprocess.run(
-                    ["curl", "-sS", "-f", "-H", f"Authorization: Bearer {token}", "-F", "hardware=bench-box",
-                     "-F", "format=onnx", "-F", f"sha256={sha256}", "-F", f"file=@{model_path}",
-                     f"{base}/api/v1/models/bench/versions/1.0/artifacts/"],
-                    capture_output=True, text=True, timeout=600,
+                    [
+                        "curl",
+                        "-sS",
+                        "-f",
+                        "-H",
+                        f"Authorization: Bearer {token}",
+                        "-F",
+                        "hardware=bench-box",
+                        "-F",
+                        "format=onnx",
+                        "-F",
+                        f"sha256={sha256}",
+                        "-F",
+                        f"file=@{model_path}",
+                        f"{base}/api/v1/models/bench/versions/1.0/artifacts/",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
                 )
                 upload_seconds = time.monotonic() - started
             if upload.returncode:
                 sys.exit(f"upload failed: {upload.stderr} {upload.stdout}")
             stored = json.loads(upload.stdout)
             assert stored["sha256"] == sha256 and stored["length"] == size, stored
-            upload_peak_total, upload_peak_single, upload_samples = sampler.peak_total, sampler.peak_single, sampler.samples
+            upload_peak_total, upload_peak_single, upload_samples = (
+                sampler.peak_total,
+                sampler.peak_single,
+                sampler.samples,
+            )
 
             api("POST", "/api/v1/models/bench/versions/1.0/release")
             with sampler.measure():
                 started = time.monotonic()
                 download = subprocess.run(
-                    ["curl", "-sS", "-f", "-H", f"Authorization: Bearer {token}", "-o", str(tmp_path / "down.onnx"),
-                     f"{base}/api/v1/models/bench/versions/1.0/artifacts/bench-box/download"],
-                    capture_output=True, text=True, timeout=600,
+                    [
+                        "curl",
+                        "-sS",
+                        "-f",
+                        "-H",
+                        f"Authorization: Bearer {token}",
+                        "-o",
+                        str(tmp_path / "down.onnx"),
+                        f"{base}/api/v1/models/bench/versions/1.0/artifacts/bench-box/download",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
                 )
                 download_seconds = time.monotonic() - started
             if download.returncode:
@@ -204,7 +251,8 @@ def main() -> int:
     result = {
         "benchmark": "upload_memory",
         "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": ".venv/bin/python benchmarks/upload_memory.py" + (f" --size-mb {args.size_mb}" if args.size_mb != 200 else ""),
+        "command": ".venv/bin/python benchmarks/upload_memory.py"
+        + (f" --size-mb {args.size_mb}" if args.size_mb != 200 else ""),
         "server": "gunicorn config.wsgi:application --workers 1 (sync), SQLite, filesystem artifact store",
         "machine": f"{platform.machine()} {psutil.cpu_count()} CPU, python {platform.python_version()}",
         "file_bytes": size,

@@ -12,7 +12,8 @@ import logging
 import math
 import re
 import uuid
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from pathlib import Path
 
 from django.conf import settings
@@ -107,7 +108,12 @@ def hardware_create(*, id: str, description: str, max_artifact_bytes: int, actor
             hardware = HardwareTarget.objects.create(
                 id=id, description=description, max_artifact_bytes=max_artifact_bytes
             )
-            audit_record(actor=actor, action="hardware.create", obj=hardware, detail={"max_artifact_bytes": max_artifact_bytes})
+            audit_record(
+                actor=actor,
+                action="hardware.create",
+                obj=hardware,
+                detail={"max_artifact_bytes": max_artifact_bytes},
+            )
     except IntegrityError:
         raise Conflict(f"Hardware target '{id}' already exists.", code="hardware_exists") from None
     return hardware
@@ -140,9 +146,13 @@ def _health_tensors(value, where: str) -> None:
             raise ApiError(f"{w} has unknown keys: {', '.join(sorted(unknown))}.", code="invalid_health")
         dtype = tensor.get("dtype")
         if dtype not in HEALTH_DTYPES:
-            raise ApiError(f"{w}.dtype must be one of {', '.join(HEALTH_DTYPES)}; got {dtype!r}.", code="invalid_health")
+            raise ApiError(
+                f"{w}.dtype must be one of {', '.join(HEALTH_DTYPES)}; got {dtype!r}.", code="invalid_health"
+            )
         shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise ApiError(f"{w}.shape must be a list of non-negative integers.", code="invalid_health")
         data = tensor.get("data")
         if not isinstance(data, list):
@@ -154,7 +164,10 @@ def _health_tensors(value, where: str) -> None:
             )
         number = bool if dtype == "bool" else (int, float)
         if not all(isinstance(x, number) and (dtype == "bool" or not isinstance(x, bool)) for x in data):
-            raise ApiError(f"{w}.data must hold only {'booleans' if dtype == 'bool' else 'numbers'}.", code="invalid_health")
+            raise ApiError(
+                f"{w}.data must hold only {'booleans' if dtype == 'bool' else 'numbers'}.",
+                code="invalid_health",
+            )
 
 
 def health_contract_validate(health) -> None:
@@ -211,7 +224,9 @@ def version_create(
             # The Model row lock serialises concurrent creates, so max+1 is race-free.
             locked = Model.objects.select_for_update().get(pk=model.pk)
             if locked.versions.filter(version=version).exists():
-                raise Conflict(f"Model '{model.name}' already has version '{version}'.", code="version_exists")
+                raise Conflict(
+                    f"Model '{model.name}' already has version '{version}'.", code="version_exists"
+                )
             counter = (locked.versions.aggregate(top=Max("counter"))["top"] or 0) + 1
             if rollback_floor > counter:
                 raise ApiError(
@@ -231,9 +246,16 @@ def version_create(
                 training_run_id=provenance.get("training_run_id", ""),
                 created_by=actor,
             )
-            audit_record(actor=actor, action="version.create", obj=created, detail={"counter": counter, "version": version})
+            audit_record(
+                actor=actor,
+                action="version.create",
+                obj=created,
+                detail={"counter": counter, "version": version},
+            )
     except IntegrityError:
-        raise Conflict(f"Model '{model.name}' already has version '{version}'.", code="version_exists") from None
+        raise Conflict(
+            f"Model '{model.name}' already has version '{version}'.", code="version_exists"
+        ) from None
     return created
 
 
@@ -253,13 +275,13 @@ def upload_discard(upload) -> None:
     """Close and delete a spooled upload now rather than at the end of the request."""
     if upload is None:
         return
-    path = getattr(upload, "temporary_file_path", None)
+    path = upload.temporary_file_path() if hasattr(upload, "temporary_file_path") else None
     try:
         upload.close()
     except OSError:
         pass
     if path:
-        Path(path()).unlink(missing_ok=True)
+        Path(path).unlink(missing_ok=True)
 
 
 def _digest_of(upload) -> tuple[str, int]:
@@ -295,7 +317,10 @@ def artifact_upload(
     storage = artifact_storage()
     try:
         _require_draft(version)
-        if stopped_over_bytes is not None and not HardwareTarget.objects.filter(pk=hardware_id or "").exists():
+        if (
+            stopped_over_bytes is not None
+            and not HardwareTarget.objects.filter(pk=hardware_id or "").exists()
+        ):
             raise ApiError(
                 f"The file is larger than {stopped_over_bytes} bytes, the largest budget of any hardware target.",
                 code="over_budget",
@@ -315,7 +340,9 @@ def artifact_upload(
             )
         formats = [choice.value for choice in Artifact.Format]
         if format not in formats:
-            raise ApiError(f"format must be one of {', '.join(formats)}; got {format!r}.", code="invalid_format")
+            raise ApiError(
+                f"format must be one of {', '.join(formats)}; got {format!r}.", code="invalid_format"
+            )
         if stopped_over_bytes is not None:
             raise ApiError(
                 f"The file is larger than the {hardware.max_artifact_bytes}-byte limit of hardware '{hardware.id}'.",
@@ -347,7 +374,9 @@ def artifact_upload(
                 length=length,
             )
         if version.artifacts.filter(hardware=hardware).exists():
-            raise Conflict(f"{version} already has an artifact for hardware '{hardware.id}'.", code="artifact_exists")
+            raise Conflict(
+                f"{version} already has an artifact for hardware '{hardware.id}'.", code="artifact_exists"
+            )
         if format == Artifact.Format.ONNX:
             # Imported here: onnx + numpy cost ~25 MB that workers not validating uploads never need.
             from registry.onnx_check import OnnxInvalid, onnx_validate
@@ -358,7 +387,9 @@ def artifact_upload(
             try:
                 onnx_validate(path())
             except OnnxInvalid as exc:
-                raise ApiError(f"The file claims format onnx but is not a valid ONNX model: {exc}", code="invalid_onnx") from None
+                raise ApiError(
+                    f"The file claims format onnx but is not a valid ONNX model: {exc}", code="invalid_onnx"
+                ) from None
 
         file_name = get_valid_filename(Path(upload.name or "").name) or f"{hardware.id}.{format}"
         key = f"{version.model.name}/{version.version}/{hardware.id}/{uuid.uuid4().hex}/{file_name}"
@@ -367,7 +398,9 @@ def artifact_upload(
             locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
             _require_draft(locked)
             if locked.artifacts.filter(hardware=hardware).exists():
-                raise Conflict(f"{version} already has an artifact for hardware '{hardware.id}'.", code="artifact_exists")
+                raise Conflict(
+                    f"{version} already has an artifact for hardware '{hardware.id}'.", code="artifact_exists"
+                )
             stored_key = storage.save(key, upload)
             artifact = Artifact.objects.create(
                 version=locked,
@@ -416,7 +449,9 @@ def version_release(*, version: ModelVersion, actor: str, approver: str | None =
         _require_draft(locked)
         artifacts = list(locked.artifacts.order_by("hardware_id"))
         if not artifacts:
-            raise ApiError(f"{locked} has no artifacts; upload at least one before releasing.", code="no_artifacts")
+            raise ApiError(
+                f"{locked} has no artifacts; upload at least one before releasing.", code="no_artifacts"
+            )
         created = timezone.now().replace(microsecond=0)
         expires = created + timedelta(days=settings.RELEASE_VALIDITY_DAYS)
         locked.approver = approver or locked.approver or actor
@@ -442,7 +477,9 @@ def version_release(*, version: ModelVersion, actor: str, approver: str | None =
                 provenance=_provenance(locked),
             )
         except protocol.ProtocolError as exc:
-            raise ApiError(f"The release manifest would be refused by devices: {exc}", code="invalid_manifest") from None
+            raise ApiError(
+                f"The release manifest would be refused by devices: {exc}", code="invalid_manifest"
+            ) from None
         envelope = sign_envelope(payload, RELEASE_PAYLOAD_TYPE, private_key)
         locked.envelope = envelope
         locked.manifest_sha256 = hashlib.sha256(payload).hexdigest()
@@ -470,7 +507,10 @@ def version_deprecate(*, version: ModelVersion, actor: str, reason: str = "") ->
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
         if locked.state != ModelVersion.State.RELEASED:
-            raise Conflict(f"Only a released version can be deprecated; {version} is {locked.state}.", code="invalid_state")
+            raise Conflict(
+                f"Only a released version can be deprecated; {version} is {locked.state}.",
+                code="invalid_state",
+            )
         locked.state = ModelVersion.State.DEPRECATED
         locked.save(update_fields=["state"])
         audit_record(actor=actor, action="version.deprecate", obj=locked, reason=reason)
@@ -486,7 +526,13 @@ def version_revoke(*, version: ModelVersion, actor: str, reason: str = "") -> Mo
         previous = locked.state
         locked.state = ModelVersion.State.REVOKED
         locked.save(update_fields=["state"])
-        audit_record(actor=actor, action="version.revoke", obj=locked, reason=reason, detail={"previous_state": previous})
+        audit_record(
+            actor=actor,
+            action="version.revoke",
+            obj=locked,
+            reason=reason,
+            detail={"previous_state": previous},
+        )
     return locked
 
 
@@ -512,7 +558,11 @@ def artifact_fetch_url(*, artifact: Artifact) -> str:
         return storage.url(artifact.storage_key)
     path = reverse(
         "registry:artifact-download",
-        kwargs={"name": artifact.version.model.name, "version": artifact.version.version, "hardware": artifact.hardware_id},
+        kwargs={
+            "name": artifact.version.model.name,
+            "version": artifact.version.version,
+            "hardware": artifact.hardware_id,
+        },
     )
     return f"{settings.PUBLIC_URL}{path}"
 
@@ -523,7 +573,12 @@ def artifact_delete_draft(*, artifact: Artifact, actor: str) -> None:
         locked = ModelVersion.objects.select_for_update().get(pk=artifact.version_id)
         _require_draft(locked)
         key = artifact.storage_key
-        audit_record(actor=actor, action="artifact.delete", obj=artifact, detail={"version": str(locked), "hardware": artifact.hardware_id})
+        audit_record(
+            actor=actor,
+            action="artifact.delete",
+            obj=artifact,
+            detail={"version": str(locked), "hardware": artifact.hardware_id},
+        )
         artifact.delete()
         transaction.on_commit(lambda: storage.delete(key))
 
@@ -537,7 +592,9 @@ def alias_set(*, model: Model, name: str, version_name: str, actor: str) -> Alia
     try:
         target = model.versions.get(version=version_name)
     except ModelVersion.DoesNotExist:
-        raise _not_found(f"Model '{model.name}' has no version '{version_name}'.", "version_not_found") from None
+        raise _not_found(
+            f"Model '{model.name}' has no version '{version_name}'.", "version_not_found"
+        ) from None
     if target.state not in (ModelVersion.State.RELEASED, ModelVersion.State.DEPRECATED):
         raise Conflict(
             f"{target} is {target.state}; an alias may only point at a released (or deprecated) version.",
@@ -548,7 +605,9 @@ def alias_set(*, model: Model, name: str, version_name: str, actor: str) -> Alia
         alias = Alias.objects.select_for_update().filter(model=model, name=name).first()
         now = timezone.now()
         if alias is None:
-            alias = Alias.objects.create(model=model, name=name, version=target, updated_at=now, updated_by=actor)
+            alias = Alias.objects.create(
+                model=model, name=name, version=target, updated_at=now, updated_by=actor
+            )
             previous = None
         elif alias.version_id == target.pk:
             return alias  # already there: not a move, nothing to record
@@ -556,12 +615,18 @@ def alias_set(*, model: Model, name: str, version_name: str, actor: str) -> Alia
             previous = alias.version
             alias.version, alias.updated_at, alias.updated_by = target, now, actor
             alias.save()
-        AliasMove.objects.create(alias=alias, from_version=previous, to_version=target, moved_by=actor, moved_at=now)
+        AliasMove.objects.create(
+            alias=alias, from_version=previous, to_version=target, moved_by=actor, moved_at=now
+        )
         audit_record(
             actor=actor,
             action="alias.move",
             obj=alias,
-            detail={"alias": str(alias), "from": previous.version if previous else None, "to": target.version},
+            detail={
+                "alias": str(alias),
+                "from": previous.version if previous else None,
+                "to": target.version,
+            },
         )
     return alias
 
@@ -574,7 +639,10 @@ def parse_instant(value: str) -> datetime:
         day = parse_date(value) if len(value) == 10 else None
         parsed = datetime(day.year, day.month, day.day) if day else None
     if parsed is None:
-        raise ApiError(f"'at' must be an ISO 8601 date-time such as 2026-01-31T12:00:00Z; got {value!r}.", code="invalid_at")
+        raise ApiError(
+            f"'at' must be an ISO 8601 date-time such as 2026-01-31T12:00:00Z; got {value!r}.",
+            code="invalid_at",
+        )
     if timezone.is_naive(parsed):
         parsed = parsed.replace(tzinfo=dt_timezone.utc)
     return parsed
@@ -622,11 +690,17 @@ def token_create(*, name: str, scope: str, actor: str) -> tuple[ApiToken, str]:
     if not name or len(name) > 100:
         raise ApiError("A token needs a name of 1-100 characters.", code="invalid_name")
     if ApiToken.objects.filter(name=name, revoked_at__isnull=True).exists():
-        raise Conflict(f"An active token named '{name}' already exists; revoke it first.", code="token_exists")
+        raise Conflict(
+            f"An active token named '{name}' already exists; revoke it first.", code="token_exists"
+        )
     secret = ApiToken.new_secret()
     with transaction.atomic():
         token = ApiToken.objects.create(
-            name=name, scope=scope, prefix=secret[:8], token_hash=ApiToken.hash_secret(secret), created_by=actor
+            name=name,
+            scope=scope,
+            prefix=secret[:8],
+            token_hash=ApiToken.hash_secret(secret),
+            created_by=actor,
         )
         audit_record(actor=actor, action="token.create", obj=token, detail={"name": name, "scope": scope})
     return token, secret

@@ -8,9 +8,27 @@ from django.contrib import admin, messages
 from registry import actions
 from registry.auth import actor_label
 from registry.errors import ApiError
-from registry.models import Alias, AliasMove, ApiToken, Artifact, AuditEntry, HardwareTarget, Model, ModelVersion
+from registry.models import (
+    Alias,
+    AliasMove,
+    ApiToken,
+    Artifact,
+    AuditEntry,
+    HardwareTarget,
+    Model,
+    ModelVersion,
+)
 
-ARTIFACT_FIELDS = ("version", "hardware", "format", "file_name", "length", "sha256", "storage_key", "created_at")
+ARTIFACT_FIELDS = (
+    "version",
+    "hardware",
+    "format",
+    "file_name",
+    "length",
+    "sha256",
+    "storage_key",
+    "created_at",
+)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -162,7 +180,16 @@ class AliasMoveAdmin(ReadOnlyAdmin):
 class ApiTokenAdmin(admin.ModelAdmin):
     list_display = ("name", "scope", "prefix", "created_at", "last_used_at", "revoked_at")
     list_filter = ("scope",)
-    readonly_fields = ("name", "scope", "prefix", "token_hash", "created_at", "created_by", "last_used_at", "revoked_at")
+    readonly_fields = (
+        "name",
+        "scope",
+        "prefix",
+        "token_hash",
+        "created_at",
+        "created_by",
+        "last_used_at",
+        "revoked_at",
+    )
     actions = ["revoke_selected"]
 
     def has_add_permission(self, request):

@@ -70,14 +70,16 @@ def artifact_response(request, *, artifact: Artifact, storage) -> HttpResponse:
         return response
     handle = storage.open(artifact.storage_key, "rb")
     if wanted is None:
-        response = FileResponse(handle, as_attachment=True, filename=artifact.file_name,
-                                content_type="application/octet-stream")
+        response = FileResponse(
+            handle, as_attachment=True, filename=artifact.file_name, content_type="application/octet-stream"
+        )
         response["Content-Length"] = str(length)
     else:
         first, last = wanted
         count = last - first + 1
-        response = StreamingHttpResponse(_iter_file(handle, first, count), status=206,
-                                         content_type="application/octet-stream")
+        response = StreamingHttpResponse(
+            _iter_file(handle, first, count), status=206, content_type="application/octet-stream"
+        )
         response["Content-Range"] = f"bytes {first}-{last}/{length}"
         response["Content-Length"] = str(count)
         response["Content-Disposition"] = f'attachment; filename="{artifact.file_name}"'

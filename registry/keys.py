@@ -67,7 +67,9 @@ def load_rollout_key() -> Ed25519PrivateKey:
 
 def public_key_info(role: str) -> PublicKeyInfo:
     public = load_private_key(role).public_key()
-    return PublicKeyInfo(role=role, keyid=keyid_of(public), public_key_pem=public_key_pem(public), path=key_path(role))
+    return PublicKeyInfo(
+        role=role, keyid=keyid_of(public), public_key_pem=public_key_pem(public), path=key_path(role)
+    )
 
 
 def public_keys() -> list[PublicKeyInfo]:

@@ -9,7 +9,6 @@ from rest_framework import serializers
 
 from registry.models import Artifact, HardwareTarget, Model, ModelVersion, identifier
 
-
 # --- requests --------------------------------------------------------------------------------
 
 
@@ -87,7 +86,11 @@ class ArtifactSerializer(serializers.ModelSerializer):
     def get_download_url(self, artifact: Artifact) -> str:
         path = reverse(
             "registry:artifact-download",
-            kwargs={"name": artifact.version.model.name, "version": artifact.version.version, "hardware": artifact.hardware_id},
+            kwargs={
+                "name": artifact.version.model.name,
+                "version": artifact.version.version,
+                "hardware": artifact.hardware_id,
+            },
         )
         request = self.context.get("request")
         return request.build_absolute_uri(path) if request else path
@@ -124,7 +127,9 @@ class VersionSerializer(serializers.ModelSerializer):
     @extend_schema_field(
         {
             "type": "object",
-            "properties": {k: {"type": "string"} for k in ("git_sha", "ci_run_url", "training_run_id", "approver")},
+            "properties": {
+                k: {"type": "string"} for k in ("git_sha", "ci_run_url", "training_run_id", "approver")
+            },
         }
     )
     def get_provenance(self, version: ModelVersion) -> dict:

@@ -15,7 +15,9 @@ urlpatterns = [
     path("models/<slug:name>/versions/", views.VersionListCreate.as_view(), name="version-list"),
     path(f"{V}/", views.VersionDetail.as_view(), name="version-detail"),
     path(f"{V}/artifacts/", views.ArtifactListUpload.as_view(), name="artifact-list"),
-    path(f"{V}/artifacts/<str:hardware>/download", views.ArtifactDownload.as_view(), name="artifact-download"),
+    path(
+        f"{V}/artifacts/<str:hardware>/download", views.ArtifactDownload.as_view(), name="artifact-download"
+    ),
     path(f"{V}/release", views.VersionRelease.as_view(), name="version-release"),
     path(f"{V}/manifest", views.VersionManifest.as_view(), name="version-manifest"),
     path(f"{V}/deprecate", views.VersionDeprecate.as_view(), name="version-deprecate"),

@@ -78,12 +78,16 @@ class VersionListCreate(generics.ListAPIView):
             .order_by("-counter")
         )
 
-    @extend_schema(request=VersionCreateSerializer, responses={201: VersionSerializer, 400: ERROR, 409: ERROR})
+    @extend_schema(
+        request=VersionCreateSerializer, responses={201: VersionSerializer, 400: ERROR, 409: ERROR}
+    )
     def post(self, request, name):
         model = actions.model_get(name=name)
         data = _valid(VersionCreateSerializer, request)
         version = actions.version_create(model=model, actor=actor_label(request.user), **data)
-        return Response(VersionSerializer(version, context={"request": request}).data, status=status.HTTP_201_CREATED)
+        return Response(
+            VersionSerializer(version, context={"request": request}).data, status=status.HTTP_201_CREATED
+        )
 
 
 class VersionDetail(APIView):
@@ -100,7 +104,9 @@ class ArtifactListUpload(APIView):
     @extend_schema(responses={200: ArtifactSerializer(many=True), 404: ERROR})
     def get(self, request, name, version):
         found = actions.version_get(model_name=name, version=version)
-        return Response(ArtifactSerializer(found.artifacts.all(), many=True, context={"request": request}).data)
+        return Response(
+            ArtifactSerializer(found.artifacts.all(), many=True, context={"request": request}).data
+        )
 
     @extend_schema(
         request={"multipart/form-data": ArtifactUploadSerializer},
@@ -123,7 +129,9 @@ class ArtifactListUpload(APIView):
             actor=actor_label(request.user),
             stopped_over_bytes=getattr(request._request, "upload_over_cap", None),
         )
-        return Response(ArtifactSerializer(artifact, context={"request": request}).data, status=status.HTTP_201_CREATED)
+        return Response(
+            ArtifactSerializer(artifact, context={"request": request}).data, status=status.HTTP_201_CREATED
+        )
 
 
 class VersionRelease(APIView):
@@ -151,7 +159,11 @@ class VersionManifest(APIView):
     def get(self, request, name, version):
         found = actions.version_get(model_name=name, version=version)
         if found.envelope is None:
-            raise ApiError(f"{found} is a draft; it has no signed manifest until released.", code="not_released", status_code=404)
+            raise ApiError(
+                f"{found} is a draft; it has no signed manifest until released.",
+                code="not_released",
+                status_code=404,
+            )
         return Response(found.envelope, headers={"X-Manifest-Sha256": found.manifest_sha256})
 
 
@@ -162,7 +174,9 @@ class VersionDeprecate(APIView):
     def post(self, request, name, version):
         found = actions.version_get(model_name=name, version=version)
         data = _valid(ReasonSerializer, request)
-        updated = actions.version_deprecate(version=found, actor=actor_label(request.user), reason=data["reason"])
+        updated = actions.version_deprecate(
+            version=found, actor=actor_label(request.user), reason=data["reason"]
+        )
         return Response(VersionSerializer(updated, context={"request": request}).data)
 
 
@@ -173,7 +187,9 @@ class VersionRevoke(APIView):
     def post(self, request, name, version):
         found = actions.version_get(model_name=name, version=version)
         data = _valid(ReasonSerializer, request)
-        updated = actions.version_revoke(version=found, actor=actor_label(request.user), reason=data["reason"])
+        updated = actions.version_revoke(
+            version=found, actor=actor_label(request.user), reason=data["reason"]
+        )
         return Response(VersionSerializer(updated, context={"request": request}).data)
 
 
@@ -206,7 +222,9 @@ class AliasList(APIView):
     @extend_schema(
         parameters=[
             OpenApiParameter(
-                "at", OpenApiTypes.DATETIME, description="Show each alias as it stood at this instant (ISO 8601)."
+                "at",
+                OpenApiTypes.DATETIME,
+                description="Show each alias as it stood at this instant (ISO 8601).",
             )
         ],
         responses={200: AliasSerializer(many=True), 400: ERROR},
@@ -233,7 +251,9 @@ class AliasDetail(APIView):
     def put(self, request, name, alias):
         model = actions.model_get(name=name)
         data = _valid(AliasSetSerializer, request)
-        actions.alias_set(model=model, name=alias, version_name=data["version"], actor=actor_label(request.user))
+        actions.alias_set(
+            model=model, name=alias, version_name=data["version"], actor=actor_label(request.user)
+        )
         row = next(row for row in actions.aliases_list(model=model) if row["name"] == alias)
         return Response(AliasSerializer(row).data)
 

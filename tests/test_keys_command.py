@@ -88,7 +88,12 @@ def test_it_runs_as_a_real_command_with_key_paths_from_the_environment(tmp_path)
     env.pop("DATABASE_URL", None)
     (tmp_path / "release-path").write_text(str(tmp_path / "elsewhere" / "rel.pem"))
     result = subprocess.run(
-        [sys.executable, "manage.py", "keys", "init"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "manage.py", "keys", "init"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "elsewhere" / "rel.pem").exists() and (tmp_path / "k" / "rollout.pem").exists()

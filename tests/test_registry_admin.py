@@ -7,7 +7,14 @@ import pytest
 
 from registry.models import Artifact, AuditEntry, ModelVersion
 from tests.support.onnx_models import linear_model
-from tests.support.registry_api import create_hardware, create_model, create_version, files_under, upload, version_url
+from tests.support.registry_api import (
+    create_hardware,
+    create_model,
+    create_version,
+    files_under,
+    upload,
+    version_url,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -26,14 +33,30 @@ def versions(client, ci_token):
     create_model(client, ci_token, "detector")
     for version in ("1.0", "2.0"):
         create_version(client, ci_token, "detector", version)
-        assert upload(client, ci_token, "detector", version, hardware="rpi5", data=linear_model()).status_code == 201
+        assert (
+            upload(client, ci_token, "detector", version, hardware="rpi5", data=linear_model()).status_code
+            == 201
+        )
     client.post(f"{version_url('detector', '1.0')}/release", **ci_token.headers)
-    client.put("/api/v1/models/detector/aliases/production", {"version": "1.0"}, content_type="application/json",
-               **ci_token.headers)
+    client.put(
+        "/api/v1/models/detector/aliases/production",
+        {"version": "1.0"},
+        content_type="application/json",
+        **ci_token.headers,
+    )
 
 
 def test_it_lists_every_registry_model(root, versions):
-    for name in ("hardwaretarget", "model", "modelversion", "artifact", "alias", "aliasmove", "apitoken", "auditentry"):
+    for name in (
+        "hardwaretarget",
+        "model",
+        "modelversion",
+        "artifact",
+        "alias",
+        "aliasmove",
+        "apitoken",
+        "auditentry",
+    ):
         response = root.get(f"/admin/registry/{name}/")
         assert response.status_code == 200, name
     released = ModelVersion.objects.get(version="1.0")
@@ -42,7 +65,9 @@ def test_it_lists_every_registry_model(root, versions):
     assert 'name="manifest_sha256"' not in page and 'name="state"' not in page
 
 
-def test_it_deletes_a_draft_with_its_stored_file(root, versions, isolated_storage, django_capture_on_commit_callbacks):
+def test_it_deletes_a_draft_with_its_stored_file(
+    root, versions, isolated_storage, django_capture_on_commit_callbacks
+):
     draft = ModelVersion.objects.get(version="2.0")
     key = draft.artifacts.get().storage_key
     assert (isolated_storage / key).exists()

@@ -22,12 +22,18 @@ def releases(client, ci_token):
         create_version(client, ci_token, "detector", version)
         upload(client, ci_token, "detector", version, hardware="rpi5", data=linear_model())
         if version != "2.0":
-            assert client.post(f"{version_url('detector', version)}/release", **ci_token.headers).status_code == 200
+            assert (
+                client.post(f"{version_url('detector', version)}/release", **ci_token.headers).status_code
+                == 200
+            )
 
 
 def put_alias(client, token, alias, version):
     return client.put(
-        f"/api/v1/models/detector/aliases/{alias}", {"version": version}, content_type="application/json", **token.headers
+        f"/api/v1/models/detector/aliases/{alias}",
+        {"version": version},
+        content_type="application/json",
+        **token.headers,
     )
 
 
@@ -38,14 +44,20 @@ def test_it_moves_an_alias_and_keeps_who_and_when(client, ci_token, operator_tok
     assert second.status_code == 200
 
     body = second.json()
-    assert body["name"] == "production" and body["version"] == "1.1" and body["updated_by"] == "token:test-operator"
+    assert (
+        body["name"] == "production"
+        and body["version"] == "1.1"
+        and body["updated_by"] == "token:test-operator"
+    )
     assert [(m["from_version"], m["to_version"], m["moved_by"]) for m in body["history"]] == [
         ("1.0", "1.1", "token:test-operator"),
         (None, "1.0", "token:test-ci"),
     ]
     listed = client.get("/api/v1/models/detector/aliases/", **read_token.headers).json()
     assert [(a["name"], a["version"], len(a["history"])) for a in listed] == [("production", "1.1", 2)]
-    assert client.get("/api/v1/models/detector/", **read_token.headers).json()["aliases"] == {"production": "1.1"}
+    assert client.get("/api/v1/models/detector/", **read_token.headers).json()["aliases"] == {
+        "production": "1.1"
+    }
     assert AuditEntry.objects.filter(action="alias.move").count() == 2
 
 
@@ -55,7 +67,9 @@ def test_it_answers_which_version_was_production_at_a_date(client, ci_token, rea
     put_alias(client, ci_token, "staging", "1.1")
     # Spread the recorded moves over known dates, as if they had happened weeks apart.
     day = datetime(2026, 3, 1, tzinfo=timezone.utc)
-    for move, when in zip(AliasMove.objects.order_by("id"), (day, day + timedelta(days=10), day + timedelta(days=20))):
+    for move, when in zip(
+        AliasMove.objects.order_by("id"), (day, day + timedelta(days=10), day + timedelta(days=20))
+    ):
         AliasMove.objects.filter(pk=move.pk).update(moved_at=when)
 
     def at(value):

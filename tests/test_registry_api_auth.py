@@ -36,12 +36,17 @@ def test_it_answers_401_for_a_revoked_token(client, ci_token):
 
 
 def test_it_answers_403_for_the_wrong_scope(client, read_token, ci_token):
-    response = client.post("/api/v1/models/", {"name": "m"}, content_type="application/json", **read_token.headers)
+    response = client.post(
+        "/api/v1/models/", {"name": "m"}, content_type="application/json", **read_token.headers
+    )
     assert response.status_code == 403
     error = response.json()["error"]
     assert error["code"] == "permission_denied" and "'ci'" in error["message"] and "read" in error["message"]
     hardware = client.post(
-        "/api/v1/hardware/", {"id": "rpi5", "max_artifact_bytes": 10}, content_type="application/json", **read_token.headers
+        "/api/v1/hardware/",
+        {"id": "rpi5", "max_artifact_bytes": 10},
+        content_type="application/json",
+        **read_token.headers,
     )
     assert hardware.status_code == 403
     assert client.post("/api/v1/models/m/versions/1/revoke", **ci_token.headers).status_code == 403
@@ -69,7 +74,9 @@ def test_it_answers_json_for_an_unexpected_server_error(client, read_token):
 def test_it_answers_json_for_bad_request_bodies(client, ci_token):
     broken = client.post("/api/v1/models/", "{not json", content_type="application/json", **ci_token.headers)
     assert broken.status_code == 400 and broken.json()["error"]["code"] == "parse_error"
-    invalid = client.post("/api/v1/models/", {"name": "has spaces"}, content_type="application/json", **ci_token.headers)
+    invalid = client.post(
+        "/api/v1/models/", {"name": "has spaces"}, content_type="application/json", **ci_token.headers
+    )
     assert invalid.status_code == 400
     assert invalid.json()["error"]["code"] == "invalid" and "name" in invalid.json()["error"]["fields"]
 
@@ -100,6 +107,8 @@ def test_it_generates_the_registry_schema_without_warnings(capsys):
 
     call_command("spectacular", "--validate", "--file", "/dev/null")
     report = capsys.readouterr().err
-    registry_lines = [line for line in report.splitlines() if "registry" in line.lower() or "VersionState" in line]
+    registry_lines = [
+        line for line in report.splitlines() if "registry" in line.lower() or "VersionState" in line
+    ]
     assert registry_lines == []
     assert "Schema generation summary" in report or report == ""

@@ -32,10 +32,22 @@ class Curl:
     def __call__(self, method: str, path: str, *args: str, expect: int = 200) -> bytes:
         out = self.workdir / "body"
         result = subprocess.run(
-            ["curl", "-sS", "-X", method, *(["-H", f"Authorization: Bearer {self.token}"] if self.token else []),
-             "-o", str(out),
-             "-w", "%{http_code}", *args, self.base_url + path],
-            capture_output=True, text=True, timeout=60,
+            [
+                "curl",
+                "-sS",
+                "-X",
+                method,
+                *(["-H", f"Authorization: Bearer {self.token}"] if self.token else []),
+                "-o",
+                str(out),
+                "-w",
+                "%{http_code}",
+                *args,
+                self.base_url + path,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == 0, result.stderr
         body = out.read_bytes() if out.exists() else b""
@@ -43,7 +55,11 @@ class Curl:
         return body
 
     def json(self, method: str, path: str, data: dict | None = None, expect: int = 200):
-        args = ["-H", "Content-Type: application/json", "--data-binary", json.dumps(data)] if data is not None else []
+        args = (
+            ["-H", "Content-Type: application/json", "--data-binary", json.dumps(data)]
+            if data is not None
+            else []
+        )
         return json.loads(self(method, path, *args, expect=expect))
 
 
@@ -63,16 +79,32 @@ def test_it_runs_the_ci_flow_with_plain_curl(live_server, ci_token, tmp_path):
     for hardware in models:
         curl.json("POST", "/api/v1/hardware/", {"id": hardware, "max_artifact_bytes": 10_000_000}, expect=201)
     curl.json("POST", "/api/v1/models/", {"name": "detector", "description": "people detector"}, expect=201)
-    curl.json("POST", "/api/v1/models/detector/versions/", {
-        "version": "1.4.0", "metadata": {"dataset": "coco"},
-        "provenance": {"git_sha": "0123abcd", "ci_run_url": "https://ci.example/runs/42"},
-    }, expect=201)
+    curl.json(
+        "POST",
+        "/api/v1/models/detector/versions/",
+        {
+            "version": "1.4.0",
+            "metadata": {"dataset": "coco"},
+            "provenance": {"git_sha": "0123abcd", "ci_run_url": "https://ci.example/runs/42"},
+        },
+        expect=201,
+    )
     for hardware, path in models.items():
-        uploaded = json.loads(curl(
-            "POST", "/api/v1/models/detector/versions/1.4.0/artifacts/",
-            "-F", f"hardware={hardware}", "-F", "format=onnx", "-F", f"sha256={sha256sum(path)}", "-F", f"file=@{path}",
-            expect=201,
-        ))
+        uploaded = json.loads(
+            curl(
+                "POST",
+                "/api/v1/models/detector/versions/1.4.0/artifacts/",
+                "-F",
+                f"hardware={hardware}",
+                "-F",
+                "format=onnx",
+                "-F",
+                f"sha256={sha256sum(path)}",
+                "-F",
+                f"file=@{path}",
+                expect=201,
+            )
+        )
         assert uploaded["sha256"] == sha256sum(path)
     released = curl.json("POST", "/api/v1/models/detector/versions/1.4.0/release")
     envelope = json.loads(curl("GET", "/api/v1/models/detector/versions/1.4.0/manifest"))
@@ -98,22 +130,41 @@ def test_it_runs_the_ci_flow_with_plain_curl(live_server, ci_token, tmp_path):
 
     # A tampered payload does not verify with the independent verifier either.
     manifest["artifacts"][0]["length"] += 1
-    forged = Envelope.from_dict({**copy.deepcopy(envelope), "payload": base64.b64encode(json.dumps(manifest).encode()).decode()})
+    forged = Envelope.from_dict(
+        {**copy.deepcopy(envelope), "payload": base64.b64encode(json.dumps(manifest).encode()).decode()}
+    )
     with pytest.raises(VerificationError):
         forged.verify([key], 1)
 
     # Downloads: the whole file, and a byte range, both exact.
     whole = curl("GET", "/api/v1/models/detector/versions/1.4.0/artifacts/rpi5/download")
     assert whole == models["rpi5"].read_bytes()
-    part = curl("GET", "/api/v1/models/detector/versions/1.4.0/artifacts/rpi5/download", "-r", "1000000-1000999", expect=206)
+    part = curl(
+        "GET",
+        "/api/v1/models/detector/versions/1.4.0/artifacts/rpi5/download",
+        "-r",
+        "1000000-1000999",
+        expect=206,
+    )
     assert part == models["rpi5"].read_bytes()[1_000_000:1_001_000]
     # Resume a partial download the way an agent does: curl -C - appends from the file's size.
     partial = tmp_path / "resume.part"
     partial.write_bytes(models["jetson-orin"].read_bytes()[:700_000])
     subprocess.run(
-        ["curl", "-sS", "-f", "-C", "-", "-H", f"Authorization: Bearer {ci_token.secret}", "-o", str(partial),
-         f"{live_server.url}/api/v1/models/detector/versions/1.4.0/artifacts/jetson-orin/download"],
-        check=True, timeout=60,
+        [
+            "curl",
+            "-sS",
+            "-f",
+            "-C",
+            "-",
+            "-H",
+            f"Authorization: Bearer {ci_token.secret}",
+            "-o",
+            str(partial),
+            f"{live_server.url}/api/v1/models/detector/versions/1.4.0/artifacts/jetson-orin/download",
+        ],
+        check=True,
+        timeout=60,
     )
     assert sha256sum(partial) == sha256sum(models["jetson-orin"])
 

@@ -41,8 +41,12 @@ def test_it_streams_the_whole_file(client, read_token, released):
 
 @pytest.mark.parametrize(
     ("header", "first", "last"),
-    [("bytes=0-99", 0, 99), ("bytes=1000-", 1000, len(DATA) - 1), ("bytes=-500", len(DATA) - 500, len(DATA) - 1),
-     (f"bytes=10-{len(DATA) + 1000}", 10, len(DATA) - 1)],
+    [
+        ("bytes=0-99", 0, 99),
+        ("bytes=1000-", 1000, len(DATA) - 1),
+        ("bytes=-500", len(DATA) - 500, len(DATA) - 1),
+        (f"bytes=10-{len(DATA) + 1000}", 10, len(DATA) - 1),
+    ],
 )
 def test_it_serves_byte_ranges(client, read_token, released, header, first, last):
     response = client.get(URL, HTTP_RANGE=header, **read_token.headers)
@@ -59,7 +63,9 @@ def test_it_answers_416_for_an_unsatisfiable_range(client, read_token, released)
 
 
 def test_it_sends_everything_when_if_range_names_other_bytes(client, read_token, released):
-    response = client.get(URL, HTTP_RANGE="bytes=0-9", HTTP_IF_RANGE='"' + "0" * 64 + '"', **read_token.headers)
+    response = client.get(
+        URL, HTTP_RANGE="bytes=0-9", HTTP_IF_RANGE='"' + "0" * 64 + '"', **read_token.headers
+    )
     assert response.status_code == 200 and body(response) == DATA
 
 

@@ -41,7 +41,11 @@ def draft(client, ci_token):
         "1.0.0",
         health=HEALTH,
         metadata={"dataset": "coco-mini"},
-        provenance={"git_sha": "a" * 40, "ci_run_url": "https://ci.example/run/7", "training_run_id": "run-7"},
+        provenance={
+            "git_sha": "a" * 40,
+            "ci_run_url": "https://ci.example/run/7",
+            "training_run_id": "run-7",
+        },
     )
     for hardware, data in (("jetson-orin", ORIN), ("rpi5", RPI)):
         assert upload(client, ci_token, "detector", "1.0.0", hardware=hardware, data=data).status_code == 201
@@ -53,13 +57,20 @@ def release_keyring(client, token) -> Keyring:
     return Keyring.from_pems(next(k["public_key_pem"] for k in keys if k["role"] == "release"))
 
 
-def test_it_signs_a_manifest_the_agent_verifier_accepts(client, ci_token, read_token, draft, isolated_storage):
+def test_it_signs_a_manifest_the_agent_verifier_accepts(
+    client, ci_token, read_token, draft, isolated_storage
+):
     response = client.post(f"{version_url(*draft)}/release", **ci_token.headers)
 
     assert response.status_code == 200, response.content
     envelope = response.json()
     manifest = verify_release(envelope, release_keyring(client, read_token))
-    assert (manifest.model, manifest.version, manifest.counter, manifest.rollback_floor) == ("detector", "1.0.0", 1, 0)
+    assert (manifest.model, manifest.version, manifest.counter, manifest.rollback_floor) == (
+        "detector",
+        "1.0.0",
+        1,
+        0,
+    )
     assert manifest.expires - manifest.created == timedelta(days=365)
     assert manifest.health == HEALTH
     assert manifest.provenance == {
@@ -130,7 +141,9 @@ def test_it_lets_no_admin_change_or_delete_a_released_artifact(client, ci_token,
     )
     assert change.status_code == 403
     assert client.post(f"/admin/registry/artifact/{artifact.pk}/delete/", {"post": "yes"}).status_code == 403
-    assert client.post(f"/admin/registry/modelversion/{version.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert (
+        client.post(f"/admin/registry/modelversion/{version.pk}/delete/", {"post": "yes"}).status_code == 403
+    )
     page = client.get(f"/admin/registry/modelversion/{version.pk}/change/")
     assert page.status_code == 200
     assert b'name="envelope"' not in page.content and b'name="artifacts-0-sha256"' not in page.content
@@ -168,7 +181,10 @@ def test_it_deprecates_and_revokes_as_states_with_the_admin_scope(client, ci_tok
     deprecated = client.post(f"{version_url(*draft)}/deprecate", **admin_token.headers)
     assert deprecated.status_code == 200 and deprecated.json()["state"] == "deprecated"
     revoked = client.post(
-        f"{version_url(*draft)}/revoke", {"reason": "bad calibration"}, content_type="application/json", **admin_token.headers
+        f"{version_url(*draft)}/revoke",
+        {"reason": "bad calibration"},
+        content_type="application/json",
+        **admin_token.headers,
     )
     assert revoked.status_code == 200 and revoked.json()["state"] == "revoked"
     again = client.post(f"{version_url(*draft)}/revoke", **admin_token.headers)
@@ -180,4 +196,7 @@ def test_it_deprecates_and_revokes_as_states_with_the_admin_scope(client, ci_tok
     assert entry.reason == "bad calibration" and entry.actor == "token:test-admin"
     download = client.get(f"{version_url(*draft)}/artifacts/rpi5/download", **ci_token.headers)
     assert download.status_code == 410
-    assert download.json()["error"]["code"] == "version_revoked" and "revoked" in download.json()["error"]["message"]
+    assert (
+        download.json()["error"]["code"] == "version_revoked"
+        and "revoked" in download.json()["error"]["message"]
+    )

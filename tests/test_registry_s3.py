@@ -32,7 +32,9 @@ def s3_endpoint(tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30
     while True:
@@ -53,7 +55,11 @@ def s3_endpoint(tmp_path_factory):
 @pytest.fixture
 def bucket(s3_endpoint, settings):
     client = boto3.client(
-        "s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
     )
     client.create_bucket(Bucket=BUCKET)
     settings.STORAGES = {
@@ -81,13 +87,23 @@ def keys_in(client) -> list[str]:
 
 
 @pytest.mark.django_db
-def test_it_uploads_releases_and_redirects_downloads_to_a_presigned_url(client, ci_token, read_token, bucket, s3_endpoint):
+def test_it_uploads_releases_and_redirects_downloads_to_a_presigned_url(
+    client, ci_token, read_token, bucket, s3_endpoint
+):
     data = linear_model(padding_bytes=300_000)
     create_hardware(client, ci_token, "rpi5")
     create_model(client, ci_token, "detector")
     create_version(client, ci_token, "detector", "1.0")
 
-    uploaded = upload(client, ci_token, "detector", "1.0", hardware="rpi5", data=data, sha256=hashlib.sha256(data).hexdigest())
+    uploaded = upload(
+        client,
+        ci_token,
+        "detector",
+        "1.0",
+        hardware="rpi5",
+        data=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
     assert uploaded.status_code == 201, uploaded.content
     artifact = Artifact.objects.get()
     assert keys_in(bucket) == [artifact.storage_key]
@@ -99,7 +115,9 @@ def test_it_uploads_releases_and_redirects_downloads_to_a_presigned_url(client, 
 
     assert download.status_code == 302
     location = download["Location"]
-    assert location.startswith(f"{s3_endpoint}/{BUCKET}/") and "Signature" in location and "Expires" in location
+    assert (
+        location.startswith(f"{s3_endpoint}/{BUCKET}/") and "Signature" in location and "Expires" in location
+    )
     with urllib.request.urlopen(location, timeout=10) as response:
         assert response.read() == data
     fetch_url = actions.artifact_fetch_url(artifact=artifact)  # what directives hand to devices
@@ -120,7 +138,9 @@ def test_it_deletes_the_object_when_the_database_write_fails(client, ci_token, b
     create_hardware(client, ci_token, "rpi5")
     create_model(client, ci_token, "detector")
     create_version(client, ci_token, "detector", "1.0")
-    with mock.patch.object(actions, "audit_record", autospec=True, side_effect=RuntimeError("database went away")):
+    with mock.patch.object(
+        actions, "audit_record", autospec=True, side_effect=RuntimeError("database went away")
+    ):
         response = upload(client, ci_token, "detector", "1.0", hardware="rpi5", data=linear_model())
     assert response.status_code == 500
     assert keys_in(bucket) == []
@@ -129,9 +149,19 @@ def test_it_deletes_the_object_when_the_database_write_fails(client, ci_token, b
 
 def test_it_refuses_to_start_with_s3_storage_but_no_bucket(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("S3_")}
-    env.update(ARTIFACT_STORAGE="s3", SECRET_KEY="x", DATA_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="config.settings")
+    env.update(
+        ARTIFACT_STORAGE="s3",
+        SECRET_KEY="x",
+        DATA_DIR=str(tmp_path),
+        DJANGO_SETTINGS_MODULE="config.settings",
+    )
     result = subprocess.run(
-        [sys.executable, "-c", "import django; django.setup()"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "S3_BUCKET is required but not set" in result.stderr

@@ -42,14 +42,18 @@ def error_of(response) -> dict:
     return response.json()["error"]
 
 
-def test_it_stores_a_real_onnx_model_with_its_hash_and_length(client, ci_token, draft, isolated_storage, settings):
+def test_it_stores_a_real_onnx_model_with_its_hash_and_length(
+    client, ci_token, draft, isolated_storage, settings
+):
     response = upload(client, ci_token, *draft, hardware="jetson-orin", data=MODEL, sha256=sha256_hex(MODEL))
 
     assert response.status_code == 201, response.content
     body = response.json()
     assert body["sha256"] == sha256_hex(MODEL)
     assert body["length"] == len(MODEL)
-    assert body["hardware"] == "jetson-orin" and body["format"] == "onnx" and body["file_name"] == "model.onnx"
+    assert (
+        body["hardware"] == "jetson-orin" and body["format"] == "onnx" and body["file_name"] == "model.onnx"
+    )
     assert body["download_url"].endswith(f"{version_url(*draft)}/artifacts/jetson-orin/download")
     stored = files_under(isolated_storage)
     assert len(stored) == 1 and stored[0].read_bytes() == MODEL
@@ -70,7 +74,9 @@ def test_it_refuses_a_sha256_mismatch_naming_both_hashes(client, ci_token, draft
     assert_clean(isolated_storage, settings)
 
 
-def test_it_refuses_a_file_over_the_hardware_budget_naming_the_limit(client, ci_token, draft, isolated_storage, settings):
+def test_it_refuses_a_file_over_the_hardware_budget_naming_the_limit(
+    client, ci_token, draft, isolated_storage, settings
+):
     create_hardware(client, ci_token, "big-server", max_bytes=100_000_000)  # so the file is spooled whole
     big = linear_model(padding_bytes=1_200_000)
     response = upload(client, ci_token, *draft, hardware="jetson-orin", data=big)
@@ -83,7 +89,9 @@ def test_it_refuses_a_file_over_the_hardware_budget_naming_the_limit(client, ci_
     assert_clean(isolated_storage, settings)
 
 
-def test_it_stops_writing_a_file_once_it_outgrows_every_budget(client, ci_token, draft, isolated_storage, settings):
+def test_it_stops_writing_a_file_once_it_outgrows_every_budget(
+    client, ci_token, draft, isolated_storage, settings
+):
     big = linear_model(padding_bytes=3_000_000)  # past 1 MB, the largest budget there is, it is dropped
     response = upload(client, ci_token, *draft, hardware="jetson-orin", data=big)
 
@@ -94,10 +102,16 @@ def test_it_stops_writing_a_file_once_it_outgrows_every_budget(client, ci_token,
     assert_clean(isolated_storage, settings)
 
 
-def test_it_names_the_largest_budget_when_the_hardware_field_comes_after_the_file(client, ci_token, draft, isolated_storage, settings):
+def test_it_names_the_largest_budget_when_the_hardware_field_comes_after_the_file(
+    client, ci_token, draft, isolated_storage, settings
+):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
-    form = {"file": SimpleUploadedFile("m.onnx", linear_model(padding_bytes=3_000_000)), "hardware": "jetson-orin", "format": "onnx"}
+    form = {
+        "file": SimpleUploadedFile("m.onnx", linear_model(padding_bytes=3_000_000)),
+        "hardware": "jetson-orin",
+        "format": "onnx",
+    }
     response = client.post(f"{version_url(*draft)}/artifacts/", form, **ci_token.headers)
 
     assert response.status_code == 413
@@ -122,7 +136,9 @@ def test_it_refuses_an_unknown_hardware_id(client, ci_token, draft, isolated_sto
     [b"definitely not a protobuf", MODEL[: len(MODEL) // 2], linear_model(padding_bytes=200_000)[:-10]],
     ids=["text", "truncated-small", "truncated-weights"],
 )
-def test_it_refuses_a_file_that_claims_onnx_but_does_not_parse(client, ci_token, draft, isolated_storage, settings, data):
+def test_it_refuses_a_file_that_claims_onnx_but_does_not_parse(
+    client, ci_token, draft, isolated_storage, settings, data
+):
     response = upload(client, ci_token, *draft, hardware="jetson-orin", data=data)
 
     assert response.status_code == 400
@@ -148,15 +164,25 @@ def test_it_refuses_onnx_that_the_onnx_checker_rejects(client, ci_token, draft, 
 
 
 def test_it_accepts_other_formats_without_onnx_parsing(client, ci_token, draft, isolated_storage):
-    response = upload(client, ci_token, *draft, hardware="jetson-orin", data=b"TFL3 model bytes", fmt="tflite",
-                      file_name="model.tflite")
+    response = upload(
+        client,
+        ci_token,
+        *draft,
+        hardware="jetson-orin",
+        data=b"TFL3 model bytes",
+        fmt="tflite",
+        file_name="model.tflite",
+    )
     assert response.status_code == 201, response.content
     assert response.json()["format"] == "tflite"
 
 
 def test_it_refuses_a_duplicate_version_with_409(client, ci_token, draft):
     response = client.post(
-        "/api/v1/models/detector/versions/", {"version": "1.0.0"}, content_type="application/json", **ci_token.headers
+        "/api/v1/models/detector/versions/",
+        {"version": "1.0.0"},
+        content_type="application/json",
+        **ci_token.headers,
     )
     assert response.status_code == 409
     error = error_of(response)
@@ -165,7 +191,9 @@ def test_it_refuses_a_duplicate_version_with_409(client, ci_token, draft):
     assert AuditEntry.objects.filter(action="version.create").count() == 1
 
 
-def test_it_refuses_an_upload_to_a_released_version_with_409(client, ci_token, draft, isolated_storage, settings):
+def test_it_refuses_an_upload_to_a_released_version_with_409(
+    client, ci_token, draft, isolated_storage, settings
+):
     assert upload(client, ci_token, *draft, hardware="jetson-orin", data=MODEL).status_code == 201
     assert client.post(f"{version_url(*draft)}/release", **ci_token.headers).status_code == 200
     before = sorted(files_under(isolated_storage))
@@ -181,7 +209,9 @@ def test_it_refuses_an_upload_to_a_released_version_with_409(client, ci_token, d
     assert Artifact.objects.count() == 1
 
 
-def test_it_refuses_a_second_artifact_for_the_same_hardware(client, ci_token, draft, isolated_storage, settings):
+def test_it_refuses_a_second_artifact_for_the_same_hardware(
+    client, ci_token, draft, isolated_storage, settings
+):
     assert upload(client, ci_token, *draft, hardware="jetson-orin", data=MODEL).status_code == 201
     before = sorted(files_under(isolated_storage))
 
@@ -205,7 +235,9 @@ def test_it_names_each_bad_form_field(client, ci_token, draft, isolated_storage,
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     response = client.post(
-        f"{version_url(*draft)}/artifacts/", {**form, "file": SimpleUploadedFile("m.onnx", MODEL)}, **ci_token.headers
+        f"{version_url(*draft)}/artifacts/",
+        {**form, "file": SimpleUploadedFile("m.onnx", MODEL)},
+        **ci_token.headers,
     )
     assert response.status_code == 400
     assert error_of(response)["code"] == code
@@ -213,20 +245,26 @@ def test_it_names_each_bad_form_field(client, ci_token, draft, isolated_storage,
 
 
 def test_it_refuses_a_request_without_a_file(client, ci_token, draft, isolated_storage, settings):
-    response = client.post(f"{version_url(*draft)}/artifacts/", {"hardware": "jetson-orin", "format": "onnx"}, **ci_token.headers)
+    response = client.post(
+        f"{version_url(*draft)}/artifacts/", {"hardware": "jetson-orin", "format": "onnx"}, **ci_token.headers
+    )
     assert response.status_code == 400
     assert error_of(response)["code"] == "file_missing"
     assert_clean(isolated_storage, settings)
 
 
-def test_it_cleans_the_store_when_the_database_write_fails(client, ci_token, draft, isolated_storage, settings):
+def test_it_cleans_the_store_when_the_database_write_fails(
+    client, ci_token, draft, isolated_storage, settings
+):
     from unittest import mock
 
     from registry import actions
 
     # The failure strikes after the file is in the store and the row is written, inside the
     # transaction: both must disappear.
-    with mock.patch.object(actions, "audit_record", autospec=True, side_effect=RuntimeError("database went away")):
+    with mock.patch.object(
+        actions, "audit_record", autospec=True, side_effect=RuntimeError("database went away")
+    ):
         response = upload(client, ci_token, *draft, hardware="jetson-orin", data=MODEL)
 
     assert response.status_code == 500

@@ -27,15 +27,25 @@ def test_it_numbers_versions_per_model_and_keeps_provenance(client, ci_token):
     create_model(client, ci_token, "detector")
     create_model(client, ci_token, "classifier")
     first = create_version(
-        client, ci_token, "detector", "1.0", provenance={"git_sha": "abc123", "training_run_id": "mlflow-9"},
-        metrics={"map": 0.61}, health=GOOD_HEALTH,
+        client,
+        ci_token,
+        "detector",
+        "1.0",
+        provenance={"git_sha": "abc123", "training_run_id": "mlflow-9"},
+        metrics={"map": 0.61},
+        health=GOOD_HEALTH,
     )
     second = create_version(client, ci_token, "detector", "1.1", rollback_floor=1)
     other = create_version(client, ci_token, "classifier", "7")
 
     assert (first["counter"], second["counter"], other["counter"]) == (1, 2, 1)
     assert first["state"] == "draft" and first["created_by"] == "token:test-ci"
-    assert first["provenance"] == {"git_sha": "abc123", "ci_run_url": "", "training_run_id": "mlflow-9", "approver": ""}
+    assert first["provenance"] == {
+        "git_sha": "abc123",
+        "ci_run_url": "",
+        "training_run_id": "mlflow-9",
+        "approver": "",
+    }
     assert first["metrics"] == {"map": 0.61} and first["health"] == GOOD_HEALTH
     assert second["rollback_floor"] == 1
     listed = client.get("/api/v1/models/detector/versions/", **ci_token.headers).json()
@@ -48,20 +58,34 @@ def test_it_numbers_versions_per_model_and_keeps_provenance(client, ci_token):
     ("health", "message"),
     [
         ({"outputs": GOOD_HEALTH["outputs"]}, "health.outputs needs health.inputs"),
-        ({"inputs": {"x": {"dtype": "float32", "shape": [3], "data": [1, 2]}}}, "health.inputs.x.data has 2 values; shape [3] needs 3"),
-        ({"inputs": {"x": {"dtype": "complex64", "shape": [1], "data": [1]}}}, "health.inputs.x.dtype must be one of"),
-        ({"inputs": {"x": {"dtype": "float32", "shape": [1], "data": ["a"]}}}, "health.inputs.x.data must hold only numbers"),
+        (
+            {"inputs": {"x": {"dtype": "float32", "shape": [3], "data": [1, 2]}}},
+            "health.inputs.x.data has 2 values; shape [3] needs 3",
+        ),
+        (
+            {"inputs": {"x": {"dtype": "complex64", "shape": [1], "data": [1]}}},
+            "health.inputs.x.dtype must be one of",
+        ),
+        (
+            {"inputs": {"x": {"dtype": "float32", "shape": [1], "data": ["a"]}}},
+            "health.inputs.x.data must hold only numbers",
+        ),
         ({"atol": -1}, "health.atol must be a non-negative number"),
         ({"latency_budget_ms": 0}, "health.latency_budget_ms must be a positive number"),
         ({"golden": {}}, "health has unknown keys: golden"),
-        ({"inputs": {"x": {"dtype": "float32", "shape": [10000], "data": [0.123456] * 10000}}}, "over the 24576-byte limit"),
+        (
+            {"inputs": {"x": {"dtype": "float32", "shape": [10000], "data": [0.123456] * 10000}}},
+            "over the 24576-byte limit",
+        ),
         ([1, 2], "health must be an object"),
     ],
 )
 def test_it_refuses_a_bad_health_contract_naming_the_field(client, ci_token, health, message):
     create_model(client, ci_token, "detector")
     response = client.post(
-        "/api/v1/models/detector/versions/", {"version": "1.0", "health": health}, content_type="application/json",
+        "/api/v1/models/detector/versions/",
+        {"version": "1.0", "health": health},
+        content_type="application/json",
         **ci_token.headers,
     )
     assert response.status_code == 400
@@ -74,7 +98,9 @@ def test_it_refuses_a_bad_health_contract_naming_the_field(client, ci_token, hea
 def test_it_refuses_a_rollback_floor_above_the_counter(client, ci_token):
     create_model(client, ci_token, "detector")
     response = client.post(
-        "/api/v1/models/detector/versions/", {"version": "1.0", "rollback_floor": 2}, content_type="application/json",
+        "/api/v1/models/detector/versions/",
+        {"version": "1.0", "rollback_floor": 2},
+        content_type="application/json",
         **ci_token.headers,
     )
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_rollback_floor"
@@ -82,7 +108,12 @@ def test_it_refuses_a_rollback_floor_above_the_counter(client, ci_token):
 
 @pytest.mark.django_db
 def test_it_refuses_an_unknown_model(client, ci_token):
-    response = client.post("/api/v1/models/ghost/versions/", {"version": "1"}, content_type="application/json", **ci_token.headers)
+    response = client.post(
+        "/api/v1/models/ghost/versions/",
+        {"version": "1"},
+        content_type="application/json",
+        **ci_token.headers,
+    )
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
 
 
@@ -108,7 +139,14 @@ def test_it_hands_out_unique_counters_to_concurrent_creates():
         thread.join()
 
     assert errors == []
-    assert sorted(ModelVersion.objects.filter(model=model).values_list("counter", flat=True)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(ModelVersion.objects.filter(model=model).values_list("counter", flat=True)) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
 
 
 @pytest.mark.django_db
@@ -123,14 +161,25 @@ def test_it_reports_duplicate_versions_from_the_action_too():
 @pytest.mark.django_db
 def test_it_refuses_duplicate_models_and_hardware_with_409(client, ci_token):
     create_model(client, ci_token, "detector")
-    again = client.post("/api/v1/models/", {"name": "detector"}, content_type="application/json", **ci_token.headers)
+    again = client.post(
+        "/api/v1/models/", {"name": "detector"}, content_type="application/json", **ci_token.headers
+    )
     assert again.status_code == 409 and again.json()["error"]["code"] == "model_exists"
     body = {"id": "rpi5", "max_artifact_bytes": 1000}
-    assert client.post("/api/v1/hardware/", body, content_type="application/json", **ci_token.headers).status_code == 201
+    assert (
+        client.post(
+            "/api/v1/hardware/", body, content_type="application/json", **ci_token.headers
+        ).status_code
+        == 201
+    )
     dup = client.post("/api/v1/hardware/", body, content_type="application/json", **ci_token.headers)
     assert dup.status_code == 409 and dup.json()["error"]["code"] == "hardware_exists"
-    bad = client.post("/api/v1/hardware/", {"id": "rpi 5", "max_artifact_bytes": 0}, content_type="application/json",
-                      **ci_token.headers)
+    bad = client.post(
+        "/api/v1/hardware/",
+        {"id": "rpi 5", "max_artifact_bytes": 0},
+        content_type="application/json",
+        **ci_token.headers,
+    )
     assert bad.status_code == 400 and set(bad.json()["error"]["fields"]) == {"id", "max_artifact_bytes"}
     listed = client.get("/api/v1/hardware/", **ci_token.headers).json()
     assert [h["id"] for h in listed["results"]] == ["rpi5"]

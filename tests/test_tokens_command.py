@@ -21,7 +21,11 @@ def test_it_prints_a_secret_that_authenticates_with_its_scope(capsys, client):
 
     assert secret.startswith("mf_")
     token = ApiToken.objects.get(name="github-actions")
-    assert token.scope == "ci" and token.token_hash == ApiToken.hash_secret(secret) and secret not in token.token_hash
+    assert (
+        token.scope == "ci"
+        and token.token_hash == ApiToken.hash_secret(secret)
+        and secret not in token.token_hash
+    )
     auth = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
     assert client.get("/api/v1/models/", **auth).status_code == 200
     created = client.post("/api/v1/models/", {"name": "m"}, content_type="application/json", **auth)

@@ -26,21 +26,36 @@ def create_hardware(client, token, hardware_id: str, max_bytes: int = 50_000_000
 
 
 def create_model(client, token, name: str) -> dict:
-    response = client.post(f"{API}/models/", {"name": name, "description": "d"}, content_type="application/json", **token.headers)
+    response = client.post(
+        f"{API}/models/", {"name": name, "description": "d"}, content_type="application/json", **token.headers
+    )
     assert response.status_code == 201, response.content
     return response.json()
 
 
 def create_version(client, token, model: str, version: str, **body) -> dict:
     response = client.post(
-        f"{API}/models/{model}/versions/", {"version": version, **body}, content_type="application/json", **token.headers
+        f"{API}/models/{model}/versions/",
+        {"version": version, **body},
+        content_type="application/json",
+        **token.headers,
     )
     assert response.status_code == 201, response.content
     return response.json()
 
 
-def upload(client, token, model: str, version: str, *, hardware: str, data: bytes, fmt: str = "onnx",
-           sha256: str | None = None, file_name: str = "model.onnx"):
+def upload(
+    client,
+    token,
+    model: str,
+    version: str,
+    *,
+    hardware: str,
+    data: bytes,
+    fmt: str = "onnx",
+    sha256: str | None = None,
+    file_name: str = "model.onnx",
+):
     form = {"hardware": hardware, "format": fmt, "file": SimpleUploadedFile(file_name, data)}
     if sha256 is not None:
         form["sha256"] = sha256

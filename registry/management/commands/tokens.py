@@ -26,15 +26,21 @@ class Command(BaseCommand):
     def handle(self, *args, action, **options):
         try:
             if action == "create":
-                token, secret = actions.token_create(name=options["name"], scope=options["scope"], actor=ACTOR)
+                token, secret = actions.token_create(
+                    name=options["name"], scope=options["scope"], actor=ACTOR
+                )
                 # The secret alone on stdout, so `TOKEN=$(manage.py tokens create ...)` works.
                 self.stdout.write(secret)
-                self.stderr.write(f"created {token.scope} token '{token.name}'; store it now, it is not shown again")
+                self.stderr.write(
+                    f"created {token.scope} token '{token.name}'; store it now, it is not shown again"
+                )
             elif action == "list":
                 tokens = ApiToken.objects.order_by("name", "created_at")
                 if not options["all"]:
                     tokens = tokens.filter(revoked_at__isnull=True)
-                self.stdout.write(f"{'NAME':<24} {'SCOPE':<9} {'PREFIX':<9} {'CREATED':<20} {'LAST USED':<20} REVOKED")
+                self.stdout.write(
+                    f"{'NAME':<24} {'SCOPE':<9} {'PREFIX':<9} {'CREATED':<20} {'LAST USED':<20} REVOKED"
+                )
                 for t in tokens:
                     self.stdout.write(
                         f"{t.name:<24} {t.scope:<9} {t.prefix:<9} {t.created_at:%Y-%m-%d %H:%M:%S}  "
