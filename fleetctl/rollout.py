@@ -1,5 +1,309 @@
-"""`fleetctl rollout ...` subcommands (the rollout service fills these in)."""
+"""`fleetctl rollout ...`: create, drive and watch staged rollouts.
+
+    fleetctl rollout create --model detector --version 2.0 --label site=berlin \\
+        --wave devices=box-1,box-2 --wave 25% --wave 100% --min-healthy 95 --abort-policy revert --start
+    fleetctl rollout status 7 --watch        # live per-wave progress; exit 0 when completed
+    fleetctl rollout pause|resume|advance|retry|abort|rollback|approve 7 [--reason TEXT]
+
+`status --watch` exits 0 when the rollout completes and 1 when it ends otherwise (aborted,
+rolled back), so a CI job can wait on it. Other exit codes as for every fleetctl command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+API = "/api/v1"
+TERMINAL = {"completed", "aborted", "rolled_back"}
+ACTIONS = {
+    "start": "start a created (and, if required, approved) rollout",
+    "approve": "approve a rollout that requires approval (operator)",
+    "pause": "stop sending directives; devices already updating finish",
+    "resume": "continue a paused rollout",
+    "advance": "pass the current wave now, whatever its gates say",
+    "retry": "send failed devices of the started waves a fresh directive",
+    "abort": "stop the rollout; devices not yet directed are skipped",
+    "rollback": "send every device this rollout touched back to its previous release",
+}
+FAILED_STATES = ("failed", "rolled_back", "rejected", "timed_out")
+IN_FLIGHT = ("directed", "received", "downloading", "verifying", "prechecking", "activating", "trial")
+
+
+class _Usage(Exception):
+    pass
+
+
+def parse_wave(text: str) -> dict:
+    """'devices=a,b' (a named list), '25%' (cumulative share of the target), '100' (a count)."""
+    value = text.strip()
+    if value.startswith(("devices=", "canary=")):
+        devices = [d.strip() for d in value.split("=", 1)[1].split(",") if d.strip()]
+        if not devices:
+            raise _Usage(f"--wave {text!r}: list at least one device id after '='")
+        return {"devices": devices, **({"name": "canary"} if value.startswith("canary=") else {})}
+    if value.endswith("%"):
+        try:
+            return {"percent": float(value[:-1]) if "." in value else int(value[:-1])}
+        except ValueError:
+            raise _Usage(f"--wave {text!r}: expected a percentage such as 25%") from None
+    if value.isdigit():
+        return {"count": int(value)}
+    raise _Usage(f"--wave {text!r}: use devices=ID,ID (canary list), N% (cumulative share) or N (a count)")
+
+
+def parse_labels(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _Usage(f"--label {pair!r}: expected key=value")
+        labels[key] = value
+    return labels
+
+
+def build_definition(args) -> dict:
+    body: dict = {}
+    if args.file:
+        try:
+            body = json.loads(Path(args.file).read_text())
+        except OSError as exc:
+            raise _Usage(f"--file {args.file}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise _Usage(f"--file {args.file}: not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise _Usage(f"--file {args.file}: must hold a JSON object")
+    if args.model:
+        body["model"] = args.model
+    if args.version:
+        body["version"] = args.version
+    target = dict(body.get("target") or {})
+    if args.label:
+        target["labels"] = parse_labels(args.label)
+    if args.hardware:
+        target["hardware"] = args.hardware
+    if args.device:
+        target["devices"] = args.device
+    body["target"] = target
+    if args.wave:
+        body["waves"] = [parse_wave(w) for w in args.wave]
+    gates = dict(body.get("gates") or {})
+    if args.gates:
+        try:
+            gates.update(json.loads(args.gates))
+        except json.JSONDecodeError as exc:
+            raise _Usage(f"--gates: not JSON: {exc}") from None
+    for flag, section, key in (
+        ("min_healthy", "success", "min_healthy_percent"),
+        ("min_reports", "failure", "min_reports"),
+        ("max_failed_percent", "failure", "max_failed_percent"),
+        ("max_failures", "failure", "max_failures"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            gates[section] = {**gates.get(section, {}), key: value}
+    if args.soak is not None:
+        gates["soak_seconds"] = args.soak
+    if args.rate is not None:
+        gates["rate_per_minute"] = args.rate
+    body["gates"] = gates
+    if args.abort_policy:
+        body["abort_policy"] = args.abort_policy
+    if args.requires_approval:
+        body["requires_approval"] = True
+    if args.name:
+        body["name"] = args.name
+    for required in ("model", "version"):
+        if not body.get(required):
+            raise _Usage(f"--{required} is required (or give it in --file)")
+    if not body.get("waves"):
+        raise _Usage("give at least one --wave (e.g. --wave devices=a,b --wave 100%), or waves in --file")
+    return body
+
+
+# --- display ----------------------------------------------------------------------------------
+
+
+def _bar(committed: int, failed: int, in_flight: int, size: int, width: int = 30) -> str:
+    if size <= 0:
+        return "[" + " " * width + "]"
+    c = round(width * committed / size)
+    f = min(width - c, round(width * failed / size))
+    i = min(width - c - f, round(width * in_flight / size))
+    return "[" + "#" * c + "x" * f + ">" * i + "." * (width - c - f - i) + "]"
+
+
+def render(rollout: dict) -> list[str]:
+    lines = [
+        f"rollout {rollout['id']}  {rollout['model']}@{rollout['version']}  {rollout['state'].upper()}"
+        + (f"  ({rollout['state_reason']})" if rollout.get("state_reason") else ""),
+    ]
+    for wave in rollout.get("waves", []):
+        counts = wave.get("counts", {})
+        committed = counts.get("committed", 0)
+        failed = sum(counts.get(s, 0) for s in FAILED_STATES)
+        in_flight = sum(counts.get(s, 0) for s in IN_FLIGHT)
+        spec = wave.get("spec", {})
+        what = (
+            f"{spec['percent']}%" if "percent" in spec else f"+{spec['count']}" if "count" in spec
+            else f"{len(spec.get('devices', []))} named"
+        )
+        name = wave.get("name") or f"wave {wave['index']}"
+        lines.append(
+            f"  {wave['index']:>2} {name[:12]:<12} {what:>8} {wave['state']:<8} "
+            f"{_bar(committed, failed, in_flight, wave['size'])} "
+            f"{committed}/{wave['size']} ok  {failed} failed  {in_flight} updating"
+        )
+    incompatible = rollout.get("incompatible") or []
+    if incompatible:
+        lines.append(f"  {len(incompatible)} targeted devices have no artifact for their hardware "
+                     f"(e.g. {incompatible[0]['device']}: {incompatible[0]['hardware']})")
+    return lines
+
+
+def _print(lines: list[str]) -> None:
+    print("\n".join(lines), flush=True)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _client(args):
+    from fleetctl.cli import client_from_args
+
+    return client_from_args(args)
+
+
+def cmd_create(args) -> int:
+    from fleetctl.cli import EXIT_USAGE, eprint
+
+    try:
+        body = build_definition(args)
+    except _Usage as exc:
+        eprint(f"fleetctl rollout create: {exc}")
+        return EXIT_USAGE
+    client = _client(args)
+    rollout = client.post(f"{API}/rollouts/", body)
+    if args.start:
+        rollout = client.post(f"{API}/rollouts/{rollout['id']}/start", {})
+    if args.json:
+        print(json.dumps(rollout, indent=2, sort_keys=True))
+    else:
+        _print(render(rollout))
+        print(f"created rollout {rollout['id']} ({rollout['state']})", file=sys.stderr)
+    return 0
+
+
+def cmd_action(args) -> int:
+    body = {"reason": args.reason} if getattr(args, "reason", None) else {}
+    rollout = _client(args).post(f"{API}/rollouts/{args.id}/{args.rollout_command}", body)
+    if args.json:
+        print(json.dumps(rollout, indent=2, sort_keys=True))
+    else:
+        _print(render(rollout))
+        extra = f", {rollout['retried']} devices queued again" if "retried" in rollout else ""
+        print(f"rollout {args.id}: {args.rollout_command} done, now {rollout['state']}{extra}", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from fleetctl.cli import EXIT_INVALID
+
+    client = _client(args)
+    rollout = client.get(f"{API}/rollouts/{args.id}/")
+    if not args.watch:
+        if args.json:
+            print(json.dumps(rollout, indent=2, sort_keys=True))
+        else:
+            _print(render(rollout))
+        return 0
+    tty = sys.stdout.isatty()
+    drawn = 0
+    last = None
+    while True:
+        lines = render(rollout)
+        if tty:
+            # Redraw in place: move up over the previous frame and clear to the end of screen.
+            sys.stdout.write(("\x1b[%dF" % drawn if drawn else "") + "\x1b[J" + "\n".join(lines) + "\n")
+            sys.stdout.flush()
+            drawn = len(lines)
+        elif lines != last:
+            _print([time.strftime("%H:%M:%S ") + lines[0], *lines[1:]])
+        last = lines
+        if rollout["state"] in TERMINAL:
+            return 0 if rollout["state"] == "completed" else EXIT_INVALID
+        time.sleep(args.interval)
+        rollout = client.get(f"{API}/rollouts/{args.id}/")
+
+
+def cmd_list(args) -> int:
+    from fleetctl.cli import print_table
+
+    params = {k: v for k, v in (("state", args.state), ("model", args.model)) if v}
+    rows = _client(args).get_all(f"{API}/rollouts/", params)
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return 0
+    print_table(rows, [("id", "ID"), ("model", "MODEL"), ("version", "VERSION"), ("state", "STATE"),
+                       ("current_wave", "WAVE"), ("created_by", "CREATED BY"), ("created_at", "CREATED")])
+    return 0
 
 
 def add_parser(subparsers) -> None:
     """Register the `rollout` subcommand group on fleetctl's top-level subparsers."""
+    from fleetctl.cli import _Parser, common_options
+
+    common = common_options()
+    rollout = subparsers.add_parser("rollout", help="create, drive and watch staged rollouts",
+                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = rollout.add_subparsers(dest="rollout_command", metavar="ACTION", parser_class=_Parser)
+    sub.required = True
+
+    create = sub.add_parser("create", parents=[common], help="define a rollout (and --start it)")
+    create.add_argument("--model")
+    create.add_argument("--version", dest="version")
+    create.add_argument("--label", action="append", default=[], metavar="K=V", help="target devices with this label")
+    create.add_argument("--hardware", action="append", default=[], metavar="ID", help="target this hardware id")
+    create.add_argument("--device", action="append", default=[], metavar="ID", help="target this device explicitly")
+    create.add_argument("--wave", action="append", default=[], metavar="SPEC",
+                        help="devices=ID,ID | canary=ID,ID | N%% (cumulative) | N (count); in order")
+    create.add_argument("--min-healthy", type=float, metavar="PERCENT",
+                        help="success gate: share of a wave committed (healthy after activation)")
+    create.add_argument("--min-reports", type=int, metavar="N", help="failure gate: reports before judging")
+    create.add_argument("--max-failed-percent", type=float, metavar="PERCENT", help="failure gate: share failed")
+    create.add_argument("--max-failures", type=int, metavar="K", help="failure gate: count failed")
+    create.add_argument("--soak", type=int, metavar="SECONDS", help="hold each passed wave this long")
+    create.add_argument("--rate", type=int, metavar="N", help="at most N directives per minute")
+    create.add_argument("--gates", metavar="JSON", help="gates as JSON (merged under the flags above)")
+    create.add_argument("--abort-policy", choices=("pause", "abort", "revert"))
+    create.add_argument("--requires-approval", action="store_true")
+    create.add_argument("--name")
+    create.add_argument("--file", metavar="JSON_FILE", help="the whole definition as JSON; flags override it")
+    create.add_argument("--start", action="store_true", help="start it right away")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(func=cmd_create)
+
+    status = sub.add_parser("status", parents=[common], help="per-wave progress; --watch follows it live")
+    status.add_argument("id", type=int)
+    status.add_argument("--watch", action="store_true",
+                        help="redraw until the rollout ends; exit 0 if completed, 1 if aborted or rolled back")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    listing = sub.add_parser("list", parents=[common], help="list rollouts")
+    listing.add_argument("--state", help="comma-separated states, e.g. running,paused")
+    listing.add_argument("--model")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_list)
+
+    for name, help_text in ACTIONS.items():
+        action = sub.add_parser(name, parents=[common], help=help_text)
+        action.add_argument("id", type=int)
+        if name in ("pause", "abort", "rollback"):
+            action.add_argument("--reason", help="recorded in the audit log")
+        action.add_argument("--json", action="store_true")
+        action.set_defaults(func=cmd_action)

@@ -923,6 +923,28 @@ def _versions_by_sha(model_id: int, shas: set[str]) -> dict[str, int]:
     )
 
 
+def rollout_catch_up_events(*, rollout_id: int) -> set[int]:
+    """Apply stored events the event-driven path missed (Redis down when ingest enqueued,
+    a task lost): every device report reaches the gates, if only on the next tick."""
+    waiting = list(
+        RolloutDevice.objects.filter(rollout_id=rollout_id)
+        .filter(Q(state__in=RolloutDevice.IN_FLIGHT, seq__isnull=False) | Q(state=RD.REVERTING))
+        .values_list("device_id", "seq", "revert_seq", "last_event_no")
+    )
+    if not waiting:
+        return set()
+    wanted = {}
+    for device_id, seq, revert_seq, last in waiting:
+        for s in (seq, revert_seq):
+            if s is not None:
+                wanted[(device_id, s)] = last
+    candidates = DeviceEvent.objects.filter(
+        device_id__in={d for d, _ in wanted}, seq__in={s for _, s in wanted}
+    ).values_list("pk", "device_id", "seq", "event_no")
+    ids = [pk for pk, d, s, n in candidates if (d, s) in wanted and n > wanted[(d, s)]]
+    return rollout_apply_events(event_ids=ids) if ids else set()
+
+
 def rollouts_due() -> list[int]:
     return list(Rollout.objects.filter(state=Rollout.State.RUNNING).values_list("pk", flat=True))
 

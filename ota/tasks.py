@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 
 
 @shared_task(name="ota.tasks.evaluate_rollout", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)
-def evaluate_rollout(rollout_id: int) -> str:
+def evaluate_rollout(rollout_id: int, catch_up: bool = False) -> str:
+    if catch_up:
+        actions.rollout_catch_up_events(rollout_id=rollout_id)
     return actions.rollout_evaluate(rollout_id=rollout_id)
 
 
@@ -37,11 +39,15 @@ def rollout_tick() -> dict:
     republished = directives_publish_stale()
     due = actions.rollouts_due()
     for rollout_id in due:
-        evaluate_rollout.delay(rollout_id)
+        evaluate_rollout.delay(rollout_id, catch_up=True)
     return {"republished": republished, "evaluated": due}
 
 
 def on_device_events(event_ids: list[int]) -> None:
     """Called by ingest (ota.hooks) after a batch of events committed: hand them to a worker."""
-    if event_ids:
+    if not event_ids:
+        return
+    try:
         apply_device_events.delay(list(event_ids))
+    except Exception:  # noqa: BLE001 - the events are stored; the beat tick's catch-up applies them
+        logger.exception("could not enqueue %d device events; the rollout tick will catch up", len(event_ids))

@@ -267,3 +267,17 @@ def test_it_publishes_directives_a_dead_worker_committed_but_never_sent(setup, r
     time.sleep(0.5)
     assert len(recorder.live()) == 2
     assert sorted((m["device"], m["seq"]) for m in recorder.live()) == [("dev-0000", 1), ("dev-0001", 1)]
+
+
+def test_it_catches_up_on_events_whose_wake_up_was_lost(setup):
+    fleet = setup["fleet"]
+    rollout = start()
+    fleet.evaluate(rollout)
+    # Stored by ingest, but the task that should have applied them never ran.
+    for n, state in enumerate(("received", "trial", "committed"), start=1):
+        for device_id in ("dev-0000", "dev-0001"):
+            DeviceEvent.objects.create(device_id=device_id, event_no=n, seq=1, model="detector", state=state)
+    assert actions.rollout_catch_up_events(rollout_id=rollout.pk) == {rollout.pk}
+    assert set(RolloutDevice.objects.filter(rollout=rollout, wave__index=0).values_list("state", flat=True)) == {"committed"}
+    assert actions.rollout_catch_up_events(rollout_id=rollout.pk) == set()
+    assert fleet.evaluate(rollout) == "dispatched"

@@ -57,6 +57,20 @@ def _django_env(settings) -> dict[str, str]:
     }
 
 
+def point_celery_at(redis_url: str = DEFAULT_REDIS_URL) -> None:
+    """Make tasks enqueued by the test process itself (API calls in the live server thread,
+    on_commit wake-ups) go to this Redis db instead of the shared default."""
+    from config.celery import app
+
+    app.conf.broker_url = redis_url
+    app.conf.task_always_eager = False
+    # Pooled connections made before the switch would still talk to the old URL.
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
+
+
 @dataclass
 class Proc:
     name: str
@@ -108,16 +122,7 @@ class Platform:
         redis.Redis.from_url(self.redis_url).flushdb()
 
     def _point_celery_here(self) -> None:
-        """The test process itself enqueues tasks (API calls in the live server thread)."""
-        from config.celery import app
-
-        app.conf.broker_url = self.redis_url
-        app.conf.task_always_eager = False
-        # Pooled connections made before the switch would still talk to the old URL.
-        if app._pool is not None:
-            app._pool.force_close_all()
-            app._pool = None
-        app.amqp._producer_pool = None
+        point_celery_at(self.redis_url)
 
     def _spawn(self, name: str, args: list[str]) -> Proc:
         self._counter += 1
