@@ -8,10 +8,16 @@ import time
 
 import pytest
 
+from agent.protocol import encode_json
 from ota import actions
-from ota.models import Rollout
+from ota.models import Device, DeviceModelState, Rollout, RolloutDevice
 from tests.support import web_data
-from tests.support.browser import Browser, chromium_available, login, screenshot
+from tests.support.browser import TABLET, Browser, chromium_available, login, screenshot
+from tests.support.platform import Platform, ProtocolResponder
+
+REDIS_URL = "redis://127.0.0.1:6379/6"
+OLD_HEALTH = {"error_rate": 0.04, "latency_ms_p95": 38.0}
+NEW_HEALTH = {"error_rate": 0.01, "latency_ms_p95": 24.0}
 
 pytestmark = [
     pytest.mark.browser,
@@ -20,15 +26,218 @@ pytestmark = [
 ]
 
 
-def make_devices(count, *, hardware="jetson-orin", labels=None, prefix="cam"):
-    from ota.models import Device
-
+def make_devices(count, *, hardware="jetson-orin", labels=None, prefix="cam", running=None):
+    """Device rows as enrollment leaves them; `running` is the release they reported active."""
     web_data.hardware(hardware)
     ids = [f"{prefix}-{i:03d}" for i in range(count)]
     Device.objects.bulk_create(
         [Device(id=i, hardware_id=hardware, labels=dict(labels or {}), mqtt_username=i, online=True) for i in ids]
     )
+    if running is not None:
+        sha = running.artifacts.get(hardware_id=hardware).sha256
+        DeviceModelState.objects.bulk_create(
+            [DeviceModelState(device_id=i, model=running.model, active_version=running, active_sha256=sha) for i in ids]
+        )
     return ids
+
+
+class Fleet(ProtocolResponder):
+    """The platform harness's MQTT devices, which also report telemetry with trial health
+    figures, as the agent does, so the rollout page can compare the new release with the old."""
+
+    def report(self, device_id: str, model: str, sha: str, health: dict) -> None:
+        payload = encode_json({
+            "_type": "telemetry", "device_id": device_id, "ts": "2026-01-01T00:00:00Z", "cpu_percent": 12.5,
+            "memory_percent": 40.0, "disk_percent": 55.0, "active": {model: sha}, "health": health,
+        })
+        self.clients[device_id].publish(f"{self.topic_root}/devices/{device_id}/telemetry", payload, qos=1)
+
+    def _run_update(self, body: dict) -> None:
+        super()._run_update(body)
+        if not self._stop.is_set() and self.behaviour(body["device_id"], body) == "ok":
+            self.report(body["device_id"], body["model"], body["artifact"]["sha256"], NEW_HEALTH)
+
+
+@pytest.fixture
+def platform(live_server, secure_broker, tmp_path):
+    with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url, redis_url=REDIS_URL) as p:
+        p.start_ingest()
+        p.start_beat()
+        p.start_worker()
+        yield p
+
+
+@pytest.fixture
+def fleet_of(secure_broker):
+    """Starts devices (each with its own broker credentials) answering directives over MQTT."""
+    started = []
+
+    def start(device_ids):
+        started.append(Fleet(secure_broker, device_ids, step_delay=0.05, trial_seconds=0.8).start())
+        return started[-1]
+
+    yield start
+    for fleet in started:
+        fleet.stop()
+
+
+def wait_for(predicate, timeout, what, platform=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{platform.logs() if platform else ''}")
+
+
+def live_state(page) -> tuple[str, int]:
+    live = page.locator("#live")
+    return live.get_attribute("data-state"), int(live.get_attribute("data-percent"))
+
+
+def click_action(page, browser, action: str) -> str:
+    before = len(browser.dialogs)
+    page.click(f'button[data-action="{action}"]')
+    page.wait_for_function("() => !document.querySelector('#live.htmx-request')")
+    assert len(browser.dialogs) == before + 1, "every action asks for confirmation"
+    return browser.dialogs[-1]
+
+
+def test_it_lets_an_operator_create_start_and_watch_a_rollout_reach_100_percent_without_reloading(
+    live_server, operator, platform, fleet_of
+):
+    old = web_data.released("detector", "1.0.0", hardware_ids=("jetson-orin",))
+    new = web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",), scale=3.0)
+    devices = make_devices(12, labels={"site": "berlin"}, running=old)
+    make_devices(3, hardware="rpi5", labels={"site": "berlin"}, prefix="pi")
+    fleet = fleet_of(devices)
+    old_sha = old.artifacts.get().sha256
+    for device_id in devices:
+        fleet.report(device_id, "detector", old_sha, OLD_HEALTH)
+    wait_for(lambda: Device.objects.filter(last_telemetry_at__isnull=False).count() == 12, 30, "telemetry", platform)
+
+    with Browser(base_url=live_server.url) as browser:
+        page = browser.new_page()
+        login(page, "olivia-operator", "olivia-operator-password-123")
+        page.wait_for_selector("#fleet-totals canvas, #fleet-totals")
+        assert page.locator("[data-online]").inner_text() == "15"
+
+        page.click("text=Rollouts")
+        page.click("#new-rollout")
+        page.select_option("#id_release", label="detector @ 2.0.0")
+        page.fill("#id_target_labels", "site=berlin")
+        page.select_option("#id_template", "canary 2 → 25% → 100%")
+        page.fill("#id_soak_seconds", "2")
+        page.fill("#id_rate_per_minute", "")
+        page.fill("#id_name", "berlin cameras")
+        page.wait_for_selector("#preview [data-matched]")
+        page.wait_for_function("() => document.querySelector('#preview [data-matched]').textContent === '15'")
+        assert page.locator("#preview [data-incompatible]").inner_text() == "3"
+        assert "canary: 2 more devices → 2" in page.locator("#preview").inner_text()
+        screenshot(page, "wizard")
+
+        page.click("#review-button")
+        page.wait_for_selector("#review")
+        assert "12 compatible" in page.locator("#review").inner_text()
+        page.click("#create-button")
+        page.wait_for_selector("#live")
+        rollout = Rollout.objects.get()
+        assert page.url.endswith(f"/rollouts/{rollout.pk}/")
+        assert (rollout.name, rollout.release_id) == ("berlin cameras", new.pk)
+
+        page.evaluate("window.__noReloadMarker = 'still-here'")
+        text = click_action(page, browser, "start")
+        assert text.startswith(f"Start rollout #{rollout.pk}? detector@2.0.0 goes to 12 devices in 3 waves")
+
+        # Progress arrives by htmx polling alone: catch it part-way, then at 100 %.
+        page.wait_for_function(
+            "() => { const l = document.querySelector('#live');"
+            " return l.dataset.state === 'running' && +l.dataset.percent > 0 && +l.dataset.percent < 100; }",
+            timeout=60_000,
+        )
+        screenshot(page, "rollout-running")
+        page.wait_for_function(
+            "() => { const l = document.querySelector('#live');"
+            " return l.dataset.state === 'completed' && l.dataset.percent === '100'; }",
+            timeout=90_000,
+        )
+        assert page.evaluate("window.__noReloadMarker") == "still-here", "the page was reloaded"
+        assert page.locator('#waves [data-state="healthy"] [data-count]').all_inner_texts() == ["2", "1", "9"]
+        wait_for(lambda: Device.objects.filter(last_telemetry__health=NEW_HEALTH).count() == 12, 20, "new health")
+        page.wait_for_function("() => document.querySelector('#health').textContent.includes('new 24')", timeout=20_000)
+        assert page.locator("#health canvas").count() == 2
+        assert "rollout.complete" in page.locator("#rollout-audit").inner_text()
+        screenshot(page, "rollout-completed")
+
+        # Tablet width: the same page stays usable (no horizontal scrolling of the whole page).
+        page.set_viewport_size(TABLET)
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    assert RolloutDevice.objects.filter(rollout=rollout, state="committed").count() == 12
+
+
+def test_it_pauses_and_resumes_one_rollout_and_aborts_another_with_revert(
+    live_server, operator, platform, fleet_of
+):
+    old = web_data.released("detector", "1.0.0", hardware_ids=("jetson-orin",))
+    web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",), scale=3.0)
+    berlin = make_devices(6, labels={"site": "berlin"}, running=old)
+    paris = make_devices(6, labels={"site": "paris"}, running=old, prefix="par")
+    slow_canary = {"success": {"min_healthy_percent": 100}, "soak_seconds": 3}
+    first = actions.rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
+        waves=[{"name": "canary", "count": 2}, {"percent": 100}], gates=slow_canary, actor="user:setup",
+    )
+    second = actions.rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "paris"}},
+        waves=[{"name": "canary", "count": 2}, {"percent": 100}], gates={**slow_canary, "soak_seconds": 600},
+        actor="user:setup",
+    )
+
+    fleet_of(berlin + paris)
+    with Browser(base_url=live_server.url) as browser:
+        page = browser.new_page()
+        login(page, "olivia-operator", "olivia-operator-password-123")
+
+        page.goto(f"/rollouts/{first.pk}/")
+        click_action(page, browser, "start")
+        page.wait_for_selector('#live[data-state="running"]')
+        text = click_action(page, browser, "pause")
+        assert "No new directives go out until it is resumed" in text
+        page.wait_for_selector('#live[data-state="paused"]')
+        time.sleep(4)  # longer than the canary soak: a paused rollout must not move on
+        assert Rollout.objects.get(pk=first.pk).current_wave == 0
+        assert not RolloutDevice.objects.filter(rollout=first, wave__index=1).exclude(state="planned").exists()
+        click_action(page, browser, "resume")
+        page.wait_for_function(
+            "() => { const l = document.querySelector('#live');"
+            " return l.dataset.state === 'completed' && l.dataset.percent === '100'; }",
+            timeout=60_000,
+        )
+
+        page.goto(f"/rollouts/{second.pk}/")
+        click_action(page, browser, "start")
+        # The canary commits, then soaks for ten minutes: abort and revert it from the page.
+        page.wait_for_function("() => document.querySelector('#live').dataset.percent === '33'", timeout=60_000)
+        overview = browser.new_page()  # a second tab: the rollout page itself is never navigated
+        overview.goto("/")
+        overview.wait_for_selector(f'a[href="/rollouts/{second.pk}/"]')
+        screenshot(overview, "overview")
+        overview.close()
+        canary = list(RolloutDevice.objects.filter(rollout=second, state="committed").values_list("device_id", flat=True))
+        assert len(canary) == 2 and set(canary) <= set(paris)
+        text = click_action(page, browser, "rollback")
+        assert "gets a new directive back to the release it ran before" in text
+        page.wait_for_selector('#live[data-state="rolled_back"]')
+        page.wait_for_function(
+            "() => document.querySelector('#live [data-state=\"rolled_back\"] [data-count]').textContent === '2'",
+            timeout=60_000,
+        )
+        assert "rollout.rollback" in page.locator("#rollout-audit").inner_text()
+    assert set(
+        RolloutDevice.objects.filter(rollout=second, device_id__in=canary).values_list("state", flat=True)
+    ) == {"reverted"}
+    assert set(DeviceModelState.objects.filter(device_id__in=canary).values_list("active_version_id", flat=True)) == {old.pk}
+    assert RolloutDevice.objects.filter(rollout=second, state="skipped").count() == 4
 
 
 def test_it_shows_a_viewer_no_action_buttons_and_refuses_a_forged_post(live_server, viewer):

@@ -148,7 +148,7 @@ def test_it_shows_action_buttons_with_confirmations_to_operators_only(client, op
     client.force_login(operator)
     html = client.get(url).content.decode()
     assert 'data-action="start"' in html
-    assert "Start rollout #%d? detector@2.0.0 goes to 10 devices in 2 waves, beginning with wave 1 (canary, 2 devices)." % rollout.pk in html
+    assert "Start rollout #%d? detector@2.0.0 goes to 10 devices in 2 waves, beginning with wave 0 (canary, 2 devices)." % rollout.pk in html
 
     client.force_login(viewer)
     html = client.get(url).content.decode()

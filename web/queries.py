@@ -101,12 +101,15 @@ PROGRESS_BUCKETS = [
     ("prechecking", "prechecking", ("prechecking",)),
     ("in_trial", "in trial", ("activating", "trial")),
     ("healthy", "healthy", ("committed",)),
-    ("failed", "failed", ("failed", "rejected")),
+    ("failed", "failed", ("failed", "rejected", "revert_failed")),
     ("timed_out", "timed out", ("timed_out",)),
-    ("rolled_back", "rolled back", ("rolled_back", "reverting", "reverted", "revert_failed")),
+    ("reverting", "reverting", ("reverting",)),
+    ("rolled_back", "rolled back", ("rolled_back", "reverted")),
     ("offline", "offline", ()),
     ("skipped", "skipped", ("skipped",)),
 ]
+# Shown only when some device is in them.
+OPTIONAL_BUCKETS = {"reverting", "skipped"}
 BUCKET_OF = {state: key for key, _, states in PROGRESS_BUCKETS for state in states}
 FINISHED_STATES = {"committed", "failed", "rejected", "timed_out", "rolled_back", "reverted", "revert_failed", "skipped"}
 
@@ -126,7 +129,7 @@ def progress_rows(counts: dict[str, int]) -> list[dict]:
     return [
         {"key": key, "label": label, "count": counts[key], "percent": round(100 * counts[key] / total, 2)}
         for key, label, _ in PROGRESS_BUCKETS
-        if counts[key] or key != "skipped"
+        if counts[key] or key not in OPTIONAL_BUCKETS
     ]
 
 
@@ -390,7 +393,7 @@ def confirm_text(rollout, action: str, live: dict) -> str:
     release = f"{rollout.model.name}@{rollout.release.version}"
     n = live["overall"]["devices"]
     current = live["current_wave"]
-    wave_text = f"wave {current['index'] + 1} ({current['name'] or 'unnamed'}, {current['size']} devices)" if current else "the current wave"
+    wave_text = f"wave {current['index']} ({current['name'] or 'unnamed'}, {current['size']} devices)" if current else "the current wave"
     failed = live["overall"]["counts"]["failed"] + live["overall"]["counts"]["timed_out"] + live["overall"]["counts"]["rolled_back"]
     texts = {
         "approve": f"Approve rollout #{rollout.pk} of {release}? Another operator can then start it.",
@@ -447,7 +450,8 @@ def rollout_live(rollout) -> dict:
             ]
         waves.append({
             **item,
-            "number": item["index"] + 1,
+            # Numbered from 0 like the engine's audit reasons ("wave 0 failure gate: ...").
+            "number": item["index"],
             "rows": progress_rows(wave_counts),
             "bucket_counts": wave_counts,
             "gate_rows": gate_rows,

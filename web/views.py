@@ -86,7 +86,8 @@ def overview(request):
         ],
         options={"scales": {"x": {"stacked": True}, "y": {"stacked": True}}},
     )
-    decisions = AuditEntry.objects.filter(actor="system").order_by("-created_at", "-id")[:15]
+    # Automatic decisions worth an operator's eye; a wave merely starting is routine.
+    decisions = AuditEntry.objects.filter(actor="system").exclude(action="wave.start").order_by("-created_at", "-id")[:15]
     context = {
         "fleet": fleet,
         "version_chart": version_chart,
