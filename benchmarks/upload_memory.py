@@ -101,6 +101,33 @@ class RssSampler(threading.Thread):
         self.running.clear()
 
 
+VALIDATORS = {
+    "registry.onnx_check.onnx_validate (streaming, used)": "from registry.onnx_check import onnx_validate; onnx_validate(PATH)",
+    "onnx.checker.check_model(path)": "import onnx; onnx.checker.check_model(PATH)",
+    "onnx.checker.check_model(onnx.load(path))": "import onnx; onnx.checker.check_model(onnx.load(PATH))",
+}
+
+
+def validator_peaks(python: str, model_path: Path) -> dict[str, float]:
+    """Peak RSS of a fresh process running each way of validating the model, for comparison."""
+    peaks = {}
+    for label, code in VALIDATORS.items():
+        # VmHWM (peak RSS of this address space) rather than ru_maxrss, which survives exec and
+        # would report this big parent process.
+        script = (
+            "import sys; sys.path.insert(0, sys.argv[2]); PATH = sys.argv[1]; import onnx\n"
+            f"{code}\n"
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
+        )
+        result = subprocess.run(
+            [python, "-c", script, str(model_path), str(ROOT)], capture_output=True, text=True, timeout=600
+        )
+        if result.returncode:
+            sys.exit(f"{label} failed: {result.stderr}")
+        peaks[label] = round(int(result.stdout.split()[-1]) / 1024, 1)
+    return peaks
+
+
 def mb(value: int) -> float:
     return round(value / (1024 * 1024), 1)
 
@@ -139,6 +166,7 @@ def main() -> int:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
         sha256 = digest.hexdigest()
+        validators = validator_peaks(python, model_path)
 
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -267,6 +295,7 @@ def main() -> int:
         "download_seconds": round(download_seconds, 2),
         "target_peak_rss_mb": TARGET_MB,
         "passed": mb(max(upload_peak_total, sampler.peak_total)) < TARGET_MB,
+        "validator_peak_rss_mb_in_a_fresh_process": validators,
         "onnx_validation": (
             "registry.onnx_check streams the protobuf wire format, leaves initializer raw_data larger than "
             "64 KiB on disk (offset/length only), and runs onnx.checker.check_model on the small skeleton, whose "
