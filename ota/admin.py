@@ -86,3 +86,5 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
         for token_id in queryset.values_list("id", flat=True):
             devices.enrollment_token_revoke(token_id=token_id, actor=actor_label(request.user))
         self.message_user(request, "Revoked.", messages.SUCCESS)
+
+from ota import admin_rollouts  # noqa: E402,F401  (registers the rollout admin classes)

@@ -160,3 +160,20 @@ def test_it_answers_404_for_an_unknown_rollout(client, operator_token):
     response = act(client, operator_token, 999999, "pause")
     assert response.status_code == 404
     assert "No rollout with id 999999" in response.json()["error"]["message"]
+
+
+def test_it_shows_rollouts_in_the_django_admin_and_pauses_from_there(client, ci_token, fleet):
+    from django.contrib.auth.models import User
+
+    rid = create_rollout(client, ci_token, **definition()).json()["id"]
+    act(client, ci_token, rid, "start")
+    User.objects.create_superuser("root", "root@example.com", "root-password-123")
+    client.login(username="root", password="root-password-123")
+    assert client.get("/admin/ota/rollout/").status_code == 200
+    page = client.get(f"/admin/ota/rollout/{rid}/change/")
+    assert page.status_code == 200 and b"canary" in page.content
+    assert client.get("/admin/ota/rolloutdevice/?state=planned").status_code == 200
+    response = client.post("/admin/ota/rollout/", {"action": "pause_rollouts", "_selected_action": [rid]})
+    assert response.status_code == 302
+    detail = client.get(f"{API}/rollouts/{rid}/", **ci_token.headers).json()
+    assert detail["state"] == "paused" and detail["state_reason"] == "paused from the admin"
