@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET, require_POST
 from ota import actions as ota_actions
 from ota.models import ActiveRelease, Device, DeviceEvent, Rollout
 from registry import actions as registry_actions
-from registry.auth import actor_label, scopes_of
+from registry.auth import actor_label
 from registry.errors import ApiError
 from registry.models import Alias, AliasMove, AuditEntry, Model, ModelVersion
 from web import queries
@@ -28,8 +28,7 @@ from web.forms import AliasMoveForm, DeviceFilterForm, RolloutForm
 DEVICE_PAGE_SIZE = 50
 
 
-def role_of(user) -> str:
-    scopes = scopes_of(user)
+def role_of(scopes) -> str:
     if "admin" in scopes:
         return "admin"
     if "operator" in scopes:
@@ -38,7 +37,8 @@ def role_of(user) -> str:
 
 
 def page(request, template, context=None, *, section="", status=200):
-    context = {**(context or {}), "can": Can(request.user), "role": role_of(request.user), "section": section}
+    can = Can(request.user)
+    context = {**(context or {}), "can": can, "role": role_of(can.scopes), "section": section}
     return render(request, template, context, status=status)
 
 
