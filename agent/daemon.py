@@ -567,9 +567,13 @@ class Agent:
             self.store.point(model, "current", None)
             self.store.point(model, "previous", None)
         crash_point("swapped-back")
-        ok, reload_detail = self._run_reload()
-        if not ok:
-            detail = f"{detail}; {reload_detail}"
+        if upd.get("transitions", 0) > self.cfg.update.max_transitions + 3:
+            # The reload hook itself keeps killing us: the switch back is done, so stop calling it.
+            detail = f"{detail}; reload command skipped after repeated restarts"
+        else:
+            ok, reload_detail = self._run_reload()
+            if not ok:
+                detail = f"{detail}; {reload_detail}"
 
         def mutate(data):
             if prev:

@@ -126,3 +126,44 @@ def test_it_survives_sigkill_at_every_transition(installed, point):
         t.join(180)
     if errors:
         raise errors[0]
+
+
+def _fresh(inst, device: str, update: dict):
+    rig = inst.rig
+    state = clone_state(inst.template, rig.tmp / device / "state")
+    rig.config(device, state_dir=state, update=update)
+    rig.publish_directive(device, rig.directive(device, 2, MODEL, inst.rel2, inst.v2))
+    return rig, state, rig.agent(device)
+
+
+def test_it_rolls_back_when_the_agent_restarts_too_often_during_trial(installed):
+    rig, state, agent = _fresh(installed, "c-trial-restarts", {"trial_seconds": 60, "max_trial_restarts": 1})
+    for kills in range(2):  # two restarts during the trial: one more than allowed
+        agent.start()
+        wait_for(lambda: (journal(state).get("update") or {}).get("trial_restarts") == kills and agent.ready(), 60,
+                 "the trial", agent=agent)
+        agent.proc.kill()
+        agent.wait(10)
+    agent.start()
+    outcome = rig.subscriber.wait_outcome("c-trial-restarts", 2, agent=agent)
+    assert (outcome["state"], outcome["error_code"]) == ("rolled_back", "TRIAL_FAILED"), outcome
+    assert "restarted 2 times" in outcome["detail"]
+    assert _check_active(state, {installed.v1.sha256: b""}) == installed.v1.sha256
+    assert installed.v2.sha256 in journal(state)["denylist"]
+
+
+def test_it_breaks_a_crash_loop_with_rollback_loop(installed):
+    # The reload hook kills the agent every time it runs: without a cap this never ends.
+    rig, state, agent = _fresh(installed, "c-loop", {"reload_command": "kill -9 $PPID", "max_transitions": 10})
+    restarts = 0
+    while not rig.subscriber.outcomes("c-loop", 2):
+        assert restarts < 15, f"no way out of the crash loop\n{agent.log_text()[-3000:]}"
+        agent.start()
+        wait_for(lambda: not agent.alive() or rig.subscriber.outcomes("c-loop", 2), 60, "death or outcome",
+                 agent=agent)
+        restarts += 1
+        _check_active(state, {installed.v1.sha256: b"", installed.v2.sha256: b""})
+    outcome = rig.subscriber.outcomes("c-loop", 2)[0]
+    assert (outcome["state"], outcome["error_code"]) == ("rolled_back", "ROLLBACK_LOOP"), outcome
+    assert _check_active(state, {installed.v1.sha256: b""}) == installed.v1.sha256
+    agent.stop()
