@@ -175,6 +175,13 @@ def test_it_verifies_a_release_offline_and_refuses_tampering(fleet_env, models_d
     assert refused.returncode == 1
     assert "SIGNATURE_INVALID" in refused.stderr
 
+    raw = base64.b64decode(envelope["payload"])
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text(json.dumps({**envelope, "payload": base64.b64encode(raw[: len(raw) // 2]).decode()}))
+    cut = run_fleetctl("verify", str(truncated), "--key", str(release_pub), env={})
+    assert cut.returncode == 1
+    assert "SIGNATURE_INVALID" in cut.stderr
+
     other_key = tmp_path / "other.pub.pem"
     from agent.signing import generate_private_key_pem
 
