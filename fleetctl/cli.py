@@ -459,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not hasattr(args, "func"):  # a command group given without its action
+        eprint(f"fleetctl: error: '{' '.join(argv if argv is not None else sys.argv[1:])}' needs an action; see --help")
+        return EXIT_USAGE
     try:
         return args.func(args)
     except (UsageError, ConfigError) as exc:
