@@ -288,3 +288,43 @@ class RolloutForm(forms.Form):
                     self.add_error(field, text)
                 else:
                     self.add_error(None, f"{key}: {text}")
+
+
+# --- admin: credentials ----------------------------------------------------------------------
+
+
+class ApiTokenForm(forms.Form):
+    name = forms.CharField(max_length=100, help_text="Who uses it, e.g. github-actions.")
+    scope = forms.ChoiceField(
+        choices=[("read", "read"), ("ci", "ci"), ("operator", "operator"), ("admin", "admin")], initial="ci"
+    )
+
+
+class EnrollmentTokenForm(forms.Form):
+    name = forms.CharField(max_length=100, required=False, help_text="e.g. berlin line 2 install day")
+    max_uses = forms.IntegerField(min_value=1, max_value=100_000, initial=1, label="Max uses")
+    expires_in = forms.CharField(
+        required=False, initial="1d", label="Expires in", help_text="e.g. 12h, 1d, 2w; blank: never."
+    )
+    labels = forms.CharField(
+        required=False, help_text="Labels every device enrolled with it gets: site=berlin, line=2"
+    )
+
+    def clean_expires_in(self):
+        from ota.devices import parse_duration
+
+        text = self.cleaned_data["expires_in"].strip()
+        if not text:
+            return None
+        try:
+            return parse_duration(text)
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def clean_labels(self):
+        from ota.devices import parse_label_pairs
+
+        try:
+            return parse_label_pairs([p.strip() for p in self.cleaned_data["labels"].split(",") if p.strip()])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None

@@ -10,6 +10,7 @@ urlpatterns = [
     path("", views.overview, name="overview"),
     path("devices/", views.device_list, name="devices"),
     path("devices/<str:device_id>/", views.device_detail, name="device"),
+    path("devices/<str:device_id>/revoke/", views.device_revoke, name="device_revoke"),
     path("registry/", views.model_list, name="models"),
     path("registry/<slug:name>/", views.model_detail, name="model"),
     path("registry/<slug:name>/aliases/", views.alias_move, name="alias_move"),
@@ -22,4 +23,5 @@ urlpatterns = [
     path("rollouts/<int:pk>/live/", views.rollout_live, name="rollout_live"),
     path("rollouts/<int:pk>/<str:action>/", views.rollout_action, name="rollout_action"),
     path("audit/", views.audit_log, name="audit"),
+    path("access/", views.access, name="access"),
 ]

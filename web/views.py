@@ -11,19 +11,21 @@ from django.contrib.auth import views as auth_views
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Count, Prefetch
-from django.http import Http404, HttpResponseNotAllowed
+from django.http import Http404, HttpResponseBadRequest, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from ota import actions as ota_actions
-from ota.models import ActiveRelease, Device, DeviceEvent, Rollout
+from ota import devices as ota_devices
+from ota.models import ActiveRelease, Device, DeviceEvent, EnrollmentToken, Rollout
 from registry import actions as registry_actions
+from registry import keys as registry_keys
 from registry.auth import actor_label
 from registry.errors import ApiError
-from registry.models import Alias, AliasMove, AuditEntry, Model, ModelVersion
+from registry.models import Alias, AliasMove, ApiToken, AuditEntry, Model, ModelVersion
 from web import queries
 from web.access import Can, scope_required
-from web.forms import AliasMoveForm, DeviceFilterForm, RolloutForm
+from web.forms import AliasMoveForm, ApiTokenForm, DeviceFilterForm, EnrollmentTokenForm, RolloutForm
 
 DEVICE_PAGE_SIZE = 50
 
@@ -223,6 +225,93 @@ def alias_move(request, name):
     # Re-render with the errors next to their fields (a GET view reused for its context).
     request.method = "GET"
     return model_detail(request, name, alias_form=form, status=400)
+
+
+# --- admin: credentials and keys ------------------------------------------------------------
+
+
+@scope_required("admin")
+def access(request):
+    """API tokens, enrollment tokens and the public signing keys. A new secret is shown once, in
+    this response only (never in a redirect's flash message, which would keep it in the session)."""
+    api_form = ApiTokenForm(prefix="api")
+    enroll_form = EnrollmentTokenForm(prefix="enroll")
+    new_secret = None
+    status = 200
+    if request.method == "POST":
+        actor = actor_label(request.user)
+        kind = request.POST.get("kind")
+        if kind == "api":
+            api_form = ApiTokenForm(request.POST, prefix="api")
+            if api_form.is_valid():
+                try:
+                    token, secret = registry_actions.token_create(**api_form.cleaned_data, actor=actor)
+                except ApiError as exc:
+                    api_form.add_error("name", str(exc.detail))
+                else:
+                    new_secret = {"what": f"API token '{token.name}' ({token.scope})", "secret": secret}
+                    api_form = ApiTokenForm(prefix="api")
+        elif kind == "enroll":
+            enroll_form = EnrollmentTokenForm(request.POST, prefix="enroll")
+            if enroll_form.is_valid():
+                d = enroll_form.cleaned_data
+                token, secret = ota_devices.enrollment_token_create(
+                    max_uses=d["max_uses"], expires_in=d["expires_in"], labels=d["labels"], name=d["name"],
+                    created_by=actor,
+                )
+                new_secret = {"what": f"enrollment token {token.prefix}… ({token.max_uses} uses)", "secret": secret}
+                enroll_form = EnrollmentTokenForm(prefix="enroll")
+        elif kind == "revoke-api":
+            tokens = ApiToken.objects.filter(pk=request.POST.get("token_id") or 0)
+            count = registry_actions.tokens_revoke(tokens=tokens, actor=actor)
+            if count:
+                messages.success(request, "API token revoked.")
+            else:
+                messages.error(request, "No such active token.")
+            return redirect("web:access")
+        elif kind == "revoke-enroll":
+            try:
+                ota_devices.enrollment_token_revoke(token_id=int(request.POST.get("token_id") or 0), actor=actor)
+            except (EnrollmentToken.DoesNotExist, ValueError):
+                messages.error(request, "No such enrollment token.")
+            else:
+                messages.success(request, "Enrollment token revoked.")
+            return redirect("web:access")
+        else:
+            return HttpResponseBadRequest("Unknown form.")
+        if new_secret is None:
+            status = 400
+    try:
+        keys = registry_keys.public_keys()
+        keys_error = ""
+    except ApiError as exc:
+        keys, keys_error = [], str(exc.detail)
+    context = {
+        "api_form": api_form,
+        "enroll_form": enroll_form,
+        "new_secret": new_secret,
+        "api_tokens": ApiToken.objects.order_by("revoked_at", "-created_at")[:200],
+        "enrollment_tokens": EnrollmentToken.objects.order_by("-created_at")[:200],
+        "keys": keys,
+        "keys_error": keys_error,
+    }
+    response = page(request, "web/access.html", context, section="access", status=status)
+    if new_secret:
+        response["Cache-Control"] = "no-store"
+    return response
+
+
+@require_POST
+@scope_required("admin")
+def device_revoke(request, device_id):
+    get_object_or_404(Device, pk=device_id)
+    try:
+        ota_devices.device_revoke(device_id=device_id, actor=actor_label(request.user))
+    except ApiError as exc:
+        messages.error(request, str(exc.detail))
+    else:
+        messages.success(request, f"Device {device_id} revoked: API token and broker credentials removed.")
+    return redirect("web:device", device_id=device_id)
 
 
 # --- audit -----------------------------------------------------------------------------------
