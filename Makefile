@@ -1,4 +1,4 @@
-.PHONY: run test bootstrap bench clean
+.PHONY: run test bootstrap bench bench-rollout clean
 
 run:
 	@scripts/run.sh
@@ -12,6 +12,11 @@ bootstrap:
 bench:
 	@scripts/bootstrap.sh --test
 	.venv/bin/python benchmarks/run_all.py
+
+bench-rollout:
+	@scripts/bootstrap.sh --test
+	@scripts/ensure_services.sh --postgres
+	.venv/bin/python benchmarks/rollout_fleet.py
 
 clean:
 	rm -rf var .pytest_cache
