@@ -11,12 +11,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from django.conf import settings as django_settings
 
 from agent.protocol import Topics
 from agent.signing import generate_private_key_pem, load_private_key_pem
+from ota import hooks
 from ota.ingest import IngestRunner
 from ota.models import Device, DeviceEvent, DeviceModelState
 from ota.mqtt import Publisher
@@ -40,6 +42,10 @@ def wait_for(predicate, timeout=30.0, what="condition"):
 
 @pytest.fixture
 def ingest(secure_broker):
+    """Ingest in a thread; the rollout engine's hook is not this file's subject (and must not
+    queue Celery tasks on a shared Redis)."""
+    patcher = mock.patch.object(hooks, "on_device_events", autospec=True)
+    patcher.start()
     stop = threading.Event()
     runner = IngestRunner()
     thread = threading.Thread(target=runner.run, args=(stop,), daemon=True)
@@ -48,6 +54,7 @@ def ingest(secure_broker):
     yield runner
     stop.set()
     thread.join(10)
+    patcher.stop()
 
 
 def states(device_id: str) -> list[str]:
