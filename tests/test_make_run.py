@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import os
+import random
 import re
 import signal
 import socket
@@ -63,15 +64,30 @@ def _get(opener, url: str) -> tuple[int, str]:
         return response.status, response.read().decode("utf-8", "replace")
 
 
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range: a port from bind(0) can be taken by any
+    outgoing connection on this busy machine before gunicorn or Mosquitto binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 @pytest.fixture
 def run_env(tmp_path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "SECRET_KEY", "MQTT_", "REDIS_"))}
     env.update(
         DATA_DIR=str(tmp_path / "data"),
-        WEB_PORT=str(free_port()),
-        MQTT_PORT=str(free_port()),
+        WEB_PORT=str(listen_port()),
+        MQTT_PORT=str(listen_port()),
         # A port nobody listens on: run.sh must start (and later stop) its own Redis.
-        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        REDIS_URL=f"redis://127.0.0.1:{listen_port()}/0",
         WEB_WORKERS="1",
         CELERY_CONCURRENCY="1",
     )
