@@ -120,7 +120,8 @@ class Agent:
                 self.link.start()
             for t in threads:
                 t.start()
-            log.info("fleet-agent %s running for %s (%s)", AGENT_VERSION, self.cfg.device_id, self.cfg.hardware)
+            log.info("fleet-agent %s running for %s (%s), pid %d", AGENT_VERSION, self.cfg.device_id,
+                     self.cfg.hardware, os.getpid())
             while not self.stop.is_set():
                 if self.journal.update:
                     self.drive()

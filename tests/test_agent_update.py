@@ -104,12 +104,23 @@ def test_it_updates_v1_to_v2_and_serves_the_exact_bytes(rig):
     assert [e["state"] for e in rig.subscriber.events_for("dev-1", 3)] == ["committed"]
     assert again["active_sha256"] == v2.sha256
 
+    # A fleet rollback is a new directive pointing at the previous release (allowed by v2's floor):
+    # v1 is still in the store as `previous`, so it is re-verified and re-activated without a download.
+    downloads_before = len(rig.server.requests)
+    rig.publish_directive("dev-1", rig.directive("dev-1", 4, "detector", rel1, v1))
+    back = rig.subscriber.wait_outcome("dev-1", 4, agent=agent)
+    assert back["state"] == "committed" and back["active_sha256"] == v1.sha256, back
+    assert app_file.read_bytes() == v1.data
+    assert len(rig.server.requests) == downloads_before
+    rig.publish_directive("dev-1", rig.directive("dev-1", 5, "detector", rel2, v2, url=api_url))
+    assert rig.subscriber.wait_outcome("dev-1", 5, agent=agent)["state"] == "committed"
+
     status = subprocess.run(
         [sys.executable, "-m", "agent.cli", "status", "--config", str(rig.tmp / "dev-1" / "agent.toml")],
         capture_output=True, text=True, cwd=REPO, check=True,
     )
     shown = json.loads(status.stdout)
-    assert shown["state"] == "idle" and shown["last_seq"] == 3
+    assert shown["state"] == "idle" and shown["last_seq"] == 5
     assert shown["models"]["detector"]["current"] == v2.sha256 and shown["models"]["detector"]["committed"]
     assert shown["pending_outbox"] == 0 or isinstance(shown["pending_outbox"], int)
 

@@ -432,7 +432,7 @@ class AgentProcess:
 
     def ready(self) -> bool:
         """The latest start has finished booting (its signal handlers are installed)."""
-        return self.alive() and self.log_text().count("running for") >= self.starts
+        return self.alive() and f", pid {self.pid}\n" in self.log_text()
 
     def start(self, env: dict | None = None) -> AgentProcess:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
