@@ -12,6 +12,7 @@ was. Events go to the on-disk outbox in the same breath as the journal write tha
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -276,7 +277,15 @@ class Agent:
     def handle_payload(self, payload: bytes) -> None:
         digest = sha256(payload).hexdigest()
         try:
-            self._accept(payload)
+            try:
+                self._accept(payload)
+            except Refusal:
+                raise
+            except Exception as exc:
+                # Input must never crash the agent: a retained payload would crash it again on
+                # every restart. Refuse it and keep the traceback in the log.
+                log.exception("directive handling failed")
+                raise Refusal(ErrorCode.MALFORMED, f"directive could not be processed: {type(exc).__name__}: {exc}") from None
         except Refusal as r:
             if not r.record_seq:
                 if digest in self._refused:
@@ -413,6 +422,11 @@ class Agent:
                 if exc.code == ErrorCode.TOO_LARGE:
                     self.store.part_path(sha).unlink(missing_ok=True)
                 self._finish(State.FAILED, exc.code, str(exc))
+                return
+            except OSError as exc:  # the local side: staging file or disk
+                self.store.part_path(sha).unlink(missing_ok=True)
+                code = ErrorCode.DISK_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.DOWNLOAD_FAILED
+                self._finish(State.FAILED, code, f"writing the download failed: {exc}")
                 return
             self._digests[sha] = result.sha256
             log.info("downloaded %s: %d bytes received (resumed from %d)", sha[:12], result.bytes_received,

@@ -124,6 +124,10 @@ def test_it_updates_v1_to_v2_and_serves_the_exact_bytes(rig):
     assert shown["models"]["detector"]["current"] == v2.sha256 and shown["models"]["detector"]["committed"]
     assert shown["pending_outbox"] == 0 or isinstance(shown["pending_outbox"], int)
 
+    # Four prechecks ran, all in child processes: the model runtime never entered the daemon.
+    maps = open(f"/proc/{agent.pid}/maps").read()
+    assert "onnxruntime" not in maps and "libonnx" not in maps
+
     assert agent.stop() == 0
     wait_for(lambda: rig.subscriber.presence["dev-1"]["online"] is False, 10, "offline presence on stop")
     assert sha256(app_file.read_bytes()).hexdigest() == v2.sha256

@@ -168,6 +168,8 @@ class ArtifactServer:
         self.files: dict[str, bytes | Path] = {}
         self.redirects: dict[str, str] = {}
         self.unannounced: set[str] = set()  # paths served without Content-Length (close-delimited)
+        self.ignore_range = False  # answer Range requests with the whole file (200), like some proxies
+        self.fail_next: list[int] = []  # statuses to answer the next requests with (e.g. 503)
         self.cuts: list[int] = []
         self.rate: float | None = None
         self.bytes_served = 0
@@ -188,6 +190,13 @@ class ArtifactServer:
                         {"path": path, "authorization": self.headers.get("Authorization"),
                          "range": self.headers.get("Range"), "host": self.headers.get("Host")}
                     )
+                with server.lock:
+                    status = server.fail_next.pop(0) if server.fail_next else None
+                if status:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if path in server.redirects:
                     self.send_response(302)
                     self.send_header("Location", server.redirects[path])
@@ -205,7 +214,7 @@ class ArtifactServer:
                 size = source.stat().st_size if isinstance(source, Path) else len(source)
                 start = 0
                 rng = self.headers.get("Range")
-                if rng and rng.startswith("bytes=") and rng.endswith("-"):
+                if rng and rng.startswith("bytes=") and rng.endswith("-") and not server.ignore_range:
                     start = int(rng[6:-1])
                     if start >= size:
                         self.send_response(416)
