@@ -110,17 +110,18 @@ def test_it_lets_an_operator_create_start_and_watch_a_rollout_reach_100_percent_
     new = web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",), scale=3.0)
     devices = make_devices(12, labels={"site": "berlin"}, running=old)
     make_devices(3, hardware="rpi5", labels={"site": "berlin"}, prefix="pi")
-    fleet = fleet_of(devices)
+    elsewhere = make_devices(3, labels={"site": "munich"}, running=old, prefix="muc")
+    fleet = fleet_of(devices + elsewhere)
     old_sha = old.artifacts.get().sha256
-    for device_id in devices:
+    for device_id in devices + elsewhere:
         fleet.report(device_id, "detector", old_sha, OLD_HEALTH)
-    wait_for(lambda: Device.objects.filter(last_telemetry_at__isnull=False).count() == 12, 30, "telemetry", platform)
+    wait_for(lambda: Device.objects.filter(last_telemetry_at__isnull=False).count() == 15, 30, "telemetry", platform)
 
     with Browser(base_url=live_server.url) as browser:
         page = browser.new_page()
         login(page, "olivia-operator", "olivia-operator-password-123")
         page.wait_for_selector("#fleet-totals canvas, #fleet-totals")
-        assert page.locator("[data-online]").inner_text() == "15"
+        assert page.locator("[data-online]").inner_text() == "18"
 
         page.click("text=Rollouts")
         page.click("#new-rollout")
@@ -165,13 +166,17 @@ def test_it_lets_an_operator_create_start_and_watch_a_rollout_reach_100_percent_
         assert page.locator('#waves [data-state="healthy"] [data-count]').all_inner_texts() == ["2", "1", "9"]
         wait_for(lambda: Device.objects.filter(last_telemetry__health=NEW_HEALTH).count() == 12, 20, "new health")
         page.wait_for_function("() => document.querySelector('#health').textContent.includes('new 24')", timeout=20_000)
+        # Every targeted device is on the new release: devices outside the rollout stand in for the old.
+        assert "previous 38.0 (3 devices)" in page.locator("#health").inner_text()
         assert page.locator("#health canvas").count() == 2
         assert "rollout.complete" in page.locator("#rollout-audit").inner_text()
         screenshot(page, "rollout-completed")
 
         # Tablet width: the same page stays usable (no horizontal scrolling of the whole page).
         page.set_viewport_size(TABLET)
-        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        # Charts resize on their ResizeObserver's next turn, so give the layout a moment to settle.
+        page.wait_for_function("() => document.documentElement.scrollWidth <= window.innerWidth + 1", timeout=5_000)
+        screenshot(page, "rollout-tablet")
     assert RolloutDevice.objects.filter(rollout=rollout, state="committed").count() == 12
 
 

@@ -497,24 +497,40 @@ def _median(values: list[float]) -> float | None:
 
 def rollout_health(rollout) -> dict:
     """Median health figures devices report (latency p95, error rate), new release next to the
-    old: devices of this rollout are split by the sha their telemetry says is active."""
+    old: devices are split by the sha their telemetry says is active. The old side is this
+    rollout's devices not yet updated; once every one is, devices of the same model outside the
+    rollout (still on an older release) stand in for it."""
     from ota.models import Device
     from registry.models import Artifact
 
     new_shas = set(Artifact.objects.filter(version=rollout.release).values_list("sha256", flat=True))
     model = rollout.model.name
     groups: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
-    devices = Device.objects.filter(rollout_assignments__rollout=rollout).values_list("last_telemetry", flat=True)
-    for telemetry in devices.iterator(chunk_size=2000):
-        telemetry = telemetry or {}
-        active = (telemetry.get("active") or {}).get(model)
-        sha = active.get("sha256") if isinstance(active, dict) else active
-        numbers = health_numbers(telemetry.get("health"))
-        if not sha or not numbers:
-            continue
-        side = groups["new" if sha in new_shas else "old"]
-        for key, value in numbers.items():
-            side.setdefault(key, []).append(value)
+
+    def collect(telemetries, sides):
+        for telemetry in telemetries:
+            telemetry = telemetry or {}
+            active = (telemetry.get("active") or {}).get(model)
+            sha = active.get("sha256") if isinstance(active, dict) else active
+            numbers = health_numbers(telemetry.get("health"))
+            side = "new" if sha in new_shas else "old"
+            if not sha or not numbers or side not in sides:
+                continue
+            for key, value in numbers.items():
+                groups[side].setdefault(key, []).append(value)
+
+    in_rollout = Device.objects.filter(rollout_assignments__rollout=rollout)
+    collect(in_rollout.values_list("last_telemetry", flat=True).iterator(chunk_size=2000), ("old", "new"))
+    old_source = "devices of this rollout not yet updated"
+    if not groups["old"]:
+        others = (
+            Device.objects.filter(model_states__model=rollout.model, last_telemetry_at__isnull=False)
+            .exclude(model_states__active_sha256__in=new_shas)
+            .exclude(rollout_assignments__rollout=rollout)
+            .values_list("last_telemetry", flat=True)[:2000]
+        )
+        collect(others, ("old",))
+        old_source = "devices of this model outside the rollout"
     metrics = [
         ("latency_ms_p95", "latency p95 (ms)"),
         ("error_rate", "error rate"),
@@ -542,4 +558,4 @@ def rollout_health(rollout) -> dict:
             },
             "chart_id": f"health-{key}",
         })
-    return {"charts": charts}
+    return {"charts": charts, "old_source": old_source}
