@@ -13,11 +13,11 @@ from ota import actions
 from ota.models import Device, DeviceModelState, Rollout, RolloutDevice
 from tests.support import web_data
 from tests.support.browser import TABLET, Browser, chromium_available, login, screenshot
-from tests.support.platform import Platform, ProtocolResponder
+from ota.simulator import FleetSimulator, enroll_simulated_devices
+from tests.support.platform import Platform
 
 REDIS_URL = "redis://127.0.0.1:6379/6"
 OLD_HEALTH = {"error_rate": 0.04, "latency_ms_p95": 38.0}
-NEW_HEALTH = {"error_rate": 0.01, "latency_ms_p95": 24.0}
 
 pytestmark = [
     pytest.mark.browser,
@@ -26,36 +26,30 @@ pytestmark = [
 ]
 
 
-def make_devices(count, *, hardware="jetson-orin", labels=None, prefix="cam", running=None):
-    """Device rows as enrollment leaves them; `running` is the release they reported active."""
+def enroll(count, *, labels, hardware="jetson-orin", running=None, prefix="sim"):
+    """Devices enrolled through ota.devices with their own broker credentials (the simulator's
+    path); `running` is the release they already run, as their last reports left it."""
     web_data.hardware(hardware)
-    ids = [f"{prefix}-{i:03d}" for i in range(count)]
-    Device.objects.bulk_create(
-        [Device(id=i, hardware_id=hardware, labels=dict(labels or {}), mqtt_username=i, online=True) for i in ids]
-    )
+    creds = enroll_simulated_devices(count=count, hardware=hardware, labels=labels, name_prefix=prefix)
     if running is not None:
         sha = running.artifacts.get(hardware_id=hardware).sha256
-        DeviceModelState.objects.bulk_create(
-            [DeviceModelState(device_id=i, model=running.model, active_version=running, active_sha256=sha) for i in ids]
-        )
-    return ids
+        DeviceModelState.objects.bulk_create([
+            DeviceModelState(device_id=c.device_id, model=running.model, active_version=running, active_sha256=sha)
+            for c in creds
+        ])
+    return creds
 
 
-class Fleet(ProtocolResponder):
-    """The platform harness's MQTT devices, which also report telemetry with trial health
-    figures, as the agent does, so the rollout page can compare the new release with the old."""
-
-    def report(self, device_id: str, model: str, sha: str, health: dict) -> None:
-        payload = encode_json({
-            "_type": "telemetry", "device_id": device_id, "ts": "2026-01-01T00:00:00Z", "cpu_percent": 12.5,
-            "memory_percent": 40.0, "disk_percent": 55.0, "active": {model: sha}, "health": health,
-        })
-        self.clients[device_id].publish(f"{self.topic_root}/devices/{device_id}/telemetry", payload, qos=1)
-
-    def _run_update(self, body: dict) -> None:
-        super()._run_update(body)
-        if not self._stop.is_set() and self.behaviour(body["device_id"], body) == "ok":
-            self.report(body["device_id"], body["model"], body["artifact"]["sha256"], NEW_HEALTH)
+def report_health(sim, device_ids, model: str, sha: str, health: dict) -> None:
+    """Telemetry as the agent sends it (active model sha and its trial health), over each
+    simulated device's own connection."""
+    for device in sim.devices:
+        if device.id in device_ids:
+            payload = encode_json({
+                "_type": "telemetry", "device_id": device.id, "ts": "2026-01-01T00:00:00Z", "cpu_percent": 12.5,
+                "memory_percent": 40.0, "disk_percent": 55.0, "active": {model: sha}, "health": health,
+            })
+            device.client.publish(device.t_telemetry, payload, qos=1)
 
 
 @pytest.fixture
@@ -68,17 +62,21 @@ def platform(live_server, secure_broker, tmp_path):
 
 
 @pytest.fixture
-def fleet_of(secure_broker):
-    """Starts devices (each with its own broker credentials) answering directives over MQTT."""
+def simulate(platform):
+    """Runs the fleet simulator (one thread, a real MQTT connection per device) for the test."""
     started = []
 
-    def start(device_ids):
-        started.append(Fleet(secure_broker, device_ids, step_delay=0.05, trial_seconds=0.8).start())
-        return started[-1]
+    def start(creds):
+        sim = FleetSimulator.from_settings(creds, step_seconds=0.15).start()
+        started.append(sim)
+        sim.wait_connected(timeout=30)
+        ids = [c.device_id for c in creds]
+        wait_for(lambda: Device.objects.filter(pk__in=ids, online=True).count() == len(ids), 30, "presence", platform)
+        return sim
 
     yield start
-    for fleet in started:
-        fleet.stop()
+    for sim in started:
+        sim.stop()
 
 
 def wait_for(predicate, timeout, what, platform=None):
@@ -104,18 +102,17 @@ def click_action(page, browser, action: str) -> str:
 
 
 def test_it_lets_an_operator_create_start_and_watch_a_rollout_reach_100_percent_without_reloading(
-    live_server, operator, platform, fleet_of
+    live_server, operator, platform, simulate
 ):
     old = web_data.released("detector", "1.0.0", hardware_ids=("jetson-orin",))
     new = web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",), scale=3.0)
-    devices = make_devices(12, labels={"site": "berlin"}, running=old)
-    make_devices(3, hardware="rpi5", labels={"site": "berlin"}, prefix="pi")
-    elsewhere = make_devices(3, labels={"site": "munich"}, running=old, prefix="muc")
-    fleet = fleet_of(devices + elsewhere)
+    berlin = enroll(12, labels={"site": "berlin"}, running=old, prefix="ber")
+    pis = enroll(3, hardware="rpi5", labels={"site": "berlin"}, prefix="pi")
+    munich = enroll(3, labels={"site": "munich"}, running=old, prefix="muc")
+    sim = simulate(berlin + pis + munich)
     old_sha = old.artifacts.get().sha256
-    for device_id in devices + elsewhere:
-        fleet.report(device_id, "detector", old_sha, OLD_HEALTH)
-    wait_for(lambda: Device.objects.filter(last_telemetry_at__isnull=False).count() == 15, 30, "telemetry", platform)
+    report_health(sim, {c.device_id for c in berlin + munich}, "detector", old_sha, OLD_HEALTH)
+    wait_for(lambda: Device.objects.filter(last_telemetry__health=OLD_HEALTH).count() == 15, 30, "telemetry", platform)
 
     with Browser(base_url=live_server.url) as browser:
         page = browser.new_page()
@@ -164,10 +161,10 @@ def test_it_lets_an_operator_create_start_and_watch_a_rollout_reach_100_percent_
         )
         assert page.evaluate("window.__noReloadMarker") == "still-here", "the page was reloaded"
         assert page.locator('#waves [data-state="healthy"] [data-count]').all_inner_texts() == ["2", "1", "9"]
-        wait_for(lambda: Device.objects.filter(last_telemetry__health=NEW_HEALTH).count() == 12, 20, "new health")
-        page.wait_for_function("() => document.querySelector('#health').textContent.includes('new 24')", timeout=20_000)
-        # Every targeted device is on the new release: devices outside the rollout stand in for the old.
-        assert "previous 38.0 (3 devices)" in page.locator("#health").inner_text()
+        # The simulator reports its trial health (p95 4.2 ms) with each commit. Every targeted device
+        # is on the new release now, so devices outside the rollout stand in for the old one.
+        health = page.locator("#health").inner_text()
+        assert "latency p95 (ms): previous 38.0 (3 devices) · new 4.2 (12 devices)" in health, health
         assert page.locator("#health canvas").count() == 2
         assert "rollout.complete" in page.locator("#rollout-audit").inner_text()
         screenshot(page, "rollout-completed")
@@ -181,12 +178,12 @@ def test_it_lets_an_operator_create_start_and_watch_a_rollout_reach_100_percent_
 
 
 def test_it_pauses_and_resumes_one_rollout_and_aborts_another_with_revert(
-    live_server, operator, platform, fleet_of
+    live_server, operator, platform, simulate
 ):
     old = web_data.released("detector", "1.0.0", hardware_ids=("jetson-orin",))
     web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",), scale=3.0)
-    berlin = make_devices(6, labels={"site": "berlin"}, running=old)
-    paris = make_devices(6, labels={"site": "paris"}, running=old, prefix="par")
+    berlin = enroll(6, labels={"site": "berlin"}, running=old, prefix="ber")
+    paris = enroll(6, labels={"site": "paris"}, running=old, prefix="par")
     slow_canary = {"success": {"min_healthy_percent": 100}, "soak_seconds": 3}
     first = actions.rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
@@ -198,7 +195,7 @@ def test_it_pauses_and_resumes_one_rollout_and_aborts_another_with_revert(
         actor="user:setup",
     )
 
-    fleet_of(berlin + paris)
+    simulate(berlin + paris)
     with Browser(base_url=live_server.url) as browser:
         page = browser.new_page()
         login(page, "olivia-operator", "olivia-operator-password-123")
@@ -229,7 +226,7 @@ def test_it_pauses_and_resumes_one_rollout_and_aborts_another_with_revert(
         screenshot(overview, "overview")
         overview.close()
         canary = list(RolloutDevice.objects.filter(rollout=second, state="committed").values_list("device_id", flat=True))
-        assert len(canary) == 2 and set(canary) <= set(paris)
+        assert len(canary) == 2 and set(canary) <= {c.device_id for c in paris}
         text = click_action(page, browser, "rollback")
         assert "gets a new directive back to the release it ran before" in text
         page.wait_for_selector('#live[data-state="rolled_back"]')
@@ -247,7 +244,10 @@ def test_it_pauses_and_resumes_one_rollout_and_aborts_another_with_revert(
 
 def test_it_shows_a_viewer_no_action_buttons_and_refuses_a_forged_post(live_server, viewer):
     web_data.released("detector", "2.0.0")
-    make_devices(4, labels={"site": "berlin"})
+    web_data.hardware("jetson-orin")
+    Device.objects.bulk_create(
+        [Device(id=f"cam-{i}", hardware_id="jetson-orin", labels={"site": "berlin"}, mqtt_username=f"cam-{i}") for i in range(4)]
+    )
     rollout = actions.rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}],
         actor="user:x",

@@ -497,37 +497,48 @@ def _median(values: list[float]) -> float | None:
 
 def rollout_health(rollout) -> dict:
     """Median health figures devices report (latency p95, error rate), new release next to the
-    old: devices are split by the sha their telemetry says is active. The old side is this
+    old. Which release a device runs is what ingest last recorded for it (DeviceModelState);
+    its telemetry's health counts only when that telemetry is about the same sha, else a device
+    on the new release counts with the health its committed event carried. The old side is this
     rollout's devices not yet updated; once every one is, devices of the same model outside the
     rollout (still on an older release) stand in for it."""
-    from ota.models import Device
+    from ota.models import Device, DeviceEvent
     from registry.models import Artifact
 
     new_shas = set(Artifact.objects.filter(version=rollout.release).values_list("sha256", flat=True))
     model = rollout.model.name
     groups: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
+    committed_health = dict(
+        DeviceEvent.objects.filter(rollout_id=str(rollout.pk), state="committed", sha256__in=new_shas)
+        .exclude(health__isnull=True)
+        .order_by("device_id", "event_no")
+        .values_list("device_id", "health")[:5000]
+    )
 
-    def collect(telemetries, sides):
-        for telemetry in telemetries:
-            telemetry = telemetry or {}
-            active = (telemetry.get("active") or {}).get(model)
-            sha = active.get("sha256") if isinstance(active, dict) else active
-            numbers = health_numbers(telemetry.get("health"))
-            side = "new" if sha in new_shas else "old"
-            if not sha or not numbers or side not in sides:
+    def collect(rows, sides):
+        for device_id, current_sha, telemetry in rows:
+            if not current_sha:
                 continue
+            side = "new" if current_sha in new_shas else "old"
+            if side not in sides:
+                continue
+            telemetry = telemetry or {}
+            about = (telemetry.get("active") or {}).get(model)
+            numbers = health_numbers(telemetry.get("health")) if about == current_sha else {}
+            if not numbers and side == "new":
+                numbers = health_numbers(committed_health.get(device_id))
             for key, value in numbers.items():
                 groups[side].setdefault(key, []).append(value)
 
-    in_rollout = Device.objects.filter(rollout_assignments__rollout=rollout)
-    collect(in_rollout.values_list("last_telemetry", flat=True).iterator(chunk_size=2000), ("old", "new"))
+    fields = ("id", "model_states__active_sha256", "last_telemetry")
+    in_rollout = Device.objects.filter(rollout_assignments__rollout=rollout, model_states__model=rollout.model)
+    collect(in_rollout.values_list(*fields)[:5000], ("old", "new"))
     old_source = "devices of this rollout not yet updated"
     if not groups["old"]:
         others = (
             Device.objects.filter(model_states__model=rollout.model, last_telemetry_at__isnull=False)
-            .exclude(model_states__active_sha256__in=new_shas)
             .exclude(rollout_assignments__rollout=rollout)
-            .values_list("last_telemetry", flat=True)[:2000]
+            .values_list(*fields)[:2000]
         )
         collect(others, ("old",))
         old_source = "devices of this model outside the rollout"
