@@ -202,3 +202,39 @@ def test_it_runs_operator_actions_through_htmx_and_reports_refusals(client, oper
     assert AuditEntry.objects.filter(action="rollout.pause", reason="checking dashboards").exists()
 
     assert client.post(url("explode")).status_code == 404
+
+
+def test_it_groups_failures_by_error_code_and_shows_gate_figures_against_thresholds(client, viewer, fleet):
+    from ota import actions
+    from ota.models import RolloutDevice
+
+    rollout = actions.rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
+        waves=[{"name": "canary", "count": 4}, {"percent": 100}],
+        gates={"failure": {"min_reports": 2, "max_failed_percent": 60}}, actor="user:x",
+    )
+    actions.rollout_start(rollout_id=rollout.pk, actor="user:x")
+    actions.rollout_evaluate(rollout_id=rollout.pk)  # wave 0 starts: its 4 devices get directives
+    canary = list(RolloutDevice.objects.filter(rollout=rollout, wave__index=0).order_by("rank"))
+    assert {a.state for a in canary} == {"directed"}
+    # What the engine records as the devices report back (ingest → rollout_apply_events).
+    RolloutDevice.objects.filter(pk=canary[0].pk).update(state="committed")
+    RolloutDevice.objects.filter(pk=canary[1].pk).update(state="failed", error_code="PRECHECK_FAILED")
+    Device.objects.update(online=True)
+    Device.objects.filter(pk=canary[2].device_id).update(online=False)  # directed, then its box went away
+    RolloutDevice.objects.filter(pk=canary[3].pk).update(state="trial")
+    client.force_login(viewer)
+
+    html = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
+
+    assert re.search(rf'<span class="badge bad">PRECHECK_FAILED</span> <b>1</b> device:\s*<a href="/devices/{canary[1].device_id}/">', html)
+    wave0 = html[html.index('data-wave="0"'):html.index('data-wave="1"')]
+    counts = dict(re.findall(r'data-state="(\w+)"><i class="s-\w+"></i>[\w ]+ <b data-count>(\d+)</b>', wave0))
+    assert counts == {
+        "pending": "0", "downloading": "0", "prechecking": "0", "in_trial": "1", "healthy": "1", "failed": "1",
+        "timed_out": "0", "rolled_back": "0", "offline": "1",
+    }
+    assert "25.0 % healthy (1 of 4)" in wave0 and "passes at ≥ 100 %" in wave0
+    assert "1 failed of 2 reports (50.0 %)" in wave0 and "trips at ≥ 60 % once ≥ 2 reported" in wave0
+    assert '<tr class="gate fail"><td>Success gate' in wave0 and '<tr class="gate pass"><td>Failure gate' in wave0
+    assert 'hx-trigger="every 2s"' in html  # a running rollout keeps polling
