@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -76,6 +77,7 @@ def directives_issue(
     """
     if not requests:
         return {}
+    started = time.perf_counter()
     seqs = allocate_seqs([r.device_id for r in requests])
     key = load_rollout_key()
     issued = timezone.now()
@@ -116,6 +118,7 @@ def directives_issue(
         )
     created = Directive.objects.bulk_create(records, batch_size=1000)
     ids = [d.pk for d in created]
+    logger.info("signed and recorded %d %s directives in %.3fs", len(ids), kind, time.perf_counter() - started)
     transaction.on_commit(lambda: directives_publish(directive_ids=ids))
     return {d.device_id: d for d in created}
 
@@ -137,6 +140,7 @@ def directives_publish(*, directive_ids: list[int]) -> int:
 
     topics = Topics(settings.MQTT_TOPIC_ROOT)
     published = 0
+    started = time.perf_counter()
     for start in range(0, len(directive_ids), PUBLISH_CHUNK):
         chunk = directive_ids[start : start + PUBLISH_CHUNK]
         rows = list(
@@ -156,6 +160,7 @@ def directives_publish(*, directive_ids: list[int]) -> int:
             published_at=timezone.now()
         )
         published += len(rows)
+    logger.info("published %d directives in %.3fs", published, time.perf_counter() - started)
     return published
 
 

@@ -91,17 +91,17 @@ def test_it_holds_while_paused_and_continues_on_resume(client, ci_token, operato
             waves=[{"devices": ["dev-0000", "dev-0001"]}, {"percent": 100}],
         ).json()["id"]
         act(client, ci_token, rid, "start")
-        recorder.wait_for(lambda r: len(r.live()) == 2, what="the canary directives")
+        recorder.wait_for(lambda r: len(r.live()) == 2, timeout=60, what="the canary directives")
         paused = act(client, operator_token, rid, "pause", reason="checking dashboards")
         assert paused.json()["state"] == "paused"
         # The canary commits while paused; the gate is met, yet nothing more goes out.
-        wait_until(lambda: RolloutDevice.objects.filter(rollout_id=rid, state="committed").count() == 2, 30,
+        wait_until(lambda: RolloutDevice.objects.filter(rollout_id=rid, state="committed").count() == 2, 90,
                    "the canary to commit", platform)
         time.sleep(4)  # four beat ticks and the canary's event-driven evaluations
         assert len(recorder.live()) == 2
         assert Directive.objects.filter(rollout_id=rid).count() == 2
         assert Wave.objects.get(rollout_id=rid, index=1).state == "pending"
         assert act(client, operator_token, rid, "resume").json()["state"] == "running"
-        wait_until(lambda: state_of(rid) == "completed", 60, "the rollout to complete", platform)
+        wait_until(lambda: state_of(rid) == "completed", 120, "the rollout to complete", platform)
     assert len(recorder.devices()) == 12
     assert_no_duplicates(rid, recorder)
