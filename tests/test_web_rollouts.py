@@ -238,3 +238,26 @@ def test_it_groups_failures_by_error_code_and_shows_gate_figures_against_thresho
     assert "1 failed of 2 reports (50.0 %)" in wave0 and "trips at ≥ 60 % once ≥ 2 reported" in wave0
     assert '<tr class="gate fail"><td>Success gate' in wave0 and '<tr class="gate pass"><td>Failure gate' in wave0
     assert 'hx-trigger="every 2s"' in html  # a running rollout keeps polling
+
+
+def test_it_works_without_javascript_and_lists_rollouts_and_the_audit_log(client, operator, fleet):
+    from ota import actions
+
+    rollout = actions.rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}],
+        name="plain form", actor="user:x",
+    )
+    client.force_login(operator)
+
+    response = client.post(reverse("web:rollout_action", args=[rollout.pk, "start"]))  # no HX-Request header
+    assert response.status_code == 302 and response["Location"] == reverse("web:rollout", args=[rollout.pk])
+    assert "Start: done." in client.get(response["Location"]).content.decode()
+    refused = client.post(reverse("web:rollout_action", args=[rollout.pk, "start"]), follow=True).content.decode()
+    assert f"Start refused: cannot start rollout {rollout.pk}: it is running" in refused
+
+    listing = client.get(reverse("web:rollouts")).content.decode()
+    assert f'<a href="/rollouts/{rollout.pk}/">#{rollout.pk}</a>' in listing and "plain form" in listing
+    assert "0/10 healthy" in listing
+
+    audit = client.get(reverse("web:audit"), {"actor": "user:olivia-operator"}).content.decode()
+    assert "rollout.start" in audit and "rollout.create" not in audit  # created by user:x
