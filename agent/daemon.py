@@ -98,7 +98,6 @@ class Agent:
         self.inbox: queue.Queue[bytes] = queue.Queue()
         self.stop = threading.Event()
         self._digests: dict[str, str] = {}  # sha -> digest computed while downloading (this process)
-        self._refused: set[str] = set()  # payload digests already reported (retained re-deliveries)
         self.link = None
         if link_factory is not None:
             self.link = link_factory(
@@ -248,9 +247,12 @@ class Agent:
         self._gc()
 
     def _report(self, state: str, *, seq: int, model: str, sha: str | None, rollout_id: str | None,
-                code: str | None, detail: str, record_seq: bool, health: dict | None = None) -> None:
+                code: str | None, detail: str, record_seq: bool, health: dict | None = None,
+                refused: str | None = None) -> None:
         """A terminal event for a directive that never became an update (refused or already there)."""
         data = self.journal.snapshot()
+        if refused:
+            data["refused"] = (data.get("refused") or [])[-31:] + [refused]
         if record_seq:
             data["last_seq"] = max(data["last_seq"], seq)
             data["last_outcome"] = {
@@ -288,11 +290,12 @@ class Agent:
                 raise Refusal(ErrorCode.MALFORMED, f"directive could not be processed: {type(exc).__name__}: {exc}") from None
         except Refusal as r:
             if not r.record_seq:
-                if digest in self._refused:
-                    return  # the same retained payload again after a reconnect: reported once
-                self._refused.add(digest)
+                if digest in self.journal.data.get("refused", []):
+                    log.debug("ignoring a payload refused before (%s)", digest[:12])
+                    return  # the same retained payload again after a reconnect or restart: reported once
             self._report(State.REJECTED, seq=r.seq, model=r.model, sha=r.sha, rollout_id=r.rollout_id,
-                         code=r.code, detail=str(r), record_seq=r.record_seq)
+                         code=r.code, detail=str(r), record_seq=r.record_seq,
+                         refused=None if r.record_seq else digest)
 
     def _accept(self, payload: bytes) -> None:
         if len(payload) > MAX_PAYLOAD_BYTES:

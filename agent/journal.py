@@ -74,6 +74,7 @@ def empty_journal() -> dict:
         "last_outcome": None,
         "last_events": [],  # events written by the last transition (re-queued after a crash)
         "last_health": None,
+        "refused": [],  # digests of the last unauthenticated payloads refused (reported once each)
     }
 
 

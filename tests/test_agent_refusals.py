@@ -29,6 +29,7 @@ from tests.support.agent_harness import (
     linear_contract,
     other_key,
     release_envelope,
+    wait_for,
 )
 from tests.support.onnx_models import linear_model
 
@@ -186,6 +187,13 @@ def test_it_refuses_and_leaves_the_active_model_untouched(installed, name):
     assert j["models"][MODEL]["current"] == installed.v1.sha256 and j["models"][MODEL]["committed"]
     assert sorted(p.name for p in (state / "store").iterdir()) == [installed.v1.sha256]
     assert list((state / "staging").iterdir()) == []
+
+    if case.seq == 0:
+        # The refused payload stays retained: after a restart it is recognised, not reported again.
+        assert agent.stop() == 0
+        agent.start()
+        wait_for(lambda: f"ignoring a payload refused before" in agent.log_text(), 20, "the re-delivery", agent=agent)
+        assert len(rig.subscriber.outcomes(device, 0)) == 1
 
     if case.state == "rolled_back":
         # The failed sha is deny-listed: the same artifact under a new seq is refused at once.
