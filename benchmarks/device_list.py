@@ -1,4 +1,5 @@
-"""Server time to render the web admin's device list with 10,000 devices in the database.
+"""Server time to render the web admin's device list with 10,000 devices in the database, and
+the rollout page's polled live panel for a rollout over all of them.
 
 Creates a throw-away test database (Django's test-database machinery, on whatever DATABASE_URL
 names: PostgreSQL in CI and `make bench`), fills it with bulk_create: devices spread over three
@@ -6,6 +7,9 @@ hardware ids, two or three labels each, a model state per device (active version
 several releases) and some offline. Then renders, through the real URL, middleware, view and
 template (Django test client, signed-in viewer), the first page unfiltered and a few filtered
 pages, each --runs times after a warm-up, and reports the median and worst in milliseconds.
+It also releases a version (signed with throw-away keys), creates a rollout over every device
+through ota.actions.rollout_create, spreads the assignments over the update states, and times
+the live panel the rollout page fetches every 2 s.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/modelfleet SECRET_KEY=x \\
         .venv/bin/python benchmarks/device_list.py [--devices 10000] [--runs 15]
@@ -21,6 +25,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,7 +76,39 @@ def fill(n_devices: int) -> dict:
     )
     viewer = User.objects.create_user("bench-viewer", password="x")
     viewer.groups.add(Group.objects.create(name="viewer"))
-    return {"viewer": viewer}
+    return {"viewer": viewer, "versions": versions}
+
+
+def make_rollout(versions, keys_dir: Path) -> int:
+    """A release signed with throw-away keys and a rollout over every device, part-way through."""
+    from django.conf import settings
+
+    from agent.signing import generate_private_key_pem
+    from ota import actions as ota_actions
+    from ota.models import Rollout, RolloutDevice
+    from registry import actions as registry_actions
+    from registry.models import Artifact, HardwareTarget
+
+    for role in ("release", "rollout"):
+        (keys_dir / f"{role}.pem").write_bytes(generate_private_key_pem())
+    settings.RELEASE_KEY_PATH, settings.ROLLOUT_KEY_PATH = keys_dir / "release.pem", keys_dir / "rollout.pem"
+    draft = versions[0].model.versions.create(version="2.0.0", counter=99)
+    for i, hw in enumerate(HardwareTarget.objects.all()):
+        Artifact.objects.create(version=draft, hardware=hw, format="onnx", file_name="m.onnx", length=1000 + i,
+                                sha256=f"{i + 10:064x}", storage_key=f"bench/{hw.id}")
+    registry_actions.version_release(version=draft, actor="bench")
+    rollout = ota_actions.rollout_create(
+        model="detector", version="2.0.0", target={"hardware": ["jetson-orin", "rpi5", "x86-cpu"]},
+        waves=[{"name": "canary", "count": 10}, {"percent": 10}, {"percent": 50}, {"percent": 100}], actor="bench",
+    )
+    Rollout.objects.filter(pk=rollout.pk).update(state="running", current_wave=2)
+    ids = list(RolloutDevice.objects.filter(rollout=rollout).order_by("rank").values_list("pk", flat=True))
+    spread = ["committed"] * 6 + ["trial", "downloading", "failed", "planned"]
+    for i, state in enumerate(spread):
+        RolloutDevice.objects.filter(pk__in=ids[i::len(spread)]).update(
+            state=state, error_code="PRECHECK_FAILED" if state == "failed" else ""
+        )
+    return rollout.pk
 
 
 def measure(client, url: str, runs: int) -> dict:
@@ -127,6 +164,9 @@ def main() -> int:
             "search": "/devices/?q=00042",
         }
         results = {name: measure(client, url, args.runs) for name, url in pages.items()}
+        with tempfile.TemporaryDirectory() as keys_dir:
+            rollout_id = make_rollout(data["versions"], Path(keys_dir))
+        results["rollout_live_panel"] = measure(client, f"/rollouts/{rollout_id}/live/", args.runs)
         with CaptureQueriesContext(connection) as queries:
             client.get("/devices/")
         query_count = len(queries.captured_queries)
