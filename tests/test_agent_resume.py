@@ -79,3 +79,19 @@ def test_it_resumes_a_download_after_the_agent_is_killed(rig):
     assert rig.server.bytes_served < 1.2 * size + AGENT_CHUNK, rig.server.bytes_served
     resumed = [r["range"] for r in rig.server.requests if r["range"]]
     assert len(resumed) == 1 and int(resumed[0][6:-1]) >= 2 * AGENT_CHUNK
+
+
+def test_it_downloads_once_more_when_a_resumed_part_file_is_corrupt(rig):
+    # As after a power cut: the part file has the right size so far, but garbage in it.
+    artifact = Artifact(linear_model(scale=3.0, bias=0.5, padding_bytes=2_000_000))
+    device = "torn"
+    rig.config(device)
+    staging = rig.tmp / device / "state" / "staging"
+    staging.mkdir(parents=True)
+    (staging / f"{artifact.sha256}.part").write_bytes(b"\0" * 1_000_000)
+    agent = rig.agent(device).start()
+    rig.publish_directive(device, rig.directive(device, 1, "detector", _release(rig, artifact), artifact))
+    outcome = rig.subscriber.wait_outcome(device, 1, agent=agent)
+    assert outcome["state"] == "committed", (outcome, agent.log_text()[-2000:])
+    assert active_file(rig.tmp / device / "state", "detector").read_bytes() == artifact.data
+    assert [r["range"] for r in rig.server.requests] == ["bytes=1000000-", None]
