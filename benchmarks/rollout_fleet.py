@@ -31,7 +31,7 @@ import resource
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +198,7 @@ def main() -> int:
         result = {
             "benchmark": "rollout_fleet",
             "command": "make bench-rollout  (.venv/bin/python benchmarks/rollout_fleet.py)",
-            "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": {"cpus": os.cpu_count(), "python": pyplatform.python_version(),
                         "platform": pyplatform.platform()},
             "setup": {"devices": args.devices, "waves": "canary(5) -> 10% -> 50% -> 100%",

@@ -456,7 +456,7 @@ def _wake(rollout_id: int) -> None:
     def enqueue():
         try:
             tasks.evaluate_rollout.delay(rollout_id)
-        except Exception:  # noqa: BLE001 - the change is committed; the beat tick evaluates it anyway
+        except Exception:  # the change is committed; the beat tick evaluates it anyway
             logger.exception("could not enqueue evaluation of rollout %s; the beat tick will", rollout_id)
 
     transaction.on_commit(enqueue)

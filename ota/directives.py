@@ -153,7 +153,7 @@ def directives_publish(*, directive_ids: list[int]) -> int:
         messages = [(topics.directive(device_id), encode_json(envelope)) for _, device_id, envelope in rows]
         try:
             mqtt.publish_many(messages, qos=1, retain=True)
-        except Exception:  # noqa: BLE001 - any transport failure leaves the rows for the tick
+        except Exception:  # any transport failure leaves the rows for the tick
             logger.exception("publishing %d directives failed; the beat tick will retry", len(rows))
             return published
         Directive.objects.filter(pk__in=[pk for pk, _, _ in rows], published_at__isnull=True).update(

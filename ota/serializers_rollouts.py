@@ -21,7 +21,7 @@ class RolloutCreateSerializer(serializers.Serializer):
     requires_approval = serializers.BooleanField(default=False)
 
 
-class ReasonSerializer(serializers.Serializer):
+class RolloutReasonSerializer(serializers.Serializer):
     reason = serializers.CharField(max_length=2000, required=False, allow_blank=True, default="")
 
 

@@ -49,5 +49,5 @@ def on_device_events(event_ids: list[int]) -> None:
         return
     try:
         apply_device_events.delay(list(event_ids))
-    except Exception:  # noqa: BLE001 - the events are stored; the beat tick's catch-up applies them
+    except Exception:  # the events are stored; the beat tick's catch-up applies them
         logger.exception("could not enqueue %d device events; the rollout tick will catch up", len(event_ids))

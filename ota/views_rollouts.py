@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -10,10 +11,10 @@ from ota import actions
 from ota.models import Rollout, RolloutDevice
 from ota.serializers_rollouts import (
     AuditEntrySerializer,
-    ReasonSerializer,
     RolloutCreateSerializer,
     RolloutDetailSerializer,
     RolloutDeviceSerializer,
+    RolloutReasonSerializer,
     RolloutSerializer,
 )
 from registry.auth import actor_label
@@ -21,6 +22,7 @@ from registry.errors import ApiError
 from registry.models import AuditEntry
 
 CREATE_SCOPES = ("ci", "operator")
+ERROR = OpenApiResponse(description='{"error": {"code", "message", "fields"?, ...}}')
 
 
 class RolloutListCreate(generics.ListCreateAPIView):
@@ -41,6 +43,10 @@ class RolloutListCreate(generics.ListCreateAPIView):
     def get_serializer_class(self):
         return RolloutCreateSerializer if self.request.method == "POST" else RolloutSerializer
 
+    @extend_schema(request=RolloutCreateSerializer, responses={201: RolloutDetailSerializer, 400: ERROR, 409: ERROR})
+    def post(self, request, *args, **kwargs):
+        return self.create(request, *args, **kwargs)
+
     def create(self, request, *args, **kwargs):
         body = RolloutCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -58,6 +64,7 @@ def _get(pk: int) -> Rollout:
 class RolloutDetail(APIView):
     """State, definition, incompatible devices and, per wave, counts by device state."""
 
+    @extend_schema(responses={200: RolloutDetailSerializer, 404: ERROR})
     def get(self, request, pk: int):
         return Response(RolloutDetailSerializer(_get(pk)).data)
 
@@ -99,11 +106,12 @@ class RolloutAction(APIView):
     def required_scopes(self):
         return {"POST": ACTIONS[self.action_name][1]}
 
+    @extend_schema(request=RolloutReasonSerializer, responses={200: RolloutDetailSerializer, 403: ERROR, 404: ERROR, 409: ERROR})
     def post(self, request, pk: int):
         func, _scope, takes_reason = ACTIONS[self.action_name]
         kwargs = {"rollout_id": _get(pk).pk, "actor": actor_label(request.user)}
         if takes_reason:
-            body = ReasonSerializer(data=request.data or {})
+            body = RolloutReasonSerializer(data=request.data or {})
             body.is_valid(raise_exception=True)
             kwargs["reason"] = body.validated_data["reason"]
         result = func(**kwargs)

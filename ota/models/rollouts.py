@@ -6,7 +6,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-__all__ = ["Rollout", "Wave", "RolloutDevice", "Directive"]
+__all__ = ["Directive", "Rollout", "RolloutDevice", "Wave"]
 
 
 class Rollout(models.Model):
