@@ -100,6 +100,15 @@ def test_it_lets_an_admin_revoke_a_device(client, admin_user, operator):
     assert "Device cam-1 revoked" in response.content.decode()
 
 
+def test_it_links_the_django_admin_only_for_staff_admins(client, admin_user):
+    client.force_login(admin_user)
+    html = client.get("/").content.decode()
+    assert 'href="/access/"' in html and 'href="/admin/"' not in html  # not staff: /admin/ would refuse it
+    admin_user.is_staff = True
+    admin_user.save()
+    assert 'href="/admin/"' in client.get("/").content.decode()
+
+
 @pytest.mark.parametrize("who", ["operator", "viewer"])
 def test_it_refuses_the_access_page_to_non_admins(client, request, who):
     client.force_login(request.getfixturevalue(who))
