@@ -55,6 +55,8 @@ def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, mem
         answer = None
     if not isinstance(answer, dict):
         tail = proc.stderr.decode("utf-8", "replace").strip()[-500:]
+        if any(marker in tail for marker in ("MemoryError", "Memory allocation", "bad_alloc", "Cannot allocate")):
+            return PrecheckResult(False, f"precheck child exceeded its {memory_mb} MB memory limit: {tail[-300:]}")
         if proc.returncode < 0:
             return PrecheckResult(False, f"precheck child killed by signal {-proc.returncode} (limits?) {tail}")
         return PrecheckResult(False, f"precheck child failed (exit {proc.returncode}): {tail}")

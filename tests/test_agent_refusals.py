@@ -60,6 +60,7 @@ class Case:
     code: str
     seq: int  # seq the outcome is reported under (0: not an authentic directive)
     config: dict = field(default_factory=dict)
+    detail: str = ""  # a phrase the reported detail must contain
 
 
 def build(inst, name: str, device: str) -> tuple[Case, list[bytes]]:
@@ -141,6 +142,11 @@ def build(inst, name: str, device: str) -> tuple[Case, list[bytes]]:
     if name == "precheck_not_a_model":
         junk = Artifact(os.urandom(50_000))
         return Case("failed", "PRECHECK_FAILED", 6), [directive(rel=release(inst, junk, health=None), artifact=junk)]
+    if name == "precheck_time_limit":
+        return Case("failed", "PRECHECK_FAILED", 6, {"precheck_timeout_seconds": 0.05}, "timed out"), [directive()]
+    if name == "precheck_memory_limit":
+        # 64 MiB of address space: the child cannot even map the runtime, let alone the model.
+        return Case("failed", "PRECHECK_FAILED", 6, {"precheck_memory_mb": 64}, "64 MB memory limit"), [directive()]
     if name == "trial_health_command_fails":
         return Case("rolled_back", "TRIAL_FAILED", 6, {"health_command": HEALTH_FAILS}), [directive()]
     if name == "trial_reports_another_sha":
@@ -156,6 +162,7 @@ CASES = [
     "below_rollback_floor", "no_artifact_for_hardware", "directive_artifact_mismatch", "sha_mismatch",
     "length_overrun", "length_overrun_unannounced", "malformed_json", "schema_violation", "oversized_payload", "artifact_404",
     "disk_below_reserve", "precheck_wrong_outputs", "precheck_over_latency_budget", "precheck_not_a_model",
+    "precheck_time_limit", "precheck_memory_limit",
     "trial_health_command_fails", "trial_reports_another_sha", "trial_error_rate_over_limit",
 ]
 
@@ -178,6 +185,7 @@ def test_it_refuses_and_leaves_the_active_model_untouched(installed, name):
 
     assert (outcome["state"], outcome["error_code"]) == (case.state, case.code), outcome
     assert outcome["detail"], "every refusal says why"
+    assert case.detail in outcome["detail"], outcome["detail"]
     assert len(rig.subscriber.outcomes(device, case.seq)) == 1
     assert active_fingerprint(state, MODEL) == before
     assert outcome["active_sha256"] in (None, installed.v1.sha256) if case.seq == 0 else \
