@@ -3,7 +3,6 @@ broker, Celery worker and beat, `mqtt_ingest`, and devices answering over MQTT."
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
@@ -11,9 +10,9 @@ import pytest
 from agent.protocol import encode_json
 from ota import actions
 from ota.models import Device, DeviceModelState, Rollout, RolloutDevice
+from ota.simulator import FleetSimulator, enroll_simulated_devices
 from tests.support import web_data
 from tests.support.browser import TABLET, Browser, chromium_available, login, screenshot
-from ota.simulator import FleetSimulator, enroll_simulated_devices
 from tests.support.platform import Platform
 
 REDIS_URL = "redis://127.0.0.1:6379/6"

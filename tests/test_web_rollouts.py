@@ -48,8 +48,8 @@ def wizard_data(release, **overrides):
 
 
 def errors_for(html: str, field: str) -> list[str]:
-    block = re.search(rf'data-error-for="{field}">(.*?)</ul>', html, re.S)
-    return re.findall(r"<li>(.*?)</li>", block.group(1), re.S) if block else []
+    block = re.search(rf'data-error-for="{field}">(.*?)</ul>', html, re.DOTALL)
+    return re.findall(r"<li>(.*?)</li>", block.group(1), re.DOTALL) if block else []
 
 
 @pytest.fixture
@@ -148,7 +148,10 @@ def test_it_shows_action_buttons_with_confirmations_to_operators_only(client, op
     client.force_login(operator)
     html = client.get(url).content.decode()
     assert 'data-action="start"' in html
-    assert "Start rollout #%d? detector@2.0.0 goes to 10 devices in 2 waves, beginning with wave 0 (canary, 2 devices)." % rollout.pk in html
+    assert (
+        f"Start rollout #{rollout.pk}? detector@2.0.0 goes to 10 devices in 2 waves, beginning with wave 0 (canary, 2 devices)."
+        in html
+    )
 
     client.force_login(viewer)
     html = client.get(url).content.decode()
@@ -185,7 +188,7 @@ def test_it_runs_operator_actions_through_htmx_and_reports_refusals(client, oper
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}], actor="user:x"
     )
     client.force_login(operator)
-    url = lambda action: reverse("web:rollout_action", args=[rollout.pk, action])  # noqa: E731
+    url = lambda action: reverse("web:rollout_action", args=[rollout.pk, action])
 
     response = client.post(url("start"), HTTP_HX_REQUEST="true")
     assert response.status_code == 200 and 'id="live"' in response.content.decode()
@@ -194,7 +197,7 @@ def test_it_runs_operator_actions_through_htmx_and_reports_refusals(client, oper
     assert rollout.state == "running" and rollout.started_by == "user:olivia-operator"
 
     html = client.post(url("resume"), HTTP_HX_REQUEST="true").content.decode()
-    assert "Resume refused: cannot resume rollout %d: it is running" % rollout.pk in html
+    assert f"Resume refused: cannot resume rollout {rollout.pk}: it is running" in html
 
     client.post(url("pause"), {"reason": "checking dashboards"}, HTTP_HX_REQUEST="true")
     rollout.refresh_from_db()

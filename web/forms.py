@@ -256,7 +256,7 @@ class RolloutForm(forms.Form):
         }
 
     # ota.actions reports problems keyed by the API's field paths; show each next to our field.
-    ERROR_FIELDS = [
+    ERROR_FIELDS = (
         ("model", "release"),
         ("version", "release"),
         ("target.labels", "target_labels"),
@@ -274,7 +274,7 @@ class RolloutForm(forms.Form):
         ("gates.timeouts.activate_seconds", "activate_seconds"),
         ("gates.timeouts.trial_seconds", "trial_seconds"),
         ("abort_policy", "abort_policy"),
-    ]
+    )
 
     def add_action_errors(self, errors: dict[str, list[str]]) -> None:
         for key, messages in errors.items():

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Self
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -44,7 +45,7 @@ class Browser:
         self.context = None
         self.dialogs: list[str] = []
 
-    def __enter__(self) -> Browser:
+    def __enter__(self) -> Self:
         from playwright.sync_api import sync_playwright
 
         # Playwright's sync API runs an event loop in this thread; the test's own ORM calls are
