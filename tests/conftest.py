@@ -137,3 +137,22 @@ def plain_static_storage(settings):
         **settings.STORAGES,
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     }
+
+
+@pytest.fixture
+def server_platform(transactional_db, live_server, secure_broker, tmp_path):
+    """The real server processes on the test database, for end-to-end tests: `mqtt_ingest`, one
+    Celery worker (-P solo) and Celery beat (1 s rollout tick), all on `secure_broker`, with
+    directive artifact URLs pointing at `live_server`. Celery uses Redis at $TEST_REDIS_URL
+    (default redis://127.0.0.1:6379/4), flushed first. See tests/support/platform.py for
+    start_worker()/kill_worker()/logs()/peak_rss_kb() and the DirectiveRecorder."""
+    import os
+
+    from tests.support.platform import DEFAULT_REDIS_URL, Platform
+
+    redis_url = os.environ.get("TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url, redis_url=redis_url) as platform:
+        platform.start_ingest()
+        platform.start_worker()
+        platform.start_beat()
+        yield platform

@@ -20,7 +20,7 @@ import pytest
 from ota.models import DeviceModelState, Directive, Rollout, RolloutDevice
 from registry.models import Artifact, AuditEntry
 from tests.support.agent_harness import HEALTH_OK, toml_value
-from tests.support.platform import REPO, DirectiveRecorder, Platform
+from tests.support.platform import REPO, DirectiveRecorder
 from tests.support.rollout_data import act, create_rollout, health_for, release
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -100,12 +100,8 @@ class Agents:
 
 
 @pytest.fixture
-def platform(live_server, secure_broker, tmp_path):
-    with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url) as p:
-        p.start_ingest()
-        p.start_worker()
-        p.start_beat()
-        yield p
+def platform(server_platform):
+    return server_platform
 
 
 @pytest.fixture
