@@ -20,7 +20,7 @@ from django.db import connection, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
-from ota.directives import DirectiveRequest, directives_issue
+from ota.directives import DirectiveRequest, directives_issue, directives_withdraw
 from ota.models import Device, DeviceEvent, DeviceModelState, Directive, Rollout, RolloutDevice, Wave
 from registry.errors import ApiError, Conflict
 from registry.models import Artifact, AuditEntry, Model, ModelVersion
@@ -581,6 +581,11 @@ def _set_state(rollout: Rollout, state: str, reason: str) -> None:
 
 def _abort(rollout: Rollout, *, reason: str) -> None:
     now = timezone.now()
+    # Directed but silent (typically offline): take the directive back so they never install a
+    # release the rollout gave up on. A revert, if any, then publishes over the cleared topic.
+    directives_withdraw(
+        device_ids=list(RolloutDevice.objects.filter(rollout=rollout, state=RD.DIRECTED).values_list("device_id", flat=True))
+    )
     RolloutDevice.objects.filter(rollout=rollout, state__in=(RD.PLANNED, RD.QUEUED)).update(
         state=RD.SKIPPED, updated_at=now
     )

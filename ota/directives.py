@@ -164,6 +164,26 @@ def directives_publish(*, directive_ids: list[int]) -> int:
     return published
 
 
+def directives_withdraw(*, device_ids: list[str]) -> None:
+    """After commit, clear the retained directive of devices that have not picked theirs up yet,
+    so an offline box that reconnects after an abort finds nothing to install. A device that
+    already has the message is unaffected (it reports on, and the engine keeps listening)."""
+    if not device_ids:
+        return
+    from ota import mqtt
+
+    topics = Topics(settings.MQTT_TOPIC_ROOT)
+    ids = list(device_ids)
+
+    def clear():
+        try:
+            mqtt.publish_many([(topics.directive(d), b"") for d in ids], qos=1, retain=True)
+        except Exception:  # a broker outage leaves the directive retained: logged for the operator
+            logger.exception("could not withdraw the retained directives of %d devices", len(ids))
+
+    transaction.on_commit(clear)
+
+
 def directives_publish_stale(*, older_than: timedelta = timedelta(seconds=10)) -> int:
     """Publish directives whose publisher died between commit and publish."""
     cutoff = timezone.now() - older_than

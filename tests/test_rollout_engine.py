@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from ota.models import Directive, Rollout, RolloutDevice, Wave
+from registry.models import AuditEntry
 from tests.support.platform import DirectiveRecorder, Platform, ProtocolResponder
 from tests.support.rollout_data import act, create_rollout, make_devices, release
 
@@ -78,6 +79,11 @@ def test_it_finishes_a_rollout_with_a_worker_killed_mid_wave_and_sends_nothing_t
     time.sleep(1.5)  # a late duplicate would have arrived by now (the tick runs every second)
     assert_no_duplicates(rid, recorder)
     assert Directive.objects.filter(rollout_id=rid, published_at__isnull=True).count() == 0
+    # Two workers evaluated the same rollout all along: each wave started and passed exactly once.
+    log = AuditEntry.objects.filter(object_type="rollout", object_id=str(rid))
+    for action in ("wave.start", "wave.pass"):
+        assert Counter(e.detail["wave"] for e in log.filter(action=action)) == {0: 1, 1: 1, 2: 1}, action
+    assert log.filter(action="rollout.complete").count() == 1
 
 
 def test_it_holds_while_paused_and_continues_on_resume(client, ci_token, operator_token, admin_token, platform, recorder,

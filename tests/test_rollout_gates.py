@@ -281,3 +281,15 @@ def test_it_catches_up_on_events_whose_wake_up_was_lost(setup):
     assert set(RolloutDevice.objects.filter(rollout=rollout, wave__index=0).values_list("state", flat=True)) == {"committed"}
     assert actions.rollout_catch_up_events(rollout_id=rollout.pk) == set()
     assert fleet.evaluate(rollout) == "dispatched"
+
+
+def test_it_withdraws_directives_not_yet_picked_up_when_a_rollout_aborts(setup, recorder):
+    fleet = setup["fleet"]
+    rollout = start(policy="abort")
+    fleet.evaluate(rollout)
+    fleet.report(["dev-0000"], "failed", error_code="PRECHECK_FAILED")  # dev-0001 is offline: silent
+    assert fleet.evaluate(rollout) == "gate-tripped"
+    recorder.wait_for(lambda r: any(m["device"] == "dev-0001" and not m["raw"] for m in r.snapshot()),
+                      what="the retained directive of the silent device to be cleared")
+    cleared = {m["device"] for m in recorder.snapshot() if not m["raw"]}
+    assert cleared == {"dev-0001"}  # the device that reported keeps its history
