@@ -107,12 +107,10 @@ def overview(request):
 @scope_required("read")
 def device_list(request):
     form = DeviceFilterForm(request.GET or None)
-    devices = Device.objects.none()
     if form.is_bound and not form.is_valid():
-        devices = Device.objects.none()
+        devices = Device.objects.none()  # the errors are shown above an empty table
     else:
-        filters = form.cleaned_data if form.is_bound else {}
-        devices = queries.filtered_devices(**filters)
+        devices = queries.filtered_devices(**(form.cleaned_data if form.is_bound else {}))
     devices = devices.select_related("hardware").prefetch_related(queries.device_states_prefetch()).order_by("id")
     paginator = Paginator(devices, DEVICE_PAGE_SIZE)
     page_obj = paginator.get_page(request.GET.get("page"))
@@ -160,7 +158,11 @@ def model_list(request):
 
 @require_GET
 @scope_required("read")
-def model_detail(request, name, alias_form=None, status=200):
+def model_detail(request, name):
+    return model_page(request, name)
+
+
+def model_page(request, name, *, alias_form=None, status=200):
     model = get_object_or_404(Model, name=name)
     versions = model.versions.annotate(artifact_count=Count("artifacts")).order_by("-counter")
     aliases = model.aliases.select_related("version").order_by("name")
@@ -222,9 +224,7 @@ def alias_move(request, name):
         else:
             messages.success(request, f"Alias {alias.name} now points at {alias.version.version}.")
             return redirect("web:model", name=name)
-    # Re-render with the errors next to their fields (a GET view reused for its context).
-    request.method = "GET"
-    return model_detail(request, name, alias_form=form, status=400)
+    return model_page(request, name, alias_form=form, status=400)
 
 
 # --- admin: credentials and keys ------------------------------------------------------------
