@@ -963,6 +963,14 @@ def _versions_by_sha(model_id: int, shas: set[str]) -> dict[str, int]:
     )
 
 
+def events_concern_rollouts(*, event_ids: list[int]) -> bool:
+    """Whether any of these events' devices has an update or revert in progress (one query)."""
+    devices = DeviceEvent.objects.filter(pk__in=event_ids).exclude(seq=0).values("device_id")
+    return RolloutDevice.objects.filter(
+        device_id__in=devices, state__in=(*RolloutDevice.IN_FLIGHT, RD.REVERTING)
+    ).exists()
+
+
 def rollout_catch_up_events(*, rollout_id: int) -> set[int]:
     """Apply stored events the event-driven path missed (Redis down when ingest enqueued,
     a task lost): every device report reaches the gates, if only on the next tick."""

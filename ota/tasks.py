@@ -45,8 +45,8 @@ def rollout_tick() -> dict:
 
 def on_device_events(event_ids: list[int]) -> None:
     """Called by ingest (ota.hooks) after a batch of events committed: hand them to a worker."""
-    if not event_ids:
-        return
+    if not event_ids or not actions.events_concern_rollouts(event_ids=event_ids):
+        return  # no device of this batch is waiting on an update: nothing to wake
     try:
         apply_device_events.delay(list(event_ids))
     except Exception:  # the events are stored; the beat tick's catch-up applies them

@@ -293,3 +293,13 @@ def test_it_withdraws_directives_not_yet_picked_up_when_a_rollout_aborts(setup, 
                       what="the retained directive of the silent device to be cleared")
     cleared = {m["device"] for m in recorder.snapshot() if not m["raw"]}
     assert cleared == {"dev-0001"}  # the device that reported keeps its history
+
+
+def test_it_wakes_the_engine_only_for_devices_with_an_update_in_progress(setup):
+    fleet = setup["fleet"]
+    rollout = start()
+    fleet.evaluate(rollout)
+    ids = fleet.report(["dev-0000"], "downloading")
+    idle = DeviceEvent.objects.create(device_id="dev-0010", event_no=1, seq=0, model="detector", state="committed")
+    assert actions.events_concern_rollouts(event_ids=ids) is True
+    assert actions.events_concern_rollouts(event_ids=[idle.pk]) is False
