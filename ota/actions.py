@@ -36,6 +36,9 @@ DEFAULT_GATES = {
     "soak_seconds": 0,
     "rate_per_minute": None,
     "timeouts": {"download_seconds": 1800, "activate_seconds": 600, "trial_seconds": 900},
+    # Fleet-side model health: a device whose trial figures break these counts as failed even
+    # though its own (looser or unset) limits let it commit. Off unless given.
+    "health": {"max_error_rate": None, "max_latency_ms_p95": None},
 }
 
 
@@ -113,7 +116,7 @@ def gates_normalise(raw, *, where: str = "gates", base: dict | None = None) -> d
         raw = {}
     if not isinstance(raw, dict):
         raise ValidationError({where: "must be an object"})
-    known = {"success", "failure", "soak_seconds", "rate_per_minute", "timeouts"}
+    known = {"success", "failure", "soak_seconds", "rate_per_minute", "timeouts", "health"}
     for key in raw:
         if key not in known:
             errors[f"{where}.{key}"] = f"unknown gate setting; use one of {', '.join(sorted(known))}"
@@ -123,11 +126,13 @@ def gates_normalise(raw, *, where: str = "gates", base: dict | None = None) -> d
         "soak_seconds": base["soak_seconds"],
         "rate_per_minute": base["rate_per_minute"],
         "timeouts": dict(base["timeouts"]),
+        "health": dict(base.get("health") or DEFAULT_GATES["health"]),
     }
     for section, fields in (
         ("success", {"min_healthy_percent": (0, 100, False)}),
         ("failure", {"min_reports": (1, None, True), "max_failed_percent": (0, 100, False), "max_failures": (1, None, True)}),
         ("timeouts", {"download_seconds": (1, None, True), "activate_seconds": (1, None, True), "trial_seconds": (1, None, True)}),
+        ("health", {"max_error_rate": (0, 1, False), "max_latency_ms_p95": (0, None, False)}),
     ):
         given = raw.get(section)
         if given is None:
@@ -140,7 +145,7 @@ def gates_normalise(raw, *, where: str = "gates", base: dict | None = None) -> d
                 errors[f"{where}.{section}.{name}"] = f"unknown setting; use one of {', '.join(fields)}"
                 continue
             lo, hi, integer = fields[name]
-            if value is None and name == "max_failures":
+            if value is None and name in ("max_failures", "max_error_rate", "max_latency_ms_p95"):
                 out[section][name] = None
                 continue
             checked = _number(value, f"{where}.{section}.{name}", errors, lo=lo, hi=hi, integer=integer)
@@ -603,7 +608,7 @@ def _revert(rollout: Rollout) -> dict:
     """New directives pointing each touched device back at the release it ran before."""
     candidates = list(
         RolloutDevice.objects.filter(
-            rollout=rollout, state__in=(*RolloutDevice.IN_FLIGHT, RD.COMMITTED, RD.TIMED_OUT)
+            rollout=rollout, state__in=(*RolloutDevice.IN_FLIGHT, RD.COMMITTED, RD.TIMED_OUT, RD.UNHEALTHY)
         ).select_related("device", "previous_version__model")
     )
     requests, sent, without_previous, below_floor = [], [], [], []
@@ -666,7 +671,7 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
         DeviceEvent.objects.filter(pk__in=event_ids)
         .exclude(seq=0)
         .order_by("event_no")
-        .values("device_id", "seq", "event_no", "state", "error_code", "detail", "received_at")
+        .values("device_id", "seq", "event_no", "state", "error_code", "detail", "received_at", "health")
     )
     if not events:
         return set()
@@ -682,7 +687,7 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
         list(Rollout.objects.select_for_update().filter(pk__in=rollout_ids).order_by("pk").values_list("pk", flat=True))
         by_update = {}
         by_revert = {}
-        for a in candidates.select_for_update().order_by("pk"):
+        for a in candidates.select_for_update(of=("self",)).select_related("wave").order_by("pk"):
             if a.seq is not None:
                 by_update[(a.device_id, a.seq)] = a
             if a.revert_seq is not None:
@@ -713,6 +718,11 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
                 # Late news about a device already decided (timed out, reverted) is kept as
                 # detail but never flips the outcome the gates already counted.
                 continue
+            if new_state == RD.COMMITTED:
+                broken = health_gate_broken(a.wave.gates, e["health"])
+                if broken:
+                    new_state = RD.UNHEALTHY
+                    e = {**e, "error_code": "HEALTH_GATE", "detail": broken}
             a.state = new_state
             stamp = _PHASE_FIELD.get(new_state)
             if stamp and getattr(a, stamp) is None:
@@ -755,6 +765,22 @@ def wave_figures(wave: Wave) -> dict:
         "failed_percent": round(100.0 * failed / reported, 2) if reported else 0.0,
         "by_state": dict(counts),
     }
+
+
+def health_gate_broken(gates: dict, health: dict | None) -> str | None:
+    """Why a committed device's reported trial figures break the health gate, else None."""
+    limits = gates.get("health") or {}
+    figures = health or {}
+    reasons = []
+    for key, label in (("max_error_rate", "error_rate"), ("max_latency_ms_p95", "latency_ms_p95")):
+        limit, value = limits.get(key), figures.get(label)
+        if limit is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            reasons.append(f"no {label} reported (health gate {key}={limit})")
+        elif value > limit:
+            reasons.append(f"{label} {value} > {key} {limit}")
+    return "; ".join(reasons) or None
 
 
 def failure_gate_tripped(gates: dict, figures: dict) -> str | None:

@@ -303,3 +303,33 @@ def test_it_wakes_the_engine_only_for_devices_with_an_update_in_progress(setup):
     idle = DeviceEvent.objects.create(device_id="dev-0010", event_no=1, seq=0, model="detector", state="committed")
     assert actions.events_concern_rollouts(event_ids=ids) is True
     assert actions.events_concern_rollouts(event_ids=[idle.pk]) is False
+
+
+def test_it_counts_a_commit_with_bad_health_figures_as_a_failure_and_reverts_it(setup, recorder):
+    fleet = setup["fleet"]
+    rollout = start(gates={"health": {"max_error_rate": 0.02, "max_latency_ms_p95": 50},
+                           "failure": {"min_reports": 2, "max_failed_percent": 50}})
+    fleet.evaluate(rollout)
+    for device_id, figures in (("dev-0000", {"error_rate": 0.01, "latency_ms_p95": 12.0}),
+                               ("dev-0001", {"error_rate": 0.09, "latency_ms_p95": 80.0})):
+        directive = Directive.objects.get(device_id=device_id, rollout=rollout)
+        event = DeviceEvent.objects.create(device_id=device_id, event_no=1, seq=directive.seq, model="detector",
+                                           state="committed", health=figures)
+        with fleet.capture(execute=True):
+            actions.rollout_apply_events(event_ids=[event.pk])
+    bad = RolloutDevice.objects.get(rollout=rollout, device_id="dev-0001")
+    assert bad.state == "unhealthy" and bad.error_code == "HEALTH_GATE"
+    assert bad.detail == "error_rate 0.09 > max_error_rate 0.02; latency_ms_p95 80.0 > max_latency_ms_p95 50"
+    assert RolloutDevice.objects.get(rollout=rollout, device_id="dev-0000").state == "committed"
+    assert fleet.evaluate(rollout) == "gate-tripped"
+    # It runs the new model: the revert sends it (and the healthy canary) back to 1.0.
+    recorder.wait_for(lambda r: len(r.live()) == 4)
+    assert {m["device"] for m in recorder.live() if m["version"] == "1.0"} == {"dev-0000", "dev-0001"}
+
+
+def test_it_refuses_health_gate_limits_out_of_range(setup):
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        actions.gates_normalise({"health": {"max_error_rate": 1.5}})
+    assert info.value.message_dict == {"gates.health.max_error_rate": ["must be between 0 and 1, got 1.5"]}

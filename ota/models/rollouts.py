@@ -106,6 +106,7 @@ class RolloutDevice(models.Model):
         ACTIVATING = "activating"
         TRIAL = "trial"
         COMMITTED = "committed"  # healthy after activation: the only success
+        UNHEALTHY = "unhealthy"  # committed, but the health it reported breaks the rollout's health gate
         FAILED = "failed"  # failed before activation (current model untouched)
         ROLLED_BACK = "rolled_back"  # activated, failed its trial, went back by itself
         REJECTED = "rejected"  # refused the directive
@@ -119,7 +120,7 @@ class RolloutDevice(models.Model):
         State.DIRECTED, State.RECEIVED, State.DOWNLOADING, State.VERIFYING,
         State.PRECHECKING, State.ACTIVATING, State.TRIAL,
     )
-    FAILURES = (State.FAILED, State.ROLLED_BACK, State.REJECTED, State.TIMED_OUT)
+    FAILURES = (State.FAILED, State.ROLLED_BACK, State.REJECTED, State.TIMED_OUT, State.UNHEALTHY)
     # Agent-reported update states mapped onto assignment states (protocol State values).
     FROM_EVENT = {
         "received": State.RECEIVED,
