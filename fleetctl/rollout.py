@@ -29,7 +29,7 @@ ACTIONS = {
     "abort": "stop the rollout; devices not yet directed are skipped",
     "rollback": "send every device this rollout touched back to its previous release",
 }
-FAILED_STATES = ("failed", "rolled_back", "rejected", "timed_out")
+FAILED_STATES = ("failed", "rolled_back", "rejected", "timed_out", "unhealthy")
 IN_FLIGHT = ("directed", "received", "downloading", "verifying", "prechecking", "activating", "trial")
 
 
