@@ -121,8 +121,9 @@ def test_it_lets_an_operator_create_start_and_watch_a_rollout_reach_100_percent_
 
         page.click("text=Rollouts")
         page.click("#new-rollout")
-        page.select_option("#id_release", label="detector @ 2.0.0")
         page.fill("#id_target_labels", "site=berlin")
+        page.wait_for_function("() => document.querySelector('#preview').textContent.includes('Pick a released version')")
+        page.select_option("#id_release", label="detector @ 2.0.0")  # the preview follows any field's change
         page.select_option("#id_template", "canary 2 → 25% → 100%")
         page.fill("#id_soak_seconds", "2")
         page.fill("#id_rate_per_minute", "")

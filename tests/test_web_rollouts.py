@@ -75,6 +75,11 @@ def test_it_previews_matches_per_hardware_and_incompatible_devices(client, opera
     assert re.search(r'data-hardware="rpi5"><td>rpi5</td><td>3</td><td><span class="badge bad">3</span>', html)
     assert "canary: 2 more devices → 2" in html and "up to 100 % of the target → 8" in html
 
+    waiting = client.get(reverse("web:rollout_preview"), {"target_labels": "site=berlin"}).content.decode()
+    assert "Pick a released version to see which devices can take it." in waiting and "errorlist" not in waiting
+    bad = client.get(reverse("web:rollout_preview"), {"release": fleet.pk, "target_labels": "site"}).content.decode()
+    assert "Give a value for site (key=value)." in bad
+
 
 def test_it_shows_invalid_input_next_to_its_field(client, operator, fleet):
     client.force_login(operator)

@@ -287,7 +287,9 @@ def target_preview(form) -> dict:
     from ota import actions as ota_actions
 
     data = getattr(form, "cleaned_data", {})
-    errors = {k: v for k, v in form.errors.items() if k in ("release", *form.TARGET_FIELDS)}
+    # A release not chosen yet is not an error here, just a reason to wait.
+    wanted = (*form.TARGET_FIELDS, "release") if form.data.get("release") else form.TARGET_FIELDS
+    errors = {k: v for k, v in form.errors.items() if k in wanted}
     release = form.release_obj if "release" in data else None
     result: dict = {"errors": [str(e) for v in errors.values() for e in v], "rows": [], "ready": False}
     if errors:
