@@ -11,6 +11,7 @@ bootstrap:
 
 bench:
 	@scripts/bootstrap.sh --test
+	@scripts/ensure_services.sh --postgres
 	.venv/bin/python benchmarks/run_all.py
 
 bench-rollout:

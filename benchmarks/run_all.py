@@ -1,0 +1,42 @@
+"""Run every benchmark in turn (`make bench`); each prints its figures and writes its own file
+under benchmarks/results/. A failing benchmark is reported and the others still run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = [
+    "upload_memory.py",
+    "fleetctl_upload_memory.py",
+    "agent_footprint.py",
+    "device_list.py",
+    "rollout_fleet.py",
+]
+
+
+def main() -> int:
+    env = {
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/modelfleet",
+        "SECRET_KEY": "benchmark-only",
+        **os.environ,
+    }
+    failed = []
+    for script in BENCHMARKS:
+        print(f"==> {script}", flush=True)
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, str(HERE / script)], env=env, cwd=HERE.parent)
+        print(f"<== {script}: exit {result.returncode} after {time.monotonic() - started:.0f} s", flush=True)
+        if result.returncode:
+            failed.append(script)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
