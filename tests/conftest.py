@@ -156,3 +156,17 @@ def server_platform(transactional_db, live_server, secure_broker, tmp_path):
         platform.start_worker()
         platform.start_beat()
         yield platform
+
+
+@pytest.fixture
+def rig(mosquitto, tmp_path):
+    """An agent test rig: private broker, Range-capable artifact server, test keys, a subscriber."""
+    from tests.support.agent_harness import ArtifactServer, Keys, Rig, Subscriber
+
+    server = ArtifactServer().start()
+    subscriber = Subscriber(mosquitto.port).start()
+    rig = Rig(broker=mosquitto, server=server, keys=Keys.generate(), subscriber=subscriber, tmp=tmp_path)
+    yield rig
+    rig.close()
+    subscriber.stop()
+    server.stop()

@@ -9,15 +9,10 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from tests.support.agent_harness import (
     REPO,
     Artifact,
-    ArtifactServer,
-    Keys,
-    Rig,
-    Subscriber,
     active_fingerprint,
     journal,
     other_key,
@@ -30,17 +25,6 @@ from tests.support.onnx_models import linear_model
 def cli(*args, timeout=60):
     return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout)
-
-
-@pytest.fixture
-def rig(mosquitto, tmp_path):
-    server = ArtifactServer().start()
-    subscriber = Subscriber(mosquitto.port).start()
-    rig = Rig(broker=mosquitto, server=server, keys=Keys.generate(), subscriber=subscriber, tmp=tmp_path)
-    yield rig
-    rig.close()
-    subscriber.stop()
-    server.stop()
 
 
 def test_it_verifies_envelopes_offline(rig, tmp_path):

@@ -4,13 +4,10 @@ them in order once the broker is back."""
 
 from __future__ import annotations
 
-import pytest
 
 from tests.support.agent_harness import (
+    PROGRESS,
     Artifact,
-    ArtifactServer,
-    Keys,
-    Rig,
     Subscriber,
     active_file,
     journal,
@@ -20,18 +17,6 @@ from tests.support.agent_harness import (
 )
 from tests.support.onnx_models import linear_model
 
-PROGRESS = ["received", "downloading", "verifying", "prechecking", "activating", "trial", "committed"]
-
-
-@pytest.fixture
-def rig(mosquitto, tmp_path):
-    server = ArtifactServer().start()
-    subscriber = Subscriber(mosquitto.port).start()
-    rig = Rig(broker=mosquitto, server=server, keys=Keys.generate(), subscriber=subscriber, tmp=tmp_path)
-    yield rig
-    rig.close()
-    subscriber.stop()
-    server.stop()
 
 
 def test_it_commits_while_the_broker_is_down_and_delivers_the_outbox_later(rig, mosquitto):

@@ -11,9 +11,6 @@ import pytest
 from tests.support.agent_harness import (
     Artifact,
     ArtifactServer,
-    Keys,
-    Rig,
-    Subscriber,
     active_file,
     linear_contract,
     release_envelope,
@@ -21,17 +18,6 @@ from tests.support.agent_harness import (
 from tests.support.onnx_models import linear_model
 
 AGENT_CHUNK = 1 << 20
-
-
-@pytest.fixture
-def rig(mosquitto, tmp_path):
-    server = ArtifactServer().start()
-    subscriber = Subscriber(mosquitto.port).start()
-    rig = Rig(broker=mosquitto, server=server, keys=Keys.generate(), subscriber=subscriber, tmp=tmp_path)
-    yield rig
-    rig.close()
-    subscriber.stop()
-    server.stop()
 
 
 def _release(rig, artifact):

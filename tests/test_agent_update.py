@@ -10,15 +10,11 @@ import subprocess
 import sys
 from hashlib import sha256
 
-import pytest
 
 from tests.support.agent_harness import (
+    PROGRESS,
     REPO,
     Artifact,
-    ArtifactServer,
-    Keys,
-    Rig,
-    Subscriber,
     active_fingerprint,
     journal,
     linear_contract,
@@ -27,18 +23,6 @@ from tests.support.agent_harness import (
 )
 from tests.support.onnx_models import linear_model
 
-PROGRESS = ["received", "downloading", "verifying", "prechecking", "activating", "trial", "committed"]
-
-
-@pytest.fixture
-def rig(mosquitto, tmp_path):
-    server = ArtifactServer().start()
-    subscriber = Subscriber(mosquitto.port).start()
-    rig = Rig(broker=mosquitto, server=server, keys=Keys.generate(), subscriber=subscriber, tmp=tmp_path)
-    yield rig
-    rig.close()
-    subscriber.stop()
-    server.stop()
 
 
 def test_it_updates_v1_to_v2_and_serves_the_exact_bytes(rig):

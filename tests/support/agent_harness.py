@@ -28,6 +28,9 @@ from agent.protocol import build_directive_payload, build_release_payload, utcno
 REPO = Path(__file__).resolve().parents[2]
 
 # A health command that proves what the app would load: the sha of the app-facing file.
+# The events one successful update produces, in order (the outcome last).
+PROGRESS = ["received", "downloading", "verifying", "prechecking", "activating", "trial", "committed"]
+
 HEALTH_OK = (
     'printf \'{"model_sha256":"%s","error_rate":0.01,"latency_ms_p95":4.5}\' '
     '"$(sha256sum "$FLEET_AGENT_MODEL_PATH" | cut -d" " -f1)"'
