@@ -28,7 +28,14 @@ CHROMIUM_ARGS = [
 ]
 LAPTOP = {"width": 1366, "height": 900}
 TABLET = {"width": 820, "height": 1180}
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# Every run saves its screenshots under tests/artifacts/ (ignored by git, kept by CI as evidence);
+# UPDATE_SCREENSHOTS=1 writes them over the committed ones in docs/ that the README shows.
+_REPO = Path(__file__).resolve().parents[2]
+SCREENSHOTS = (
+    _REPO / "docs" / "screenshots"
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1"
+    else _REPO / "tests" / "artifacts" / "screenshots"
+)
 
 
 def chromium_available() -> bool:
