@@ -60,14 +60,17 @@ def _django_env(settings) -> dict[str, str]:
 def point_celery_at(redis_url: str = DEFAULT_REDIS_URL) -> None:
     """Make tasks enqueued by the test process itself (API calls in the live server thread,
     on_commit wake-ups) go to this Redis db instead of the shared default."""
+    from kombu import pools as kombu_pools
+
     from config.celery import app
 
     app.conf.broker_url = redis_url
     app.conf.task_always_eager = False
-    # Pooled connections made before the switch would still talk to the old URL.
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    # Pooled connections made before the switch would still talk to the old URL. kombu keeps its
+    # pools in global registries keyed by connection URL, so closing one pool alone would leave a
+    # closed pool behind for the next switch back to that URL ("Acquire on closed pool").
+    kombu_pools.reset()
+    app._pool = None
     app.amqp._producer_pool = None
 
 
