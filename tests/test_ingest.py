@@ -55,7 +55,7 @@ class IngestProcess:
             **broker.env,
             "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
             "SECRET_KEY": "test-only",
-            "CELERY_BROKER_URL": "redis://127.0.0.1:6379/3",
+            "CELERY_BROKER_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/3"),
             "LOG_LEVEL": "INFO",
         }
         self.log = workdir / f"ingest-{time.monotonic_ns()}.log"

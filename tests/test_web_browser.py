@@ -13,9 +13,8 @@ from ota.models import Device, DeviceModelState, Rollout, RolloutDevice
 from ota.simulator import FleetSimulator, enroll_simulated_devices
 from tests.support import web_data
 from tests.support.browser import TABLET, Browser, chromium_available, login, screenshot
-from tests.support.platform import Platform
+from tests.support.platform import DEFAULT_REDIS_URL, Platform
 
-REDIS_URL = "redis://127.0.0.1:6379/6"
 OLD_HEALTH = {"error_rate": 0.04, "latency_ms_p95": 38.0}
 
 pytestmark = [
@@ -53,7 +52,7 @@ def report_health(sim, device_ids, model: str, sha: str, health: dict) -> None:
 
 @pytest.fixture
 def platform(live_server, secure_broker, tmp_path):
-    with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url, redis_url=REDIS_URL) as p:
+    with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url, redis_url=DEFAULT_REDIS_URL) as p:
         p.start_ingest()
         p.start_beat()
         p.start_worker()

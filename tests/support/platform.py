@@ -31,7 +31,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/4"
+# Every Platform flushes its Redis db and its workers take whatever task lands there: two test
+# runs sharing a db (engineers running suites side by side) eat and flush each other's tasks.
+# TEST_REDIS_URL gives each run its own db.
+DEFAULT_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/4")
 
 
 def _django_env(settings) -> dict[str, str]:
