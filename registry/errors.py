@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from django.core.exceptions import PermissionDenied, ValidationError as DjangoValidationError
+from django.conf import settings
+from django.core.exceptions import (
+    PermissionDenied,
+    RequestDataTooBig,
+    SuspiciousOperation,
+    ValidationError as DjangoValidationError,
+)
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -44,6 +50,18 @@ def json_exception_handler(exc, context):
         exc = exceptions.NotFound(str(exc) or "Not found.")
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied(str(exc) or "Permission denied.")
+    elif isinstance(exc, RequestDataTooBig):
+        # Django refuses non-file bodies over DATA_UPLOAD_MAX_MEMORY_SIZE; without this it is a 500.
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        exc = ApiError(
+            f"Request body is larger than the {limit}-byte limit for non-file data; "
+            "send artifacts as the multipart 'file' field.",
+            code="request_too_large",
+            status_code=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            limit=limit,
+        )
+    elif isinstance(exc, SuspiciousOperation):
+        exc = ApiError(str(exc) or "Malformed request.", code="bad_request")
     response = exception_handler(exc, context)
     if response is None:
         logger.exception("unhandled API error", exc_info=exc)

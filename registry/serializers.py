@@ -15,7 +15,8 @@ from registry.models import Artifact, HardwareTarget, Model, ModelVersion, ident
 class HardwareCreateSerializer(serializers.Serializer):
     id = serializers.CharField(max_length=64, validators=[identifier])
     description = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    max_artifact_bytes = serializers.IntegerField(min_value=1)
+    # The column is a signed 64-bit integer: a larger number must be a 400, not a database error.
+    max_artifact_bytes = serializers.IntegerField(min_value=1, max_value=2**63 - 1)
 
 
 class ModelCreateSerializer(serializers.Serializer):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from unittest import mock
 
 import pytest
@@ -79,6 +81,27 @@ def test_it_answers_json_for_bad_request_bodies(client, ci_token):
     )
     assert invalid.status_code == 400
     assert invalid.json()["error"]["code"] == "invalid" and "name" in invalid.json()["error"]["fields"]
+
+
+def test_it_answers_json_for_oversized_bodies_and_numbers(client, ci_token, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
+    huge = client.post(
+        "/api/v1/models/", json.dumps({"name": "m", "description": "x" * 20_000}),
+        content_type="application/json", **ci_token.headers,
+    )
+    assert huge.status_code == 413, huge.content
+    assert huge.json()["error"]["code"] == "request_too_large" and huge.json()["error"]["limit"] == 10_000
+    assert "10000-byte limit" in huge.json()["error"]["message"]
+    too_big = client.post(
+        "/api/v1/hardware/", {"id": "x", "max_artifact_bytes": 10**30}, content_type="application/json",
+        **ci_token.headers,
+    )
+    assert too_big.status_code == 400, too_big.content
+    assert "max_artifact_bytes" in too_big.json()["error"]["fields"]
+    unsupported = client.post("/api/v1/models/", "name=m", content_type="text/plain", **ci_token.headers)
+    assert unsupported.status_code == 415 and unsupported.json()["error"]["code"] == "unsupported_media_type"
+    not_allowed = client.delete("/api/v1/models/", **ci_token.headers)
+    assert not_allowed.status_code == 405 and not_allowed.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_it_serves_the_openapi_schema_and_swagger_ui_without_a_cdn(client):
