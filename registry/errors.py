@@ -9,6 +9,8 @@ from django.core.exceptions import (
     PermissionDenied,
     RequestDataTooBig,
     SuspiciousOperation,
+)
+from django.core.exceptions import (
     ValidationError as DjangoValidationError,
 )
 from django.http import Http404
