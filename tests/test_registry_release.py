@@ -200,3 +200,27 @@ def test_it_deprecates_and_revokes_as_states_with_the_admin_scope(client, ci_tok
         download.json()["error"]["code"] == "version_revoked"
         and "revoked" in download.json()["error"]["message"]
     )
+
+
+def test_it_keeps_private_keys_out_of_the_database(client, ci_token, draft, settings):
+    import io
+
+    from cryptography.hazmat.primitives import serialization
+    from django.core.management import call_command
+
+    from agent.signing import load_private_key_pem
+
+    assert client.post(f"{version_url(*draft)}/release", **ci_token.headers).status_code == 200
+    dump = io.StringIO()
+    call_command("dumpdata", stdout=dump)
+    everything = dump.getvalue()
+    assert "detector" in everything  # the dump does see the registry's rows
+    for path in (settings.RELEASE_KEY_PATH, settings.ROLLOUT_KEY_PATH):
+        pem = path.read_bytes()
+        raw = load_private_key_pem(pem).private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        body = "".join(line for line in pem.decode().splitlines() if not line.startswith("-----"))
+        for secret in (body, raw.hex(), base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()):
+            assert secret not in everything
+        assert "PRIVATE KEY" not in everything
