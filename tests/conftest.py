@@ -101,6 +101,22 @@ def viewer(db):
 
 
 @pytest.fixture
+def other_fleet_device(db, settings, request):
+    """A device enrolled for another fleet (labels fleet=other, hardware rpi4-arm64): its API token
+    may fetch artifacts and manifests, nothing about other devices or rollouts. Row and token
+    only unless the test also uses `secure_broker`; `.device`, `.api_token`, `.headers`."""
+    from types import SimpleNamespace
+
+    from tests.support.fleet import enroll_device
+
+    if "secure_broker" not in request.fixturenames:
+        settings.MQTT_BROKER_AUTH = "none"
+    enrolled = enroll_device(labels={"fleet": "other"}, name="other-fleet-1")
+    return SimpleNamespace(device=enrolled.device, api_token=enrolled.api_token,
+                           headers={"HTTP_AUTHORIZATION": f"Bearer {enrolled.api_token}"})
+
+
+@pytest.fixture
 def api(client):
     """Django test client that speaks JSON by default."""
     return client
