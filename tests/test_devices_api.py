@@ -133,3 +133,30 @@ def test_it_revokes_a_device_session_directive_and_download_token(client, admin_
     finally:
         live.close()
         service.close()
+
+
+@pytest.mark.parametrize("method, path", [
+    ("get", "/devices/{eu}/"),
+    ("get", "/devices/"),
+    ("post", "/devices/{eu}/revoke"),
+    ("get", "/rollouts/"),
+    ("post", "/rollouts/"),
+    ("get", "/audit/"),
+    ("post", "/enrollment-tokens/"),
+])
+def test_it_keeps_a_device_of_another_fleet_out_of_fleet_data(client, fleet, other_fleet_device, method, path):
+    url = API + path.format(eu=fleet["eu"].id)
+
+    response = getattr(client, method)(url, {}, content_type="application/json", **other_fleet_device.headers)
+
+    assert response.status_code == 403, response.content
+    assert Device.objects.get(pk=fleet["eu"].id).state == "active"
+
+
+def test_it_lets_a_device_token_fetch_artifacts_but_not_its_own_fleet_record(client, fleet, other_fleet_device):
+    # The token exists for downloads (the proof it authenticates at all, so the 403s above are
+    # about scope, not a dead token); device records are operator data, its own included.
+    download = f"{API}/models/detector/versions/1.0/artifacts/rpi4-arm64/download"
+    assert client.get(download, **other_fleet_device.headers).status_code == 200
+    own = client.get(f"{API}/devices/{other_fleet_device.device.id}/", **other_fleet_device.headers)
+    assert own.status_code == 403
