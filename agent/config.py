@@ -7,6 +7,7 @@ this file; the key names are a contract with it (see deploy/agent.example.toml).
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,10 @@ def _get(table: dict, key: str, where: str, kind: str, default: Any = _MISSING) 
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {_typename(value)}")
         value = float(value)
+        # TOML allows nan and inf: nan slips through every < / > range check (a nan error-rate
+        # limit would never trip) and sleep(nan) raises, so refuse both here, naming the key.
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
     return value
 
 
