@@ -91,6 +91,9 @@ def test_it_rolls_back_locally_through_the_daemon_and_without_it(rig):
     status = json.loads(cli("status", "--config", str(config)).stdout)
     assert status["models"]["m"]["current"] == v1.sha256 and status["state"] == "idle"
     assert status["last_outcome"]["error_code"] == "LOCAL_ROLLBACK"
+    assert status["models"]["m"]["committed"] and status["update"] is None
+    # The last directive seq and the outbox, which every event above has left (all were delivered).
+    assert status["last_seq"] == 2 and status["pending_outbox"] == 0
 
 
 def test_it_refuses_a_second_agent_on_the_same_state_dir(rig):
