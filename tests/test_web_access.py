@@ -116,3 +116,98 @@ def test_it_refuses_the_access_page_to_non_admins(client, request, who):
     assert client.post("/access/", {"kind": "api", "api-name": "x", "api-scope": "admin"}).status_code == 403
     assert not ApiToken.objects.filter(name="x").exists()
     assert 'href="/access/"' not in client.get("/").content.decode()
+
+
+def _post_urls():
+    """Every web URL a POST can change something through, read from the URLconf itself, so a new
+    action view is covered the day it is added: (name, view kwargs)."""
+    from web.urls import urlpatterns
+    from web.views import ROLLOUT_ACTIONS
+
+    sample = {"device_id": "dev-0000", "name": "detector", "version": "2.0.0", "pk": None}
+    out = []
+    for pattern in urlpatterns:
+        scope = getattr(pattern.callback, "required_scope", None)
+        if scope in (None, "read") or pattern.name == "rollout_preview":  # login/logout; GET-only pages
+            continue
+        params = list(pattern.pattern.converters)
+        if "action" in params:
+            out += [(pattern.name, {**{p: sample[p] for p in params if p != "action"}, "action": a})
+                    for a in ROLLOUT_ACTIONS]
+        else:
+            out.append((pattern.name, {p: sample[p] for p in params}))
+    return out
+
+
+POST_URLS = _post_urls()
+
+
+@pytest.fixture
+def targets(db):
+    from ota import actions
+    from tests.support.rollout_data import make_devices
+
+    web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",))
+    make_devices(2, hardware="jetson-orin", labels={"site": "berlin"})
+    rollout = actions.rollout_create(model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
+                                     waves=[{"percent": 100}], actor="user:x")
+    return rollout
+
+
+def _url(name, kwargs, rollout):
+    from django.urls import reverse
+
+    return reverse(f"web:{name}", kwargs={k: (rollout.pk if k == "pk" else v) for k, v in kwargs.items()})
+
+
+def test_it_covers_every_action_url_of_the_web_admin():
+    names = {name for name, _ in POST_URLS}
+    assert names == {"device_revoke", "alias_move", "version_release", "access", "rollout_new", "rollout_action"}
+    assert len(POST_URLS) == 5 + 8  # one per rollout action
+
+
+@pytest.mark.parametrize("name, kwargs", POST_URLS, ids=[f"{n}-{k.get('action', '')}".rstrip("-") for n, k in POST_URLS])
+def test_it_answers_403_to_a_viewer_post_on_every_action_url(viewer, targets, name, kwargs):
+    from django.test import Client
+
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(viewer)
+    browser.get("/")
+    token = browser.cookies["csrftoken"].value
+
+    response = browser.post(_url(name, kwargs, targets), {"csrfmiddlewaretoken": token, "kind": "api", "name": "x"})
+
+    assert response.status_code == 403, response.content[:300]
+    assert "role" in response.content.decode()  # refused by the role check, not by CSRF
+    targets.refresh_from_db()
+    assert targets.state == "created"
+    assert Device.objects.get(pk="dev-0000").state == "active"
+    assert not AuditEntry.objects.filter(actor=f"user:{viewer.username}").exists()
+
+
+@pytest.mark.parametrize("name, kwargs", POST_URLS, ids=[f"{n}-{k.get('action', '')}".rstrip("-") for n, k in POST_URLS])
+def test_it_refuses_every_action_post_without_a_csrf_token(admin_user, targets, name, kwargs):
+    from django.test import Client
+
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(admin_user)  # allowed to do everything: only the missing token stops it
+
+    response = browser.post(_url(name, kwargs, targets), {"kind": "api", "name": "x"})
+
+    assert response.status_code == 403
+    assert "CSRF" in response.content.decode()
+    targets.refresh_from_db()
+    assert targets.state == "created"
+    assert Device.objects.get(pk="dev-0000").state == "active"
+
+
+def test_it_puts_a_csrf_token_in_every_post_form_and_on_htmx_requests():
+    from pathlib import Path
+
+    templates = Path(__file__).resolve().parents[1] / "web" / "templates"
+    for path in templates.rglob("*.html"):
+        html = path.read_text()
+        for form in re.findall(r"<form\b[^>]*method=\"post\"[^>]*>(.*?)</form>", html, re.DOTALL | re.IGNORECASE):
+            assert "{% csrf_token %}" in form, f"{path.name}: a POST form without {{% csrf_token %}}"
+    base = (templates / "web" / "base.html").read_text()
+    assert "hx-headers='{\"X-CSRFToken\": \"{{ csrf_token }}\"}'" in base  # hx-post buttons send it too
