@@ -4,6 +4,7 @@ pause holds; nothing is ever sent twice."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 
@@ -91,7 +92,15 @@ def test_it_holds_while_paused_and_continues_on_resume(client, ci_token, operato
     release(client, admin_token, "detector", "2.0")
     devices = make_devices(12, labels={"site": "berlin"})
     platform.start_worker()
-    with ProtocolResponder(secure_broker, devices, trial_seconds=1.5):
+    # The canary answers only once the pause is in: with a zero soak time a canary that committed
+    # before the pause request got through (a busy box) would rightly start wave 1 first.
+    paused_in = threading.Event()
+
+    def after_pause(device_id, body):
+        assert paused_in.wait(120), "the test never paused the rollout"
+        return "ok"
+
+    with ProtocolResponder(secure_broker, devices, behaviour=after_pause, trial_seconds=1.5):
         rid = create_rollout(
             client, ci_token, model="detector", version="2.0", target={"labels": {"site": "berlin"}},
             waves=[{"devices": ["dev-0000", "dev-0001"]}, {"percent": 100}],
@@ -100,6 +109,7 @@ def test_it_holds_while_paused_and_continues_on_resume(client, ci_token, operato
         recorder.wait_for(lambda r: len(r.live()) == 2, timeout=60, what="the canary directives")
         paused = act(client, operator_token, rid, "pause", reason="checking dashboards")
         assert paused.json()["state"] == "paused"
+        paused_in.set()
         # The canary commits while paused; the gate is met, yet nothing more goes out.
         wait_until(lambda: RolloutDevice.objects.filter(rollout_id=rid, state="committed").count() == 2, 90,
                    "the canary to commit", platform)
