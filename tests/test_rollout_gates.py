@@ -184,6 +184,14 @@ def test_it_counts_phase_timeouts_as_failures(setup):
     assert states == {"dev-0000": "TIMEOUT_TRIAL", "dev-0001": "TIMEOUT_TRIAL"}
     rollout.refresh_from_db()
     assert rollout.state == "aborted"
+    # Both automatic decisions are in the audit log with the figures behind them.
+    log = AuditEntry.objects.filter(object_type="rollout", object_id=str(rollout.pk), actor="system")
+    expired = log.get(action="devices.timeout")
+    assert expired.reason == "2 devices exceeded the trial timeout"
+    assert sorted(expired.detail["trial"]) == ["dev-0000", "dev-0001"]
+    verdict = log.get(action="rollout.auto_abort")
+    assert "2 of 2 reporting devices failed" in verdict.reason
+    assert (verdict.detail["failed"], verdict.detail["reported"], verdict.detail["by_state"]) == (2, 2, {"timed_out": 2})
     # A commit that arrives after the verdict does not rewrite it.
     fleet.report(["dev-0000"], "committed")
     assert RolloutDevice.objects.get(rollout=rollout, device_id="dev-0000").state == "timed_out"
