@@ -488,6 +488,9 @@ def rollout_start(*, rollout_id: int, actor: str) -> Rollout:
                 f"rollout {rollout.pk} requires approval before start; an operator must POST .../approve",
                 code="approval_required",
             )
+        # Starts of the same model queue up here: two starts in flight at once would each pass
+        # the conflict check before the other committed, and a device would get two rollouts.
+        Model.objects.select_for_update().filter(pk=rollout.model_id).first()
         device_ids = list(rollout.assignments.values_list("device_id", flat=True))
         _raise_conflicts(conflicts_find(model_id=rollout.model_id, device_ids=device_ids, exclude_rollout=rollout.pk))
         rollout.state = Rollout.State.RUNNING

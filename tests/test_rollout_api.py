@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 
+from ota.models import Rollout
 from tests.support.rollout_data import act, create_rollout, make_devices, release
 
 API = "/api/v1"
@@ -177,3 +178,55 @@ def test_it_shows_rollouts_in_the_django_admin_and_pauses_from_there(client, ci_
     assert response.status_code == 302
     detail = client.get(f"{API}/rollouts/{rid}/", **ci_token.headers).json()
     assert detail["state"] == "paused" and detail["state_reason"] == "paused from the admin"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_starts_only_one_of_two_rollouts_started_at_the_same_moment(client, ci_token, fleet):
+    """Two starts over the same devices in flight at once (two API workers): the second must see
+    the first, not both pass the conflict check before either commits."""
+    import threading
+    from unittest import mock
+
+    from django.db import connection, transaction
+
+    from ota import actions
+    from registry.errors import Conflict
+
+    a = create_rollout(client, ci_token, **definition()).json()["id"]
+    b = create_rollout(client, ci_token, **definition()).json()["id"]
+    first_started, release_first = threading.Event(), threading.Event()
+    outcome = {}
+
+    def start_and_hold():
+        try:
+            with transaction.atomic():
+                actions.rollout_start(rollout_id=a, actor="token:one")
+                first_started.set()
+                release_first.wait(10)  # still uncommitted while the second start runs
+            outcome["a"] = "started"
+        finally:
+            connection.close()
+
+    def start_second():
+        try:
+            actions.rollout_start(rollout_id=b, actor="token:two")
+            outcome["b"] = "started"
+        except Conflict as exc:
+            outcome["b"] = exc.detail
+        finally:
+            connection.close()
+
+    with mock.patch("ota.actions._wake", autospec=True):  # no engine in this test
+        one = threading.Thread(target=start_and_hold)
+        one.start()
+        assert first_started.wait(10)
+        two = threading.Thread(target=start_second)
+        two.start()
+        two.join(1.0)  # blocked behind the first start (or, without the lock, already through)
+        release_first.set()
+        one.join(10)
+        two.join(10)
+
+    assert outcome["a"] == "started"
+    assert "already in a running rollout" in str(outcome["b"]), outcome
+    assert Rollout.objects.get(pk=b).state == "created"
