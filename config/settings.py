@@ -132,6 +132,9 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+# Several deployments (or test runs) sharing one Redis db each need their own queue: a worker
+# takes whatever lands on the queue it consumes, whichever database its tasks were meant for.
+CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_TASK_DEFAULT_QUEUE", "celery")
 
 MQTT_HOST = env_str("MQTT_HOST", "127.0.0.1")
 MQTT_PORT = env_int("MQTT_PORT", 1883, min_value=1, max_value=65535)
