@@ -10,8 +10,8 @@ committed) together with `live_server` and `secure_broker`:
             p.start_worker(); p.start_beat(); p.start_ingest()
             yield p
 
-Every process gets the same environment: the test database, its own Redis db (Celery broker,
-flushed at start so no task of an earlier run leaks in), the broker's service account, the
+Every process gets the same environment: the test database, a Celery queue of its own on the
+Redis db (so runs sharing a db never take each other's tasks), the broker's service account, the
 test's signing keys, and a short rollout tick. `kill_worker()` SIGKILLs a worker; logs of
 every process are kept under tmp_path/platform/ and shown by `logs()` when a test fails.
 """
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,14 +61,16 @@ def _django_env(settings) -> dict[str, str]:
     }
 
 
-def point_celery_at(redis_url: str = DEFAULT_REDIS_URL) -> None:
+def point_celery_at(redis_url: str = DEFAULT_REDIS_URL, queue: str | None = None) -> None:
     """Make tasks enqueued by the test process itself (API calls in the live server thread,
-    on_commit wake-ups) go to this Redis db instead of the shared default."""
+    on_commit wake-ups) go to this Redis db (and this queue) instead of the shared default."""
     from kombu import pools as kombu_pools
 
     from config.celery import app
 
     app.conf.broker_url = redis_url
+    if queue is not None:
+        app.conf.task_default_queue = queue
     app.conf.task_always_eager = False
     # Pooled connections made before the switch would still talk to the old URL. kombu keeps its
     # pools in global registries keyed by connection URL, so closing one pool alone would leave a
@@ -96,6 +99,11 @@ class Platform:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.broker = broker
         self.redis_url = redis_url
+        # A queue of its own: a worker of another run on the same Redis db (a benchmark, another
+        # engineer's suite) would otherwise take this run's tasks and run them against its own
+        # database. It took every evaluation a worker enqueued while busy with the beat tick (the
+        # foreign worker was the only one waiting), and a rollout stood still for minutes.
+        self.queue = f"platform-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.procs: list[Proc] = []
         self.env = {
             **os.environ,
@@ -105,6 +113,7 @@ class Platform:
             **broker.env,
             "CELERY_BROKER_URL": redis_url,
             "REDIS_URL": redis_url,
+            "CELERY_TASK_DEFAULT_QUEUE": self.queue,
             "ROLLOUT_TICK_SECONDS": str(tick_seconds),
             **(extra_env or {}),
         }
@@ -119,16 +128,21 @@ class Platform:
 
     def __exit__(self, exc_type, *_exc) -> None:
         self.stop_all()
+        self.flush_redis()
         if exc_type is not None:
             print(self.logs(), file=sys.stderr)
 
     def flush_redis(self) -> None:
+        """Drop this platform's queue (never the whole db: other runs may share it)."""
         import redis
 
-        redis.Redis.from_url(self.redis_url).flushdb()
+        client = redis.Redis.from_url(self.redis_url)
+        keys = list(client.scan_iter(match=f"*{self.queue}*"))
+        if keys:
+            client.delete(*keys)
 
     def _point_celery_here(self) -> None:
-        point_celery_at(self.redis_url)
+        point_celery_at(self.redis_url, self.queue)
 
     def _spawn(self, name: str, args: list[str]) -> Proc:
         self._counter += 1
