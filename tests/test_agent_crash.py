@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.agent_fixtures import MODEL, close_rig, install_template, make_rig
 from tests.support.agent_harness import (
+    HEALTH_FAILS,
     Artifact,
     active_file,
     clone_state,
@@ -67,10 +68,11 @@ def _check_active(state, allowed: dict[str, bytes]) -> str:
     return digest
 
 
-def _run(inst, device: str, point: str, double: bool) -> None:
+def _run(inst, device: str, point: str, double: bool, update: dict | None = None, expect: str = "committed") -> None:
     rig = inst.rig
     state = clone_state(inst.template, rig.tmp / device / "state")
-    rig.config(device, state_dir=state, update={"reload_command": "true"})
+    rig.config(device, state_dir=state, update={"reload_command": "true", **(update or {})})
+    final = inst.v2 if expect == "committed" else inst.v1
     rig.publish_directive(device, rig.directive(device, 2, MODEL, inst.rel2, inst.v2))
     allowed = {inst.v1.sha256: inst.v1.data, inst.v2.sha256: inst.v2.data}
     crash_env = {"FLEET_AGENT_CRASH_AT": point}
@@ -88,12 +90,12 @@ def _run(inst, device: str, point: str, double: bool) -> None:
     if not agent.alive():
         agent.start(env={"FLEET_AGENT_CRASH_AT": ""})
     outcome = rig.subscriber.wait_outcome(device, 2, timeout=60, agent=agent)
-    assert outcome["state"] == "committed", (outcome, agent.log_text()[-3000:])
+    assert outcome["state"] == expect, (outcome, agent.log_text()[-3000:])
     wait_for(agent.ready, 30, "agent ready", agent=agent)
     assert agent.stop() == 0
 
-    assert _check_active(state, allowed) == inst.v2.sha256
-    assert active_file(state, MODEL).read_bytes() == inst.v2.data
+    assert _check_active(state, allowed) == final.sha256
+    assert active_file(state, MODEL).read_bytes() == final.data
     j = journal(state)
     assert j["update"] is None and j["models"][MODEL]["committed"] and j["last_seq"] == 2
     # Exactly one outcome per directive seq as the server would see it (deduplicated by event_no)...
@@ -105,27 +107,43 @@ def _run(inst, device: str, point: str, double: bool) -> None:
     for e in raw:
         by_no.setdefault(e["event_no"], set()).add((e["state"], e["seq"], e["error_code"]))
     assert all(len(v) == 1 for v in by_no.values()), by_no
-    assert [e["state"] for e in rig.subscriber.events_for(device, 2)][-1] == "committed"
+    assert [e["state"] for e in rig.subscriber.events_for(device, 2)][-1] == expect
+    if expect == "rolled_back":
+        assert inst.v2.sha256 in j["denylist"]
 
 
-@pytest.mark.parametrize("point", POINTS)
-def test_it_survives_sigkill_at_every_transition(installed, point):
+def _both(inst, point: str, prefix: str, **kwargs) -> None:
+    """Run a crash point twice in parallel: killed once, and killed again on every restart."""
     base = point.replace(":", "-")
     errors: list[BaseException] = []
 
     def run(device, double):
         try:
-            _run(installed, device, point, double)
+            _run(inst, device, point, double, **kwargs)
         except BaseException as exc:  # surfaced below, in the test thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(f"c-{base}-{i}", i == 1)) for i in range(2)]
+    threads = [threading.Thread(target=run, args=(f"{prefix}-{base}-{i}", i == 1)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(180)
     if errors:
         raise errors[0]
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_it_survives_sigkill_at_every_transition(installed, point):
+    _both(installed, point, "c")
+
+
+# The way back is journalled too: a kill while rolling back must still end on v1, reported once.
+ROLLBACK_POINTS = ["rolling_back", "swapped-back", "rolled_back"]
+
+
+@pytest.mark.parametrize("point", ROLLBACK_POINTS)
+def test_it_survives_sigkill_while_rolling_back(installed, point):
+    _both(installed, point, "cb", update={"health_command": HEALTH_FAILS}, expect="rolled_back")
 
 
 def _fresh(inst, device: str, update: dict):
@@ -167,3 +185,21 @@ def test_it_breaks_a_crash_loop_with_rollback_loop(installed):
     assert (outcome["state"], outcome["error_code"]) == ("rolled_back", "ROLLBACK_LOOP"), outcome
     assert _check_active(state, {installed.v1.sha256: b""}) == installed.v1.sha256
     agent.stop()
+
+
+def test_it_keeps_the_new_model_when_previous_fails_re_verification(installed):
+    # Bit rot in v1's stored bytes: switching back to them would be worse than keeping v2.
+    rig, state, agent = _fresh(installed, "c-rotten-previous", {"health_command": HEALTH_FAILS})
+    stored = state / "store" / installed.v1.sha256 / "model.onnx"
+    stored.parent.chmod(0o755)
+    stored.chmod(0o644)
+    rotten = bytearray(stored.read_bytes())
+    rotten[-1] ^= 0xFF
+    stored.write_bytes(bytes(rotten))
+    agent.start()
+    outcome = rig.subscriber.wait_outcome("c-rotten-previous", 2, agent=agent)
+    assert (outcome["state"], outcome["error_code"]) == ("failed", "ROLLBACK_FAILED"), outcome
+    assert "failed re-verification" in outcome["detail"]
+    assert _check_active(state, {installed.v2.sha256: b""}) == installed.v2.sha256
+    assert len(rig.subscriber.outcomes("c-rotten-previous", 2)) == 1
+    assert agent.stop() == 0
