@@ -165,3 +165,38 @@ def test_it_refuses_to_start_with_s3_storage_but_no_bucket(tmp_path):
     )
     assert result.returncode != 0
     assert "S3_BUCKET is required but not set" in result.stderr
+
+
+def test_it_reaches_the_bucket_through_the_s3_environment_variables(bucket, s3_endpoint, tmp_path):
+    # The fixtures above set STORAGES by hand; this proves config/settings.py builds the same from
+    # ARTIFACT_STORAGE=s3 and the S3_* variables (as a deployment sets them) and that it works.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "AWS_"))}
+    env.update(
+        ARTIFACT_STORAGE="s3",
+        S3_BUCKET=BUCKET,
+        S3_ENDPOINT_URL=s3_endpoint,
+        S3_REGION="us-east-1",
+        S3_ACCESS_KEY_ID="testing",
+        S3_SECRET_ACCESS_KEY="testing",
+        S3_PRESIGN_SECONDS="120",
+        SECRET_KEY="x",
+        DATA_DIR=str(tmp_path),
+        DJANGO_SETTINGS_MODULE="config.settings",
+    )
+    script = (
+        "import django; django.setup()\n"
+        "from django.core.files.base import ContentFile\n"
+        "from django.core.files.storage import storages\n"
+        "store = storages['artifacts']\n"
+        "name = store.save('probe/env.bin', ContentFile(b'through the environment'))\n"
+        "print(name); print(store.url(name))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, url = result.stdout.split()
+    assert keys_in(bucket) == [name]
+    assert bucket.get_object(Bucket=BUCKET, Key=name)["Body"].read() == b"through the environment"
+    assert url.startswith(f"{s3_endpoint}/{BUCKET}/") and "Expires" in url
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == b"through the environment"
