@@ -58,6 +58,10 @@ def test_it_creates_starts_pauses_and_aborts_with_fitting_exit_codes(live_server
     assert "now paused" in paused.stderr
     again = fleetctl("pause", str(rid), token=operator_token, url=url)
     assert again.returncode == 3 and "it is paused" in again.stderr
+    resumed = fleetctl("resume", str(rid), token=operator_token, url=url)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "now running" in resumed.stderr
+    assert Rollout.objects.get().state == "running"
 
     assert fleetctl("abort", str(rid), token=operator_token, url=url).returncode == 0
     watch = fleetctl("status", str(rid), "--watch", token=operator_token, url=url)
