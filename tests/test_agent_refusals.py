@@ -154,6 +154,10 @@ def build(inst, name: str, device: str) -> tuple[Case, list[bytes]]:
     if name == "trial_error_rate_over_limit":
         cmd = 'printf \'{"model_sha256":"%s","error_rate":0.5}\' "$FLEET_AGENT_EXPECTED_SHA256"'
         return Case("rolled_back", "TRIAL_FAILED", 6, {"health_command": cmd}), [directive()]
+    if name == "trial_latency_over_limit":
+        cmd = 'printf \'{"model_sha256":"%s","error_rate":0.0,"latency_ms_p95":250}\' "$FLEET_AGENT_EXPECTED_SHA256"'
+        return Case("rolled_back", "TRIAL_FAILED", 6, {"health_command": cmd, "max_latency_ms_p95": 100},
+                    "p95 latency 250 ms is over the limit 100"), [directive()]
     raise AssertionError(name)
 
 
@@ -164,6 +168,7 @@ CASES = [
     "disk_below_reserve", "precheck_wrong_outputs", "precheck_over_latency_budget", "precheck_not_a_model",
     "precheck_time_limit", "precheck_memory_limit",
     "trial_health_command_fails", "trial_reports_another_sha", "trial_error_rate_over_limit",
+    "trial_latency_over_limit",
 ]
 
 
