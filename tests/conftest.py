@@ -20,6 +20,16 @@ def signing_keys(tmp_path_factory):
     return keys_dir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def static_root_exists():
+    """whitenoise warns on every request when STATIC_ROOT is missing (no collectstatic in tests)."""
+    from pathlib import Path
+
+    from django.conf import settings
+
+    Path(settings.STATIC_ROOT).mkdir(parents=True, exist_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def isolated_storage(settings, tmp_path, signing_keys):
     """Each test gets its own artifact store and the session's signing keys."""

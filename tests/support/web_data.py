@@ -40,9 +40,11 @@ def draft(model_name: str, version: str, *, hardware_ids=("jetson-orin",), scale
         health={"latency_budget_ms": 50},
     )
     for hw in hardware_ids:
-        actions.artifact_upload(
-            version=mv, hardware_id=hw, format="onnx", upload=onnx_upload(scale), expected_sha256=None, actor=ACTOR
-        )
+        # Closed here as Django closes request files: the store has moved the spooled file away.
+        with onnx_upload(scale) as upload:
+            actions.artifact_upload(
+                version=mv, hardware_id=hw, format="onnx", upload=upload, expected_sha256=None, actor=ACTOR
+            )
     return mv
 
 
