@@ -74,7 +74,7 @@ def test_it_runs_the_ci_flow_with_plain_curl(live_server, ci_token, tmp_path):
         "jetson-orin": write_linear_model(tmp_path / "orin.onnx", scale=2.0, padding_bytes=2_200_000),
         "rpi5": write_linear_model(tmp_path / "rpi5.onnx", scale=3.0, padding_bytes=2_200_000),
     }
-    assert all(path.stat().st_size >= 2_000_000 for path in models.values())
+    assert all(path.stat().st_size >= 2 * 1024 * 1024 for path in models.values())  # 2 MiB, not just 2 MB
 
     for hardware in models:
         curl.json("POST", "/api/v1/hardware/", {"id": hardware, "max_artifact_bytes": 10_000_000}, expect=201)
