@@ -162,6 +162,18 @@ def _sha(data: Mapping, name: str, where: str) -> str:
     return value
 
 
+def _path_part(data: Mapping, name: str, where: str, *, ident: bool = False) -> str:
+    """A value the agent turns into one path component (models/<model>/, store/<sha>/<file_name>):
+    a signed document still must not be able to point outside the state directory."""
+    value = _req(data, name, str, where)
+    if ident:
+        if not IDENT_RE.match(value):
+            raise ProtocolError(f"{where}.{name} {value!r} must be 1-128 characters of A-Z a-z 0-9 . _ -")
+    elif value in ("", ".", "..") or any(c in value for c in "/\\\0") or len(value) > 255:
+        raise ProtocolError(f"{where}.{name} {value!r} must be a plain file name (no path separators)")
+    return value
+
+
 def _nonneg_int(data: Mapping, name: str, where: str) -> int:
     value = _req(data, name, int, where)
     if value < 0:
@@ -270,7 +282,7 @@ def parse_release(payload: bytes) -> ReleaseManifest:
             ReleaseArtifact(
                 hardware=_req(raw, "hardware", str, w),
                 format=_req(raw, "format", str, w),
-                file_name=_req(raw, "file_name", str, w),
+                file_name=_path_part(raw, "file_name", w),
                 length=_nonneg_int(raw, "length", w),
                 sha256=_sha(raw, "sha256", w),
                 runtime=_opt(raw, "runtime", dict, w, {}),
@@ -278,7 +290,7 @@ def parse_release(payload: bytes) -> ReleaseManifest:
         )
     expires = data.get("expires")
     return ReleaseManifest(
-        model=_req(data, "model", str, where),
+        model=_path_part(data, "model", where, ident=True),
         version=_req(data, "version", str, where),
         counter=counter,
         rollback_floor=floor,

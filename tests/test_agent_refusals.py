@@ -54,6 +54,12 @@ def release(inst, artifact: Artifact | None = None, *, counter: int = 6, entry: 
                             artifacts=[entry or artifact.entry()], **kwargs)
 
 
+def resigned(envelope: dict, key, edit) -> dict:
+    manifest = json.loads(base64.b64decode(envelope["payload"]))
+    edit(manifest)
+    return signing.sign_envelope(json.dumps(manifest).encode(), signing.RELEASE_PAYLOAD_TYPE, key)
+
+
 @dataclass
 class Case:
     state: str
@@ -154,6 +160,14 @@ def build(inst, name: str, device: str) -> tuple[Case, list[bytes]]:
     if name == "trial_error_rate_over_limit":
         cmd = 'printf \'{"model_sha256":"%s","error_rate":0.5}\' "$FLEET_AGENT_EXPECTED_SHA256"'
         return Case("rolled_back", "TRIAL_FAILED", 6, {"health_command": cmd}), [directive()]
+    if name == "release_file_name_escapes":
+        # Signed by the release key, but store/<sha>/<file_name> would land outside the state dir.
+        # (build_release_payload refuses such a name, so the payload is edited and re-signed.)
+        rel = resigned(release(inst), keys.release, lambda m: m["artifacts"][0].update(file_name="../../../escape.onnx"))
+        return Case("rejected", "MALFORMED", 6, detail="must be a plain file name"), [directive(rel=rel)]
+    if name == "release_model_escapes":
+        rel = resigned(release(inst), keys.release, lambda m: m.update(model="../escape"))
+        return Case("rejected", "MALFORMED", 6, detail="release.model '../escape'"), [directive(rel=rel)]
     if name == "trial_latency_over_limit":
         cmd = 'printf \'{"model_sha256":"%s","error_rate":0.0,"latency_ms_p95":250}\' "$FLEET_AGENT_EXPECTED_SHA256"'
         return Case("rolled_back", "TRIAL_FAILED", 6, {"health_command": cmd, "max_latency_ms_p95": 100},
@@ -168,7 +182,7 @@ CASES = [
     "disk_below_reserve", "precheck_wrong_outputs", "precheck_over_latency_budget", "precheck_not_a_model",
     "precheck_time_limit", "precheck_memory_limit",
     "trial_health_command_fails", "trial_reports_another_sha", "trial_error_rate_over_limit",
-    "trial_latency_over_limit",
+    "trial_latency_over_limit", "release_file_name_escapes", "release_model_escapes",
 ]
 
 
@@ -200,6 +214,7 @@ def test_it_refuses_and_leaves_the_active_model_untouched(installed, name):
     assert j["models"][MODEL]["current"] == installed.v1.sha256 and j["models"][MODEL]["committed"]
     assert sorted(p.name for p in (state / "store").iterdir()) == [installed.v1.sha256]
     assert list((state / "staging").iterdir()) == []
+    assert not list(rig.tmp.rglob("escape*")), "a signed name reached outside the state directory"
 
     if case.seq == 0:
         # The refused payload stays retained: after a restart it is recognised, not reported again.
