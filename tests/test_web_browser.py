@@ -50,6 +50,21 @@ def report_health(sim, device_ids, model: str, sha: str, health: dict) -> None:
             device.client.publish(device.t_telemetry, payload, qos=1)
 
 
+def fits_tablet(page, url: str) -> None:
+    """The page does not scroll sideways (wide tables scroll inside their card). Charts resize on
+    their ResizeObserver's next turn, so the layout gets a moment to settle."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("() => document.documentElement.scrollWidth <= window.innerWidth + 1", timeout=5_000)
+    except PlaywrightTimeout:
+        widths = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+        wide = page.evaluate("""() => [...document.querySelectorAll('body *')]
+            .filter(e => e.getBoundingClientRect().right > window.innerWidth + 1)
+            .slice(0, 5).map(e => e.tagName + (e.id ? '#' + e.id : '') + '.' + e.className)""")
+        raise AssertionError(f"{url} is {widths[0]} px wide at {widths[1]} px; too wide: {wide}") from None
+
+
 @pytest.fixture
 def platform(live_server, secure_broker, tmp_path):
     with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url, redis_url=DEFAULT_REDIS_URL) as p:
@@ -173,6 +188,10 @@ def test_it_lets_an_operator_create_start_and_watch_a_rollout_reach_100_percent_
         # Charts resize on their ResizeObserver's next turn, so give the layout a moment to settle.
         page.wait_for_function("() => document.documentElement.scrollWidth <= window.innerWidth + 1", timeout=5_000)
         screenshot(page, "rollout-tablet")
+        # The operator's other pages at tablet width: the wizard, a device's timeline, the audit log.
+        for url in ("/rollouts/new/", f"/devices/{berlin[0].device_id}/", "/audit/"):
+            page.goto(url)
+            fits_tablet(page, url)
     assert RolloutDevice.objects.filter(rollout=rollout, state="committed").count() == 12
 
 
@@ -273,9 +292,10 @@ def test_it_shows_a_viewer_no_action_buttons_and_refuses_a_forged_post(live_serv
             assert "needs the &#x27;operator&#x27; role" in response.text(), response.text()[:300]
         # Read pages stay usable at tablet width: wide tables scroll inside their card, not the page.
         page.set_viewport_size(TABLET)
-        for url in ("/", "/devices/", "/registry/", "/registry/detector/", "/rollouts/", f"/rollouts/{rollout.pk}/"):
+        for url in ("/", "/devices/", "/devices/cam-0/", "/registry/", "/registry/detector/",
+                    "/registry/detector/versions/2.0.0/", "/rollouts/", f"/rollouts/{rollout.pk}/", "/audit/"):
             page.goto(url)
-            page.wait_for_function("() => document.documentElement.scrollWidth <= window.innerWidth + 1", timeout=5_000)
+            fits_tablet(page, url)
 
         response = page.request.post(
             "/registry/detector/aliases/", form={"csrfmiddlewaretoken": csrf, "alias": "prod", "version": "2.0.0"},
