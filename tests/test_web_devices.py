@@ -3,6 +3,7 @@ the device page with its timeline and telemetry."""
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 
@@ -99,6 +100,10 @@ def test_it_shows_the_fleet_at_a_glance(client, viewer, fleet):
     assert "wave 0 failure gate: 3 of 4 reporting devices failed" in html
     chart = re.search(r'<script id="version-chart" type="application/json">(.*?)</script>', html).group(1)
     assert '"detector@1.0.0"' in chart and '"detector@2.0.0"' in chart and "[109, 10]" in chart
+    by_hardware = json.loads(re.search(r'<script id="hardware-chart" type="application/json">(.*?)</script>', html).group(1))
+    data = by_hardware["data"]
+    online, offline = (dict(zip(data["labels"], d["data"], strict=True)) for d in data["datasets"])
+    assert (online, offline) == ({"jetson-orin": 40, "rpi5": 39}, {"jetson-orin": 20, "rpi5": 20})
 
 
 @pytest.mark.parametrize(
