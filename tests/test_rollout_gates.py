@@ -17,6 +17,7 @@ from agent.signing import Keyring, public_key_pem
 from ota import actions
 from ota.models import Device, DeviceEvent, DeviceModelState, Directive, Rollout, RolloutDevice, Wave
 from registry.keys import load_rollout_key
+from registry.errors import Conflict
 from registry.models import AuditEntry, ModelVersion
 from tests.support.platform import DirectiveRecorder
 from tests.support.rollout_data import make_devices, release
@@ -341,3 +342,32 @@ def test_it_refuses_health_gate_limits_out_of_range(setup):
     with pytest.raises(ValidationError) as info:
         actions.gates_normalise({"health": {"max_error_rate": 1.5}})
     assert info.value.message_dict == {"gates.health.max_error_rate": ["must be between 0 and 1, got 1.5"]}
+
+
+def test_it_advances_now_past_a_wave_whose_gate_is_not_met(setup):
+    fleet = setup["fleet"]
+    rollout = start()
+    fleet.evaluate(rollout)
+    fleet.report(["dev-0000"], "committed")  # 50 % of the canary: short of the 100 % success gate
+    assert fleet.evaluate(rollout) == "idle"
+
+    with fleet.capture(execute=True):
+        actions.rollout_advance(rollout_id=rollout.pk, actor="token:op")
+    assert Wave.objects.get(rollout=rollout, index=0).state == "passed"
+    entry = AuditEntry.objects.get(object_type="rollout", object_id=str(rollout.pk), action="wave.pass")
+    assert entry.actor == "token:op" and "advanced by token:op before its gates" in entry.reason
+    assert (entry.detail["committed"], entry.detail["healthy_percent"]) == (1, 50.0)
+
+    assert fleet.evaluate(rollout) == "dispatched"
+    assert Wave.objects.get(rollout=rollout, index=1).state == "running"
+    directed = set(Directive.objects.filter(rollout=rollout).values_list("device_id", flat=True))
+    assert directed == {"dev-0000", "dev-0001", *members(rollout, 1)}
+    # The canary device still in flight keeps going and counts where it belongs.
+    fleet.report(["dev-0001"], "committed")
+    assert RolloutDevice.objects.get(rollout=rollout, device_id="dev-0001").state == "committed"
+    fleet.report(members(rollout, 1), "committed")
+    fleet.evaluate(rollout)
+    fleet.report(members(rollout, 2), "committed")
+    assert fleet.evaluate(rollout) == "completed"
+    with pytest.raises(Conflict, match="cannot advance rollout .*: it is completed"):
+        actions.rollout_advance(rollout_id=rollout.pk, actor="token:op")
