@@ -16,8 +16,8 @@ from agent.protocol import verify_directive
 from agent.signing import Keyring, public_key_pem
 from ota import actions
 from ota.models import Device, DeviceEvent, DeviceModelState, Directive, Rollout, RolloutDevice, Wave
-from registry.keys import load_rollout_key
 from registry.errors import Conflict
+from registry.keys import load_rollout_key
 from registry.models import AuditEntry, ModelVersion
 from tests.support.platform import DirectiveRecorder
 from tests.support.rollout_data import make_devices, release
