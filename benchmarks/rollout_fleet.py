@@ -18,7 +18,8 @@ committed, and measures:
     #         .venv/bin/python benchmarks/rollout_fleet.py [--devices 1000] [--redis redis://127.0.0.1:6379/4]
 
 Uses a throw-away test database (test_<name> of DATABASE_URL, PostgreSQL) and the given Redis
-db (flushed). Writes benchmarks/results/rollout_fleet.json.
+db (a Celery queue of its own there, so it can share the db with test runs). Writes
+benchmarks/results/rollout_fleet.json.
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ def server_platform(transactional_db, live_server, secure_broker, tmp_path):
     """The real server processes on the test database, for end-to-end tests: `mqtt_ingest`, one
     Celery worker (-P solo) and Celery beat (1 s rollout tick), all on `secure_broker`, with
     directive artifact URLs pointing at `live_server`. Celery uses Redis at $TEST_REDIS_URL
-    (default redis://127.0.0.1:6379/4), flushed first. See tests/support/platform.py for
+    (default redis://127.0.0.1:6379/4), on a queue of its own. See tests/support/platform.py for
     start_worker()/kill_worker()/logs()/peak_rss_kb() and the DirectiveRecorder."""
     import os
 
