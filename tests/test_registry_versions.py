@@ -183,3 +183,21 @@ def test_it_refuses_duplicate_models_and_hardware_with_409(client, ci_token):
     assert bad.status_code == 400 and set(bad.json()["error"]["fields"]) == {"id", "max_artifact_bytes"}
     listed = client.get("/api/v1/hardware/", **ci_token.headers).json()
     assert [h["id"] for h in listed["results"]] == ["rpi5"]
+
+
+@pytest.mark.django_db
+def test_it_keeps_a_models_description_and_tags(client, ci_token, read_token):
+    created = client.post(
+        "/api/v1/models/",
+        {"name": "detector", "description": "people detector", "tags": ["vision", "edge"]},
+        content_type="application/json",
+        **ci_token.headers,
+    )
+    assert created.status_code == 201, created.content
+    shown = client.get("/api/v1/models/detector/", **read_token.headers).json()
+    assert (shown["name"], shown["description"], shown["tags"]) == ("detector", "people detector", ["vision", "edge"])
+    bad = client.post(
+        "/api/v1/models/", {"name": "other", "tags": "vision"}, content_type="application/json", **ci_token.headers
+    )
+    assert bad.status_code == 400 and "tags" in bad.json()["error"]["fields"]
+    assert not Model.objects.filter(name="other").exists()
