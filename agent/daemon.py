@@ -29,7 +29,7 @@ from pathlib import Path
 from agent import __version__ as AGENT_VERSION
 from agent.config import Config
 from agent.download import DownloadError, Interrupted, fetch
-from agent.health import run_health
+from agent.health import run_health, run_shell
 from agent.install import Store, StoreError, sha256_file
 from agent.journal import Journal, crash_point
 from agent.outbox import Outbox
@@ -498,8 +498,7 @@ class Agent:
             return True, ""
         env = {k: v for k, v in os.environ.items() if k != "FLEET_AGENT_CRASH_AT"}
         try:
-            proc = subprocess.run(command, shell=True, capture_output=True, env=env,
-                                  timeout=self.cfg.update.command_timeout_seconds)
+            proc = run_shell(command, env=env, timeout=self.cfg.update.command_timeout_seconds)
         except subprocess.TimeoutExpired:
             return False, f"reload command timed out after {self.cfg.update.command_timeout_seconds:g}s"
         if proc.returncode != 0:

@@ -9,8 +9,10 @@ It must exit 0 and may print one JSON object: {"model_sha256", "error_rate", "la
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 from dataclasses import dataclass, field
 
@@ -20,6 +22,27 @@ class HealthResult:
     ok: bool
     detail: str
     figures: dict = field(default_factory=dict)
+
+
+def run_shell(command: str, *, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run an operator's shell command in its own process group and, on timeout, kill the group.
+
+    subprocess.run(timeout=) kills only the shell: the rest of `curl ... | jq` or a script's
+    children would outlive it, one more stray process at every health interval.
+    Raises subprocess.TimeoutExpired like subprocess.run."""
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=5)  # a process that left the group may hold the pipes: do not wait on it
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def run_health(
@@ -40,7 +63,7 @@ def run_health(
     }
     env.pop("FLEET_AGENT_CRASH_AT", None)
     try:
-        proc = subprocess.run(command, shell=True, capture_output=True, timeout=timeout, env=env)
+        proc = run_shell(command, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return HealthResult(False, f"health command timed out after {timeout:g}s")
     if proc.returncode != 0:
