@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.core.exceptions import DisallowedHost
 from django.http import JsonResponse
 from django.urls import include, path
 from django.views import defaults
@@ -13,6 +14,14 @@ urlpatterns = [
     path("healthz", lambda request: JsonResponse({"ok": True}), name="healthz"),
     path("", include("web.urls")),
 ]
+
+
+def handler400(request, exception=None):
+    # Raised before any view runs (e.g. a Host header not in ALLOWED_HOSTS): still JSON under /api/.
+    if request.path.startswith("/api/"):
+        message = str(exception) if isinstance(exception, DisallowedHost) else "Bad request."
+        return JsonResponse({"error": {"code": "bad_request", "message": message}}, status=400)
+    return defaults.bad_request(request, exception)
 
 
 def handler404(request, exception=None):
