@@ -82,6 +82,14 @@ def test_it_answers_json_for_bad_request_bodies(client, ci_token):
     assert invalid.json()["error"]["code"] == "invalid" and "name" in invalid.json()["error"]["fields"]
 
 
+def test_it_answers_json_for_a_host_not_in_allowed_hosts(client, ci_token):
+    response = client.get("/api/v1/models/", HTTP_HOST="evil.example", **ci_token.headers)
+    assert response.status_code == 400 and response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "bad_request"
+    assert "evil.example" in response.json()["error"]["message"] and "ALLOWED_HOSTS" in response.json()["error"]["message"]
+    assert client.get("/admin/", HTTP_HOST="evil.example")["Content-Type"].startswith("text/html")
+
+
 def test_it_answers_json_for_oversized_bodies_and_numbers(client, ci_token, settings):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
     huge = client.post(
