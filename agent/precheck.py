@@ -171,6 +171,8 @@ def child_main() -> int:
     _limit(int(request["memory_mb"]), int(request["cpu_seconds"]))
     try:
         answer = _check(request["model"], request.get("contract"))
+    except ImportError as exc:  # the bare install: the runtime is an optional extra
+        answer = {"ok": False, "detail": f"model runtime missing ({exc}): install modelfleet[runtime] on this box"}
     except MemoryError:
         answer = {"ok": False, "detail": f"model exceeded the {request['memory_mb']} MB memory limit"}
     sys.stdout.write(json.dumps(answer) + "\n")
