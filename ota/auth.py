@@ -20,3 +20,13 @@ def authenticate_device_token(secret: str):
     if device is None:
         return None
     return TokenPrincipal(name=device.id, scope="device", device_id=device.id, scopes=DEVICE_SCOPES)
+
+
+def device_may_download(*, device_id: str, version_id: int, hardware_id: str) -> bool:
+    """A device fetches only what it was directed to install: its own hardware's artifact of a
+    release that some directive to it named. A leaked device token then exposes no other model."""
+    from ota.models import Directive
+
+    return Directive.objects.filter(
+        device_id=device_id, version_id=version_id, device__hardware_id=hardware_id
+    ).exists()

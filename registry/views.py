@@ -202,6 +202,7 @@ class ArtifactDownload(APIView):
             (200, "application/octet-stream"): OpenApiTypes.BINARY,
             (206, "application/octet-stream"): OpenApiTypes.BINARY,
             302: OpenApiResponse(description="Redirect to a presigned object-store URL (S3 storage)."),
+            403: ERROR,
             410: ERROR,
             416: OpenApiResponse(description="Range not satisfiable."),
         },
@@ -214,6 +215,16 @@ class ArtifactDownload(APIView):
                 code="version_revoked",
                 status_code=410,
             )
+        device_id = getattr(request.user, "device_id", None)
+        if device_id is not None:
+            from ota.auth import device_may_download  # ota owns devices and directives
+
+            if not device_may_download(device_id=device_id, version_id=found.pk, hardware_id=hardware):
+                raise ApiError(
+                    f"Device {device_id} was not directed to install {found} for hardware '{hardware}'.",
+                    code="not_directed",
+                    status_code=403,
+                )
         artifact = actions.artifact_get(version=found, hardware_id=hardware)
         return artifact_response(request, artifact=artifact, storage=actions.artifact_storage())
 

@@ -10,7 +10,7 @@ from django.utils import timezone
 from agent.protocol import Topics
 from ota.models import ActiveRelease, Device, DeviceModelState
 from tests.support.broker_auth import MqttProbe
-from tests.support.fleet import enroll_device, release_rows
+from tests.support.fleet import enroll_device, record_directive, release_rows
 
 API = "/api/v1"
 T = Topics("fleet")
@@ -104,7 +104,8 @@ def test_it_requires_read_scope_and_admin_to_revoke(client, fleet, operator_toke
 def test_it_revokes_a_device_session_directive_and_download_token(client, admin_token, secure_broker):
     enrolled = enroll_device()
     device = enrolled.device
-    release_rows()
+    version, _artifact = release_rows()
+    record_directive(device=device, version=version)
     download = f"{API}/models/detector/versions/1.0/artifacts/rpi4-arm64/download"
     bearer = {"HTTP_AUTHORIZATION": f"Bearer {enrolled.api_token}"}
     ok = client.get(download, **bearer)
@@ -157,6 +158,28 @@ def test_it_lets_a_device_token_fetch_artifacts_but_not_its_own_fleet_record(cli
     # The token exists for downloads (the proof it authenticates at all, so the 403s above are
     # about scope, not a dead token); device records are operator data, its own included.
     download = f"{API}/models/detector/versions/1.0/artifacts/rpi4-arm64/download"
+    record_directive(device=other_fleet_device.device, version=fleet["v1"])
     assert client.get(download, **other_fleet_device.headers).status_code == 200
     own = client.get(f"{API}/devices/{other_fleet_device.device.id}/", **other_fleet_device.headers)
     assert own.status_code == 403
+
+
+def test_it_refuses_a_device_token_a_release_it_was_not_directed_to(client, fleet, other_fleet_device):
+    download = f"{API}/models/detector/versions/1.0/artifacts/rpi4-arm64/download"
+
+    response = client.get(download, **other_fleet_device.headers)
+
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "not_directed"
+    assert other_fleet_device.device.id in response.json()["error"]["message"]
+
+
+def test_it_refuses_a_device_token_another_hardwares_artifact_of_its_release(client, fleet, other_fleet_device):
+    record_directive(device=other_fleet_device.device, version=fleet["v1"])
+    other_hw, _ = release_rows(version="1.0-x86", counter=3, hardware_id="x86-gpu")
+    record_directive(device=other_fleet_device.device, version=other_hw, seq=2)
+
+    response = client.get(f"{API}/models/detector/versions/1.0-x86/artifacts/x86-gpu/download",
+                          **other_fleet_device.headers)
+
+    assert response.status_code == 403 and response.json()["error"]["code"] == "not_directed"

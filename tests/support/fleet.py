@@ -81,3 +81,13 @@ def signed_directive(*, device_id: str, seq: int, release: dict, artifact, rollo
                   "url": f"http://127.0.0.1:9/artifacts/{artifact.sha256}"},
     )
     return json.dumps(sign_envelope(payload, DIRECTIVE_PAYLOAD_TYPE, key or load_rollout_key())).encode()
+
+
+def record_directive(*, device, version, seq: int = 1):
+    """The server-side record of a directive to `device` naming `version` (what lets its token
+    download that release's artifact), without a rollout around it."""
+    from ota.models import Directive
+
+    return Directive.objects.create(
+        device=device, seq=seq, version=version, payload_sha256="0" * 64, envelope={"test": True}
+    )
