@@ -113,7 +113,8 @@ def viewer(db):
 @pytest.fixture
 def other_fleet_device(db, settings, request):
     """A device enrolled for another fleet (labels fleet=other, hardware rpi4-arm64): its API token
-    may fetch artifacts and manifests, nothing about other devices or rollouts. Row and token
+    may fetch manifests and the artifacts of releases directed to it, nothing about other devices
+    or rollouts. Row and token
     only unless the test also uses `secure_broker`; `.device`, `.api_token`, `.headers`."""
     from types import SimpleNamespace
 
