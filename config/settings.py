@@ -176,7 +176,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     # Several apps have a "state" field; name the registry's so the schema is stable.
-    "ENUM_NAME_OVERRIDES": {"VersionStateEnum": "registry.models.ModelVersion.State"},
+    "ENUM_NAME_OVERRIDES": {
+        "VersionStateEnum": "registry.models.ModelVersion.State",
+        "DeviceStateEnum": "ota.models.devices.Device.State",
+        "RolloutStateEnum": "ota.models.rollouts.Rollout.State",
+    },
 }
 
 LOGIN_URL = "/login/"

@@ -167,30 +167,26 @@ class VersionManifest(APIView):
         return Response(found.envelope, headers={"X-Manifest-Sha256": found.manifest_sha256})
 
 
-class VersionDeprecate(APIView):
+class _VersionStateChange(APIView):
+    """POST moves a version to another state through `change`, an action taking version, actor, reason."""
+
     write_scope = "admin"
+    change = None
 
     @extend_schema(request=ReasonSerializer, responses={200: VersionSerializer, 409: ERROR})
     def post(self, request, name, version):
         found = actions.version_get(model_name=name, version=version)
         data = _valid(ReasonSerializer, request)
-        updated = actions.version_deprecate(
-            version=found, actor=actor_label(request.user), reason=data["reason"]
-        )
+        updated = self.change(version=found, actor=actor_label(request.user), reason=data["reason"])
         return Response(VersionSerializer(updated, context={"request": request}).data)
 
 
-class VersionRevoke(APIView):
-    write_scope = "admin"
+class VersionDeprecate(_VersionStateChange):
+    change = staticmethod(actions.version_deprecate)
 
-    @extend_schema(request=ReasonSerializer, responses={200: VersionSerializer, 409: ERROR})
-    def post(self, request, name, version):
-        found = actions.version_get(model_name=name, version=version)
-        data = _valid(ReasonSerializer, request)
-        updated = actions.version_revoke(
-            version=found, actor=actor_label(request.user), reason=data["reason"]
-        )
-        return Response(VersionSerializer(updated, context={"request": request}).data)
+
+class VersionRevoke(_VersionStateChange):
+    change = staticmethod(actions.version_revoke)
 
 
 class ArtifactDownload(APIView):
