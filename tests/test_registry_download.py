@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from unittest import mock
 
 import pytest
 
-from registry.auth import SCOPE_GRANTS, TokenPrincipal
 from tests.support.onnx_models import linear_model
 from tests.support.registry_api import create_hardware, create_model, create_version, upload, version_url
 
@@ -69,13 +67,20 @@ def test_it_sends_everything_when_if_range_names_other_bytes(client, read_token,
     assert response.status_code == 200 and body(response) == DATA
 
 
-def test_it_lets_a_device_download_but_nothing_else(client, released):
-    device = TokenPrincipal(name="dev-1", scope="device", device_id="dev-1", scopes=SCOPE_GRANTS["device"])
-    with mock.patch("ota.auth.authenticate_device_token", autospec=True, return_value=device):
-        auth = {"HTTP_AUTHORIZATION": "Bearer device-secret"}
-        download = client.get(URL, HTTP_RANGE="bytes=0-9", **auth)
-        manifest = client.get(f"{version_url('detector', '1.0')}/manifest", **auth)
-        listing = client.get("/api/v1/models/", **auth)
+def test_it_lets_a_device_download_what_it_was_directed_to_but_nothing_else(client, released, settings):
+    from registry.models import ModelVersion
+    from tests.support.fleet import enroll_device, record_directive
+
+    settings.MQTT_BROKER_AUTH = "none"  # a device row and its token; no broker in this test
+    enrolled = enroll_device(hardware_id="rpi5")
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {enrolled.api_token}"}
+    assert client.get(URL, **auth).status_code == 403  # not directed to this release yet
+    record_directive(device=enrolled.device, version=ModelVersion.objects.get(version="1.0"))
+
+    download = client.get(URL, HTTP_RANGE="bytes=0-9", **auth)
+    manifest = client.get(f"{version_url('detector', '1.0')}/manifest", **auth)
+    listing = client.get("/api/v1/models/", **auth)
+
     assert download.status_code == 206 and body(download) == DATA[:10]
     assert manifest.status_code == 200
     assert listing.status_code == 403
