@@ -222,14 +222,17 @@ class Ingestor:
             for e in (item.event,)
         ]
         # A second ingest process may insert the same redelivered event between our check and
-        # this insert; the unique constraint settles it.
+        # this insert; the unique constraint settles it. ignore_conflicts returns no ids, so the
+        # rows this process inserted are told apart by carrying its own receive time: a copy the
+        # broker redelivered to us after another process stored it is not ours to count or hand on.
         DeviceEvent.objects.bulk_create(rows, ignore_conflicts=True)
         stored = [
             row
             for row in DeviceEvent.objects.filter(
                 device_id__in={k[0] for k in fresh}, event_no__in={k[2] for k in fresh}
             )
-            if (row.device_id, row.seq, row.event_no) in fresh
+            if (key := (row.device_id, row.seq, row.event_no)) in fresh
+            and row.received_at == fresh[key].received_at
         ]
         self.stats.events_stored += len(stored)
         return sorted(stored, key=lambda r: (r.device_id, r.event_no))
