@@ -9,12 +9,13 @@ with idempotent writes).
 
 from __future__ import annotations
 
+
 import logging
 import queue
 import threading
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 
 from django.db import DatabaseError, close_old_connections, connection, connections, transaction
@@ -152,7 +153,19 @@ class Ingestor:
         return None
 
     def process(self, messages: list[Message]) -> list[int]:
-        """Store a batch; return the ids of newly stored DeviceEvents (already handed to hooks)."""
+        """Store a batch; return the ids of newly stored DeviceEvents (already handed to hooks).
+
+        A batch that fails (say a deadlock with another ingest process) is retried by the caller,
+        so the counters move only when its transaction commits."""
+        before = replace(self.stats)  # all plain counters: a shallow copy is a full one
+        try:
+            return self._process_batch(messages)
+        except BaseException:
+            for name, value in asdict(before).items():
+                setattr(self.stats, name, value)
+            raise
+
+    def _process_batch(self, messages: list[Message]) -> list[int]:
         self.stats.received += len(messages)
         self.stats.batches += 1
         parsed = [p for p in (self._parse(m) for m in messages) if p is not None]

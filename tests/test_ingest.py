@@ -212,6 +212,29 @@ def test_it_hands_only_new_event_ids_to_the_engine_hook(db, settings):
     patcher.stop()
 
 
+def test_it_counts_a_retried_batch_once(db, settings):
+    # A batch whose transaction fails (a deadlock with another ingest process, say) is retried;
+    # the failed attempt must leave no trace in the figures, as it leaves none in the database.
+    from django.db import OperationalError
+
+    settings.MQTT_BROKER_AUTH = "none"
+    release_rows(version="1.0", counter=1)
+    device_id = enroll_device().device.id
+    batch = [_msg(device_id, "events", Event(device_id=device_id, event_no=n, seq=1, model="detector",
+                                              state="received").to_payload()) for n in range(3)]
+    ingestor = Ingestor()
+    with mock.patch.object(hooks, "on_device_events", autospec=True, side_effect=[OperationalError("deadlock"), None]):
+        with pytest.raises(OperationalError):
+            ingestor.process(batch)
+        assert DeviceEvent.objects.count() == 0
+        assert (ingestor.stats.received, ingestor.stats.events_stored, ingestor.stats.batches) == (0, 0, 0)
+
+        ingestor.process(batch)
+
+    assert DeviceEvent.objects.count() == 3
+    assert (ingestor.stats.received, ingestor.stats.events_stored, ingestor.stats.duplicates) == (3, 3, 0)
+
+
 def test_it_counts_garbage_and_revoked_devices_without_crashing(db, settings):
     settings.MQTT_BROKER_AUTH = "none"
     live = enroll_device().device.id
