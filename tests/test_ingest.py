@@ -168,7 +168,8 @@ def test_it_counts_unknown_devices_and_shares_the_load_between_two_processes(sec
             probe.close()
     one, two = first.stop(), second.stop()
     assert DeviceEvent.objects.count() == 200
-    assert one["events_stored"] + two["events_stored"] == 200
+    logs = "\n".join(proc.log.read_text()[-3000:] for proc in (first, second))
+    assert one["events_stored"] + two["events_stored"] == 200, (one, two, logs)
     assert one["events_stored"] > 0 and two["events_stored"] > 0, (one, two)
     assert one["unknown_device"] + two["unknown_device"] == 50
 
