@@ -6,16 +6,15 @@ Plain standard library on purpose: an edge box enrolls before anything else is s
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
-import tempfile
 import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from agent.config import ConfigError, parse_config
+from agent.journal import atomic_write_bytes
 
 CONFIG_NAME = "agent.toml"
 
@@ -106,26 +105,6 @@ def render_config(answer: dict, *, server_url: str, state_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write atomically with mode 0600 from the first byte (the file holds credentials)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def enroll(
     *, server: str, token: str, hardware: str, labels: dict[str, str], state_dir: Path, name: str = "",
     force: bool = False,
@@ -153,7 +132,7 @@ def enroll(
         parse_config(tomllib.loads(text))  # never write a file `fleet-agent run` would refuse
     except (KeyError, TypeError, ConfigError, ValueError) as exc:
         raise EnrollError(f"the server's enrollment answer is unusable: {exc}", EXIT_UNREACHABLE) from None
-    write_private(config_path, text)
+    atomic_write_bytes(config_path, text.encode("utf-8"))  # mode 0600 from creation: it holds credentials
     return config_path
 
 
