@@ -178,7 +178,7 @@ def _client(args):
 
 
 def cmd_create(args) -> int:
-    from fleetctl.cli import EXIT_USAGE, eprint
+    from fleetctl.cli import EXIT_USAGE, eprint, print_json
 
     try:
         body = build_definition(args)
@@ -190,7 +190,7 @@ def cmd_create(args) -> int:
     if args.start:
         rollout = client.post(f"{API}/rollouts/{rollout['id']}/start", {})
     if args.json:
-        print(json.dumps(rollout, indent=2, sort_keys=True))
+        print_json(rollout)
     else:
         _print(render(rollout))
         print(f"created rollout {rollout['id']} ({rollout['state']})", file=sys.stderr)
@@ -198,10 +198,12 @@ def cmd_create(args) -> int:
 
 
 def cmd_action(args) -> int:
+    from fleetctl.cli import print_json
+
     body = {"reason": args.reason} if getattr(args, "reason", None) else {}
     rollout = _client(args).post(f"{API}/rollouts/{args.id}/{args.rollout_command}", body)
     if args.json:
-        print(json.dumps(rollout, indent=2, sort_keys=True))
+        print_json(rollout)
     else:
         _print(render(rollout))
         extra = f", {rollout['retried']} devices queued again" if "retried" in rollout else ""
@@ -210,13 +212,13 @@ def cmd_action(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from fleetctl.cli import EXIT_INVALID
+    from fleetctl.cli import EXIT_INVALID, print_json
 
     client = _client(args)
     rollout = client.get(f"{API}/rollouts/{args.id}/")
     if not args.watch:
         if args.json:
-            print(json.dumps(rollout, indent=2, sort_keys=True))
+            print_json(rollout)
         else:
             _print(render(rollout))
         return 0
@@ -240,12 +242,12 @@ def cmd_status(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from fleetctl.cli import print_table
+    from fleetctl.cli import print_json, print_table
 
     params = {k: v for k, v in (("state", args.state), ("model", args.model)) if v}
     rows = _client(args).get_all(f"{API}/rollouts/", params)
     if args.json:
-        print(json.dumps(rows, indent=2, sort_keys=True))
+        print_json(rows)
         return 0
     print_table(rows, [("id", "ID"), ("model", "MODEL"), ("version", "VERSION"), ("state", "STATE"),
                        ("current_wave", "WAVE"), ("created_by", "CREATED BY"), ("created_at", "CREATED")])
