@@ -31,7 +31,7 @@ from agent.config import Config
 from agent.download import DownloadError, Interrupted, fetch
 from agent.health import run_health, run_shell
 from agent.install import Store, StoreError, sha256_file
-from agent.journal import Journal, crash_point
+from agent.journal import Journal, atomic_write_json, crash_point
 from agent.outbox import Outbox
 from agent.precheck import run_precheck
 from agent.protocol import (
@@ -642,8 +642,6 @@ class Agent:
                 answer = {"ok": True}
             except (ValueError, KeyError, OSError) as exc:
                 answer = {"ok": False, "error": str(exc)}
-            from agent.journal import atomic_write_json
-
             atomic_write_json(request.with_suffix(".done"), answer)
             request.unlink(missing_ok=True)
 
