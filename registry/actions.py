@@ -548,6 +548,18 @@ def version_delete_draft(*, version: ModelVersion, actor: str) -> None:
         transaction.on_commit(lambda: [storage.delete(key) for key in keys_to_delete])
 
 
+def artifact_download_path(*, artifact: Artifact) -> str:
+    """This server's download endpoint for an artifact (path only, no host)."""
+    return reverse(
+        "registry:artifact-download",
+        kwargs={
+            "name": artifact.version.model.name,
+            "version": artifact.version.version,
+            "hardware": artifact.hardware_id,
+        },
+    )
+
+
 def artifact_fetch_url(*, artifact: Artifact) -> str:
     """Where a device should fetch an artifact: a presigned object-store URL when the store can
     make one (S3), else this server's download endpoint under PUBLIC_URL (device-token auth)."""
@@ -556,15 +568,7 @@ def artifact_fetch_url(*, artifact: Artifact) -> str:
         storage.path(artifact.storage_key)
     except NotImplementedError:
         return storage.url(artifact.storage_key)
-    path = reverse(
-        "registry:artifact-download",
-        kwargs={
-            "name": artifact.version.model.name,
-            "version": artifact.version.version,
-            "hardware": artifact.hardware_id,
-        },
-    )
-    return f"{settings.PUBLIC_URL}{path}"
+    return f"{settings.PUBLIC_URL}{artifact_download_path(artifact=artifact)}"
 
 
 def artifact_delete_draft(*, artifact: Artifact, actor: str) -> None:

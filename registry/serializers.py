@@ -3,10 +3,10 @@ registry.actions; these only check types and shape JSON."""
 
 from __future__ import annotations
 
-from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from registry.actions import artifact_download_path
 from registry.models import Artifact, HardwareTarget, Model, ModelVersion, identifier
 
 # --- requests --------------------------------------------------------------------------------
@@ -85,14 +85,7 @@ class ArtifactSerializer(serializers.ModelSerializer):
         fields = ["hardware", "format", "file_name", "length", "sha256", "created_at", "download_url"]
 
     def get_download_url(self, artifact: Artifact) -> str:
-        path = reverse(
-            "registry:artifact-download",
-            kwargs={
-                "name": artifact.version.model.name,
-                "version": artifact.version.version,
-                "hardware": artifact.hardware_id,
-            },
-        )
+        path = artifact_download_path(artifact=artifact)
         request = self.context.get("request")
         return request.build_absolute_uri(path) if request else path
 
