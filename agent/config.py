@@ -197,25 +197,31 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
     m = _table(data, "mqtt")
     w = "mqtt."
     _no_unknown(m, {f.name for f in MqttConfig.__dataclass_fields__.values()}, w)
-    port = _get(m, "port", w, "int", 1883)
+    port = _get(m, "port", w, "int", MqttConfig.port)
     if not 1 <= port <= 65535:
         raise ConfigError(f"mqtt.port must be 1-65535, got {port}")
-    topic_root = _get(m, "topic_root", w, "str", "fleet")
+    topic_root = _get(m, "topic_root", w, "str", MqttConfig.topic_root)
     if not topic_root or any(c in topic_root for c in "#+") or topic_root.startswith("/") or topic_root.endswith("/"):
         raise ConfigError(f"mqtt.topic_root {topic_root!r} must be non-empty, without + # or outer slashes")
-    keepalive = _get(m, "keepalive", w, "int", 30)
+    keepalive = _get(m, "keepalive", w, "int", MqttConfig.keepalive)
     if not 5 <= keepalive <= 65535:
         raise ConfigError(f"mqtt.keepalive must be 5-65535 seconds, got {keepalive}")
     tls = _get(m, "tls", w, "bool", False)
     ca_file = _optional_str(m, "ca_file", w)
     if ca_file and not Path(ca_file).is_file():
         raise ConfigError(f"mqtt.ca_file {ca_file!r} does not exist")
-    rmin = _positive(_get(m, "reconnect_min_seconds", w, "number", 1.0), "mqtt.reconnect_min_seconds")
-    rmax = _positive(_get(m, "reconnect_max_seconds", w, "number", 60.0), "mqtt.reconnect_max_seconds")
+    rmin = _positive(
+        _get(m, "reconnect_min_seconds", w, "number", MqttConfig.reconnect_min_seconds),
+        "mqtt.reconnect_min_seconds",
+    )
+    rmax = _positive(
+        _get(m, "reconnect_max_seconds", w, "number", MqttConfig.reconnect_max_seconds),
+        "mqtt.reconnect_max_seconds",
+    )
     if rmax < rmin:
         raise ConfigError("mqtt.reconnect_max_seconds must be >= mqtt.reconnect_min_seconds")
     mqtt = MqttConfig(
-        host=_get(m, "host", w, "str", "127.0.0.1") or "127.0.0.1",
+        host=_get(m, "host", w, "str", MqttConfig.host) or MqttConfig.host,
         port=port,
         username=_optional_str(m, "username", w),
         password=_optional_str(m, "password", w),
