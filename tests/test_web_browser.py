@@ -13,7 +13,6 @@ from ota.models import Device, DeviceModelState, Rollout, RolloutDevice
 from ota.simulator import FleetSimulator, enroll_simulated_devices
 from tests.support import web_data
 from tests.support.browser import TABLET, Browser, chromium_available, login, screenshot
-from tests.support.platform import DEFAULT_REDIS_URL, Platform
 
 OLD_HEALTH = {"error_rate": 0.04, "latency_ms_p95": 38.0}
 
@@ -66,12 +65,8 @@ def fits_tablet(page, url: str) -> None:
 
 
 @pytest.fixture
-def platform(live_server, secure_broker, tmp_path):
-    with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url, redis_url=DEFAULT_REDIS_URL) as p:
-        p.start_ingest()
-        p.start_beat()
-        p.start_worker()
-        yield p
+def platform(server_platform):
+    return server_platform
 
 
 @pytest.fixture
