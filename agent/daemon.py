@@ -31,7 +31,7 @@ from agent.config import Config
 from agent.download import DownloadError, Interrupted, fetch
 from agent.health import run_health, run_shell
 from agent.install import Store, StoreError, sha256_file
-from agent.journal import Journal, atomic_write_json, crash_point
+from agent.journal import Journal, atomic_write_json, child_env, crash_point
 from agent.outbox import Outbox
 from agent.precheck import run_precheck
 from agent.protocol import (
@@ -496,9 +496,8 @@ class Agent:
         command = self.cfg.update.reload_command
         if not command:
             return True, ""
-        env = {k: v for k, v in os.environ.items() if k != "FLEET_AGENT_CRASH_AT"}
         try:
-            proc = run_shell(command, env=env, timeout=self.cfg.update.command_timeout_seconds)
+            proc = run_shell(command, env=child_env(), timeout=self.cfg.update.command_timeout_seconds)
         except subprocess.TimeoutExpired:
             return False, f"reload command timed out after {self.cfg.update.command_timeout_seconds:g}s"
         if proc.returncode != 0:

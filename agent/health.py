@@ -16,6 +16,8 @@ import signal
 import subprocess
 from dataclasses import dataclass, field
 
+from agent.journal import child_env
+
 
 @dataclass(frozen=True)
 class HealthResult:
@@ -55,13 +57,9 @@ def run_health(
     max_error_rate: float,
     max_latency_ms_p95: float,
 ) -> HealthResult:
-    env = {
-        **os.environ,
-        "FLEET_AGENT_MODEL": model,
-        "FLEET_AGENT_MODEL_PATH": model_path,
-        "FLEET_AGENT_EXPECTED_SHA256": expected_sha256,
-    }
-    env.pop("FLEET_AGENT_CRASH_AT", None)
+    env = child_env(
+        FLEET_AGENT_MODEL=model, FLEET_AGENT_MODEL_PATH=model_path, FLEET_AGENT_EXPECTED_SHA256=expected_sha256
+    )
     try:
         proc = run_shell(command, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -36,6 +36,13 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a command the agent runs: the crash hook is for the agent process alone."""
+    env = {**os.environ, **extra}
+    env.pop(CRASH_ENV, None)
+    return env
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

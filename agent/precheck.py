@@ -15,11 +15,12 @@ shapes (dynamic dimensions set to 1).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.journal import child_env
 
 
 @dataclass(frozen=True)
@@ -33,15 +34,13 @@ def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, mem
     request = json.dumps(
         {"model": str(model_path), "contract": contract, "memory_mb": memory_mb, "cpu_seconds": int(timeout) + 1}
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("FLEET_AGENT_CRASH_AT", None)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "agent.precheck"],
             input=request.encode(),
             capture_output=True,
             timeout=timeout,
-            env=env,
+            env=child_env(OMP_NUM_THREADS="1"),
             close_fds=True,
         )
     except subprocess.TimeoutExpired:
