@@ -307,9 +307,7 @@ class Agent:
             raise Refusal(ErrorCode.MALFORMED, f"directive is not valid JSON: {exc}") from None
         try:
             directive = verify_directive(envelope, self.rollout_keys)
-        except VerificationError as exc:
-            raise Refusal(exc.code, f"directive refused: {exc}") from None
-        except ProtocolError as exc:
+        except (VerificationError, ProtocolError) as exc:
             raise Refusal(exc.code, f"directive refused: {exc}") from None
         seq = directive.seq
         ctx = {"seq": seq, "model": directive.model, "sha": directive.artifact.sha256, "rollout_id": directive.rollout_id}
@@ -333,9 +331,7 @@ class Agent:
                           record_seq=True, **ctx)
         try:
             release = verify_release(directive.release, self.release_keys)
-        except VerificationError as exc:
-            raise Refusal(exc.code, f"release refused: {exc}", record_seq=True, **ctx) from None
-        except ProtocolError as exc:
+        except (VerificationError, ProtocolError) as exc:
             raise Refusal(exc.code, f"release refused: {exc}", record_seq=True, **ctx) from None
         if release.model != directive.model:
             raise Refusal(ErrorCode.MALFORMED,
