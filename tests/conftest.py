@@ -173,12 +173,10 @@ def server_platform(transactional_db, live_server, secure_broker, tmp_path):
     directive artifact URLs pointing at `live_server`. Celery uses Redis at $TEST_REDIS_URL
     (default redis://127.0.0.1:6379/4), on a queue of its own. See tests/support/platform.py for
     start_worker()/kill_worker()/logs()/peak_rss_kb() and the DirectiveRecorder."""
-    import os
+    from tests.support.platform import Platform
 
-    from tests.support.platform import DEFAULT_REDIS_URL, Platform
-
-    redis_url = os.environ.get("TEST_REDIS_URL", DEFAULT_REDIS_URL)
-    with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url, redis_url=redis_url) as platform:
+    # Platform's default Redis URL is already $TEST_REDIS_URL (tests/support/platform.py).
+    with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url) as platform:
         platform.start_ingest()
         platform.start_worker()
         platform.start_beat()
