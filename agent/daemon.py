@@ -1,13 +1,9 @@
-"""The update state machine (DESIGN.md §5), driven from the on-disk journal.
+"""The agent daemon (DESIGN.md §5): runs the update machine of agent.machine from the journal.
 
-    directive ─► received ─► downloading ─► verifying ─► prechecking ─► activating ─► trial ─► committed
-        │            │            │             │              │              │          └─► rolling_back ─► rolled_back
-        └► rejected  └► failed    └► failed     └► failed      └► failed      └─► rolling_back
-
-Each arrow is a journal write made *before* the side effects of the next step, and every step is
-safe to run twice, so a SIGKILL anywhere resumes at the journalled phase. `current` is touched
-only in `activating` and `rolling_back`; before that, any failure leaves the active model as it
-was. Events go to the on-disk outbox in the same breath as the journal write that caused them.
+The machine's phases, its one transition table and its diagram are in agent/machine.py; this
+module holds the steps the table names and the journal writes that move between them. Every move
+is checked against the table before it is written (machine.IllegalTransition otherwise), and
+events go to the on-disk outbox in the same breath as the journal write that caused them.
 """
 
 from __future__ import annotations
@@ -31,7 +27,9 @@ from agent.config import Config
 from agent.download import DownloadError, Interrupted, fetch
 from agent.health import run_health, run_shell
 from agent.install import Store, StoreError, sha256_file
+from agent.inflight import InFlightUpdate
 from agent.journal import Journal, atomic_write_json, child_env, crash_point
+from agent.machine import TABLE, Entry, IllegalTransition, Outcome, Phase, check
 from agent.outbox import Outbox
 from agent.precheck import run_precheck
 from agent.protocol import (
@@ -39,7 +37,6 @@ from agent.protocol import (
     ErrorCode,
     Event,
     ProtocolError,
-    State,
     format_time,
     presence_payload,
     utcnow,
@@ -149,40 +146,33 @@ class Agent:
         upd = self.journal.update
         if not upd:
             return
+        u = upd.evolve(transitions=upd.transitions + 1)  # a crash loop counts too
+        if u.phase is Phase.TRIAL:
+            u = u.evolve(trial_restarts=u.trial_restarts + 1)
+            if u.trial_restarts > self.cfg.update.max_trial_restarts:
+                check(u.phase, Phase.ROLLING_BACK)
+                u = u.evolve(phase=Phase.ROLLING_BACK, error_code=ErrorCode.TRIAL_FAILED,
+                             detail=f"agent restarted {u.trial_restarts} times during the trial")
         data = self.journal.snapshot()
-        u = data["update"]
-        u["transitions"] = u.get("transitions", 0) + 1  # a crash loop counts too
-        if u["phase"] == "trial":
-            u["trial_restarts"] = u.get("trial_restarts", 0) + 1
-            if u["trial_restarts"] > self.cfg.update.max_trial_restarts:
-                u["phase"] = "rolling_back"
-                u["error_code"] = ErrorCode.TRIAL_FAILED
-                u["detail"] = f"agent restarted {u['trial_restarts']} times during the trial"
+        data["update"] = u.to_json()
         data["last_events"] = []
-        self.journal.commit(data, "trial-restart" if upd["phase"] == "trial" else "resume")
+        self.journal.commit(data, "trial-restart" if upd.phase is Phase.TRIAL else "resume")
 
     def drive(self) -> None:
-        """Run journalled steps until the update reaches a terminal state (or we are told to stop)."""
-        steps = {
-            "received": self._step_received,
-            "downloading": self._step_downloading,
-            "verifying": self._step_verifying,
-            "prechecking": self._step_prechecking,
-            "activating": self._step_activating,
-            "trial": self._step_trial,
-            "rolling_back": self._step_rolling_back,
-        }
+        """Run the step machine.TABLE names for the journalled phase until the update reaches an
+        outcome (or we are told to stop)."""
         while not self.stop.is_set() and (upd := self.journal.update):
-            phase = upd["phase"]
-            if upd.get("transitions", 0) > self.cfg.update.max_transitions and phase != "rolling_back":
-                detail = f"more than {self.cfg.update.max_transitions} transitions for directive {upd['seq']}"
-                if phase in ("activating", "trial"):
-                    self._transition("rolling_back", None, error_code=ErrorCode.ROLLBACK_LOOP, detail=detail)
+            if upd.transitions > self.cfg.update.max_transitions and upd.phase is not Phase.ROLLING_BACK:
+                detail = f"more than {self.cfg.update.max_transitions} transitions for directive {upd.seq}"
+                if upd.phase in (Phase.ACTIVATING, Phase.TRIAL):
+                    # `current` may already be the new model: only the way back is safe.
+                    self._transition(Phase.ROLLING_BACK, event=False, error_code=ErrorCode.ROLLBACK_LOOP, detail=detail)
                 else:
-                    self._finish(State.FAILED, ErrorCode.ROLLBACK_LOOP, detail)
+                    self._finish(Outcome.FAILED, ErrorCode.ROLLBACK_LOOP, detail)
                 continue
+            step = getattr(self, TABLE[upd.phase].step)
             try:
-                steps[phase](upd)
+                step(upd)
             except Interrupted:
                 return
 
@@ -215,51 +205,54 @@ class Agent:
         for item in events:
             self.outbox.put(item["event_no"], item["payload"].encode("utf-8"))
 
-    def _transition(self, phase: str, event_state: str | None, *, mutate=None, **changes) -> None:
+    def _transition(self, phase: Phase, *, event: bool, mutate=None, **changes) -> None:
+        """Move the in-flight update to another phase; `event`: report the phase (same name)."""
         data = self.journal.snapshot()
-        upd = data["update"]
-        upd.update(changes)
-        upd["phase"] = phase
-        upd["transitions"] = upd.get("transitions", 0) + 1
+        upd = InFlightUpdate.from_json(data["update"])
+        check(upd.phase, phase)
+        upd = upd.evolve(**changes, phase=phase, transitions=upd.transitions + 1)
+        data["update"] = upd.to_json()
         if mutate:
             mutate(data)
         events = []
-        if event_state:
-            events.append(
-                self._event(data, state=event_state, seq=upd["seq"], model=upd["model"], sha=upd["sha"],
-                            rollout_id=upd.get("rollout_id"), detail=upd.get("detail", "") if phase == "rolling_back" else "")
-            )
+        if event:
+            events.append(self._event(data, state=phase.value, seq=upd.seq, model=upd.model, sha=upd.sha,
+                                      rollout_id=upd.rollout_id))
         self._commit(data, phase, events)
 
-    def _finish(self, state: str, code: str | None, detail: str = "", *, health: dict | None = None, mutate=None) -> None:
+    def _finish(self, state: Outcome, code: str | None, detail: str = "", *, health: dict | None = None,
+                mutate=None) -> None:
+        """End the in-flight update with an outcome event."""
         data = self.journal.snapshot()
-        upd = data["update"]
+        upd = InFlightUpdate.from_json(data["update"])
+        check(upd.phase, state)
         if mutate:
             mutate(data)
         data["update"] = None
         data["last_outcome"] = {
-            "seq": upd["seq"], "model": upd["model"], "sha256": upd["sha"], "state": state,
+            "seq": upd.seq, "model": upd.model, "sha256": upd.sha, "state": state.value,
             "error_code": code, "detail": detail[:500], "ts": format_time(utcnow()),
         }
-        event = self._event(data, state=state, seq=upd["seq"], model=upd["model"], sha=upd["sha"],
-                            rollout_id=upd.get("rollout_id"), code=code, detail=detail, health=health)
+        event = self._event(data, state=state.value, seq=upd.seq, model=upd.model, sha=upd.sha,
+                            rollout_id=upd.rollout_id, code=code, detail=detail, health=health)
         self._commit(data, state, [event])
         self._gc()
 
-    def _report(self, state: str, *, seq: int, model: str, sha: str | None, rollout_id: str | None,
+    def _report(self, state: Outcome, *, seq: int, model: str, sha: str | None, rollout_id: str | None,
                 code: str | None, detail: str, record_seq: bool, health: dict | None = None,
                 refused: str | None = None) -> None:
         """A terminal event for a directive that never became an update (refused or already there)."""
+        check(Entry.DIRECTIVE, state)
         data = self.journal.snapshot()
         if refused:
             data["refused"] = (data.get("refused") or [])[-31:] + [refused]
         if record_seq:
             data["last_seq"] = max(data["last_seq"], seq)
             data["last_outcome"] = {
-                "seq": seq, "model": model, "sha256": sha, "state": state, "error_code": code,
+                "seq": seq, "model": model, "sha256": sha, "state": state.value, "error_code": code,
                 "detail": detail[:500], "ts": format_time(utcnow()),
             }
-        event = self._event(data, state=state, seq=seq, model=model, sha=sha, rollout_id=rollout_id, code=code,
+        event = self._event(data, state=state.value, seq=seq, model=model, sha=sha, rollout_id=rollout_id, code=code,
                             detail=detail, health=health)
         self._commit(data, state, [event])
 
@@ -267,8 +260,8 @@ class Agent:
         keep = set()
         for m in self.journal.data["models"].values():
             keep.update(s for s in (m.get("current"), m.get("previous")) if s)
-        if self.journal.update:
-            keep.add(self.journal.update["sha"])
+        if upd := self.journal.update:
+            keep.add(upd.sha)
         try:
             self.store.gc(keep)
         except OSError as exc:
@@ -293,7 +286,7 @@ class Agent:
                 if digest in self.journal.data.get("refused", []):
                     log.debug("ignoring a payload refused before (%s)", digest[:12])
                     return  # the same retained payload again after a reconnect or restart: reported once
-            self._report(State.REJECTED, seq=r.seq, model=r.model, sha=r.sha, rollout_id=r.rollout_id,
+            self._report(Outcome.REJECTED, seq=r.seq, model=r.model, sha=r.sha, rollout_id=r.rollout_id,
                          code=r.code, detail=str(r), record_seq=r.record_seq,
                          refused=None if r.record_seq else digest)
 
@@ -364,54 +357,63 @@ class Agent:
         active = self.journal.data["models"].get(release.model) or {}
         if active.get("current") == artifact.sha256 and active.get("committed"):
             # Desired state already reached: converge by confirming it under the new seq.
-            self._report(State.COMMITTED, seq=seq, model=release.model, sha=artifact.sha256,
+            self._report(Outcome.COMMITTED, seq=seq, model=release.model, sha=artifact.sha256,
                          rollout_id=directive.rollout_id, code=None, detail="already active and committed",
                          record_seq=True, health=self.journal.data.get("last_health"))
             return
+        self._start(Entry.DIRECTIVE, InFlightUpdate.new(
+            phase=Phase.RECEIVED,
+            seq=seq,
+            model=release.model,
+            version=release.version,
+            counter=release.counter,
+            rollback_floor=release.rollback_floor,
+            rollout_id=directive.rollout_id,
+            sha=artifact.sha256,
+            length=artifact.length,
+            file_name=artifact.file_name,
+            url=d.url,
+            health=release.health,
+            transitions=1,
+            started=format_time(utcnow()),
+        ))
+
+    def _start(self, entry: Entry, upd: InFlightUpdate) -> None:
+        """Journal a new in-flight update; a directive's also records its seq and reports `received`."""
         data = self.journal.snapshot()
-        data["last_seq"] = seq
-        data["update"] = {
-            "phase": "received",
-            "seq": seq,
-            "model": release.model,
-            "version": release.version,
-            "counter": release.counter,
-            "rollback_floor": release.rollback_floor,
-            "rollout_id": directive.rollout_id,
-            "sha": artifact.sha256,
-            "length": artifact.length,
-            "file_name": artifact.file_name,
-            "url": d.url,
-            "health": release.health,
-            "transitions": 1,
-            "started": format_time(utcnow()),
-        }
-        event = self._event(data, state=State.RECEIVED, seq=seq, model=release.model, sha=artifact.sha256,
-                            rollout_id=directive.rollout_id)
-        self._commit(data, "received", [event])
+        if data.get("update"):
+            raise IllegalTransition(f"{entry} → {upd.phase} while an update of {data['update']['model']} is in flight")
+        check(entry, upd.phase)
+        data["update"] = upd.to_json()
+        events = []
+        if entry is Entry.DIRECTIVE:
+            data["last_seq"] = upd.seq
+            events.append(self._event(data, state=upd.phase.value, seq=upd.seq, model=upd.model, sha=upd.sha,
+                                      rollout_id=upd.rollout_id))
+        self._commit(data, upd.phase, events)
 
     # --- steps ------------------------------------------------------------------------------
 
-    def _step_received(self, upd: dict) -> None:
-        part = self.store.part_path(upd["sha"])
+    def _step_received(self, upd: InFlightUpdate) -> None:
+        part = self.store.part_path(upd.sha)
         have = part.stat().st_size if part.exists() else 0
-        need = 0 if self.store.has(upd["sha"], upd["file_name"]) else max(0, upd["length"] - have)
+        need = 0 if self.store.has(upd.sha, upd.file_name) else max(0, upd.length - have)
         free = shutil.disk_usage(self.state_dir).free
         reserve = int(self.cfg.update.disk_reserve_mb * 2**20)
         if free - need < reserve:
-            self._finish(State.FAILED, ErrorCode.DISK_FULL,
+            self._finish(Outcome.FAILED, ErrorCode.DISK_FULL,
                          f"needs {need / 2**20:.1f} MiB plus a reserve of {reserve / 2**20:.0f} MiB, "
                          f"{free / 2**20:.1f} MiB free")
             return
-        self._transition("downloading", State.DOWNLOADING)
+        self._transition(Phase.DOWNLOADING, event=True)
 
-    def _step_downloading(self, upd: dict) -> None:
-        sha = upd["sha"]
-        if not self.store.has(sha, upd["file_name"]):
+    def _step_downloading(self, upd: InFlightUpdate) -> None:
+        sha = upd.sha
+        if not self.store.has(sha, upd.file_name):
             u = self.cfg.update
             try:
                 result = fetch(
-                    upd["url"], self.store.part_path(sha), length=upd["length"], token=self.cfg.server.token,
+                    upd.url, self.store.part_path(sha), length=upd.length, token=self.cfg.server.token,
                     timeout=u.download_timeout_seconds, retries=u.download_retries, backoff=u.download_backoff_seconds,
                     backoff_max=u.download_backoff_max_seconds, byte_budget_factor=u.download_byte_budget_factor,
                     stop=self.stop, on_chunk=lambda _pos: crash_point("download-chunk"),
@@ -420,17 +422,17 @@ class Agent:
             except DownloadError as exc:
                 if exc.code == ErrorCode.TOO_LARGE:
                     self.store.part_path(sha).unlink(missing_ok=True)
-                self._finish(State.FAILED, exc.code, str(exc))
+                self._finish(Outcome.FAILED, exc.code, str(exc))
                 return
             except OSError as exc:  # the local side: staging file or disk
                 self.store.part_path(sha).unlink(missing_ok=True)
                 code = ErrorCode.DISK_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.DOWNLOAD_FAILED
-                self._finish(State.FAILED, code, f"writing the download failed: {exc}")
+                self._finish(Outcome.FAILED, code, f"writing the download failed: {exc}")
                 return
             self._digests[sha] = result.sha256
             log.info("downloaded %s: %d bytes received (resumed from %d)", sha[:12], result.bytes_received,
                      result.resumed_from)
-        self._transition("verifying", State.VERIFYING)
+        self._transition(Phase.VERIFYING, event=True)
 
     def _ssl_context(self):
         if not self.cfg.server.ca_file:
@@ -439,27 +441,27 @@ class Agent:
 
         return ssl.create_default_context(cafile=self.cfg.server.ca_file)
 
-    def _step_verifying(self, upd: dict) -> None:
-        sha, name, length = upd["sha"], upd["file_name"], upd["length"]
+    def _step_verifying(self, upd: InFlightUpdate) -> None:
+        sha, name, length = upd.sha, upd.file_name, upd.length
         part = self.store.part_path(sha)
         if self.store.has(sha, name):
             stored = self.store.stored_file(sha, name)
             if stored.stat().st_size != length or sha256_file(stored) != sha:
                 self.store.remove(sha)
-                self._finish(State.FAILED, ErrorCode.HASH_MISMATCH, f"stored copy of {sha} is corrupt")
+                self._finish(Outcome.FAILED, ErrorCode.HASH_MISMATCH, f"stored copy of {sha} is corrupt")
                 return
         elif part.exists():
             size = part.stat().st_size
             digest = self._digests.pop(sha, None) or sha256_file(part)
             if size != length or digest != sha:
                 part.unlink(missing_ok=True)
-                if not upd.get("refetched"):
+                if not upd.refetched:
                     # A part file resumed after a power cut can hold bytes that never reached the
                     # disk: one clean download from zero before calling the artifact bad.
                     log.warning("sha256 mismatch for %s; downloading once more from zero", sha[:12])
-                    self._transition("downloading", None, refetched=True)
+                    self._transition(Phase.DOWNLOADING, event=False, refetched=True)
                     return
-                self._finish(State.FAILED, ErrorCode.HASH_MISMATCH,
+                self._finish(Outcome.FAILED, ErrorCode.HASH_MISMATCH,
                              f"downloaded {size} bytes with sha256 {digest}, signed {length} bytes with sha256 {sha}")
                 return
             self.store.stage(sha, name)
@@ -468,24 +470,24 @@ class Agent:
             try:
                 self.store.stage(sha, name)  # a crash between the move and the rename
             except StoreError:
-                self._transition("downloading", None)
+                self._transition(Phase.DOWNLOADING, event=False)
                 return
             if sha256_file(self.store.stored_file(sha, name)) != sha:
                 self.store.remove(sha)
-                self._finish(State.FAILED, ErrorCode.HASH_MISMATCH, "staged copy does not match its sha256")
+                self._finish(Outcome.FAILED, ErrorCode.HASH_MISMATCH, "staged copy does not match its sha256")
                 return
-        self._transition("prechecking", State.PRECHECKING)
+        self._transition(Phase.PRECHECKING, event=True)
 
-    def _step_prechecking(self, upd: dict) -> None:
-        path = self.store.stored_file(upd["sha"], upd["file_name"])
+    def _step_prechecking(self, upd: InFlightUpdate) -> None:
+        path = self.store.stored_file(upd.sha, upd.file_name)
         u = self.cfg.update
-        result = run_precheck(path, upd.get("health"), timeout=u.precheck_timeout_seconds, memory_mb=u.precheck_memory_mb)
+        result = run_precheck(path, upd.health, timeout=u.precheck_timeout_seconds, memory_mb=u.precheck_memory_mb)
         if not result.ok:
-            self._finish(State.FAILED, ErrorCode.PRECHECK_FAILED, result.detail)
+            self._finish(Outcome.FAILED, ErrorCode.PRECHECK_FAILED, result.detail)
             return
-        old = self.journal.data["models"].get(upd["model"])
-        previous_model = old if old and old.get("current") and old["current"] != upd["sha"] else None
-        self._transition("activating", State.ACTIVATING, previous_model=previous_model,
+        old = self.journal.data["models"].get(upd.model)
+        previous_model = old if old and old.get("current") and old["current"] != upd.sha else None
+        self._transition(Phase.ACTIVATING, event=True, previous_model=previous_model,
                          precheck_latency_ms=result.latency_ms)
 
     def _run_reload(self) -> tuple[bool, str]:
@@ -500,16 +502,15 @@ class Agent:
             return False, f"reload command exited {proc.returncode}: {proc.stderr.decode('utf-8', 'replace')[-300:]}"
         return True, ""
 
-    def _step_activating(self, upd: dict) -> None:
-        model, sha = upd["model"], upd["sha"]
-        prev = upd.get("previous_model")
-        if prev:
-            self.store.point(model, "previous", prev["current"])
+    def _step_activating(self, upd: InFlightUpdate) -> None:
+        model, sha = upd.model, upd.sha
+        if upd.previous_model:
+            self.store.point(model, "previous", upd.previous_sha)
         self.store.point(model, "current", sha)
         crash_point("swapped")
         record = {
-            "current": sha, "previous": prev["current"] if prev else None, "file_name": upd["file_name"],
-            "committed": False, "version": upd["version"], "counter": upd["counter"],
+            "current": sha, "previous": upd.previous_sha, "file_name": upd.file_name,
+            "committed": False, "version": upd.version, "counter": upd.counter,
         }
 
         def mutate(data):
@@ -517,28 +518,29 @@ class Agent:
 
         ok, detail = self._run_reload()
         if not ok:
-            self._transition("rolling_back", None, mutate=mutate, error_code=ErrorCode.ACTIVATE_FAILED, detail=detail)
+            self._transition(Phase.ROLLING_BACK, event=False, mutate=mutate, error_code=ErrorCode.ACTIVATE_FAILED,
+                             detail=detail)
             return
         crash_point("reloaded")
-        self._transition("trial", State.TRIAL, mutate=mutate, trial_restarts=0)
+        self._transition(Phase.TRIAL, event=True, mutate=mutate, trial_restarts=0)
 
-    def _step_trial(self, upd: dict) -> None:
+    def _step_trial(self, upd: InFlightUpdate) -> None:
         u = self.cfg.update
         deadline = time.monotonic() + u.trial_seconds
         figures: dict = {}
         checks = 0
-        app_path = str(self.store.app_path(upd["model"], upd["file_name"]))
+        app_path = str(self.store.app_path(upd.model, upd.file_name))
         while True:
             if u.health_command:
                 result = run_health(
-                    u.health_command, model=upd["model"], model_path=app_path, expected_sha256=upd["sha"],
+                    u.health_command, model=upd.model, model_path=app_path, expected_sha256=upd.sha,
                     timeout=u.command_timeout_seconds, max_error_rate=u.max_error_rate,
                     max_latency_ms_p95=u.max_latency_ms_p95,
                 )
                 checks += 1
                 if not result.ok:
-                    self._transition("rolling_back", None, error_code=ErrorCode.TRIAL_FAILED, detail=result.detail,
-                                     health=result.figures)
+                    self._transition(Phase.ROLLING_BACK, event=False, error_code=ErrorCode.TRIAL_FAILED,
+                                     detail=result.detail, health=result.figures)
                     return
                 figures = result.figures
             remaining = deadline - time.monotonic()
@@ -550,23 +552,23 @@ class Agent:
             **{k: v for k, v in figures.items() if k in ("model_sha256", "error_rate", "latency_ms_p95")},
             "checks": checks,
             "trial_seconds": u.trial_seconds,
-            "trial_restarts": upd.get("trial_restarts", 0),
-            "precheck_latency_ms": upd.get("precheck_latency_ms"),
+            "trial_restarts": upd.trial_restarts,
+            "precheck_latency_ms": upd.precheck_latency_ms,
         }
-        model = upd["model"]
+        model = upd.model
 
         def mutate(data):
             data["models"][model]["committed"] = True
-            data["floors"][model] = max(data["floors"].get(model, 0), upd["rollback_floor"])
+            data["floors"][model] = max(data["floors"].get(model, 0), upd.rollback_floor)
             data["last_health"] = health
 
-        self._finish(State.COMMITTED, None, "trial passed", health=health, mutate=mutate)
+        self._finish(Outcome.COMMITTED, None, "trial passed", health=health, mutate=mutate)
 
-    def _step_rolling_back(self, upd: dict) -> None:
-        model, sha = upd["model"], upd["sha"]
-        prev = upd.get("previous_model")
-        code = upd.get("error_code") or ErrorCode.TRIAL_FAILED
-        detail = upd.get("detail", "")
+    def _step_rolling_back(self, upd: InFlightUpdate) -> None:
+        model, sha = upd.model, upd.sha
+        prev = upd.previous_model
+        code = upd.error_code or ErrorCode.TRIAL_FAILED
+        detail = upd.detail
         if prev:
             prev_sha = prev["current"]
             prev_file = self.store.stored_file(prev_sha, prev["file_name"])
@@ -576,7 +578,7 @@ class Agent:
                 intact = False
             if not intact:
                 # Switching to bytes we cannot vouch for would be worse than keeping the new model.
-                self._finish(State.FAILED, ErrorCode.ROLLBACK_FAILED,
+                self._finish(Outcome.FAILED, ErrorCode.ROLLBACK_FAILED,
                              f"{detail}; previous model {prev_sha} failed re-verification, kept {sha}")
                 return
             self.store.point(model, "current", prev_sha)
@@ -585,7 +587,7 @@ class Agent:
             self.store.point(model, "current", None)
             self.store.point(model, "previous", None)
         crash_point("swapped-back")
-        if upd.get("transitions", 0) > self.cfg.update.max_transitions + 3:
+        if upd.transitions > self.cfg.update.max_transitions + 3:
             # The reload hook itself keeps killing us: the switch back is done, so stop calling it.
             detail = f"{detail}; reload command skipped after repeated restarts"
         else:
@@ -601,14 +603,14 @@ class Agent:
             if sha not in data["denylist"]:
                 data["denylist"].append(sha)
 
-        self._finish(State.ROLLED_BACK, code, detail, health=upd.get("health") or None, mutate=mutate)
+        self._finish(Outcome.ROLLED_BACK, code, detail, health=upd.health or None, mutate=mutate)
 
     # --- local rollback -----------------------------------------------------------------------
 
     def start_local_rollback(self, model: str) -> None:
         """Queue a rollback of `model` to its `previous` (re-verified) as a journalled update."""
-        if self.journal.update:
-            raise ValueError(f"an update of {self.journal.update['model']} is in progress; try again after it ends")
+        if upd := self.journal.update:
+            raise ValueError(f"an update of {upd.model} is in progress; try again after it ends")
         current = self.journal.data["models"].get(model)
         if not current:
             raise ValueError(f"model {model!r} is not installed here")
@@ -618,16 +620,14 @@ class Agent:
         files = [p.name for p in (self.store.store / prev_sha).iterdir()] if (self.store.store / prev_sha).is_dir() else []
         if len(files) != 1:
             raise ValueError(f"previous version {prev_sha} of {model!r} is missing from the store")
-        data = self.journal.snapshot()
-        data["update"] = {
-            "phase": "rolling_back", "seq": 0, "model": model, "sha": current["current"],
-            "file_name": current.get("file_name"), "version": current.get("version"),
-            "rollout_id": None, "transitions": 1, "local": True,
-            "previous_model": {"current": prev_sha, "previous": None, "file_name": files[0], "committed": True},
-            "error_code": ErrorCode.LOCAL_ROLLBACK, "detail": "rolled back locally by an operator",
-            "started": format_time(utcnow()),
-        }
-        self._commit(data, "rolling_back", [])
+        self._start(Entry.REQUEST, InFlightUpdate.new(
+            phase=Phase.ROLLING_BACK, seq=0, model=model, sha=current["current"],
+            file_name=current.get("file_name"), version=current.get("version"),
+            rollout_id=None, transitions=1, local=True,
+            previous_model={"current": prev_sha, "previous": None, "file_name": files[0], "committed": True},
+            error_code=ErrorCode.LOCAL_ROLLBACK, detail="rolled back locally by an operator",
+            started=format_time(utcnow()),
+        ))
 
     def _handle_requests(self) -> None:
         for request in sorted(self.requests_dir.glob("rollback-*.json")):

@@ -7,8 +7,9 @@ journal *before* each side effect, and every step is safe to run twice.
 Crash hook (test-only, compiled in): FLEET_AGENT_CRASH_AT=<point>[:<n>] makes the agent
 SIGKILL itself the n-th time (default 1st) it passes <point>. Points are the journalled
 transitions (received, downloading, verifying, prechecking, activating, trial, trial-restart,
-rolling_back, committed, failed, rolled_back, rejected) plus side-effect points between them
-(download-chunk, staged, swapped, reloaded, event-queued). Leave it unset in production.
+resume, rolling_back, committed, failed, rolled_back, rejected) plus side-effect points between
+them (download-chunk, staged, swapped, reloaded, swapped-back, event-queued). Leave it unset in
+production.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 import signal
 from pathlib import Path
 from typing import Any
+
+from agent.inflight import InFlightUpdate
 
 CRASH_ENV = "FLEET_AGENT_CRASH_AT"
 _crash_counts: dict[str, int] = {}
@@ -77,7 +80,7 @@ def empty_journal() -> dict:
         "models": {},  # name -> {current, previous, file_name, committed, counter, version}
         "floors": {},  # name -> rollback floor from the newest committed release
         "denylist": [],  # artifact sha256s that failed a trial here
-        "update": None,  # the in-flight update, with its phase
+        "update": None,  # the in-flight update, with its phase (agent.inflight.InFlightUpdate)
         "last_outcome": None,
         "last_events": [],  # events written by the last transition (re-queued after a crash)
         "last_health": None,
@@ -109,5 +112,6 @@ class Journal:
         crash_point(point)
 
     @property
-    def update(self) -> dict | None:
-        return self.data.get("update")
+    def update(self) -> InFlightUpdate | None:
+        raw = self.data.get("update")
+        return InFlightUpdate.from_json(raw) if raw else None
