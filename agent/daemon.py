@@ -23,6 +23,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from agent import __version__ as AGENT_VERSION
+from agent.admission import Accept, AlreadyActive, Defer, DeviceView, Ignore, Refuse, admit, could_not_process
 from agent.config import Config
 from agent.download import DownloadError, Interrupted, fetch
 from agent.health import run_health, run_shell
@@ -32,36 +33,14 @@ from agent.journal import Journal, atomic_write_json, child_env, crash_point
 from agent.machine import TABLE, Entry, IllegalTransition, Outcome, Phase, check
 from agent.outbox import Outbox
 from agent.precheck import run_precheck
-from agent.protocol import (
-    MAX_PAYLOAD_BYTES,
-    ErrorCode,
-    Event,
-    ProtocolError,
-    format_time,
-    presence_payload,
-    utcnow,
-    verify_directive,
-    verify_release,
-)
-from agent.signing import Keyring, VerificationError
+from agent.protocol import ErrorCode, Event, format_time, presence_payload, utcnow
+from agent.signing import Keyring
 
 log = logging.getLogger("fleet_agent")
 
 
 class AgentLocked(Exception):
     """Another agent process owns this state directory."""
-
-
-class Refusal(Exception):
-    def __init__(self, code: str, message: str, *, seq: int = 0, model: str = "", sha: str | None = None,
-                 rollout_id: str | None = None, record_seq: bool = False):
-        super().__init__(message)
-        self.code = code
-        self.seq = seq
-        self.model = model
-        self.sha = sha
-        self.rollout_id = rollout_id
-        self.record_seq = record_seq  # an authentic, fresh directive: remember its seq as handled
 
 
 def lock_state_dir(state_dir: Path, *, blocking: bool = False):
@@ -74,10 +53,6 @@ def lock_state_dir(state_dir: Path, *, blocking: bool = False):
         handle.close()
         raise AgentLocked(f"another fleet-agent is running on {state_dir}") from None
     return handle
-
-
-def _safe_file_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\x00" not in name and name not in (".", "..") and not name.startswith(".")
 
 
 class Agent:
@@ -270,113 +245,54 @@ class Agent:
     # --- directives -----------------------------------------------------------------------
 
     def handle_payload(self, payload: bytes) -> None:
+        """Judge one directive payload (agent.admission) and act on the decision."""
         digest = sha256(payload).hexdigest()
         try:
-            try:
-                self._accept(payload)
-            except Refusal:
-                raise
-            except Exception as exc:
-                # Input must never crash the agent: a retained payload would crash it again on
-                # every restart. Refuse it and keep the traceback in the log.
-                log.exception("directive handling failed")
-                raise Refusal(ErrorCode.MALFORMED, f"directive could not be processed: {type(exc).__name__}: {exc}") from None
-        except Refusal as r:
-            if not r.record_seq:
-                if digest in self.journal.data.get("refused", []):
-                    log.debug("ignoring a payload refused before (%s)", digest[:12])
-                    return  # the same retained payload again after a reconnect or restart: reported once
-            self._report(Outcome.REJECTED, seq=r.seq, model=r.model, sha=r.sha, rollout_id=r.rollout_id,
-                         code=r.code, detail=str(r), record_seq=r.record_seq,
-                         refused=None if r.record_seq else digest)
+            decision = admit(payload=payload, device=self._device_view(), release_keys=self.release_keys,
+                             rollout_keys=self.rollout_keys, now=utcnow())
+            if not isinstance(decision, Refuse):
+                self._act(decision, payload)
+                return
+        except IllegalTransition:
+            raise  # a bug in the agent, not in the input: refusing the payload would hide it
+        except Exception as exc:
+            # Input must never crash the agent: a retained payload would crash it again on
+            # every restart. Refuse it and keep the traceback in the log.
+            log.exception("directive handling failed")
+            decision = could_not_process(exc)
+        if not decision.record_seq and digest in self.journal.data.get("refused", []):
+            log.debug("ignoring a payload refused before (%s)", digest[:12])
+            return  # the same retained payload again after a reconnect or restart: reported once
+        self._report(Outcome.REJECTED, seq=decision.seq, model=decision.model, sha=decision.sha,
+                     rollout_id=decision.rollout_id, code=decision.code, detail=decision.message,
+                     record_seq=decision.record_seq, refused=None if decision.record_seq else digest)
 
-    def _accept(self, payload: bytes) -> None:
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            raise Refusal(ErrorCode.PAYLOAD_TOO_LARGE,
-                          f"directive is {len(payload)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit")
-        try:
-            envelope = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise Refusal(ErrorCode.MALFORMED, f"directive is not valid JSON: {exc}") from None
-        try:
-            directive = verify_directive(envelope, self.rollout_keys)
-        except (VerificationError, ProtocolError) as exc:
-            raise Refusal(exc.code, f"directive refused: {exc}") from None
-        seq = directive.seq
-        ctx = {"seq": seq, "model": directive.model, "sha": directive.artifact.sha256, "rollout_id": directive.rollout_id}
-        if directive.device_id != self.cfg.device_id:
-            raise Refusal(ErrorCode.WRONG_DEVICE,
-                          f"directive is for device {directive.device_id!r}, this is {self.cfg.device_id!r}",
-                          model=directive.model)
-        last = self.journal.data["last_seq"]
-        if seq == last:
-            return  # the retained directive re-delivered: already handled (or in flight)
-        if seq < last:
-            raise Refusal(ErrorCode.REPLAYED, f"directive seq {seq} is not greater than the last accepted {last}",
-                          **ctx)
-        if self.journal.update:
+    def _device_view(self) -> DeviceView:
+        data = self.journal.data
+        return DeviceView(
+            device_id=self.cfg.device_id,
+            hardware=self.cfg.hardware,
+            last_seq=data["last_seq"],
+            floors=data["floors"],
+            denylist=data["denylist"],
+            active={name: (m.get("current"), bool(m.get("committed"))) for name, m in data["models"].items()},
+            busy=bool(data.get("update")),
+        )
+
+    def _act(self, decision: Ignore | Defer | AlreadyActive | Accept, payload: bytes) -> None:
+        if isinstance(decision, Ignore):
+            return  # already handled (or in flight)
+        if isinstance(decision, Defer):
             # One update at a time; the retained directive is re-delivered after a reconnect anyway.
             self.inbox.put(payload)
             return
-        now = utcnow()
-        if directive.expires <= now:
-            raise Refusal(ErrorCode.EXPIRED, f"directive expired at {format_time(directive.expires)}",
-                          record_seq=True, **ctx)
-        try:
-            release = verify_release(directive.release, self.release_keys)
-        except (VerificationError, ProtocolError) as exc:
-            raise Refusal(exc.code, f"release refused: {exc}", record_seq=True, **ctx) from None
-        if release.model != directive.model:
-            raise Refusal(ErrorCode.MALFORMED,
-                          f"directive.model {directive.model!r} does not match release.model {release.model!r}",
-                          record_seq=True, **ctx)
-        if release.expires is not None and release.expires <= now:
-            raise Refusal(ErrorCode.RELEASE_EXPIRED, f"release expired at {format_time(release.expires)}",
-                          record_seq=True, **ctx)
-        floor = self.journal.data["floors"].get(release.model, 0)
-        if release.counter < floor:
-            raise Refusal(ErrorCode.BELOW_ROLLBACK_FLOOR,
-                          f"release counter {release.counter} is below this device's rollback floor {floor}",
-                          record_seq=True, **ctx)
-        artifact = release.artifact_for(self.cfg.hardware)
-        if artifact is None:
-            have = ", ".join(a.hardware for a in release.artifacts)
-            raise Refusal(ErrorCode.NO_ARTIFACT, f"release has no artifact for hardware {self.cfg.hardware!r} ({have})",
-                          record_seq=True, **ctx)
-        d = directive.artifact
-        if (d.hardware, d.sha256, d.length) != (artifact.hardware, artifact.sha256, artifact.length):
-            raise Refusal(ErrorCode.ARTIFACT_MISMATCH,
-                          "directive.artifact does not match the signed release artifact for this hardware",
-                          record_seq=True, **ctx)
-        if not _safe_file_name(artifact.file_name):
-            raise Refusal(ErrorCode.MALFORMED, f"release file_name {artifact.file_name!r} is not a plain file name",
-                          record_seq=True, **ctx)
-        if artifact.sha256 in self.journal.data["denylist"]:
-            raise Refusal(ErrorCode.DENYLISTED, f"artifact {artifact.sha256} failed a trial on this device before",
-                          record_seq=True, **ctx)
-        active = self.journal.data["models"].get(release.model) or {}
-        if active.get("current") == artifact.sha256 and active.get("committed"):
+        if isinstance(decision, AlreadyActive):
             # Desired state already reached: converge by confirming it under the new seq.
-            self._report(Outcome.COMMITTED, seq=seq, model=release.model, sha=artifact.sha256,
-                         rollout_id=directive.rollout_id, code=None, detail="already active and committed",
+            self._report(Outcome.COMMITTED, seq=decision.seq, model=decision.model, sha=decision.sha,
+                         rollout_id=decision.rollout_id, code=None, detail=decision.message,
                          record_seq=True, health=self.journal.data.get("last_health"))
             return
-        self._start(Entry.DIRECTIVE, InFlightUpdate.new(
-            phase=Phase.RECEIVED,
-            seq=seq,
-            model=release.model,
-            version=release.version,
-            counter=release.counter,
-            rollback_floor=release.rollback_floor,
-            rollout_id=directive.rollout_id,
-            sha=artifact.sha256,
-            length=artifact.length,
-            file_name=artifact.file_name,
-            url=d.url,
-            health=release.health,
-            transitions=1,
-            started=format_time(utcnow()),
-        ))
+        self._start(Entry.DIRECTIVE, decision.update)
 
     def _start(self, entry: Entry, upd: InFlightUpdate) -> None:
         """Journal a new in-flight update; a directive's also records its seq and reports `received`."""

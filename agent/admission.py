@@ -1,0 +1,251 @@
+"""Directive admission: what a device does with one directive payload, decided without side effects.
+
+`admit()` holds every rule a directive must pass before it may become an update, in the order the
+agent applies them. The agent (Agent.handle_payload) turns its decision into journal writes and
+events; the server's fleet simulator calls the same function for thousands of simulated devices,
+so the rules are written once. It does no I/O and keeps no state: everything the device knows
+comes in as a DeviceView, and `now` is passed in.
+
+The checks, in order (the first that fails decides):
+
+ 1. payload size (MAX_PAYLOAD_BYTES)               PAYLOAD_TOO_LARGE  seq 0
+ 2. JSON                                           MALFORMED          seq 0
+ 3. directive envelope: rollout key, payload type  UNKNOWN_KEY, SIGNATURE_INVALID,
+    and schema (agent.protocol.verify_directive)   WRONG_PAYLOAD_TYPE, MALFORMED  seq 0
+ 4. addressed to this device                       WRONG_DEVICE       seq 0
+ 5. seq == last_seq                                Ignore: the retained directive re-delivered
+ 6. seq < last_seq                                 REPLAYED           (seq not recorded)
+ 7. an update is in progress                       Defer: one update at a time
+ 8. directive expired                              EXPIRED
+ 9. release envelope (release key) and schema      UNKNOWN_KEY, SIGNATURE_INVALID,
+                                                   WRONG_PAYLOAD_TYPE, MALFORMED
+10. release.model == directive.model               MALFORMED
+11. release expired                                RELEASE_EXPIRED
+12. release counter >= the model's rollback floor  BELOW_ROLLBACK_FLOOR
+13. the release has an artifact for this hardware  NO_ARTIFACT
+14. directive.artifact == that signed artifact     ARTIFACT_MISMATCH
+    (hardware, sha256, length)
+15. its file_name is a plain, non-hidden name      MALFORMED
+16. its sha256 is not deny-listed here             DENYLISTED
+17. already the active, committed model            AlreadyActive: report committed
+    otherwise                                      Accept: start the update
+
+A refusal from step 8 on carries `record_seq=True`: the directive is authentic and fresh, so the
+device remembers its seq as handled and reports under it. Before that the seq is either unknown
+or untrusted (seq 0, another device's directive) or must not move last_seq back (REPLAYED).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from agent.inflight import InFlightUpdate
+from agent.machine import Phase
+from agent.protocol import (
+    MAX_PAYLOAD_BYTES,
+    Directive,
+    ErrorCode,
+    ProtocolError,
+    ReleaseManifest,
+    format_time,
+    verify_directive,
+    verify_release,
+)
+from agent.signing import Keyring, VerificationError
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceView:
+    """What a device knows when a directive arrives. Plain data; admit() only reads it.
+
+    device_id, hardware: this device's identity and hardware target.
+    last_seq: the highest directive seq it accepted or refused under its own seq.
+    floors: model -> rollback floor (from the newest release committed here).
+    denylist: artifact sha256s that failed a trial here (any collection supporting `in`).
+    active: model -> (sha256 `current` points at, whether that model is committed).
+    busy: an update is in progress (the agent's journal has an in-flight update).
+    """
+
+    device_id: str
+    hardware: str
+    last_seq: int = 0
+    floors: Mapping[str, int] = field(default_factory=dict)
+    denylist: Collection[str] = frozenset()
+    active: Mapping[str, tuple[str | None, bool]] = field(default_factory=dict)
+    busy: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refuse:
+    """Report `rejected` with `code` and `message` (the event's detail); nothing starts.
+
+    record_seq: the directive was authentic and fresh: remember `seq` as handled (last_seq,
+    last_outcome) and report under it. False: report under `seq` as given (0 when the directive
+    could not be trusted) and leave last_seq alone; the agent reports such a payload only once.
+    seq, model, sha, rollout_id: the event's context, as far as the directive was readable.
+    """
+
+    code: str
+    message: str
+    record_seq: bool = False
+    seq: int = 0
+    model: str = ""
+    sha: str | None = None
+    rollout_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ignore:
+    """The directive with the seq already handled (or in flight), re-delivered: do nothing."""
+
+    seq: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Defer:
+    """An update is in progress: keep the payload and judge it again once the device is idle."""
+
+    seq: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlreadyActive:
+    """The desired state is already reached: report `committed` under `seq` (and record it)."""
+
+    seq: int
+    model: str
+    sha: str
+    rollout_id: str | None
+    message: str = "already active and committed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Accept:
+    """Start `update` (phase received): record its seq as last_seq and report `received`.
+
+    directive and release are the verified documents, for callers that want more than the
+    update record carries.
+    """
+
+    update: InFlightUpdate
+    directive: Directive
+    release: ReleaseManifest
+
+
+Decision = Refuse | Ignore | Defer | AlreadyActive | Accept
+
+
+def admit(
+    *,
+    payload: bytes | Mapping[str, Any],
+    device: DeviceView,
+    release_keys: Keyring,
+    rollout_keys: Keyring,
+    now: datetime,
+) -> Decision:
+    """Decide what `device` does with one directive; see the module docstring for the checks.
+
+    payload: the raw MQTT payload (bytes), or the envelope the caller already decoded from JSON
+    (anything but bytes is taken as that; checks 1 and 2 are then the caller's). now: an aware datetime, compared with the
+    directive's and the release's `expires`.
+
+    Returns a Decision. Raises nothing for a malformed or hostile payload; an exception means a
+    bug or a pathological input json cannot decode (e.g. RecursionError on deep nesting).
+    Callers reading from the network turn it into could_not_process(exc), as the agent does.
+    """
+    if isinstance(payload, (bytes, bytearray)):
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            return Refuse(code=ErrorCode.PAYLOAD_TOO_LARGE,
+                          message=f"directive is {len(payload)} bytes, over the {MAX_PAYLOAD_BYTES}-byte limit")
+        try:
+            envelope = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return Refuse(code=ErrorCode.MALFORMED, message=f"directive is not valid JSON: {exc}")
+    else:
+        envelope = payload
+    try:
+        directive = verify_directive(envelope, rollout_keys)
+    except (VerificationError, ProtocolError) as exc:
+        return Refuse(code=exc.code, message=f"directive refused: {exc}")
+    seq = directive.seq
+    if directive.device_id != device.device_id:
+        # Another device's seq means nothing here: report under seq 0.
+        return Refuse(code=ErrorCode.WRONG_DEVICE,
+                      message=f"directive is for device {directive.device_id!r}, this is {device.device_id!r}",
+                      model=directive.model)
+    context = {"seq": seq, "model": directive.model, "sha": directive.artifact.sha256,
+               "rollout_id": directive.rollout_id}
+    last = device.last_seq
+    if seq == last:
+        return Ignore(seq=seq)
+    if seq < last:
+        return Refuse(code=ErrorCode.REPLAYED,
+                      message=f"directive seq {seq} is not greater than the last accepted {last}", **context)
+    if device.busy:
+        return Defer(seq=seq)
+
+    def refuse(code: str, message: str) -> Refuse:
+        return Refuse(code=code, message=message, record_seq=True, **context)
+
+    if directive.expires <= now:
+        return refuse(ErrorCode.EXPIRED, f"directive expired at {format_time(directive.expires)}")
+    try:
+        release = verify_release(directive.release, release_keys)
+    except (VerificationError, ProtocolError) as exc:
+        return refuse(exc.code, f"release refused: {exc}")
+    if release.model != directive.model:
+        return refuse(ErrorCode.MALFORMED,
+                      f"directive.model {directive.model!r} does not match release.model {release.model!r}")
+    if release.expires is not None and release.expires <= now:
+        return refuse(ErrorCode.RELEASE_EXPIRED, f"release expired at {format_time(release.expires)}")
+    floor = device.floors.get(release.model, 0)
+    if release.counter < floor:
+        return refuse(ErrorCode.BELOW_ROLLBACK_FLOOR,
+                      f"release counter {release.counter} is below this device's rollback floor {floor}")
+    artifact = release.artifact_for(device.hardware)
+    if artifact is None:
+        have = ", ".join(a.hardware for a in release.artifacts)
+        return refuse(ErrorCode.NO_ARTIFACT, f"release has no artifact for hardware {device.hardware!r} ({have})")
+    d = directive.artifact
+    if (d.hardware, d.sha256, d.length) != (artifact.hardware, artifact.sha256, artifact.length):
+        return refuse(ErrorCode.ARTIFACT_MISMATCH,
+                      "directive.artifact does not match the signed release artifact for this hardware")
+    if not safe_file_name(artifact.file_name):
+        return refuse(ErrorCode.MALFORMED, f"release file_name {artifact.file_name!r} is not a plain file name")
+    if artifact.sha256 in device.denylist:
+        return refuse(ErrorCode.DENYLISTED, f"artifact {artifact.sha256} failed a trial on this device before")
+    active_sha, committed = device.active.get(release.model, (None, False))
+    if active_sha == artifact.sha256 and committed:
+        return AlreadyActive(seq=seq, model=release.model, sha=artifact.sha256, rollout_id=directive.rollout_id)
+    update = InFlightUpdate.new(
+        phase=Phase.RECEIVED,
+        seq=seq,
+        model=release.model,
+        version=release.version,
+        counter=release.counter,
+        rollback_floor=release.rollback_floor,
+        rollout_id=directive.rollout_id,
+        sha=artifact.sha256,
+        length=artifact.length,
+        file_name=artifact.file_name,
+        url=d.url,
+        health=release.health,
+        transitions=1,
+        started=format_time(now),
+    )
+    return Accept(update=update, directive=directive, release=release)
+
+
+def could_not_process(exc: BaseException) -> Refuse:
+    """The refusal for a payload whose handling raised: input must never crash a device, or a
+    retained payload would crash it again on every restart."""
+    return Refuse(code=ErrorCode.MALFORMED, message=f"directive could not be processed: {type(exc).__name__}: {exc}")
+
+
+def safe_file_name(name: str) -> bool:
+    """One path component the store can hold: no separators, NUL, dot names or hidden files."""
+    return bool(name) and "/" not in name and "\x00" not in name and name not in (".", "..") and not name.startswith(".")
