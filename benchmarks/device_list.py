@@ -8,7 +8,7 @@ several releases) and some offline. Then renders, through the real URL, middlewa
 template (Django test client, signed-in viewer), the first page unfiltered and a few filtered
 pages, each --runs times after a warm-up, and reports the median and worst in milliseconds.
 It also releases a version (signed with throw-away keys), creates a rollout over every device
-through ota.actions.rollout_create, spreads the assignments over the update states, and times
+through ota.rollouts.create.rollout_create, spreads the assignments over the update states, and times
 the live panel the rollout page fetches every 2 s.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/modelfleet SECRET_KEY=x \\
@@ -84,8 +84,8 @@ def make_rollout(versions, keys_dir: Path) -> int:
     from django.conf import settings
 
     from agent.signing import generate_private_key_pem
-    from ota import actions as ota_actions
     from ota.models import Rollout, RolloutDevice
+    from ota.rollouts.create import rollout_create
     from registry import actions as registry_actions
     from registry.models import Artifact, HardwareTarget
 
@@ -97,7 +97,7 @@ def make_rollout(versions, keys_dir: Path) -> int:
         Artifact.objects.create(version=draft, hardware=hw, format="onnx", file_name="m.onnx", length=1000 + i,
                                 sha256=f"{i + 10:064x}", storage_key=f"bench/{hw.id}")
     registry_actions.version_release(version=draft, actor="bench")
-    rollout = ota_actions.rollout_create(
+    rollout = rollout_create(
         model="detector", version="2.0.0", target={"hardware": ["jetson-orin", "rpi5", "x86-cpu"]},
         waves=[{"name": "canary", "count": 10}, {"percent": 10}, {"percent": 50}, {"percent": 100}], actor="bench",
     )

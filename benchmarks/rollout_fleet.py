@@ -101,9 +101,10 @@ def main() -> int:
     old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
     broker = plat = None
     try:
-        from ota import actions
-        from ota.directives import DirectiveRequest, directives_issue
         from ota.models import Device, DeviceEvent, Directive, Rollout, RolloutDevice
+        from ota.rollouts.actions import rollout_start
+        from ota.rollouts.create import rollout_create
+        from ota.rollouts.directives import DirectiveRequest, directives_issue
         from registry.models import ApiToken, ModelVersion
         from tests.support.broker_auth import start_secure_broker
         from tests.support.platform import Platform, _vm_hwm_kb
@@ -139,7 +140,7 @@ def main() -> int:
         log(f"{args.devices} devices online after {enroll_connect_seconds}s")
 
         devices = sorted(Device.objects.values_list("id", flat=True))
-        rollout = actions.rollout_create(
+        rollout = rollout_create(
             model="detector", version="2.0", target={"labels": {"site": "bench"}},
             waves=[{"devices": devices[: args.canary]}, {"percent": 10}, {"percent": 50}, {"percent": 100}],
             gates={"success": {"min_healthy_percent": 100},
@@ -149,7 +150,7 @@ def main() -> int:
         )
         log(f"rollout {rollout.pk}: waves {[w.size for w in rollout.waves.all()]}")
         started = time.monotonic()
-        actions.rollout_start(rollout_id=rollout.pk, actor="benchmark")
+        rollout_start(rollout_id=rollout.pk, actor="benchmark")
         wait_until(lambda: Rollout.objects.get(pk=rollout.pk).state in ("completed", "paused", "aborted"),
                    args.timeout, "the rollout to finish", plat)
         rollout_seconds = round(time.monotonic() - started, 1)

@@ -19,7 +19,7 @@ SCOPE_GRANTS: dict[str, frozenset[str]] = {
     "ci": frozenset({"read", "ci"}),
     "operator": frozenset({"read", "operator"}),
     "admin": frozenset({"read", "ci", "operator", "admin"}),
-    # Devices (tokens authenticated by ota.auth) may only fetch artifacts and release manifests.
+    # Devices (tokens authenticated by ota.fleet.auth) may only fetch artifacts and release manifests.
     "device": frozenset({"device"}),
 }
 ROLE_GROUPS = ("admin", "operator", "viewer")
@@ -100,7 +100,7 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
 
     def authenticate_other(self, secret: str):
         """Hook for other credential kinds (device tokens live in the ota app)."""
-        from ota.auth import authenticate_device_token  # ota owns devices; imported lazily
+        from ota.fleet.auth import authenticate_device_token  # ota owns devices; imported lazily
 
         principal = authenticate_device_token(secret)
         if principal is None:

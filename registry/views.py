@@ -213,7 +213,7 @@ class ArtifactDownload(APIView):
             )
         device_id = getattr(request.user, "device_id", None)
         if device_id is not None:
-            from ota.auth import device_may_download  # ota owns devices and directives
+            from ota.fleet.auth import device_may_download  # ota owns devices and directives
 
             if not device_may_download(device_id=device_id, version_id=found.pk, hardware_id=hardware):
                 raise ApiError(

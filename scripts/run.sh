@@ -112,7 +112,7 @@ if [[ -f deploy/mosquitto/mosquitto.conf ]]; then
         DJANGO_SETTINGS_MODULE=config.settings "$PY" -c '
 import django; django.setup()
 from django.conf import settings
-from ota.broker import write_initial_config
+from ota.fleet.broker import write_initial_config
 import sys
 write_initial_config(sys.argv[1], service_username=settings.MQTT_USERNAME,
                      service_password=settings.MQTT_PASSWORD, topic_root=settings.MQTT_TOPIC_ROOT)' "$dynsec_json"

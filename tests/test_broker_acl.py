@@ -81,7 +81,7 @@ def test_it_drops_device_a_publishing_on_device_b_topics(secure_broker, probes):
 
 
 def test_it_disconnects_a_revoked_device_and_refuses_it_afterwards(secure_broker, probes):
-    from ota.devices import device_revoke
+    from ota.fleet.revocation import device_revoke
 
     a = enroll_device()
     service = probes(secure_broker.port, secure_broker.username, secure_broker.password)

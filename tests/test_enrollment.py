@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from agent.config import load_config
-from ota.auth import authenticate_device_token
+from ota.fleet.auth import authenticate_device_token
 from ota.models import Device, EnrollmentToken
 from registry.keys import public_key_info
 from tests.support.broker_auth import MqttProbe
@@ -111,7 +111,7 @@ def enroll_api(db, settings, client):
 
 
 def _make(**fields) -> str:
-    from ota.devices import enrollment_token_create
+    from ota.fleet.enrollment import enrollment_token_create
 
     token, secret = enrollment_token_create(max_uses=fields.pop("max_uses", 1), created_by="test")
     EnrollmentToken.objects.filter(pk=token.pk).update(**fields)

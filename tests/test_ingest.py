@@ -16,11 +16,11 @@ import pytest
 from django.conf import settings as django_settings
 
 from agent.protocol import Event, Topics, encode_json, format_time, presence_payload, utcnow
-from ota import hooks
-from ota.broker import BrokerAdmin
-from ota.ingest import Ingestor, Message
+from ota.fleet.broker import BrokerAdmin
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState
-from ota.mqtt import BrokerSettings
+from ota.transport import hooks
+from ota.transport.ingest import Ingestor, Message
+from ota.transport.mqtt import BrokerSettings
 from tests.support.broker_auth import MqttProbe
 from tests.support.fleet import enroll_device, release_rows
 

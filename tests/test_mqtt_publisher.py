@@ -1,12 +1,12 @@
-"""ota.mqtt: the server's batched QoS 1 retained publisher, against the secure broker."""
+"""ota.transport.mqtt: the server's batched QoS 1 retained publisher, against the secure broker."""
 
 from __future__ import annotations
 
 import pytest
 
 from agent.protocol import Topics
-from ota import mqtt as ota_mqtt
-from ota.mqtt import BrokerSettings, MqttError, Publisher
+from ota.transport import mqtt as ota_mqtt
+from ota.transport.mqtt import BrokerSettings, MqttError, Publisher
 from tests.support.broker_auth import MqttProbe
 
 T = Topics("fleet")

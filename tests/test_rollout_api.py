@@ -189,7 +189,7 @@ def test_it_starts_only_one_of_two_rollouts_started_at_the_same_moment(client, c
 
     from django.db import connection, transaction
 
-    from ota import actions
+    from ota.rollouts.actions import rollout_start
     from registry.errors import Conflict
 
     a = create_rollout(client, ci_token, **definition()).json()["id"]
@@ -200,7 +200,7 @@ def test_it_starts_only_one_of_two_rollouts_started_at_the_same_moment(client, c
     def start_and_hold():
         try:
             with transaction.atomic():
-                actions.rollout_start(rollout_id=a, actor="token:one")
+                rollout_start(rollout_id=a, actor="token:one")
                 first_started.set()
                 release_first.wait(10)  # still uncommitted while the second start runs
             outcome["a"] = "started"
@@ -209,14 +209,14 @@ def test_it_starts_only_one_of_two_rollouts_started_at_the_same_moment(client, c
 
     def start_second():
         try:
-            actions.rollout_start(rollout_id=b, actor="token:two")
+            rollout_start(rollout_id=b, actor="token:two")
             outcome["b"] = "started"
         except Conflict as exc:
             outcome["b"] = exc.detail
         finally:
             connection.close()
 
-    with mock.patch("ota.actions._wake", autospec=True):  # no engine in this test
+    with mock.patch("ota.rollouts.actions.rollout_wake", autospec=True):  # no engine in this test
         one = threading.Thread(target=start_and_hold)
         one.start()
         assert first_started.wait(10)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from ota import actions
 from ota.models import DeviceEvent, Directive, Rollout
+from ota.rollouts.engine import rollout_evaluate
+from ota.rollouts.events import rollout_apply_events
 from tests.support.platform import point_celery_at
 from tests.support.rollout_data import make_devices, release
 
@@ -94,14 +95,14 @@ def test_it_watches_a_rollout_live_until_it_completes(live_server, fleet, ci_tok
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     event_no = 0
     for _ in range(3):  # canary wave, then the rest: commit whatever was directed
-        actions.rollout_evaluate(rollout_id=rid)
+        rollout_evaluate(rollout_id=rid)
         event_no += 1
         ids = [DeviceEvent.objects.create(device_id=d.device_id, seq=d.seq, event_no=event_no, model="detector",
                                           state="committed", received_at=timezone.now()).pk
                for d in Directive.objects.filter(rollout_id=rid)
                if not DeviceEvent.objects.filter(device_id=d.device_id, seq=d.seq).exists()]
-        actions.rollout_apply_events(event_ids=ids)
-    actions.rollout_evaluate(rollout_id=rid)
+        rollout_apply_events(event_ids=ids)
+    rollout_evaluate(rollout_id=rid)
     out, err = watcher.communicate(timeout=30)
     assert watcher.returncode == 0, err
     assert "COMPLETED" in out

@@ -14,8 +14,18 @@ from django.utils import timezone
 
 from agent.protocol import verify_directive
 from agent.signing import Keyring, public_key_pem
-from ota import actions
 from ota.models import Device, DeviceEvent, DeviceModelState, Directive, Rollout, RolloutDevice, Wave
+from ota.rollouts.actions import (
+    rollout_advance,
+    rollout_resume,
+    rollout_retry_failed,
+    rollout_rollback,
+    rollout_start,
+)
+from ota.rollouts.create import rollout_create
+from ota.rollouts.definition import gates_normalise
+from ota.rollouts.engine import rollout_evaluate
+from ota.rollouts.events import events_concern_rollouts, rollout_apply_events, rollout_catch_up_events
 from registry.errors import Conflict
 from registry.keys import load_rollout_key
 from registry.models import AuditEntry, ModelVersion
@@ -45,12 +55,12 @@ class Fleet:
             )
             ids.append(event.pk)
         with self.capture(execute=True):
-            actions.rollout_apply_events(event_ids=ids)
+            rollout_apply_events(event_ids=ids)
         return ids
 
     def evaluate(self, rollout):
         with self.capture(execute=True):
-            return actions.rollout_evaluate(rollout_id=rollout.pk)
+            return rollout_evaluate(rollout_id=rollout.pk)
 
 
 @pytest.fixture
@@ -73,13 +83,13 @@ def setup(client, admin_token, secure_broker, django_capture_on_commit_callbacks
 
 
 def start(gates=None, waves=None, policy="revert", devices=None):
-    rollout = actions.rollout_create(
+    rollout = rollout_create(
         model="detector", version="2.0", target={"labels": {"site": "berlin"}},
         waves=waves or [{"devices": ["dev-0000", "dev-0001"]}, {"percent": 25}, {"percent": 100}],
         gates=gates or {"failure": {"min_reports": 1, "max_failed_percent": 50}},
         abort_policy=policy, actor="token:test",
     )
-    actions.rollout_start(rollout_id=rollout.pk, actor="token:test")
+    rollout_start(rollout_id=rollout.pk, actor="token:test")
     return rollout
 
 
@@ -166,8 +176,8 @@ def test_it_pauses_on_failure_and_retry_sends_a_fresh_directive(setup, recorder)
     rollout.refresh_from_db()
     assert rollout.state == "paused"
     assert AuditEntry.objects.filter(object_type="rollout", object_id=str(rollout.pk), action="rollout.auto_pause").exists()
-    assert actions.rollout_retry_failed(rollout_id=rollout.pk, actor="token:op") == 1
-    actions.rollout_resume(rollout_id=rollout.pk, actor="token:op")
+    assert rollout_retry_failed(rollout_id=rollout.pk, actor="token:op") == 1
+    rollout_resume(rollout_id=rollout.pk, actor="token:op")
     fleet.evaluate(rollout)
     recorder.wait_for(lambda r: len(r.by_device().get("dev-0001", [])) == 2)
     assert [m["seq"] for m in recorder.by_device()["dev-0001"]] == [1, 2]
@@ -232,7 +242,7 @@ def test_it_applies_each_event_once(setup):
     ids = fleet.report(["dev-0000"], "failed", error_code="DISK_FULL")
     fleet.evaluate(rollout)
     # A redelivered batch (task retried after a worker died) changes nothing.
-    assert actions.rollout_apply_events(event_ids=ids) == set()
+    assert rollout_apply_events(event_ids=ids) == set()
     assert RolloutDevice.objects.get(rollout=rollout, device_id="dev-0000").error_code == "DISK_FULL"
 
 
@@ -243,7 +253,7 @@ def test_it_rolls_back_a_completed_rollout(setup, recorder):
     fleet.report(setup["devices"], "committed")
     assert fleet.evaluate(rollout) == "completed"
     with fleet.capture(execute=True):
-        actions.rollout_rollback(rollout_id=rollout.pk, actor="token:op", reason="accuracy regression in prod")
+        rollout_rollback(rollout_id=rollout.pk, actor="token:op", reason="accuracy regression in prod")
     rollout.refresh_from_db()
     assert rollout.state == "rolled_back"
     recorder.wait_for(lambda r: len(r.live()) == 40)
@@ -262,13 +272,13 @@ def test_it_never_directs_a_revoked_device(setup):
 
 
 def test_it_publishes_directives_a_dead_worker_committed_but_never_sent(setup, recorder):
-    from ota.directives import directives_publish_stale
+    from ota.rollouts.directives import directives_publish_stale
 
     fleet = setup["fleet"]
     rollout = start()
     # The worker "dies" between commit and publish: the on_commit publish never runs.
     with fleet.capture(execute=False):
-        actions.rollout_evaluate(rollout_id=rollout.pk)
+        rollout_evaluate(rollout_id=rollout.pk)
     assert Directive.objects.filter(rollout=rollout, published_at__isnull=True).count() == 2
     assert directives_publish_stale(older_than=timedelta(0)) == 2
     recorder.wait_for(lambda r: len(r.live()) == 2)
@@ -286,9 +296,9 @@ def test_it_catches_up_on_events_whose_wake_up_was_lost(setup):
     for n, state in enumerate(("received", "trial", "committed"), start=1):
         for device_id in ("dev-0000", "dev-0001"):
             DeviceEvent.objects.create(device_id=device_id, event_no=n, seq=1, model="detector", state=state)
-    assert actions.rollout_catch_up_events(rollout_id=rollout.pk) == {rollout.pk}
+    assert rollout_catch_up_events(rollout_id=rollout.pk) == {rollout.pk}
     assert set(RolloutDevice.objects.filter(rollout=rollout, wave__index=0).values_list("state", flat=True)) == {"committed"}
-    assert actions.rollout_catch_up_events(rollout_id=rollout.pk) == set()
+    assert rollout_catch_up_events(rollout_id=rollout.pk) == set()
     assert fleet.evaluate(rollout) == "dispatched"
 
 
@@ -310,8 +320,8 @@ def test_it_wakes_the_engine_only_for_devices_with_an_update_in_progress(setup):
     fleet.evaluate(rollout)
     ids = fleet.report(["dev-0000"], "downloading")
     idle = DeviceEvent.objects.create(device_id="dev-0010", event_no=1, seq=0, model="detector", state="committed")
-    assert actions.events_concern_rollouts(event_ids=ids) is True
-    assert actions.events_concern_rollouts(event_ids=[idle.pk]) is False
+    assert events_concern_rollouts(event_ids=ids) is True
+    assert events_concern_rollouts(event_ids=[idle.pk]) is False
 
 
 def test_it_counts_a_commit_with_bad_health_figures_as_a_failure_and_reverts_it(setup, recorder):
@@ -325,7 +335,7 @@ def test_it_counts_a_commit_with_bad_health_figures_as_a_failure_and_reverts_it(
         event = DeviceEvent.objects.create(device_id=device_id, event_no=1, seq=directive.seq, model="detector",
                                            state="committed", health=figures)
         with fleet.capture(execute=True):
-            actions.rollout_apply_events(event_ids=[event.pk])
+            rollout_apply_events(event_ids=[event.pk])
     bad = RolloutDevice.objects.get(rollout=rollout, device_id="dev-0001")
     assert bad.state == "unhealthy" and bad.error_code == "HEALTH_GATE"
     assert bad.detail == "error_rate 0.09 > max_error_rate 0.02; latency_ms_p95 80.0 > max_latency_ms_p95 50"
@@ -340,7 +350,7 @@ def test_it_refuses_health_gate_limits_out_of_range(setup):
     from django.core.exceptions import ValidationError
 
     with pytest.raises(ValidationError) as info:
-        actions.gates_normalise({"health": {"max_error_rate": 1.5}})
+        gates_normalise({"health": {"max_error_rate": 1.5}})
     assert info.value.message_dict == {"gates.health.max_error_rate": ["must be between 0 and 1, got 1.5"]}
 
 
@@ -352,7 +362,7 @@ def test_it_advances_now_past_a_wave_whose_gate_is_not_met(setup):
     assert fleet.evaluate(rollout) == "idle"
 
     with fleet.capture(execute=True):
-        actions.rollout_advance(rollout_id=rollout.pk, actor="token:op")
+        rollout_advance(rollout_id=rollout.pk, actor="token:op")
     assert Wave.objects.get(rollout=rollout, index=0).state == "passed"
     entry = AuditEntry.objects.get(object_type="rollout", object_id=str(rollout.pk), action="wave.pass")
     assert entry.actor == "token:op" and "advanced by token:op before its gates" in entry.reason
@@ -370,4 +380,4 @@ def test_it_advances_now_past_a_wave_whose_gate_is_not_met(setup):
     fleet.report(members(rollout, 2), "committed")
     assert fleet.evaluate(rollout) == "completed"
     with pytest.raises(Conflict, match="cannot advance rollout .*: it is completed"):
-        actions.rollout_advance(rollout_id=rollout.pk, actor="token:op")
+        rollout_advance(rollout_id=rollout.pk, actor="token:op")

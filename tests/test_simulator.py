@@ -1,4 +1,4 @@
-"""The fleet simulator: real per-device MQTT connections enrolled through ota.devices, verifying
+"""The fleet simulator: real per-device MQTT connections enrolled through ota.fleet.enrollment, verifying
 signed directives and answering with the agent's event sequence, stored by real ingest."""
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from django.conf import settings as django_settings
 
 from agent.protocol import Topics
 from agent.signing import generate_private_key_pem, load_private_key_pem
-from ota import hooks
-from ota.ingest import IngestRunner
 from ota.models import Device, DeviceEvent, DeviceModelState
-from ota.mqtt import Publisher
-from ota.simulator import FleetSimulator, enroll_simulated_devices
+from ota.sim.enroll import enroll_simulated_devices
+from ota.sim.fleet import FleetSimulator
+from ota.transport import hooks
+from ota.transport.ingest import IngestRunner
+from ota.transport.mqtt import Publisher
 from tests.support.fleet import hardware, release_rows, signed_directive, signed_release
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -121,7 +122,7 @@ def test_it_converges_a_flapping_device_from_the_retained_directive(secure_broke
 
 
 def test_it_refuses_a_revoked_simulated_device(secure_broker):
-    from ota.devices import device_revoke
+    from ota.fleet.revocation import device_revoke
 
     hardware("rpi4-arm64")
     creds = enroll_simulated_devices(count=2, hardware="rpi4-arm64")

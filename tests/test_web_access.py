@@ -144,12 +144,12 @@ POST_URLS = _post_urls()
 
 @pytest.fixture
 def targets(db):
-    from ota import actions
+    from ota.rollouts.create import rollout_create
     from tests.support.rollout_data import make_devices
 
     web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",))
     make_devices(2, hardware="jetson-orin", labels={"site": "berlin"})
-    rollout = actions.rollout_create(model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
+    rollout = rollout_create(model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
                                      waves=[{"percent": 100}], actor="user:x")
     return rollout
 

@@ -8,9 +8,10 @@ import time
 import pytest
 
 from agent.protocol import encode_json
-from ota import actions
 from ota.models import Device, DeviceModelState, Rollout, RolloutDevice
-from ota.simulator import FleetSimulator, enroll_simulated_devices
+from ota.rollouts.create import rollout_create
+from ota.sim.enroll import enroll_simulated_devices
+from ota.sim.fleet import FleetSimulator
 from tests.support import web_data
 from tests.support.browser import TABLET, Browser, chromium_available, login, screenshot
 
@@ -24,7 +25,7 @@ pytestmark = [
 
 
 def enroll(count, *, labels, hardware="jetson-orin", running=None, prefix="sim"):
-    """Devices enrolled through ota.devices with their own broker credentials (the simulator's
+    """Devices enrolled through ota.fleet.enrollment with their own broker credentials (the simulator's
     path); `running` is the release they already run, as their last reports left it."""
     web_data.hardware(hardware)
     creds = enroll_simulated_devices(count=count, hardware=hardware, labels=labels, name_prefix=prefix)
@@ -198,11 +199,11 @@ def test_it_pauses_and_resumes_one_rollout_and_aborts_another_with_revert(
     berlin = enroll(6, labels={"site": "berlin"}, running=old, prefix="ber")
     paris = enroll(6, labels={"site": "paris"}, running=old, prefix="par")
     slow_canary = {"success": {"min_healthy_percent": 100}, "soak_seconds": 3}
-    first = actions.rollout_create(
+    first = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
         waves=[{"name": "canary", "count": 2}, {"percent": 100}], gates=slow_canary, actor="user:setup",
     )
-    second = actions.rollout_create(
+    second = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "paris"}},
         waves=[{"name": "canary", "count": 2}, {"percent": 100}], gates={**slow_canary, "soak_seconds": 600},
         actor="user:setup",
@@ -261,7 +262,7 @@ def test_it_shows_a_viewer_no_action_buttons_and_refuses_a_forged_post(live_serv
     Device.objects.bulk_create(
         [Device(id=f"cam-{i}", hardware_id="jetson-orin", labels={"site": "berlin"}, mqtt_username=f"cam-{i}") for i in range(4)]
     )
-    rollout = actions.rollout_create(
+    rollout = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}],
         actor="user:x",
     )

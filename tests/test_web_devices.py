@@ -83,12 +83,13 @@ def test_it_gives_admins_a_link_to_the_django_admin(client, viewer):
 
 
 def test_it_shows_the_fleet_at_a_glance(client, viewer, fleet):
-    from ota import actions
+    from ota.rollouts.actions import rollout_start
+    from ota.rollouts.create import rollout_create
 
-    rollout = actions.rollout_create(
+    rollout = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "paris"}}, waves=[{"percent": 100}], actor="user:x"
     )
-    actions.rollout_start(rollout_id=rollout.pk, actor="user:x")
+    rollout_start(rollout_id=rollout.pk, actor="user:x")
     AuditEntry.objects.create(actor="system", action="rollout.auto_pause", object_type="rollout", object_id=str(rollout.pk),
                               reason="wave 0 failure gate: 3 of 4 reporting devices failed")
     client.force_login(viewer)

@@ -92,7 +92,7 @@ def test_it_shows_invalid_input_next_to_its_field(client, operator, fleet):
     ]
     assert errors_for(html, "success_percent") == ["Ensure this value is less than or equal to 100."]
 
-    # Rules only ota.actions knows come back next to their field too.
+    # Rules only ota.rollouts knows come back next to their field too.
     response = client.post(url, wizard_data(fleet, waves="50% → 20% → 100%"))
     assert response.status_code == 400
     assert errors_for(response.content.decode(), "waves") == [
@@ -128,13 +128,14 @@ def test_it_reviews_then_creates_the_rollout(client, operator, fleet):
 
 
 def test_it_refuses_a_second_rollout_on_busy_devices_next_to_the_target(client, operator, fleet):
-    from ota import actions
+    from ota.rollouts.actions import rollout_start
+    from ota.rollouts.create import rollout_create
 
-    first = actions.rollout_create(
+    first = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}],
         actor="user:x",
     )
-    actions.rollout_start(rollout_id=first.pk, actor="user:x")
+    rollout_start(rollout_id=first.pk, actor="user:x")
     client.force_login(operator)
 
     html = client.post(reverse("web:rollout_new"), {**wizard_data(fleet), "step": "create"}).content.decode()
@@ -143,9 +144,9 @@ def test_it_refuses_a_second_rollout_on_busy_devices_next_to_the_target(client, 
 
 
 def test_it_shows_action_buttons_with_confirmations_to_operators_only(client, operator, viewer, fleet):
-    from ota import actions
+    from ota.rollouts.create import rollout_create
 
-    rollout = actions.rollout_create(
+    rollout = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
         waves=[{"name": "canary", "count": 2}, {"percent": 100}], actor="user:x",
     )
@@ -166,9 +167,9 @@ def test_it_shows_action_buttons_with_confirmations_to_operators_only(client, op
 
 @pytest.mark.parametrize("action", ["start", "pause", "resume", "advance", "retry", "abort", "rollback", "approve"])
 def test_it_answers_403_to_a_viewers_forged_post_with_a_valid_csrf_token(viewer, fleet, action):
-    from ota import actions
+    from ota.rollouts.create import rollout_create
 
-    rollout = actions.rollout_create(
+    rollout = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}], actor="user:x"
     )
     browser = Client(enforce_csrf_checks=True)
@@ -187,9 +188,9 @@ def test_it_answers_403_to_a_viewers_forged_post_with_a_valid_csrf_token(viewer,
 
 
 def test_it_runs_operator_actions_through_htmx_and_reports_refusals(client, operator, fleet):
-    from ota import actions
+    from ota.rollouts.create import rollout_create
 
-    rollout = actions.rollout_create(
+    rollout = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}], actor="user:x"
     )
     client.force_login(operator)
@@ -213,16 +214,18 @@ def test_it_runs_operator_actions_through_htmx_and_reports_refusals(client, oper
 
 
 def test_it_groups_failures_by_error_code_and_shows_gate_figures_against_thresholds(client, viewer, fleet):
-    from ota import actions
     from ota.models import RolloutDevice
+    from ota.rollouts.actions import rollout_start
+    from ota.rollouts.create import rollout_create
+    from ota.rollouts.engine import rollout_evaluate
 
-    rollout = actions.rollout_create(
+    rollout = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
         waves=[{"name": "canary", "count": 4}, {"percent": 100}],
         gates={"failure": {"min_reports": 2, "max_failed_percent": 60}}, actor="user:x",
     )
-    actions.rollout_start(rollout_id=rollout.pk, actor="user:x")
-    actions.rollout_evaluate(rollout_id=rollout.pk)  # wave 0 starts: its 4 devices get directives
+    rollout_start(rollout_id=rollout.pk, actor="user:x")
+    rollout_evaluate(rollout_id=rollout.pk)  # wave 0 starts: its 4 devices get directives
     canary = list(RolloutDevice.objects.filter(rollout=rollout, wave__index=0).order_by("rank"))
     assert {a.state for a in canary} == {"directed"}
     # What the engine records as the devices report back (ingest → rollout_apply_events).
@@ -249,9 +252,9 @@ def test_it_groups_failures_by_error_code_and_shows_gate_figures_against_thresho
 
 
 def test_it_works_without_javascript_and_lists_rollouts_and_the_audit_log(client, operator, fleet):
-    from ota import actions
+    from ota.rollouts.create import rollout_create
 
-    rollout = actions.rollout_create(
+    rollout = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}],
         name="plain form", actor="user:x",
     )

@@ -1,5 +1,5 @@
 """Forms for the web admin. They validate and shape input; the actions they feed live in
-registry.actions and ota.actions."""
+registry.actions and ota.rollouts."""
 
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ class RolloutForm(forms.Form):
             self.add_error("target", "Choose the target: labels, hardware and/or a device list.")
         return data
 
-    # --- shapes ota.actions.rollout_create takes ---
+    # --- shapes ota.rollouts.create.rollout_create takes ---
 
     @property
     def release_obj(self):
@@ -255,7 +255,7 @@ class RolloutForm(forms.Form):
             "name": self.cleaned_data["name"],
         }
 
-    # ota.actions reports problems keyed by the API's field paths; show each next to our field.
+    # ota.rollouts reports problems keyed by the API's field paths; show each next to our field.
     ERROR_FIELDS = (
         ("model", "release"),
         ("version", "release"),
@@ -311,7 +311,7 @@ class EnrollmentTokenForm(forms.Form):
     )
 
     def clean_expires_in(self):
-        from ota.devices import parse_duration
+        from ota.fleet.parsing import parse_duration
 
         text = self.cleaned_data["expires_in"].strip()
         if not text:
@@ -322,7 +322,7 @@ class EnrollmentTokenForm(forms.Form):
             raise forms.ValidationError(str(exc)) from None
 
     def clean_labels(self):
-        from ota.devices import parse_label_pairs
+        from ota.fleet.parsing import parse_label_pairs
 
         try:
             return parse_label_pairs([p.strip() for p in self.cleaned_data["labels"].split(",") if p.strip()])

@@ -1,5 +1,5 @@
 """Read-only queries behind the pages. Nothing here changes state: every write goes through
-registry.actions / ota.actions / ota.devices, exactly as the API does."""
+registry.actions / ota.rollouts / ota.fleet, exactly as the API does."""
 
 from __future__ import annotations
 
@@ -281,10 +281,11 @@ def device_health_chart(events) -> dict | None:
 
 def target_preview(form) -> dict:
     """Per hardware: how many active devices the target matches and how many of them the release
-    has no artifact for. Resolution is ota.actions.target_resolve, the same the create uses."""
+    has no artifact for. Resolution is ota.rollouts.planning.target_resolve, the same the create uses."""
     from django.core.exceptions import ValidationError
 
-    from ota import actions as ota_actions
+    from ota.rollouts.definition import target_validate, waves_validate
+    from ota.rollouts.planning import conflicts_find, plan_waves, target_resolve
 
     data = getattr(form, "cleaned_data", {})
     # A release not chosen yet is not an error here, just a reason to wait.
@@ -301,8 +302,8 @@ def target_preview(form) -> dict:
         result["hint"] = "Pick a released version to see which devices can take it."
         return result
     try:
-        target = ota_actions.target_validate(form.target_spec())
-        plan = ota_actions.target_resolve(target=target, release=release)
+        target = target_validate(form.target_spec())
+        plan = target_resolve(target=target, release=release)
     except ValidationError as exc:
         result["errors"] = [f"{m}" for msgs in exc.message_dict.values() for m in msgs]
         return result
@@ -311,7 +312,7 @@ def target_preview(form) -> dict:
         per_hw.setdefault(hw, {"hardware": hw, "matched": 0, "incompatible": 0})["matched"] += 1
     for item in plan.incompatible:
         per_hw[item["hardware"]]["incompatible"] += 1
-    conflicts = ota_actions.conflicts_find(model_id=release.model_id, device_ids=plan.compatible)
+    conflicts = conflicts_find(model_id=release.model_id, device_ids=plan.compatible)
     result.update(
         ready=True,
         rows=sorted(per_hw.values(), key=lambda r: r["hardware"]),
@@ -324,8 +325,8 @@ def target_preview(form) -> dict:
     waves = data.get("waves")
     if waves:
         try:
-            specs = ota_actions.waves_validate(waves)
-            sizes = [len(m) for m in ota_actions.plan_waves(plan=plan, waves=specs, rollout_id=0)]
+            specs = waves_validate(waves)
+            sizes = [len(m) for m in plan_waves(plan=plan, waves=specs, rollout_id=0)]
             result["waves"] = [{"spec": wave_label(s), "size": n} for s, n in zip(specs, sizes)]
         except ValidationError as exc:
             result["wave_errors"] = [m for msgs in exc.message_dict.values() for m in msgs]
@@ -347,17 +348,18 @@ def wave_label(spec: dict) -> str:
 
 def rollout_dry_run(form) -> dict:
     """Everything rollout_create checks, without creating: raises django ValidationError."""
-    from ota import actions as ota_actions
+    from ota.rollouts.definition import gates_normalise, target_validate, waves_validate
+    from ota.rollouts.planning import conflicts_find, plan_waves, target_resolve
 
     release = form.release_obj
-    target = ota_actions.target_validate(form.target_spec())
-    specs = ota_actions.waves_validate(form.cleaned_data["waves"])
-    gates = ota_actions.gates_normalise(form.gates_spec())
+    target = target_validate(form.target_spec())
+    specs = waves_validate(form.cleaned_data["waves"])
+    gates = gates_normalise(form.gates_spec())
     for i, spec in enumerate(specs):
-        ota_actions.gates_normalise(spec.get("gates"), where=f"waves[{i}].gates", base=gates)
-    plan = ota_actions.target_resolve(target=target, release=release)
-    sizes = [len(m) for m in ota_actions.plan_waves(plan=plan, waves=specs, rollout_id=0)]
-    conflicts = ota_actions.conflicts_find(model_id=release.model_id, device_ids=plan.compatible)
+        gates_normalise(spec.get("gates"), where=f"waves[{i}].gates", base=gates)
+    plan = target_resolve(target=target, release=release)
+    sizes = [len(m) for m in plan_waves(plan=plan, waves=specs, rollout_id=0)]
+    conflicts = conflicts_find(model_id=release.model_id, device_ids=plan.compatible)
     return {
         "release": release,
         "target": target,
@@ -416,10 +418,11 @@ def confirm_text(rollout, action: str, live: dict) -> str:
 
 
 def rollout_live(rollout) -> dict:
-    from ota import actions as ota_actions
     from ota.models import RolloutDevice, Wave
+    from ota.rollouts.gates import failure_gate_tripped, success_gate_met, wave_figures
+    from ota.rollouts.selectors import rollout_summary
 
-    summary = ota_actions.rollout_summary(rollout)
+    summary = rollout_summary(rollout)
     counts = rollout_counts([rollout.pk]).get(rollout.pk, {})
     waves_by_index = {w.index: w for w in Wave.objects.filter(rollout=rollout)}
     now = timezone.now()
@@ -427,7 +430,7 @@ def rollout_live(rollout) -> dict:
     for item in summary["waves"]:
         wave = waves_by_index[item["index"]]
         wave_counts = counts.get(wave.pk, empty_counts())
-        figures = ota_actions.wave_figures(wave) if wave.state != "pending" else None
+        figures = wave_figures(wave) if wave.state != "pending" else None
         gates = wave.gates
         soak_left = None
         if wave.gate_met_at and wave.state == "soaking":
@@ -440,14 +443,14 @@ def rollout_live(rollout) -> dict:
                     "name": "Success",
                     "figure": f"{figures['healthy_percent']} % healthy ({figures['committed']} of {figures['size']})",
                     "threshold": f"passes at ≥ {gates['success']['min_healthy_percent']} %",
-                    "ok": ota_actions.success_gate_met(gates, figures),
+                    "ok": success_gate_met(gates, figures),
                 },
                 {
                     "name": "Failure",
                     "figure": f"{figures['failed']} failed of {figures['reported']} reports ({figures['failed_percent']} %)",
                     "threshold": f"trips at ≥ {failure['max_failed_percent']} % once ≥ {failure['min_reports']} reported"
                     + (f", or at {failure['max_failures']} failures" if failure.get("max_failures") else ""),
-                    "ok": ota_actions.failure_gate_tripped(gates, figures) is None,
+                    "ok": failure_gate_tripped(gates, figures) is None,
                 },
             ]
         waves.append({

@@ -1,5 +1,5 @@
 """Web admin views. Thin: they read through web.queries, change state only through
-registry.actions / ota.actions / ota.devices (the same functions the API calls), and check roles
+registry.actions / ota.rollouts / ota.fleet (the same functions the API calls), and check roles
 on the server with web.access.scope_required."""
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from django.http import Http404, HttpResponseBadRequest, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from ota import actions as ota_actions
-from ota import devices as ota_devices
+from ota.fleet.enrollment import enrollment_token_create, enrollment_token_revoke
+from ota.fleet import revocation
 from ota.models import ActiveRelease, Device, DeviceEvent, EnrollmentToken, Rollout
+from ota.rollouts import actions as rollout_actions
+from ota.rollouts.create import rollout_create
 from registry import actions as registry_actions
 from registry import keys as registry_keys
 from registry.auth import actor_label
@@ -255,7 +257,7 @@ def access(request):
             enroll_form = EnrollmentTokenForm(request.POST, prefix="enroll")
             if enroll_form.is_valid():
                 d = enroll_form.cleaned_data
-                token, secret = ota_devices.enrollment_token_create(
+                token, secret = enrollment_token_create(
                     max_uses=d["max_uses"], expires_in=d["expires_in"], labels=d["labels"], name=d["name"],
                     created_by=actor,
                 )
@@ -271,7 +273,7 @@ def access(request):
             return redirect("web:access")
         elif kind == "revoke-enroll":
             try:
-                ota_devices.enrollment_token_revoke(token_id=int(request.POST.get("token_id") or 0), actor=actor)
+                enrollment_token_revoke(token_id=int(request.POST.get("token_id") or 0), actor=actor)
             except (EnrollmentToken.DoesNotExist, ValueError):
                 messages.error(request, "No such enrollment token.")
             else:
@@ -306,7 +308,7 @@ def access(request):
 def device_revoke(request, device_id):
     get_object_or_404(Device, pk=device_id)
     try:
-        ota_devices.device_revoke(device_id=device_id, actor=actor_label(request.user))
+        revocation.device_revoke(device_id=device_id, actor=actor_label(request.user))
     except ApiError as exc:
         messages.error(request, str(exc.detail))
     else:
@@ -344,7 +346,7 @@ def rollout_list(request):
 
 
 ROLLOUT_ACTIONS = {
-    # action: (ota.actions function name, who may, button label, button class)
+    # action: (ota.rollouts.actions function name, who may, button label, button class)
     "approve": ("rollout_approve", "operator", "Approve", "secondary"),
     "start": ("rollout_start", "operator", "Start", ""),
     "pause": ("rollout_pause", "operator", "Pause", "warn"),
@@ -359,7 +361,7 @@ ROLLOUT_ACTIONS = {
 @scope_required("ci")
 def rollout_new(request):
     """The wizard: one form (release, target with live preview, wave plan, gates), then a review
-    page, then create. Every check that decides whether a rollout is valid is ota.actions'."""
+    page, then create. Every check that decides whether a rollout is valid is ota.rollouts'."""
     if request.method == "GET":
         initial = {"release": request.GET.get("release")} if request.GET.get("release") else {}
         return wizard_page(request, RolloutForm(initial=initial))
@@ -371,7 +373,7 @@ def rollout_new(request):
         return wizard_page(request, form, status=200 if step == "edit" else 400)
     if step == "create":
         try:
-            rollout = ota_actions.rollout_create(**form.create_kwargs(), actor=actor_label(request.user))
+            rollout = rollout_create(**form.create_kwargs(), actor=actor_label(request.user))
         except ValidationError as exc:
             form.add_action_errors(exc.message_dict)
         except ApiError as exc:
@@ -423,7 +425,7 @@ def rollout_live(request, pk):
 def rollout_action(request, pk, action):
     if action not in ROLLOUT_ACTIONS:
         raise Http404(f"No rollout action '{action}'.")
-    function = getattr(ota_actions, ROLLOUT_ACTIONS[action][0])
+    function = getattr(rollout_actions, ROLLOUT_ACTIONS[action][0])
     kwargs = {"rollout_id": pk, "actor": actor_label(request.user)}
     reason = request.POST.get("reason", "").strip()
     if reason and action in ("pause", "abort", "rollback"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from ota.broker import write_initial_config
+from ota.fleet.broker import write_initial_config
 from tests.support.mosquitto import Mosquitto
 
 DEPLOY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"

@@ -1,4 +1,4 @@
-"""Enroll real devices through ota.devices (the same path the API takes) for tests."""
+"""Enroll real devices through ota.fleet.enrollment (the same path the API takes) for tests."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ def hardware(hardware_id: str = "rpi4-arm64"):
 
 
 def enroll_device(*, hardware_id: str = "rpi4-arm64", labels: dict | None = None, name: str = ""):
-    """Returns ota.devices.Enrollment (device row + its MQTT password + its API token)."""
-    from ota.devices import device_enroll, enrollment_token_create
+    """Returns ota.fleet.enrollment.Enrollment (device row + its MQTT password + its API token)."""
+    from ota.fleet.enrollment import device_enroll, enrollment_token_create
 
     hardware(hardware_id)
     _token, secret = enrollment_token_create(max_uses=1, created_by="test")

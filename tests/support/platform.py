@@ -248,7 +248,7 @@ class DirectiveRecorder:
     message as it arrives: what the fleet was told, independent of what the database says."""
 
     def __init__(self, broker, *, topic_root: str = "fleet"):
-        from ota.mqtt import BrokerSettings
+        from ota.transport.mqtt import BrokerSettings
 
         self.settings = BrokerSettings(
             host=broker.host if hasattr(broker, "host") else "127.0.0.1",
@@ -263,7 +263,7 @@ class DirectiveRecorder:
         self.client = None
 
     def start(self) -> DirectiveRecorder:
-        from ota.mqtt import connect_blocking, new_client
+        from ota.transport.mqtt import connect_blocking, new_client
 
         subscribed = threading.Event()
         self.client = new_client(self.settings, client_id="directive-recorder")
@@ -363,7 +363,7 @@ class ProtocolResponder:
 
         from django.conf import settings
 
-        from ota.broker import BrokerAdmin
+        from ota.fleet.broker import BrokerAdmin
 
         with BrokerAdmin() as admin:
             for device_id in self.device_ids:
@@ -374,7 +374,7 @@ class ProtocolResponder:
         return self
 
     def come_online(self, device_ids) -> None:
-        from ota.mqtt import BrokerSettings, connect_blocking, new_client
+        from ota.transport.mqtt import BrokerSettings, connect_blocking, new_client
 
         for device_id in device_ids:
             creds = BrokerSettings(host="127.0.0.1", port=self.broker.port, username=device_id,

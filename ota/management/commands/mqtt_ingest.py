@@ -8,8 +8,7 @@ import threading
 
 from django.core.management.base import BaseCommand, CommandError
 
-from ota.broker import INGEST_SHARE_GROUP
-from ota.ingest import IngestRunner
+from ota.transport.ingest import INGEST_SHARE_GROUP, IngestRunner
 
 
 class Command(BaseCommand):

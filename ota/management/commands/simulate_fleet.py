@@ -10,14 +10,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from ota.devices import parse_label_pairs
-from ota.simulator import (
-    BEHAVIOURS,
-    FleetSimulator,
-    enroll_simulated_devices,
-    load_credentials,
-    save_credentials,
-)
+from ota.fleet.parsing import parse_label_pairs
+from ota.sim.enroll import enroll_simulated_devices, load_credentials, save_credentials
+from ota.sim.fleet import BEHAVIOURS, FleetSimulator
 from registry.errors import ApiError
 from registry.models import HardwareTarget
 

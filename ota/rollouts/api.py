@@ -1,4 +1,4 @@
-"""Rollout API views: thin wrappers over ota.actions."""
+"""Rollout API views: thin wrappers over ota.rollouts (create, actions, selectors)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from rest_framework import generics, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ota import actions
 from ota.models import Rollout, RolloutDevice
-from ota.serializers_rollouts import (
+from ota.rollouts import actions
+from ota.rollouts.create import rollout_create
+from ota.rollouts.serializers import (
     AuditEntrySerializer,
     RolloutCreateSerializer,
     RolloutDetailSerializer,
@@ -50,7 +51,7 @@ class RolloutListCreate(generics.ListCreateAPIView):
     def create(self, request, *args, **kwargs):
         body = RolloutCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        rollout = actions.rollout_create(**body.validated_data, actor=actor_label(request.user))
+        rollout = rollout_create(**body.validated_data, actor=actor_label(request.user))
         return Response(RolloutDetailSerializer(rollout).data, status=status.HTTP_201_CREATED)
 
 
@@ -134,18 +135,3 @@ class AuditList(generics.ListAPIView):
                 qs = qs.filter(**{param: value})
         return qs
 
-
-def urlpatterns():
-    from django.urls import path, re_path
-
-    routes = [
-        path("rollouts/", RolloutListCreate.as_view(), name="rollout-list"),
-        path("rollouts/<int:pk>/", RolloutDetail.as_view(), name="rollout-detail"),
-        path("rollouts/<int:pk>/devices/", RolloutDevices.as_view(), name="rollout-devices"),
-        path("audit/", AuditList.as_view(), name="audit-list"),
-    ]
-    for name in ACTIONS:
-        routes.append(
-            re_path(rf"^rollouts/(?P<pk>[0-9]+)/{name}/?$", RolloutAction.as_view(action_name=name), name=f"rollout-{name}")
-        )
-    return routes

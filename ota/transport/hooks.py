@@ -19,7 +19,7 @@ def on_device_events(event_ids: list[int]) -> None:
     if not event_ids:
         return
     try:
-        from ota import tasks
+        from ota.rollouts import tasks
     except ImportError:
         return
     handler = getattr(tasks, "on_device_events", None)

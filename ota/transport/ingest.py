@@ -9,7 +9,6 @@ with idempotent writes).
 
 from __future__ import annotations
 
-
 import logging
 import queue
 import threading
@@ -31,13 +30,14 @@ from agent.protocol import (
     parse_telemetry,
     parse_time,
 )
-from ota import hooks
-from ota.broker import INGEST_SHARE_GROUP
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState
-from ota.mqtt import BrokerSettings, new_client
+from ota.transport import hooks
+from ota.transport.mqtt import BrokerSettings, new_client
 from registry.models import Artifact, Model
 
 logger = logging.getLogger(__name__)
+
+INGEST_SHARE_GROUP = "modelfleet-ingest"
 
 # Clock skew we tolerate in device timestamps before falling back to our receive time.
 MAX_FUTURE_SKEW = timedelta(minutes=1)

@@ -1,12 +1,9 @@
-"""Business logic for devices: enrollment tokens, enrollment, revocation, label parsing.
-
-Views, commands and the simulator call these; they never touch the models' credentials
-directly.
-"""
+"""Enrollment: one-time enrollment tokens, and a device created with its broker credentials and
+API token in one step. Views, commands and the simulator call these; they never touch the
+models' credentials directly."""
 
 from __future__ import annotations
 
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,70 +13,15 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from agent.protocol import Topics
-from ota.broker import BrokerError, broker_device_add, broker_device_remove
+from ota.fleet.broker import BrokerError, BrokerUnavailable, broker_device_add
+from ota.fleet.parsing import validate_labels
 from ota.models import Device, EnrollmentToken, hash_secret
 from registry.errors import ApiError
 from registry.models import AuditEntry, HardwareTarget
 
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
-MAX_LABELS = 32
-MAX_LABEL_VALUE = 128
-_DURATION_RE = re.compile(r"^(\d+)([smhdw])$")
-_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
 
 class EnrollmentRefused(ApiError):
     pass
-
-
-class BrokerUnavailable(ApiError):
-    def __init__(self, message: str):
-        super().__init__(message, code="broker_unavailable", status_code=503)
-
-
-# --- parsing helpers (shared by API, CLI and simulator) ---------------------------------------
-
-
-def parse_duration(text: str) -> timedelta:
-    """'90s', '30m', '12h', '1d', '2w' -> timedelta; ValueError with the accepted forms otherwise."""
-    match = _DURATION_RE.match(str(text).strip())
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"{text!r} is not a duration; use a positive number with s, m, h, d or w (e.g. 1d, 12h)")
-    return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
-
-
-def parse_label_pairs(pairs: list[str] | None) -> dict[str, str]:
-    """['site=eu', 'tier=gold'] -> {'site': 'eu', 'tier': 'gold'}; ValueError names the bad pair."""
-    labels: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"label {pair!r} must look like key=value")
-        labels[key.strip()] = value.strip()
-    return validate_labels(labels)
-
-
-def validate_labels(labels: object) -> dict[str, str]:
-    if labels is None:
-        return {}
-    if not isinstance(labels, dict):
-        raise ValueError("labels must be an object of string keys to string values")
-    if len(labels) > MAX_LABELS:
-        raise ValueError(f"at most {MAX_LABELS} labels are allowed, got {len(labels)}")
-    for key, value in labels.items():
-        if not isinstance(key, str) or not LABEL_KEY_RE.match(key):
-            raise ValueError(
-                f"label key {key!r} must be 1-63 letters, digits, '.', '_', '/' or '-', starting with a letter or digit"
-            )
-        if not isinstance(value, str):
-            raise ValueError(f"label {key!r} must have a string value, got {type(value).__name__}")
-        if len(value) > MAX_LABEL_VALUE:
-            raise ValueError(f"label {key!r} value is longer than {MAX_LABEL_VALUE} characters")
-    return dict(labels)
-
-
-# --- enrollment tokens ------------------------------------------------------------------------
 
 
 def enrollment_token_create(
@@ -163,9 +105,6 @@ def _claim_token(secret: str) -> EnrollmentToken:
         )
     token.refresh_from_db()
     return token
-
-
-# --- enrollment -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -264,39 +203,3 @@ def device_enroll(*, token_secret: str, hardware: str, labels: dict | None = Non
         except BrokerError as exc:
             raise BrokerUnavailable(f"Could not register the device with the MQTT broker: {exc}") from None
     return Enrollment(device=device, mqtt_password=mqtt_password, api_token=api_token)
-
-
-# --- revocation -------------------------------------------------------------------------------
-
-
-def device_revoke(*, device_id: str, actor: str) -> Device:
-    """Revoke at once: API token and broker credentials gone, live session dropped, retained
-    directive cleared. Safe to call again (it retries the broker side)."""
-    with transaction.atomic():
-        device = Device.objects.select_for_update().get(pk=device_id)
-        if device.state != Device.State.REVOKED:
-            device.state = Device.State.REVOKED
-            device.revoked_at = timezone.now()
-            device.revoked_by = actor
-            device.api_token_hash = None
-            device.mqtt_password_hash = ""
-            device.online = False
-            device.save(
-                update_fields=["state", "revoked_at", "revoked_by", "api_token_hash", "mqtt_password_hash", "online"]
-            )
-            AuditEntry.objects.create(actor=actor, action="device.revoke", object_type="device", object_id=device.id)
-        transaction.on_commit(lambda: _revoke_on_broker(device.id))
-    return device
-
-
-def _revoke_on_broker(device_id: str) -> None:
-    from ota.mqtt import MqttError, clear_retained
-
-    try:
-        broker_device_remove(device_id=device_id)
-        clear_retained(Topics(settings.MQTT_TOPIC_ROOT).directive(device_id))
-    except (BrokerError, MqttError) as exc:
-        raise BrokerUnavailable(
-            f"Device {device_id} is revoked for the API, but the broker could not be updated ({exc}); "
-            "revoke again once the broker is reachable."
-        ) from None

@@ -1,4 +1,4 @@
-"""Celery tasks for the wave engine. Thin: each takes ids and calls ota.actions.
+"""Celery tasks for the wave engine. Thin: each takes ids and calls ota.rollouts.engine or .events.
 
 All of them are idempotent (the actions lock the rollout row and change state with
 conditional UPDATEs), so a redelivery after a worker died (acks_late) does no harm.
@@ -11,8 +11,9 @@ import logging
 from celery import shared_task
 from django.db import OperationalError
 
-from ota import actions
-from ota.directives import directives_publish_stale
+from ota.rollouts.directives import directives_publish_stale
+from ota.rollouts.engine import rollout_evaluate, rollouts_due
+from ota.rollouts.events import events_concern_rollouts, rollout_apply_events, rollout_catch_up_events
 
 logger = logging.getLogger(__name__)
 
@@ -20,13 +21,13 @@ logger = logging.getLogger(__name__)
 @shared_task(name="ota.tasks.evaluate_rollout", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)
 def evaluate_rollout(rollout_id: int, catch_up: bool = False) -> str:
     if catch_up:
-        actions.rollout_catch_up_events(rollout_id=rollout_id)
-    return actions.rollout_evaluate(rollout_id=rollout_id)
+        rollout_catch_up_events(rollout_id=rollout_id)
+    return rollout_evaluate(rollout_id=rollout_id)
 
 
 @shared_task(name="ota.tasks.apply_device_events", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)
 def apply_device_events(event_ids: list[int]) -> list[int]:
-    touched = sorted(actions.rollout_apply_events(event_ids=event_ids))
+    touched = sorted(rollout_apply_events(event_ids=event_ids))
     for rollout_id in touched:
         evaluate_rollout.delay(rollout_id)
     return touched
@@ -37,15 +38,15 @@ def rollout_tick() -> dict:
     """The beat: re-publish directives a dead worker left unpublished, then evaluate every
     running rollout (soak timers and phase timeouts need a clock, not only events)."""
     republished = directives_publish_stale()
-    due = actions.rollouts_due()
+    due = rollouts_due()
     for rollout_id in due:
         evaluate_rollout.delay(rollout_id, catch_up=True)
     return {"republished": republished, "evaluated": due}
 
 
 def on_device_events(event_ids: list[int]) -> None:
-    """Called by ingest (ota.hooks) after a batch of events committed: hand them to a worker."""
-    if not event_ids or not actions.events_concern_rollouts(event_ids=event_ids):
+    """Called by ingest (ota.transport.hooks) after a batch of events committed: hand them to a worker."""
+    if not event_ids or not events_concern_rollouts(event_ids=event_ids):
         return  # no device of this batch is waiting on an update: nothing to wake
     try:
         apply_device_events.delay(list(event_ids))

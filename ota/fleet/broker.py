@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from agent.protocol import Topics
-from ota.mqtt import BrokerSettings, MqttError, connect_blocking, new_client
+from ota.transport.mqtt import BrokerSettings, MqttError, connect_blocking, new_client
+from registry.errors import ApiError
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
 SERVICE_ROLE = "modelfleet-service"
-INGEST_SHARE_GROUP = "modelfleet-ingest"
 # Mosquitto's own default for new clients; device passwords are 32 random bytes, so the
 # iteration count protects nothing a longer one would, and connect storms stay cheap.
 PBKDF2_ITERATIONS = 101
@@ -35,6 +35,11 @@ PBKDF2_ITERATIONS = 101
 
 class BrokerError(Exception):
     """The broker refused or did not answer a credential change."""
+
+
+class BrokerUnavailable(ApiError):
+    def __init__(self, message: str):
+        super().__init__(message, code="broker_unavailable", status_code=503)
 
 
 def device_role(device_id: str) -> str:

@@ -1,10 +1,10 @@
-"""Serializers for devices and enrollment (shapes only; rules live in ota.devices)."""
+"""Serializers for devices and enrollment (shapes only; rules live in ota.fleet)."""
 
 from __future__ import annotations
 
 from rest_framework import serializers
 
-from ota.devices import parse_duration, validate_labels
+from ota.fleet.parsing import parse_duration, validate_labels
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState, EnrollmentToken
 
 

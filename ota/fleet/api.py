@@ -1,4 +1,4 @@
-"""Devices and enrollment API. Thin: parse, call ota.devices, shape the response."""
+"""Devices and enrollment API. Thin: parse, call ota.fleet.enrollment or .revocation, shape the response."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ from rest_framework import generics, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ota import devices
-from ota.models import Device, DeviceModelState, EnrollmentToken
-from ota.serializers_devices import (
+from ota.fleet.enrollment import device_enroll, enrollment_token_create, enrollment_token_revoke
+from ota.fleet.revocation import device_revoke
+from ota.fleet.serializers import (
     DeviceDetailSerializer,
     DeviceSerializer,
     EnrollmentTokenCreateSerializer,
     EnrollmentTokenSerializer,
     EnrollRequestSerializer,
 )
+from ota.models import Device, DeviceModelState, EnrollmentToken
 from registry.auth import actor_label
 from registry.errors import ApiError
 
@@ -50,7 +51,7 @@ class EnrollmentTokenListCreate(generics.ListAPIView):
     )
     def post(self, request):
         data = _valid(EnrollmentTokenCreateSerializer, request)
-        token, secret = devices.enrollment_token_create(
+        token, secret = enrollment_token_create(
             max_uses=data["max_uses"],
             expires_in=data.get("expires_in"),
             labels=data["labels"],
@@ -66,7 +67,7 @@ class EnrollmentTokenRevoke(APIView):
     @extend_schema(request=None, responses={200: EnrollmentTokenSerializer, 404: ERROR})
     def post(self, request, pk):
         get_object_or_404(EnrollmentToken, pk=pk)
-        token = devices.enrollment_token_revoke(token_id=pk, actor=actor_label(request.user))
+        token = enrollment_token_revoke(token_id=pk, actor=actor_label(request.user))
         return Response(EnrollmentTokenSerializer(token).data)
 
 
@@ -88,7 +89,7 @@ class Enroll(APIView):
             auth = request.headers.get("Authorization", "")
             if auth.lower().startswith("bearer "):
                 secret = auth.split(None, 1)[1].strip()
-        enrollment = devices.device_enroll(
+        enrollment = device_enroll(
             token_secret=secret, hardware=data["hardware"], labels=data["labels"], name=data["name"]
         )
         return Response(enrollment.agent_settings(), status=status.HTTP_201_CREATED)
@@ -153,5 +154,5 @@ class DeviceRevoke(APIView):
     @extend_schema(request=None, responses={200: DeviceDetailSerializer, 404: ERROR, 503: ERROR})
     def post(self, request, pk):
         get_object_or_404(Device, pk=pk)
-        devices.device_revoke(device_id=pk, actor=actor_label(request.user))
+        device_revoke(device_id=pk, actor=actor_label(request.user))
         return Response(DeviceDetailSerializer(get_object_or_404(_device_queryset(), pk=pk)).data)

@@ -1,12 +1,12 @@
-"""Django admin for rollouts: read-only records, operator actions through ota.actions."""
+"""Django admin for rollouts: read-only records, operator actions through ota.rollouts.actions."""
 
 from __future__ import annotations
 
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 
-from ota import actions
 from ota.models import Directive, Rollout, RolloutDevice, Wave
+from ota.rollouts import actions
 from registry.auth import actor_label
 from registry.errors import ApiError
 

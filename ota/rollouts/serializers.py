@@ -1,12 +1,12 @@
 """Rollout API shapes. The top-level fields are checked here; the nested definition (target,
-waves, gates) is checked by ota.actions so the API, the admin and the CLI get the same messages."""
+waves, gates) is checked by ota.rollouts.definition so the API, the admin and the CLI get the same messages."""
 
 from __future__ import annotations
 
 from rest_framework import serializers
 
-from ota.actions import rollout_summary
 from ota.models import Rollout, RolloutDevice
+from ota.rollouts.selectors import rollout_summary
 from registry.models import AuditEntry
 
 

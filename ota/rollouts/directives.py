@@ -136,7 +136,7 @@ def directives_publish(*, directive_ids: list[int]) -> int:
     Returns how many went out. A broker outage is logged, not raised: the rows stay
     unpublished and the beat tick tries again.
     """
-    from ota import mqtt
+    from ota.transport import mqtt
 
     topics = Topics(settings.MQTT_TOPIC_ROOT)
     published = 0
@@ -170,7 +170,7 @@ def directives_withdraw(*, device_ids: list[str]) -> None:
     already has the message is unaffected (it reports on, and the engine keeps listening)."""
     if not device_ids:
         return
-    from ota import mqtt
+    from ota.transport import mqtt
 
     topics = Topics(settings.MQTT_TOPIC_ROOT)
     ids = list(device_ids)

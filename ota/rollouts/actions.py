@@ -1,0 +1,135 @@
+"""Operator actions on a rollout: approve, start, pause, resume, advance, retry, abort, roll back.
+Each locks the rollout row, checks its state, changes it and audits who did it and why."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from django.utils import timezone
+
+from ota.models import Rollout, RolloutDevice, Wave
+from ota.rollouts.gates import wave_figures
+from ota.rollouts.planning import conflicts_find, raise_conflicts
+from ota.rollouts.transitions import (
+    audit_record,
+    rollout_halt,
+    rollout_locked,
+    rollout_require_state,
+    rollout_revert_devices,
+    rollout_set_state,
+)
+from ota.rollouts.wake import rollout_wake
+from ota.rollouts.waves import wave_pass
+from registry.errors import Conflict
+from registry.models import Model
+
+RD = RolloutDevice.State
+
+
+def rollout_approve(*, rollout_id: int, actor: str) -> Rollout:
+    with transaction.atomic():
+        rollout = rollout_locked(rollout_id)
+        rollout_require_state(rollout, (Rollout.State.CREATED,), "approve")
+        if rollout.approved_at:
+            raise Conflict(f"rollout {rollout.pk} was already approved by {rollout.approved_by}", code="already_approved")
+        rollout.approved_at, rollout.approved_by = timezone.now(), actor
+        rollout.save(update_fields=["approved_at", "approved_by"])
+        audit_record(actor=actor, action="rollout.approve", rollout=rollout)
+    return rollout
+
+
+def rollout_start(*, rollout_id: int, actor: str) -> Rollout:
+    with transaction.atomic():
+        rollout = rollout_locked(rollout_id)
+        rollout_require_state(rollout, (Rollout.State.CREATED,), "start")
+        if rollout.requires_approval and not rollout.approved_at:
+            raise Conflict(
+                f"rollout {rollout.pk} requires approval before start; an operator must POST .../approve",
+                code="approval_required",
+            )
+        # Starts of the same model queue up here: two starts in flight at once would each pass
+        # the conflict check before the other committed, and a device would get two rollouts.
+        Model.objects.select_for_update().filter(pk=rollout.model_id).first()
+        device_ids = list(rollout.assignments.values_list("device_id", flat=True))
+        raise_conflicts(conflicts_find(model_id=rollout.model_id, device_ids=device_ids, exclude_rollout=rollout.pk))
+        rollout.state = Rollout.State.RUNNING
+        rollout.started_at, rollout.started_by = timezone.now(), actor
+        rollout.save(update_fields=["state", "started_at", "started_by"])
+        audit_record(actor=actor, action="rollout.start", rollout=rollout, detail={"devices": len(device_ids)})
+        rollout_wake(rollout.pk)
+    return rollout
+
+
+def rollout_pause(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
+    with transaction.atomic():
+        rollout = rollout_locked(rollout_id)
+        rollout_require_state(rollout, (Rollout.State.RUNNING,), "pause")
+        rollout_set_state(rollout, Rollout.State.PAUSED, reason or f"paused by {actor}")
+        audit_record(actor=actor, action="rollout.pause", rollout=rollout, reason=reason)
+    return rollout
+
+
+def rollout_resume(*, rollout_id: int, actor: str) -> Rollout:
+    with transaction.atomic():
+        rollout = rollout_locked(rollout_id)
+        rollout_require_state(rollout, (Rollout.State.PAUSED,), "resume")
+        rollout_set_state(rollout, Rollout.State.RUNNING, f"resumed by {actor}")
+        audit_record(actor=actor, action="rollout.resume", rollout=rollout)
+        rollout_wake(rollout.pk)
+    return rollout
+
+
+def rollout_advance(*, rollout_id: int, actor: str) -> Rollout:
+    """Pass the current wave now, whatever its gates say, and start the next one."""
+    with transaction.atomic():
+        rollout = rollout_locked(rollout_id)
+        rollout_require_state(rollout, Rollout.ACTIVE_STATES, "advance")
+        wave = rollout.waves.filter(index=rollout.current_wave).first()
+        if wave is None or wave.state not in (Wave.State.RUNNING, Wave.State.SOAKING, Wave.State.PENDING):
+            raise Conflict(f"rollout {rollout.pk} has no wave in progress to advance", code="invalid_state")
+        figures = wave_figures(wave)
+        wave_pass(rollout, wave, actor=actor, reason=f"advanced by {actor} before its gates", figures=figures)
+        rollout_wake(rollout.pk)
+    return rollout
+
+
+def rollout_retry_failed(*, rollout_id: int, actor: str) -> int:
+    """Queue every failed device of the started waves again (a fresh directive, new seq)."""
+    with transaction.atomic():
+        rollout = rollout_locked(rollout_id)
+        rollout_require_state(rollout, Rollout.ACTIVE_STATES, "retry failed devices of")
+        now = timezone.now()
+        count = RolloutDevice.objects.filter(rollout=rollout, state__in=RolloutDevice.FAILURES).update(
+            state=RD.QUEUED, queued_at=now, error_code="", detail="", updated_at=now
+        )
+        if count:
+            # A tripped gate would trip again at once on the old failures; start the count afresh.
+            Wave.objects.filter(rollout=rollout, index=rollout.current_wave, state=Wave.State.HALTED).update(
+                state=Wave.State.RUNNING
+            )
+        audit_record(actor=actor, action="rollout.retry", rollout=rollout, reason=f"{count} failed devices queued again", detail={"devices": count})
+        rollout_wake(rollout.pk)
+    return count
+
+
+def rollout_abort(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
+    with transaction.atomic():
+        rollout = rollout_locked(rollout_id)
+        rollout_require_state(rollout, Rollout.OPEN_STATES, "abort")
+        rollout_halt(rollout, reason=reason or f"aborted by {actor}")
+        audit_record(actor=actor, action="rollout.abort", rollout=rollout, reason=reason)
+    return rollout
+
+
+def rollout_rollback(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
+    """Send every device this rollout updated (or may have) back to its previous release."""
+    with transaction.atomic():
+        rollout = rollout_locked(rollout_id)
+        rollout_require_state(
+            rollout, (*Rollout.ACTIVE_STATES, Rollout.State.COMPLETED, Rollout.State.ABORTED), "roll back"
+        )
+        if rollout.state in Rollout.ACTIVE_STATES:
+            rollout_halt(rollout, reason=reason or f"rolled back by {actor}")
+        figures = rollout_revert_devices(rollout)
+        rollout_set_state(rollout, Rollout.State.ROLLED_BACK, reason or f"rolled back by {actor}")
+        audit_record(actor=actor, action="rollout.rollback", rollout=rollout, reason=reason, detail=figures)
+    return rollout

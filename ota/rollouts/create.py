@@ -1,0 +1,84 @@
+"""Creating a rollout: validate the definition, plan the waves, store it in state `created`."""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+
+from ota.models import Rollout, RolloutDevice, Wave
+from ota.rollouts.definition import gates_normalise, target_validate, waves_validate
+from ota.rollouts.planning import conflicts_find, plan_waves, raise_conflicts, target_resolve
+from ota.rollouts.transitions import audit_record
+from registry.models import Model, ModelVersion
+
+
+def rollout_create(
+    *,
+    model: str,
+    version: str,
+    target: dict,
+    waves: list,
+    gates: dict | None = None,
+    abort_policy: str = Rollout.AbortPolicy.PAUSE,
+    requires_approval: bool = False,
+    name: str = "",
+    actor: str,
+) -> Rollout:
+    model_obj = Model.objects.filter(name=model).first()
+    if model_obj is None:
+        raise ValidationError({"model": f"no model named {model!r}"})
+    release = ModelVersion.objects.filter(model=model_obj, version=version).select_related("model").first()
+    if release is None:
+        raise ValidationError({"version": f"model {model!r} has no version {version!r}"})
+    if release.state != ModelVersion.State.RELEASED or not release.envelope:
+        raise ValidationError(
+            {"version": f"{release} is {release.state}; only a released (signed) version can be rolled out"}
+        )
+    if abort_policy not in Rollout.AbortPolicy.values:
+        raise ValidationError({"abort_policy": f"must be one of {', '.join(Rollout.AbortPolicy.values)}, got {abort_policy!r}"})
+    target = target_validate(target)
+    wave_specs = waves_validate(waves)
+    rollout_gates = gates_normalise(gates)
+    for i, spec in enumerate(wave_specs):
+        spec["effective_gates"] = gates_normalise(spec.get("gates"), where=f"waves[{i}].gates", base=rollout_gates)
+    plan = target_resolve(target=target, release=release)
+    with transaction.atomic():
+        rollout = Rollout.objects.create(
+            name=name,
+            release=release,
+            model=model_obj,
+            target=target,
+            waves_spec=[{k: v for k, v in s.items() if k != "effective_gates"} for s in wave_specs],
+            gates=rollout_gates,
+            abort_policy=abort_policy,
+            requires_approval=requires_approval,
+            incompatible=plan.incompatible,
+            created_by=actor,
+        )
+        members = plan_waves(plan=plan, waves=wave_specs, rollout_id=rollout.pk)
+        raise_conflicts(conflicts_find(model_id=model_obj.pk, device_ids=[d for m in members for d in m]))
+        rank = 0
+        assignments = []
+        for index, (spec, devices) in enumerate(zip(wave_specs, members)):
+            wave = Wave.objects.create(
+                rollout=rollout, index=index, spec={k: v for k, v in spec.items() if k != "effective_gates"},
+                gates=spec["effective_gates"], size=len(devices),
+            )
+            for device_id in devices:
+                assignments.append(RolloutDevice(rollout=rollout, wave=wave, device_id=device_id, rank=rank))
+                rank += 1
+        RolloutDevice.objects.bulk_create(assignments, batch_size=2000)
+        audit_record(
+            actor=actor,
+            action="rollout.create",
+            rollout=rollout,
+            reason=f"{release} to {rank} devices in {len(members)} waves",
+            detail={
+                "release": str(release),
+                "wave_sizes": [len(m) for m in members],
+                "targeted": len(plan.targeted),
+                "incompatible": len(plan.incompatible),
+                "not_in_any_wave": len(plan.compatible) - rank,
+            },
+        )
+    return rollout

@@ -1,0 +1,98 @@
+"""The wave engine: one idempotent evaluation step per rollout, run by the Celery tasks on
+events and on the beat tick. Starts waves, applies timeouts, dispatches, checks the gates, and
+pauses, aborts or reverts by the rollout's policy when the failure gate trips."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from ota.models import Rollout, Wave
+from ota.rollouts.dispatch import wave_dispatch
+from ota.rollouts.gates import failure_gate_tripped, success_gate_met, wave_figures
+from ota.rollouts.timeouts import timeouts_apply
+from ota.rollouts.transitions import (
+    SYSTEM,
+    audit_record,
+    rollout_halt,
+    rollout_revert_devices,
+    rollout_set_state,
+)
+from ota.rollouts.waves import wave_pass, wave_start
+
+
+def rollout_evaluate(*, rollout_id: int) -> str:
+    """One engine step for one rollout. Safe to run any number of times, on any worker.
+
+    Returns a short word on what happened (for logs and tests).
+    """
+    with transaction.atomic():
+        rollout = Rollout.objects.select_for_update(skip_locked=True).filter(pk=rollout_id).first()
+        if rollout is None:
+            return "busy-or-missing"  # another worker holds it and will leave it evaluated
+        if rollout.state != Rollout.State.RUNNING:
+            return rollout.state
+        outcome = "idle"
+        for _ in range(64):  # bounded: each pass either stops or moves to the next wave
+            wave = rollout.waves.filter(index=rollout.current_wave).first()
+            if wave is None:
+                rollout_set_state(rollout, Rollout.State.COMPLETED, "every wave passed its gates")
+                audit_record(actor=SYSTEM, action="rollout.complete", rollout=rollout, reason="every wave passed its gates")
+                outcome = "completed"
+                break
+            if wave.state == Wave.State.PENDING:
+                wave_start(rollout, wave)
+            timeouts_apply(rollout, wave)
+            sent = wave_dispatch(rollout, wave)
+            if sent:
+                outcome = "dispatched"
+            figures = wave_figures(wave)
+            tripped = failure_gate_tripped(wave.gates, figures)
+            if tripped:
+                _gate_trip(rollout, wave, tripped, figures)
+                outcome = "gate-tripped"
+                break
+            if wave.state == Wave.State.RUNNING and success_gate_met(wave.gates, figures):
+                wave.state, wave.gate_met_at = Wave.State.SOAKING, timezone.now()
+                wave.save(update_fields=["state", "gate_met_at"])
+                audit_record(
+                    actor=SYSTEM, action="wave.gate_met", rollout=rollout,
+                    reason=f"wave {wave.index}: {figures['healthy_percent']}% healthy >= "
+                    f"{wave.gates['success']['min_healthy_percent']}%; soaking {wave.gates['soak_seconds']}s",
+                    detail={"wave": wave.index, **figures},
+                )
+            elif wave.state == Wave.State.SOAKING and not success_gate_met(wave.gates, figures):
+                wave.state, wave.gate_met_at = Wave.State.RUNNING, None
+                wave.save(update_fields=["state", "gate_met_at"])
+            if wave.state == Wave.State.SOAKING and timezone.now() >= wave.gate_met_at + timedelta(
+                seconds=wave.gates["soak_seconds"]
+            ):
+                wave_pass(rollout, wave, actor=SYSTEM, reason="success gate held through the soak time", figures=figures)
+                outcome = "advanced"
+                continue
+            break
+        rollout.evaluated_at = timezone.now()
+        rollout.save(update_fields=["evaluated_at"])
+        return outcome
+
+
+def _gate_trip(rollout: Rollout, wave: Wave, reason: str, figures: dict) -> None:
+    policy = rollout.abort_policy
+    detail = {"wave": wave.index, "policy": policy, **figures}
+    if policy == Rollout.AbortPolicy.PAUSE:
+        rollout_set_state(rollout, Rollout.State.PAUSED, f"failure gate: {reason}")
+        audit_record(actor=SYSTEM, action="rollout.auto_pause", rollout=rollout, reason=f"wave {wave.index} failure gate: {reason}", detail=detail)
+        return
+    rollout_halt(rollout, reason=f"failure gate: {reason}")
+    if policy == Rollout.AbortPolicy.REVERT:
+        detail.update(rollout_revert_devices(rollout))
+    audit_record(
+        actor=SYSTEM, action="rollout.auto_abort" if policy == Rollout.AbortPolicy.ABORT else "rollout.auto_revert",
+        rollout=rollout, reason=f"wave {wave.index} failure gate: {reason}", detail=detail,
+    )
+
+
+def rollouts_due() -> list[int]:
+    return list(Rollout.objects.filter(state=Rollout.State.RUNNING).values_list("pk", flat=True))

@@ -1,0 +1,127 @@
+"""Planning: which active devices a target matches, which can take the release, how they fall
+into waves (a stable hash order), and which are already busy in another rollout of the model."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+from django.core.exceptions import ValidationError
+
+from ota.models import Device, Rollout, RolloutDevice
+from registry.errors import Conflict
+from registry.models import ModelVersion
+
+
+def stable_rank_key(rollout_id: int, device_id: str) -> str:
+    return hashlib.sha256(f"{rollout_id}:{device_id}".encode()).hexdigest()
+
+
+@dataclass
+class Plan:
+    targeted: list[tuple[str, str]]  # (device id, hardware id)
+    incompatible: list[dict]
+    waves: list[list[str]] = field(default_factory=list)
+
+    @property
+    def compatible(self) -> list[str]:
+        bad = {d["device"] for d in self.incompatible}
+        return [d for d, _ in self.targeted if d not in bad]
+
+
+def target_resolve(*, target: dict, release: ModelVersion) -> Plan:
+    rows = Device.objects.filter(state=Device.State.ACTIVE)
+    if target["hardware"]:
+        selected = rows.filter(hardware_id__in=target["hardware"])
+    else:
+        selected = rows
+    selectors = bool(target["labels"] or target["hardware"])
+    targeted: dict[str, str] = {}
+    if selectors:
+        for device_id, hardware, labels in selected.values_list("id", "hardware_id", "labels").iterator(chunk_size=2000):
+            if all((labels or {}).get(k) == v for k, v in target["labels"].items()):
+                targeted[device_id] = hardware
+    if target["devices"]:
+        explicit = dict(rows.filter(id__in=target["devices"]).values_list("id", "hardware_id"))
+        unknown = sorted(set(target["devices"]) - set(explicit))
+        if unknown:
+            raise ValidationError({"target.devices": f"unknown or revoked devices: {', '.join(unknown)}"})
+        targeted.update(explicit)
+    if not targeted:
+        raise ValidationError({"target": f"matches no active device (labels={target['labels']}, hardware={target['hardware']})"})
+    hardware_with_artifact = set(release.artifacts.values_list("hardware_id", flat=True))
+    incompatible = [
+        {"device": d, "hardware": h, "reason": f"release {release} has no artifact for hardware {h!r}"}
+        for d, h in sorted(targeted.items())
+        if h not in hardware_with_artifact
+    ]
+    plan = Plan(targeted=sorted(targeted.items()), incompatible=incompatible)
+    if not plan.compatible:
+        raise ValidationError(
+            {
+                "target": f"none of the {len(targeted)} targeted devices can run this release: it has artifacts for "
+                f"{sorted(hardware_with_artifact)}, the devices are {sorted(set(targeted.values()))}"
+            }
+        )
+    return plan
+
+
+def plan_waves(*, plan: Plan, waves: list[dict], rollout_id: int) -> list[list[str]]:
+    compatible = plan.compatible
+    compatible_set = set(compatible)
+    explicit = {d for w in waves for d in w.get("devices", [])}
+    errors = {}
+    for i, w in enumerate(waves):
+        outside = [d for d in w.get("devices", []) if d not in compatible_set]
+        if outside:
+            errors[f"waves[{i}].devices"] = (
+                f"not in the compatible target: {', '.join(outside)}"
+            )
+    if errors:
+        raise ValidationError(errors)
+    order = sorted((d for d in compatible if d not in explicit), key=lambda d: stable_rank_key(rollout_id, d))
+    total = len(compatible)
+    assigned = 0
+    cursor = 0
+    out: list[list[str]] = []
+    for w in waves:
+        if "devices" in w:
+            members = list(w["devices"])
+        elif "percent" in w:
+            goal = math.ceil(w["percent"] * total / 100 - 1e-9)
+            take = max(0, goal - assigned)
+            members = order[cursor : cursor + take]
+        else:
+            members = order[cursor : cursor + w["count"]]
+        if "devices" not in w:
+            cursor += len(members)
+        assigned += len(members)
+        out.append(members)
+    return out
+
+
+def conflicts_find(*, model_id: int, device_ids: list[str], exclude_rollout: int | None = None) -> dict[str, list[str]]:
+    """Devices already in a running or paused rollout of the same model: {rollout id: [devices]}."""
+    qs = RolloutDevice.objects.filter(
+        rollout__model_id=model_id, rollout__state__in=Rollout.ACTIVE_STATES, device_id__in=device_ids
+    )
+    if exclude_rollout is not None:
+        qs = qs.exclude(rollout_id=exclude_rollout)
+    found: dict[str, list[str]] = {}
+    for rollout_id, device_id in qs.values_list("rollout_id", "device_id").order_by("rollout_id", "device_id"):
+        found.setdefault(str(rollout_id), []).append(device_id)
+    return found
+
+
+def raise_conflicts(conflicts: dict[str, list[str]]) -> None:
+    if conflicts:
+        total = sum(len(v) for v in conflicts.values())
+        listing = "; ".join(
+            f"rollout {rid}: {', '.join(devs[:10])}{' …' if len(devs) > 10 else ''}" for rid, devs in conflicts.items()
+        )
+        raise Conflict(
+            f"{total} devices are already in a running rollout of this model ({listing})",
+            code="device_in_running_rollout",
+            conflicts=conflicts,
+        )

@@ -1,0 +1,118 @@
+"""State changes of a rollout shared by the operator actions and the engine: the row lock,
+the allowed-state check, setting a state, halting (abort) and sending devices back (revert).
+
+Every mutation of a rollout takes its row lock first (SELECT ... FOR UPDATE), so operator
+actions, event application and engine evaluation on any number of workers serialise per
+rollout; state changes are additionally conditional UPDATEs, so a duplicate task delivery is a
+no-op. Side effects (directive publishing, waking the engine) run in transaction.on_commit.
+"""
+
+from __future__ import annotations
+
+from django.utils import timezone
+
+from ota.db import bulk_set
+from ota.models import Directive, Rollout, RolloutDevice, Wave
+from ota.rollouts.directives import DirectiveRequest, directives_issue, directives_withdraw
+from registry.errors import ApiError, Conflict
+from registry.models import Artifact, AuditEntry
+
+RD = RolloutDevice.State
+SYSTEM = "system"
+
+
+def audit_record(*, actor: str, action: str, rollout: Rollout, reason: str = "", detail: dict | None = None) -> None:
+    AuditEntry.objects.create(
+        actor=actor,
+        action=action,
+        object_type="rollout",
+        object_id=str(rollout.pk),
+        reason=reason,
+        detail=detail or {},
+    )
+
+
+def rollout_locked(rollout_id: int) -> Rollout:
+    rollout = Rollout.objects.select_for_update().filter(pk=rollout_id).first()
+    if rollout is None:
+        raise ApiError(f"no rollout {rollout_id}", code="not_found", status_code=404)
+    return rollout
+
+
+def rollout_require_state(rollout: Rollout, allowed: tuple, verb: str) -> None:
+    if rollout.state not in allowed:
+        raise Conflict(
+            f"cannot {verb} rollout {rollout.pk}: it is {rollout.state} (allowed when {', '.join(allowed)})",
+            code="invalid_state",
+            state=rollout.state,
+        )
+
+
+def rollout_set_state(rollout: Rollout, state: str, reason: str) -> None:
+    rollout.state = state
+    rollout.state_reason = reason
+    fields = ["state", "state_reason"]
+    if state in (Rollout.State.COMPLETED, Rollout.State.ABORTED, Rollout.State.ROLLED_BACK) and not rollout.finished_at:
+        rollout.finished_at = timezone.now()
+        fields.append("finished_at")
+    rollout.save(update_fields=fields)
+
+
+def rollout_halt(rollout: Rollout, *, reason: str) -> None:
+    now = timezone.now()
+    # Directed but silent (typically offline): take the directive back so they never install a
+    # release the rollout gave up on. A revert, if any, then publishes over the cleared topic.
+    directives_withdraw(
+        device_ids=list(RolloutDevice.objects.filter(rollout=rollout, state=RD.DIRECTED).values_list("device_id", flat=True))
+    )
+    RolloutDevice.objects.filter(rollout=rollout, state__in=(RD.PLANNED, RD.QUEUED)).update(
+        state=RD.SKIPPED, updated_at=now
+    )
+    Wave.objects.filter(rollout=rollout, state__in=(Wave.State.RUNNING, Wave.State.SOAKING)).update(
+        state=Wave.State.HALTED, finished_at=now
+    )
+    rollout_set_state(rollout, Rollout.State.ABORTED, reason)
+
+
+def rollout_revert_devices(rollout: Rollout) -> dict:
+    """New directives pointing each touched device back at the release it ran before."""
+    candidates = list(
+        RolloutDevice.objects.filter(
+            rollout=rollout, state__in=(*RolloutDevice.IN_FLIGHT, RD.COMMITTED, RD.TIMED_OUT, RD.UNHEALTHY)
+        ).select_related("device", "previous_version__model")
+    )
+    requests, sent, without_previous, below_floor = [], [], [], []
+    floor = rollout.release.rollback_floor
+    available = set(
+        Artifact.objects.filter(version_id__in={a.previous_version_id for a in candidates if a.previous_version_id})
+        .values_list("version_id", "hardware_id")
+    )
+    for a in candidates:
+        prev = a.previous_version
+        if prev is None or (prev.pk, a.device.hardware_id) not in available or not prev.envelope:
+            without_previous.append(a.device_id)
+            continue
+        if prev.counter < floor:
+            below_floor.append(a.device_id)
+            continue
+        requests.append(DirectiveRequest(device_id=a.device_id, hardware=a.device.hardware_id, version=prev))
+        sent.append(a)
+    issued = directives_issue(requests=requests, rollout_id=rollout.pk, kind=Directive.Kind.REVERT)
+    now = timezone.now()
+    for a in sent:
+        d = issued.get(a.device_id)
+        if d is None:
+            continue
+        a.state, a.revert_seq, a.revert_directed_at, a.updated_at = RD.REVERTING, d.seq, now, now
+    bulk_set(sent, ["state", "revert_seq", "revert_directed_at", "updated_at"])
+    if without_previous:
+        RolloutDevice.objects.filter(pk__in=[a.pk for a in candidates if a.device_id in set(without_previous)]).update(
+            detail="cannot revert: no previous release with an artifact for this hardware"
+        )
+    rollout.reverted_at = now
+    rollout.save(update_fields=["reverted_at"])
+    return {
+        "revert_directives": len(issued),
+        "no_previous_release": without_previous[:100],
+        "below_rollback_floor": below_floor[:100],
+    }
