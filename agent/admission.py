@@ -14,7 +14,7 @@ The checks, in order (the first that fails decides):
     and schema (agent.protocol.verify_directive)   WRONG_PAYLOAD_TYPE, MALFORMED  seq 0
  4. addressed to this device                       WRONG_DEVICE       seq 0
  5. seq == last_seq                                Ignore: the retained directive re-delivered
- 6. seq < last_seq                                 REPLAYED           (seq not recorded)
+ 6. seq < last_seq                                 REPLAYED           its seq, not recorded
  7. an update is in progress                       Defer: one update at a time
  8. directive expired                              EXPIRED
  9. release envelope (release key) and schema      UNKNOWN_KEY, SIGNATURE_INVALID,
@@ -150,12 +150,13 @@ def admit(
     """Decide what `device` does with one directive; see the module docstring for the checks.
 
     payload: the raw MQTT payload (bytes), or the envelope the caller already decoded from JSON
-    (anything but bytes is taken as that; checks 1 and 2 are then the caller's). now: an aware datetime, compared with the
-    directive's and the release's `expires`.
+    (anything but bytes is taken as that; checks 1 and 2 are then the caller's).
+    now: an aware datetime, compared with the directive's and the release's `expires`; an
+    accepted update's `started` is this time.
 
-    Returns a Decision. Raises nothing for a malformed or hostile payload; an exception means a
-    bug or a pathological input json cannot decode (e.g. RecursionError on deep nesting).
-    Callers reading from the network turn it into could_not_process(exc), as the agent does.
+    Returns a Decision for every payload the json module can read. An exception means a bug, or
+    input json itself chokes on (RecursionError on deep nesting): callers reading from the
+    network turn any exception into could_not_process(exc), as the agent does.
     """
     if isinstance(payload, (bytes, bytearray)):
         if len(payload) > MAX_PAYLOAD_BYTES:
@@ -243,9 +244,11 @@ def admit(
 def could_not_process(exc: BaseException) -> Refuse:
     """The refusal for a payload whose handling raised: input must never crash a device, or a
     retained payload would crash it again on every restart."""
-    return Refuse(code=ErrorCode.MALFORMED, message=f"directive could not be processed: {type(exc).__name__}: {exc}")
+    return Refuse(code=ErrorCode.MALFORMED,
+                  message=f"directive could not be processed: {type(exc).__name__}: {exc}")
 
 
 def safe_file_name(name: str) -> bool:
     """One path component the store can hold: no separators, NUL, dot names or hidden files."""
-    return bool(name) and "/" not in name and "\x00" not in name and name not in (".", "..") and not name.startswith(".")
+    return (bool(name) and "/" not in name and "\x00" not in name and name not in (".", "..")
+            and not name.startswith("."))
