@@ -156,6 +156,8 @@ PUBLIC_URL = env_str("PUBLIC_URL", f"http://127.0.0.1:{env_int('WEB_PORT', 8000)
 # --- API ---------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        # Device tokens (mfd_...) first: the registry app knows nothing of devices.
+        "ota.fleet.auth.DeviceTokenAuthentication",
         "registry.auth.BearerTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],

@@ -19,46 +19,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fleetctl import __version__
-from fleetctl.client import ApiError, ConfigError, FleetClient, from_environment, path_quote
+from fleetctl import __version__, rollout
+from fleetctl.client import ApiError, ConfigError, FleetClient, path_quote
+from fleetctl.common import (
+    API,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_SERVER,
+    EXIT_USAGE,
+    Parser,
+    UsageError,
+    client_from_args,
+    common_options,
+    eprint,
+    print_json,
+    print_table,
+)
 from fleetctl.progress import Progress, human_bytes
-
-EXIT_OK = 0
-EXIT_INVALID = 1
-EXIT_USAGE = 2
-EXIT_REFUSED = 3
-EXIT_SERVER = 4
-
-API = "/api/v1"
-
-
-class UsageError(Exception):
-    """Bad arguments or an unusable local file; exit code 2."""
-
-
-def client_from_args(args: argparse.Namespace) -> FleetClient:
-    """The configured client for a parsed command line (--url/--token, else FLEET_URL/FLEET_TOKEN).
-
-    Subcommand modules (fleetctl.rollout) call this from their handlers.
-    """
-    return from_environment(getattr(args, "url", None), getattr(args, "token", None), timeout=getattr(args, "timeout", 300.0))
-
-
-def eprint(*parts: Any) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
-    """Print rows as an aligned text table; `columns` is [(key, HEADER), ...]."""
-    cells = [[h for _, h in columns]] + [["" if r.get(k) is None else str(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    for row in cells:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-
-
-def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
-
 
 # --- push ----------------------------------------------------------------------------------
 
@@ -355,31 +333,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own exit code is already 2; keep its message style
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def common_options(*, top_level: bool = False) -> argparse.ArgumentParser:
-    """--url/--token/--timeout as a parent parser, so they work before or after the subcommand.
-
-    Subcommand copies default to SUPPRESS: otherwise a subparser's None would overwrite a value
-    given before the subcommand. fleetctl.rollout passes `parents=[common_options()]`.
-    """
-    common = argparse.ArgumentParser(add_help=False)
-    default = None if top_level else argparse.SUPPRESS
-    common.add_argument("--url", default=default, help="server base URL (default: $FLEET_URL)")
-    common.add_argument("--token", default=default,
-                        help="API token (default: $FLEET_TOKEN); sent as 'Authorization: Bearer'")
-    common.add_argument("--timeout", type=float, default=300.0 if top_level else argparse.SUPPRESS,
-                        help="seconds per request (default: 300)")
-    return common
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = common_options()
-    parser = _Parser(
+    parser = Parser(
         prog="fleetctl",
         description="modelfleet client for CI and operators.",
         epilog="Exit codes: 0 ok, 1 verification refused, 2 usage/config, 3 server refused (4xx), "
@@ -387,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common_options(top_level=True)],
     )
     parser.add_argument("--version", action="version", version=f"fleetctl {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
 
     push = sub.add_parser(
@@ -423,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     versions.set_defaults(func=cmd_versions)
 
     alias = sub.add_parser("alias", help="show or move aliases (production, staging, ...)")
-    alias_sub = alias.add_subparsers(dest="alias_command", metavar="ACTION", parser_class=_Parser)
+    alias_sub = alias.add_subparsers(dest="alias_command", metavar="ACTION", parser_class=Parser)
     alias_sub.required = True
     alias_set = alias_sub.add_parser("set", parents=[common], help="point ALIAS at VERSION")
     alias_set.add_argument("model")
@@ -449,8 +405,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also check this file against the release's entry for HARDWARE")
     verify.add_argument("--allow-expired", action="store_true", help="accept a release past its expiry")
     verify.set_defaults(func=cmd_verify)
-
-    from fleetctl import rollout  # owned by the rollout service; registers `fleetctl rollout ...`
 
     rollout.add_parser(sub)
     return parser

@@ -17,7 +17,19 @@ import sys
 import time
 from pathlib import Path
 
-API = "/api/v1"
+from fleetctl.common import (
+    API,
+    EXIT_INVALID,
+    EXIT_USAGE,
+    Parser,
+    UsageError,
+    client_from_args,
+    common_options,
+    eprint,
+    print_json,
+    print_table,
+)
+
 TERMINAL = {"completed", "aborted", "rolled_back"}
 ACTIONS = {
     "start": "start a created (and, if required, approved) rollout",
@@ -33,26 +45,22 @@ FAILED_STATES = ("failed", "rolled_back", "rejected", "timed_out", "unhealthy")
 IN_FLIGHT = ("directed", "received", "downloading", "verifying", "prechecking", "activating", "trial")
 
 
-class _Usage(Exception):
-    pass
-
-
 def parse_wave(text: str) -> dict:
     """'devices=a,b' (a named list), '25%' (cumulative share of the target), '100' (a count)."""
     value = text.strip()
     if value.startswith(("devices=", "canary=")):
         devices = [d.strip() for d in value.split("=", 1)[1].split(",") if d.strip()]
         if not devices:
-            raise _Usage(f"--wave {text!r}: list at least one device id after '='")
+            raise UsageError(f"--wave {text!r}: list at least one device id after '='")
         return {"devices": devices, **({"name": "canary"} if value.startswith("canary=") else {})}
     if value.endswith("%"):
         try:
             return {"percent": float(value[:-1]) if "." in value else int(value[:-1])}
         except ValueError:
-            raise _Usage(f"--wave {text!r}: expected a percentage such as 25%") from None
+            raise UsageError(f"--wave {text!r}: expected a percentage such as 25%") from None
     if value.isdigit():
         return {"count": int(value)}
-    raise _Usage(f"--wave {text!r}: use devices=ID,ID (canary list), N% (cumulative share) or N (a count)")
+    raise UsageError(f"--wave {text!r}: use devices=ID,ID (canary list), N% (cumulative share) or N (a count)")
 
 
 def parse_labels(pairs: list[str]) -> dict[str, str]:
@@ -60,7 +68,7 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise _Usage(f"--label {pair!r}: expected key=value")
+            raise UsageError(f"--label {pair!r}: expected key=value")
         labels[key] = value
     return labels
 
@@ -71,11 +79,11 @@ def build_definition(args) -> dict:
         try:
             body = json.loads(Path(args.file).read_text())
         except OSError as exc:
-            raise _Usage(f"--file {args.file}: {exc.strerror}") from None
+            raise UsageError(f"--file {args.file}: {exc.strerror}") from None
         except json.JSONDecodeError as exc:
-            raise _Usage(f"--file {args.file}: not JSON: {exc}") from None
+            raise UsageError(f"--file {args.file}: not JSON: {exc}") from None
         if not isinstance(body, dict):
-            raise _Usage(f"--file {args.file}: must hold a JSON object")
+            raise UsageError(f"--file {args.file}: must hold a JSON object")
     if args.model:
         body["model"] = args.model
     if args.version:
@@ -95,7 +103,7 @@ def build_definition(args) -> dict:
         try:
             gates.update(json.loads(args.gates))
         except json.JSONDecodeError as exc:
-            raise _Usage(f"--gates: not JSON: {exc}") from None
+            raise UsageError(f"--gates: not JSON: {exc}") from None
     for flag, section, key in (
         ("min_healthy", "success", "min_healthy_percent"),
         ("min_reports", "failure", "min_reports"),
@@ -118,9 +126,9 @@ def build_definition(args) -> dict:
         body["name"] = args.name
     for required in ("model", "version"):
         if not body.get(required):
-            raise _Usage(f"--{required} is required (or give it in --file)")
+            raise UsageError(f"--{required} is required (or give it in --file)")
     if not body.get("waves"):
-        raise _Usage("give at least one --wave (e.g. --wave devices=a,b --wave 100%), or waves in --file")
+        raise UsageError("give at least one --wave (e.g. --wave devices=a,b --wave 100%), or waves in --file")
     return body
 
 
@@ -171,21 +179,14 @@ def _print(lines: list[str]) -> None:
 # --- commands -----------------------------------------------------------------------------------
 
 
-def _client(args):
-    from fleetctl.cli import client_from_args
-
-    return client_from_args(args)
-
-
 def cmd_create(args) -> int:
-    from fleetctl.cli import EXIT_USAGE, eprint, print_json
 
     try:
         body = build_definition(args)
-    except _Usage as exc:
+    except UsageError as exc:
         eprint(f"fleetctl rollout create: {exc}")
         return EXIT_USAGE
-    client = _client(args)
+    client = client_from_args(args)
     rollout = client.post(f"{API}/rollouts/", body)
     if args.start:
         rollout = client.post(f"{API}/rollouts/{rollout['id']}/start", {})
@@ -198,10 +199,9 @@ def cmd_create(args) -> int:
 
 
 def cmd_action(args) -> int:
-    from fleetctl.cli import print_json
 
     body = {"reason": args.reason} if getattr(args, "reason", None) else {}
-    rollout = _client(args).post(f"{API}/rollouts/{args.id}/{args.rollout_command}", body)
+    rollout = client_from_args(args).post(f"{API}/rollouts/{args.id}/{args.rollout_command}", body)
     if args.json:
         print_json(rollout)
     else:
@@ -212,9 +212,8 @@ def cmd_action(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from fleetctl.cli import EXIT_INVALID, print_json
 
-    client = _client(args)
+    client = client_from_args(args)
     rollout = client.get(f"{API}/rollouts/{args.id}/")
     if not args.watch:
         if args.json:
@@ -242,10 +241,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from fleetctl.cli import print_json, print_table
 
     params = {k: v for k, v in (("state", args.state), ("model", args.model)) if v}
-    rows = _client(args).get_all(f"{API}/rollouts/", params)
+    rows = client_from_args(args).get_all(f"{API}/rollouts/", params)
     if args.json:
         print_json(rows)
         return 0
@@ -256,12 +254,11 @@ def cmd_list(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register the `rollout` subcommand group on fleetctl's top-level subparsers."""
-    from fleetctl.cli import _Parser, common_options
 
     common = common_options()
     rollout = subparsers.add_parser("rollout", help="create, drive and watch staged rollouts",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = rollout.add_subparsers(dest="rollout_command", metavar="ACTION", parser_class=_Parser)
+    sub = rollout.add_subparsers(dest="rollout_command", metavar="ACTION", parser_class=Parser)
     sub.required = True
 
     create = sub.add_parser("create", parents=[common], help="define a rollout (and --start it)")

@@ -6,5 +6,13 @@ class OtaConfig(AppConfig):
     verbose_name = "Devices and rollouts"
 
     def ready(self) -> None:
-        # Celery's autodiscovery looks for <app>.tasks; the engine's tasks live in ota.rollouts.
-        from ota.rollouts import tasks  # noqa: F401
+        """Plug the rollout engine into the seams of the layers below it, which never import it:
+        operator actions wake it through ota.rollouts.wake, ingest through ota.transport.hooks.
+        Importing the tasks module here also registers the Celery tasks (Celery's autodiscovery
+        looks for <app>.tasks only)."""
+        from ota.fleet import schema  # noqa: F401  registers the OpenAPI device-token scheme
+        from ota.rollouts import tasks, wake
+        from ota.transport import hooks
+
+        wake.waker_register(tasks.enqueue_evaluation)
+        hooks.device_events_handler_register(tasks.on_device_events)

@@ -19,7 +19,8 @@ SCOPE_GRANTS: dict[str, frozenset[str]] = {
     "ci": frozenset({"read", "ci"}),
     "operator": frozenset({"read", "operator"}),
     "admin": frozenset({"read", "ci", "operator", "admin"}),
-    # Devices (tokens authenticated by ota.fleet.auth) may only fetch artifacts and release manifests.
+    # Devices (tokens authenticated by ota.fleet.auth, an authentication class listed before this
+    # app's in settings) may only fetch artifacts and release manifests.
     "device": frozenset({"device"}),
 }
 ROLE_GROUPS = ("admin", "operator", "viewer")
@@ -27,7 +28,12 @@ ROLE_GROUPS = ("admin", "operator", "viewer")
 
 @dataclass
 class TokenPrincipal:
-    """The caller behind a bearer token. Quacks enough like a user for DRF and the audit log."""
+    """The caller behind a bearer token. Quacks enough like a user for DRF and the audit log.
+
+    A principal may narrow what it downloads by defining `may_download(*, version_id,
+    hardware_id) -> bool`; the artifact download view asks it when present (device
+    principals, defined by the ota app, do).
+    """
 
     name: str
     scope: str
@@ -76,36 +82,34 @@ def actor_label(user) -> str:
     return "anonymous"
 
 
+def bearer_secret(request) -> str | None:
+    """The secret of an `Authorization: Bearer <secret>` header; None for no or another scheme."""
+    header = authentication.get_authorization_header(request).decode("latin-1")
+    if not header:
+        return None
+    parts = header.split()
+    if parts[0].lower() != "bearer":
+        return None
+    if len(parts) != 2:
+        raise exceptions.AuthenticationFailed("Authorization header must be 'Bearer <token>'.")
+    return parts[1]
+
+
 class BearerTokenAuthentication(authentication.BaseAuthentication):
     keyword = "Bearer"
 
     def authenticate(self, request):
-        header = authentication.get_authorization_header(request).decode("latin-1")
-        if not header:
+        secret = bearer_secret(request)
+        if secret is None:
             return None
-        parts = header.split()
-        if parts[0].lower() != self.keyword.lower():
-            return None
-        if len(parts) != 2:
-            raise exceptions.AuthenticationFailed("Authorization header must be 'Bearer <token>'.")
-        secret = parts[1]
         token = ApiToken.objects.filter(token_hash=ApiToken.hash_secret(secret), revoked_at__isnull=True).first()
         if token is None:
-            return self.authenticate_other(secret)
+            raise exceptions.AuthenticationFailed("Invalid or revoked token.")
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
         principal = TokenPrincipal(
             name=token.name, scope=token.scope, token_id=token.pk, scopes=SCOPE_GRANTS[token.scope]
         )
         return principal, token
-
-    def authenticate_other(self, secret: str):
-        """Hook for other credential kinds (device tokens live in the ota app)."""
-        from ota.fleet.auth import authenticate_device_token  # ota owns devices; imported lazily
-
-        principal = authenticate_device_token(secret)
-        if principal is None:
-            raise exceptions.AuthenticationFailed("Invalid or revoked token.")
-        return principal, None
 
     def authenticate_header(self, request):
         return self.keyword

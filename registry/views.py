@@ -211,16 +211,14 @@ class ArtifactDownload(APIView):
                 code="version_revoked",
                 status_code=410,
             )
-        device_id = getattr(request.user, "device_id", None)
-        if device_id is not None:
-            from ota.fleet.auth import device_may_download  # ota owns devices and directives
-
-            if not device_may_download(device_id=device_id, version_id=found.pk, hardware_id=hardware):
-                raise ApiError(
-                    f"Device {device_id} was not directed to install {found} for hardware '{hardware}'.",
-                    code="not_directed",
-                    status_code=403,
-                )
+        # A principal that narrows its downloads says so (device tokens: only what a directive named).
+        may_download = getattr(request.user, "may_download", None)
+        if may_download is not None and not may_download(version_id=found.pk, hardware_id=hardware):
+            raise ApiError(
+                f"{request.user.label} was not directed to install {found} for hardware '{hardware}'.",
+                code="not_directed",
+                status_code=403,
+            )
         artifact = actions.artifact_get(version=found, hardware_id=hardware)
         return artifact_response(request, artifact=artifact, storage=actions.artifact_storage())
 

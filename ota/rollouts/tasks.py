@@ -1,7 +1,13 @@
 """Celery tasks for the wave engine. Thin: each takes ids and calls ota.rollouts.engine or .events.
 
-All of them are idempotent (the actions lock the rollout row and change state with
-conditional UPDATEs), so a redelivery after a worker died (acks_late) does no harm.
+All of them are idempotent (the engine locks the rollout row and changes state with
+conditional UPDATEs), so a redelivery after a worker died (acks_late) does no harm. The task
+names (ota.tasks.*) are wire names kept from before the code moved here: queued tasks of a
+running installation stay valid across an upgrade.
+
+OtaConfig.ready() plugs two functions of this module into the seams of the lower layers:
+`enqueue_evaluation` wakes the engine after an operator action (ota.rollouts.wake), and
+`on_device_events` after ingest stored device events (ota.transport.hooks).
 """
 
 from __future__ import annotations
@@ -44,8 +50,13 @@ def rollout_tick() -> dict:
     return {"republished": republished, "evaluated": due}
 
 
+def enqueue_evaluation(rollout_id: int) -> None:
+    """The engine's waker (ota.rollouts.wake): evaluate this rollout on a worker."""
+    evaluate_rollout.delay(rollout_id)
+
+
 def on_device_events(event_ids: list[int]) -> None:
-    """Called by ingest (ota.transport.hooks) after a batch of events committed: hand them to a worker."""
+    """Called through ota.transport.hooks after ingest committed a batch of events: hand them to a worker."""
     if not event_ids or not events_concern_rollouts(event_ids=event_ids):
         return  # no device of this batch is waiting on an update: nothing to wake
     try:

@@ -1,29 +1,33 @@
-"""Seams between the transport half of ota (ingest) and the rollout engine.
+"""The seam between ingest and whatever reacts to device events.
 
 Ingest knows nothing about rollouts: after it has stored a batch of device events it calls
-`on_device_events`, and the rollout engine (ota.tasks) decides what to evaluate. Kept as a
-plain function so ingest works before, and without, the engine.
+`on_device_events`, and every registered handler runs with the new event ids once the batch
+has committed. OtaConfig.ready() registers the rollout engine's handler
+(ota.rollouts.tasks.on_device_events), so ingest never imports the engine and runs the same
+with no handler at all (the engine's beat tick then catches up on stored events).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from django.db import transaction
 
 logger = logging.getLogger(__name__)
 
+_handlers: list[Callable[[list[int]], None]] = []
+
+
+def device_events_handler_register(handler: Callable[[list[int]], None]) -> None:
+    if handler not in _handlers:
+        _handlers.append(handler)
+
 
 def on_device_events(event_ids: list[int]) -> None:
-    """Wake the wave engine for newly stored DeviceEvent ids, once the batch has committed."""
+    """Hand newly stored DeviceEvent ids to every registered handler, once the batch has committed."""
     if not event_ids:
         return
-    try:
-        from ota.rollouts import tasks
-    except ImportError:
-        return
-    handler = getattr(tasks, "on_device_events", None)
-    if handler is None:
-        return
     ids = list(event_ids)
-    transaction.on_commit(lambda: handler(ids))
+    for handler in list(_handlers):
+        transaction.on_commit(lambda handler=handler: handler(ids))

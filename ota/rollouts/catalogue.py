@@ -1,0 +1,119 @@
+"""The rollout-action catalogue: every operator action on a rollout, who may run it, in which
+rollout states, whether it takes a reason, and how each entry point presents it.
+
+This table is the one place those rules are written. The API routes (ota.rollouts.urls), the
+web buttons and their confirmations (web.views), the Django admin actions
+(ota.rollouts.admin) and fleetctl's `rollout` subcommands are built from it, and the actions
+themselves (ota.rollouts.actions) check their allowed states against it.
+
+Plain Python on purpose (no Django): fleetctl, a standard-library client, builds its
+subcommands from it. The state names are ota.models.Rollout.State's values; a test keeps the
+two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CREATED, RUNNING, PAUSED, COMPLETED, ABORTED, ROLLED_BACK = (
+    "created", "running", "paused", "completed", "aborted", "rolled_back",
+)
+ACTIVE = (RUNNING, PAUSED)
+
+
+@dataclass(frozen=True)
+class RolloutAction:
+    name: str  # URL segment, fleetctl subcommand, web form value
+    function: str  # the function in ota.rollouts.actions that does it
+    scopes: tuple[str, ...]  # a caller with any one of these scopes may run it
+    states: tuple[str, ...]  # the rollout states it is allowed in
+    takes_reason: bool  # a free-text reason, kept in the audit log
+    summary: str  # one line: fleetctl's help, the admin's action description
+    label: str  # the web button
+    style: str  # the web button's CSS class
+    # The web confirmation, formatted with: rollout (id), release (model@version), devices,
+    # waves (count), wave (the current wave, described), failed (devices failed or timed out).
+    confirm: str
+
+
+ACTIONS: tuple[RolloutAction, ...] = (
+    RolloutAction(
+        name="approve", function="rollout_approve", scopes=("operator",), states=(CREATED,), takes_reason=False,
+        summary="approve a rollout that requires approval (operator)",
+        label="Approve", style="secondary",
+        confirm="Approve rollout #{rollout} of {release}? Another operator can then start it.",
+    ),
+    RolloutAction(
+        name="start", function="rollout_start", scopes=("ci", "operator"), states=(CREATED,), takes_reason=False,
+        summary="start a created (and, if required, approved) rollout",
+        label="Start", style="",
+        confirm="Start rollout #{rollout}? {release} goes to {devices} devices in {waves} waves, beginning with {wave}.",
+    ),
+    RolloutAction(
+        name="pause", function="rollout_pause", scopes=("operator",), states=(RUNNING,), takes_reason=True,
+        summary="stop sending directives; devices already updating finish",
+        label="Pause", style="warn",
+        confirm="Pause rollout #{rollout}? No new directives go out until it is resumed; devices already "
+        "updating finish what they started.",
+    ),
+    RolloutAction(
+        name="resume", function="rollout_resume", scopes=("operator",), states=(PAUSED,), takes_reason=False,
+        summary="continue a paused rollout",
+        label="Resume", style="",
+        confirm="Resume rollout #{rollout}? Directives for {wave} go out again under the rate cap.",
+    ),
+    RolloutAction(
+        name="advance", function="rollout_advance", scopes=("operator",), states=ACTIVE, takes_reason=False,
+        summary="pass the current wave now, whatever its gates say",
+        label="Advance now", style="secondary",
+        confirm="Advance rollout #{rollout} now? {Wave} is passed without waiting for its gates or soak time, "
+        "and the next wave starts.",
+    ),
+    RolloutAction(
+        name="retry", function="rollout_retry_failed", scopes=("operator",), states=ACTIVE, takes_reason=False,
+        summary="send failed devices of the started waves a fresh directive",
+        label="Retry failed", style="secondary",
+        confirm="Retry failed devices of rollout #{rollout}? About {failed} failed or timed-out devices get a "
+        "fresh directive for {release}.",
+    ),
+    RolloutAction(
+        name="abort", function="rollout_abort", scopes=("operator",), states=(CREATED, *ACTIVE), takes_reason=True,
+        summary="stop the rollout; devices not yet directed are skipped",
+        label="Abort", style="danger",
+        confirm="Abort rollout #{rollout}? Nothing more is sent; devices already on {release} keep it.",
+    ),
+    RolloutAction(
+        name="rollback", function="rollout_rollback", scopes=("operator",), states=(*ACTIVE, COMPLETED, ABORTED),
+        takes_reason=True,
+        summary="send every device this rollout touched back to its previous release",
+        label="Abort and revert (roll back)", style="danger",
+        confirm="Abort rollout #{rollout} and revert? Every device it updated (or was updating) gets a new "
+        "directive back to the release it ran before.",
+    ),
+)
+BY_NAME: dict[str, RolloutAction] = {action.name: action for action in ACTIONS}
+
+
+def action_named(name: str) -> RolloutAction | None:
+    return BY_NAME.get(name)
+
+
+def actions_available(*, state: str, requires_approval: bool, approved: bool) -> list[RolloutAction]:
+    """The actions that make sense for a rollout now, in catalogue order: the ones allowed in its
+    state, with approve and start narrowed by the approval rule (start waits for an approval
+    that is required and missing; approve only then)."""
+    waiting_for_approval = requires_approval and not approved
+    out = []
+    for action in ACTIONS:
+        if state not in action.states:
+            continue
+        if action.name == "approve" and not waiting_for_approval:
+            continue
+        if action.name == "start" and waiting_for_approval:
+            continue
+        out.append(action)
+    return out
+
+
+def may_run(action: RolloutAction, scopes) -> bool:
+    return bool(set(action.scopes) & set(scopes))
