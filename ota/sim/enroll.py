@@ -53,16 +53,26 @@ def save_credentials(path: Path, creds: list[SimCredentials]) -> None:
 
 def resume_state(device_ids: list[str]) -> dict[str, dict]:
     """What the server last heard from each device, so a restarted simulator neither reuses
-    event numbers nor re-runs updates it already finished (the agent keeps this in its journal)."""
-    from ota.models import Device, DeviceModelState
+    event numbers nor re-runs updates it already finished, and admits directives against the
+    same floors and denylist (the agent keeps all this in its journal)."""
+    from ota.models import Device, DeviceEvent, DeviceModelState
 
-    state = {d: {"event_no": 0, "last_seq": 0, "active": {}} for d in device_ids}
+    state = {d: {"event_no": 0, "last_seq": 0, "active": {}, "floors": {}, "denylist": set()}
+             for d in device_ids}
     for device_id, last_event_no in Device.objects.filter(pk__in=device_ids).values_list("id", "last_event_no"):
         state[device_id]["event_no"] = last_event_no + 1
-    for device_id, model, sha, seq in DeviceModelState.objects.filter(device_id__in=device_ids).values_list(
-        "device_id", "model__name", "active_sha256", "last_seq"
-    ):
+    model_states = DeviceModelState.objects.filter(device_id__in=device_ids).values_list(
+        "device_id", "model__name", "active_sha256", "last_seq", "active_version__rollback_floor"
+    )
+    for device_id, model, sha, seq, floor in model_states:
         if sha:
             state[device_id]["active"][model] = sha
+        if floor:
+            # The active release was committed here, and a commit raises the agent's floor to its own.
+            state[device_id]["floors"][model] = floor
         state[device_id]["last_seq"] = max(state[device_id]["last_seq"], seq)
+    for device_id, sha in DeviceEvent.objects.filter(device_id__in=device_ids, state="rolled_back").exclude(
+        sha256=""
+    ).values_list("device_id", "sha256"):
+        state[device_id]["denylist"].add(sha)  # the agent deny-lists what it rolled back from
     return state

@@ -1,11 +1,12 @@
 """Simulated devices: many real MQTT connections with real per-device credentials, one thread.
 
 Each simulated device (enrolled by ota.sim.enroll, the same path as `fleet-agent enroll`)
-connects with its own username and password, verifies every directive with the pinned release
-and rollout keys exactly as the agent does, and answers with the agent's event sequence. It
-skips the download, precheck and trial work itself, so one process can stand in for thousands
-of boxes. All sockets share one selector loop (paho's external-loop API) instead of a thread
-per device.
+connects with its own username and password, judges every directive with the agent's own
+admission function (agent.admission.admit, against the pinned release and rollout keys and the
+device's last seq, rollback floors, denylist and active models) and answers with the agent's
+event sequence. It skips the download, precheck and trial work itself, so one process can stand
+in for thousands of boxes. All sockets share one selector loop (paho's external-loop API)
+instead of a thread per device.
 
 Behaviours: healthy; fail-precheck (failed PRECHECK_FAILED, active model untouched);
 fail-trial (activates, then rolled_back TRIAL_FAILED); slow (long steps); flapping (drops
@@ -15,36 +16,27 @@ offline now and then, converging from the retained directive after reconnecting)
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import random
 import selectors
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from hashlib import sha256
 
 import paho.mqtt.client as mqtt
 
-from agent.protocol import (
-    ErrorCode,
-    Event,
-    ProtocolError,
-    State,
-    Topics,
-    encode_json,
-    format_time,
-    presence_payload,
-    utcnow,
-    verify_directive,
-    verify_release,
-)
-from agent.signing import Keyring, VerificationError
+from agent.admission import Accept, AlreadyActive, Defer, DeviceView, Ignore, Refuse, admit, could_not_process
+from agent.protocol import ErrorCode, Event, State, Topics, encode_json, format_time, presence_payload, utcnow
+from agent.signing import Keyring
 from ota.sim.enroll import SimCredentials, resume_state
 
 logger = logging.getLogger(__name__)
 
 BEHAVIOURS = ("healthy", "fail-precheck", "fail-trial", "slow", "flapping")
 SIM_AGENT_VERSION = "sim-1"
+# The agent's journal remembers this many refused unauthenticated payloads (reported once each).
+REFUSED_REMEMBERED = 32
 
 
 @dataclass
@@ -68,13 +60,17 @@ class SimStats:
 # --- one simulated device ---------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True, kw_only=True)
 class _Update:
+    """The simulated update in flight: what its events carry and what a commit or rollback changes."""
+
     seq: int
     model: str
     sha: str
     rollout_id: str | None
-    steps: list = field(default_factory=list)
+    rollback_floor: int
+    steps: list[tuple[str, str | None]] = field(default_factory=list)  # (state, error code), in order
+    previous: str | None = None  # the sha `current` pointed at before activation, restored by a rollback
 
 
 class SimDevice:
@@ -85,11 +81,18 @@ class SimDevice:
         self.behaviour = behaviour
         resume = resume or {}
         self.event_no = resume.get("event_no", 0)
-        self.last_seq = resume.get("last_seq", 0)
-        self.active: dict[str, str] = dict(resume.get("active", {}))
-        self.denylist: set[str] = set()
+        # What agent.admission.admit reads, kept in the shape DeviceView takes so that judging a
+        # directive copies nothing (the agent keeps the same facts in its journal).
+        self.last_seq: int = resume.get("last_seq", 0)
+        self.floors: dict[str, int] = dict(resume.get("floors", {}))
+        self.denylist: set[str] = set(resume.get("denylist", ()))
+        # model -> (sha `current` points at, committed); what the server saw active counts as committed.
+        self.models: dict[str, tuple[str, bool]] = {
+            model: (sha, True) for model, sha in resume.get("active", {}).items()}
+        self.last_health: dict | None = None
+        self.refused: list[bytes] = []  # digests of payloads refused without their seq (reported once)
         self.update: _Update | None = None
-        self.pending: bytes | None = None
+        self.pending: list[bytes] = []  # directives deferred while an update runs, oldest first
         self.outbox: list[bytes] = []
         self.online = False
         self.dead = False  # refused by the broker (revoked): stop trying
@@ -115,6 +118,11 @@ class SimDevice:
         self.client = client
 
     # connection ---------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> dict[str, str]:
+        """model -> active sha, as presence reports it (uncommitted ones too, as the agent does)."""
+        return {model: sha for model, (sha, _committed) in self.models.items()}
 
     def _presence(self, online: bool) -> bytes:
         return presence_payload(online=online, agent_version=SIM_AGENT_VERSION, active=self.active)
@@ -172,65 +180,72 @@ class SimDevice:
 
     def _on_message(self, _client, _userdata, message) -> None:
         if message.topic != self.t_directive or not message.payload:
-            return
+            return  # an empty retained payload only clears the topic
         self.sim.stats.directives += 1
-        if self.update is not None:
-            self.pending = bytes(message.payload)  # one update at a time, like the agent
-            return
         self.handle_directive(bytes(message.payload))
 
-    def _reject(self, code: str, detail: str, *, seq: int = 0, model: str = "", sha=None, rollout_id=None) -> None:
-        self.sim.stats.rejected += 1
-        self._emit(State.REJECTED, seq=seq, model=model, sha=sha, rollout_id=rollout_id, code=code, detail=detail)
+    def device_view(self) -> DeviceView:
+        return DeviceView(device_id=self.id, hardware=self.creds.hardware, last_seq=self.last_seq,
+                          floors=self.floors, denylist=self.denylist, active=self.models,
+                          busy=self.update is not None)
 
     def handle_directive(self, payload: bytes) -> None:
+        """Judge one directive payload with the agent's admit() and act on the decision as
+        Agent.handle_payload does: same events, error codes, seqs and bookkeeping."""
         try:
-            directive = verify_directive(json.loads(payload), self.sim.rollout_keys)
-        except (VerificationError, ProtocolError, ValueError) as exc:
-            self._reject(getattr(exc, "code", ErrorCode.MALFORMED), f"directive refused: {exc}")
-            return
-        ctx = {"seq": directive.seq, "model": directive.model, "sha": directive.artifact.sha256,
-               "rollout_id": directive.rollout_id}
-        if directive.device_id != self.id:
-            self._reject(ErrorCode.WRONG_DEVICE, f"directive is for {directive.device_id}", model=directive.model)
-            return
-        if directive.seq == self.last_seq:
-            return  # the retained directive again after a reconnect
-        if directive.seq < self.last_seq:
-            self._reject(ErrorCode.REPLAYED, f"seq {directive.seq} <= {self.last_seq}", **ctx)
-            return
-        self.last_seq = directive.seq
-        if directive.expires <= utcnow():
-            self._reject(ErrorCode.EXPIRED, "directive expired", **ctx)
-            return
-        try:
-            release = verify_release(directive.release, self.sim.release_keys)
-        except (VerificationError, ProtocolError) as exc:
-            self._reject(exc.code, f"release refused: {exc}", **ctx)
-            return
-        artifact = release.artifact_for(self.creds.hardware)
-        if artifact is None or artifact.sha256 != directive.artifact.sha256:
-            self._reject(ErrorCode.NO_ARTIFACT, f"no artifact for hardware {self.creds.hardware}", **ctx)
-            return
-        if artifact.sha256 in self.denylist:
-            self._reject(ErrorCode.DENYLISTED, "failed a trial here before", **ctx)
-            return
-        if self.active.get(release.model) == artifact.sha256:
+            decision = admit(payload=payload, device=self.device_view(), release_keys=self.sim.release_keys,
+                             rollout_keys=self.sim.rollout_keys, now=utcnow())
+        except Exception as exc:
+            # As on a real device, input must not take the simulator down; the agent refuses it too.
+            logger.warning("sim %s: directive could not be processed: %r", self.id, exc)
+            decision = could_not_process(exc)
+        if isinstance(decision, Ignore):
+            return  # the retained directive again after a reconnect (or the update in flight)
+        if isinstance(decision, Refuse):
+            self._refuse(decision, payload)
+        elif isinstance(decision, Defer):
+            # One update at a time: judged again (seq, expiry, keys) once this one ends. An
+            # identical payload already waiting would only be ignored then, so keep one copy.
+            if payload not in self.pending:
+                self.pending.append(payload)
+        elif isinstance(decision, AlreadyActive):
+            self.last_seq = max(self.last_seq, decision.seq)
             self.sim.stats.committed += 1
-            self._emit(State.COMMITTED, detail="already active and committed", **ctx)
-            return
+            self._emit(State.COMMITTED, seq=decision.seq, model=decision.model, sha=decision.sha,
+                       rollout_id=decision.rollout_id, detail=decision.message, health=self.last_health)
+        elif isinstance(decision, Accept):
+            self._start(decision)
+
+    def _refuse(self, decision: Refuse, payload: bytes) -> None:
+        if decision.record_seq:
+            self.last_seq = max(self.last_seq, decision.seq)
+        else:
+            # Not trusted, or a replay: reported once per payload, or every reconnect would
+            # re-deliver the retained payload and report it again.
+            digest = sha256(payload).digest()
+            if digest in self.refused:
+                return
+            self.refused = self.refused[-(REFUSED_REMEMBERED - 1):] + [digest]
+        self.sim.stats.rejected += 1
+        self._emit(State.REJECTED, seq=decision.seq, model=decision.model, sha=decision.sha,
+                   rollout_id=decision.rollout_id, code=decision.code, detail=decision.message)
+
+    def _start(self, decision: Accept) -> None:
+        upd = decision.update
         self.sim.stats.updates_started += 1
-        self.update = _Update(directive.seq, release.model, artifact.sha256, directive.rollout_id,
-                              steps=self._plan(artifact.sha256))
-        self._emit(State.RECEIVED, **ctx)
+        self.last_seq = upd.seq
+        self.update = _Update(seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id,
+                              rollback_floor=upd.rollback_floor, steps=self._plan(upd.sha))
+        self._emit(State.RECEIVED, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id)
         self.sim.schedule(self.sim.step_delay(self.behaviour), self.step)
 
-    def _plan(self, sha: str) -> list[tuple]:
+    def _plan(self, sha: str) -> list[tuple[str, str | None]]:
         fails_precheck = self.behaviour == "fail-precheck" or sha in self.sim.fail_shas
-        steps: list[tuple] = [(State.DOWNLOADING, None), (State.VERIFYING, None), (State.PRECHECKING, None)]
+        steps: list[tuple[str, str | None]] = [(State.DOWNLOADING, None), (State.VERIFYING, None),
+                                               (State.PRECHECKING, None)]
         if fails_precheck:
             return steps + [(State.FAILED, ErrorCode.PRECHECK_FAILED)]
-        steps += [(State.ACTIVATING, None), (State.TRIAL, "activate")]
+        steps += [(State.ACTIVATING, None), (State.TRIAL, None)]
         if self.behaviour == "fail-trial":
             return steps + [(State.ROLLED_BACK, ErrorCode.TRIAL_FAILED)]
         return steps + [(State.COMMITTED, None)]
@@ -239,49 +254,53 @@ class SimDevice:
         upd = self.update
         if upd is None:
             return
-        state, extra = upd.steps.pop(0)
+        state, code = upd.steps.pop(0)
         health = None
         detail = ""
-        if extra == "activate":
-            upd.previous = self.active.get(upd.model)
-            self.active[upd.model] = upd.sha
-        if state == State.COMMITTED:
+        # The same journal changes as the agent's steps, made before the event that reports them.
+        if state == State.TRIAL:
+            old = self.models.get(upd.model)
+            upd.previous = old[0] if old and old[0] != upd.sha else None
+            self.models[upd.model] = (upd.sha, False)
+        elif state == State.COMMITTED:
             self.sim.stats.committed += 1
             health = {"error_rate": 0.0, "latency_ms_p95": 4.2, "checks": 1, "simulated": True}
             detail = "trial passed"
+            self.models[upd.model] = (upd.sha, True)
+            self.floors[upd.model] = max(self.floors.get(upd.model, 0), upd.rollback_floor)
+            self.last_health = health
         elif state == State.FAILED:
             self.sim.stats.failed += 1
             detail = "simulated precheck failure: outputs outside the contract"
         elif state == State.ROLLED_BACK:
             self.sim.stats.rolled_back += 1
             self.denylist.add(upd.sha)
-            previous = getattr(upd, "previous", None)
-            if previous:
-                self.active[upd.model] = previous
+            if upd.previous:
+                self.models[upd.model] = (upd.previous, True)
             else:
-                self.active.pop(upd.model, None)
+                self.models.pop(upd.model, None)
             detail = "simulated trial failure"
-        code = extra if extra not in (None, "activate") else None
         self._emit(state, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id, code=code,
                    detail=detail, health=health)
-        if state in State.TERMINAL:
-            self.update = None
-            if self.online:
-                self.client.publish(self.t_presence, self._presence(True), qos=1, retain=True)
-            if self.pending is not None:
-                payload, self.pending = self.pending, None
-                self.handle_directive(payload)
-        else:
+        if state not in State.TERMINAL:
             self.sim.schedule(self.sim.step_delay(self.behaviour), self.step)
+            return
+        self.update = None
+        if self.online:
+            self.client.publish(self.t_presence, self._presence(True), qos=1, retain=True)
+        # What arrived meanwhile, in order, as the agent reads its inbox; stop once one starts an update.
+        while self.pending and self.update is None:
+            self.handle_directive(self.pending.pop(0))
 
     # reports ------------------------------------------------------------------------------------
 
     def _emit(self, state: str, *, seq: int, model: str, sha, rollout_id, code=None, detail: str = "",
               health=None) -> None:
+        active = self.models.get(model)
         event = Event(
             device_id=self.id, event_no=self.event_no, seq=seq, model=model, state=state, error_code=code,
-            detail=detail, sha256=sha, active_sha256=self.active.get(model), rollout_id=rollout_id, health=health,
-            ts=format_time(utcnow()),
+            detail=detail[:2000], sha256=sha, active_sha256=active[0] if active else None,
+            rollout_id=rollout_id, health=health, ts=format_time(utcnow()),
         )
         self.event_no += 1
         self._send_event(event.to_payload())
