@@ -29,20 +29,9 @@ from fleetctl.common import (
     print_json,
     print_table,
 )
+from ota.rollouts.catalogue import ABORTED, ACTIONS, COMPLETED, ROLLED_BACK
 
-TERMINAL = {"completed", "aborted", "rolled_back"}
-ACTIONS = {
-    "start": "start a created (and, if required, approved) rollout",
-    "approve": "approve a rollout that requires approval (operator)",
-    "pause": "stop sending directives; devices already updating finish",
-    "resume": "continue a paused rollout",
-    "advance": "pass the current wave now, whatever its gates say",
-    "retry": "send failed devices of the started waves a fresh directive",
-    "abort": "stop the rollout; devices not yet directed are skipped",
-    "rollback": "send every device this rollout touched back to its previous release",
-}
-FAILED_STATES = ("failed", "rolled_back", "rejected", "timed_out", "unhealthy")
-IN_FLIGHT = ("directed", "received", "downloading", "verifying", "prechecking", "activating", "trial")
+TERMINAL = {COMPLETED, ABORTED, ROLLED_BACK}
 
 
 def parse_wave(text: str) -> dict:
@@ -150,10 +139,8 @@ def render(rollout: dict) -> list[str]:
         + (f"  ({rollout['state_reason']})" if rollout.get("state_reason") else ""),
     ]
     for wave in rollout.get("waves", []):
-        counts = wave.get("counts", {})
-        committed = counts.get("committed", 0)
-        failed = sum(counts.get(s, 0) for s in FAILED_STATES)
-        in_flight = sum(counts.get(s, 0) for s in IN_FLIGHT)
+        # The server's state groups (ota.models.RolloutDevice): never a copy of them here.
+        committed, failed, in_flight = wave.get("committed", 0), wave.get("failed", 0), wave.get("in_flight", 0)
         spec = wave.get("spec", {})
         what = (
             f"{spec['percent']}%" if "percent" in spec else f"+{spec['count']}" if "count" in spec
@@ -235,7 +222,7 @@ def cmd_status(args) -> int:
             _print([time.strftime("%H:%M:%S ") + lines[0], *lines[1:]])
         last = lines
         if rollout["state"] in TERMINAL:
-            return 0 if rollout["state"] == "completed" else EXIT_INVALID
+            return 0 if rollout["state"] == COMPLETED else EXIT_INVALID
         time.sleep(args.interval)
         rollout = client.get(f"{API}/rollouts/{args.id}/")
 
@@ -299,10 +286,10 @@ def add_parser(subparsers) -> None:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_list)
 
-    for name, help_text in ACTIONS.items():
-        action = sub.add_parser(name, parents=[common], help=help_text)
+    for entry in ACTIONS:
+        action = sub.add_parser(entry.name, parents=[common], help=entry.summary)
         action.add_argument("id", type=int)
-        if name in ("pause", "abort", "rollback"):
+        if entry.takes_reason:
             action.add_argument("--reason", help="recorded in the audit log")
         action.add_argument("--json", action="store_true")
         action.set_defaults(func=cmd_action)

@@ -28,13 +28,13 @@ from django.utils.text import get_valid_filename
 from agent import protocol
 from agent.signing import RELEASE_PAYLOAD_TYPE, sign_envelope
 from registry import keys
+from registry.audit import audit_record
 from registry.errors import ApiError, Conflict
 from registry.models import (
     Alias,
     AliasMove,
     ApiToken,
     Artifact,
-    AuditEntry,
     HardwareTarget,
     Model,
     ModelVersion,
@@ -53,17 +53,6 @@ HEALTH_KEYS = ("inputs", "outputs", "atol", "rtol", "latency_budget_ms")
 
 def artifact_storage():
     return storages["artifacts"]
-
-
-def audit_record(*, actor: str, action: str, obj, reason: str = "", detail: dict | None = None) -> AuditEntry:
-    return AuditEntry.objects.create(
-        actor=actor,
-        action=action,
-        object_type=obj._meta.model_name,
-        object_id=str(obj.pk),
-        reason=reason,
-        detail=detail or {},
-    )
 
 
 def _not_found(message: str, code: str = "not_found") -> ApiError:
@@ -549,7 +538,8 @@ def version_delete_draft(*, version: ModelVersion, actor: str) -> None:
 
 
 def artifact_download_path(*, artifact: Artifact) -> str:
-    """This server's download endpoint for an artifact (path only, no host)."""
+    """This server's download endpoint for an artifact (path only, no host). The one place its
+    URL is built: the API shows it, directives hand it to devices (absolute, below)."""
     return reverse(
         "registry:artifact-download",
         kwargs={
@@ -560,14 +550,10 @@ def artifact_download_path(*, artifact: Artifact) -> str:
     )
 
 
-def artifact_fetch_url(*, artifact: Artifact) -> str:
-    """Where a device should fetch an artifact: a presigned object-store URL when the store can
-    make one (S3), else this server's download endpoint under PUBLIC_URL (device-token auth)."""
-    storage = artifact_storage()
-    try:
-        storage.path(artifact.storage_key)
-    except NotImplementedError:
-        return storage.url(artifact.storage_key)
+def artifact_download_url(*, artifact: Artifact) -> str:
+    """Where a device fetches an artifact: this server's endpoint under PUBLIC_URL (device-token
+    auth). With an object store the endpoint answers with a redirect to a short-lived presigned
+    URL, which a directive valid for weeks could not carry itself."""
     return f"{settings.PUBLIC_URL}{artifact_download_path(artifact=artifact)}"
 
 

@@ -128,12 +128,6 @@ def other_fleet_device(db, settings, request):
 
 
 @pytest.fixture
-def api(client):
-    """Django test client that speaks JSON by default."""
-    return client
-
-
-@pytest.fixture
 def mosquitto(tmp_path):
     """A private anonymous Mosquitto on a free port (stop()/start() to simulate outages)."""
     from tests.support.mosquitto import Mosquitto

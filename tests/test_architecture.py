@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import grimp
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("config", "web", "ota", "registry", "agent", "fleetctl")
@@ -84,3 +85,47 @@ def test_it_keeps_the_import_contracts():
     lint = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+def string_literals(path: Path) -> list[str]:
+    import ast
+
+    return [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def product_files(*packages: str):
+    for package in packages:
+        for path in sorted((REPO / package).rglob("*.py")):
+            if "migrations" not in path.parts:
+                yield path
+
+
+@pytest.mark.parametrize(
+    "literal, home",
+    [
+        # One audit writer: registry.audit (and every reader goes through it too).
+        ("AuditEntry.objects.create", "registry/audit.py"),
+        # One bulk UPDATE ... FROM (VALUES ...): ota.db.bulk_set.
+        ("FROM (VALUES", "ota/db.py"),
+    ],
+)
+def test_it_writes_each_mechanism_in_one_place(literal, home):
+    found = [str(p.relative_to(REPO)) for p in product_files(*PACKAGES) if literal in p.read_text()]
+    assert found == [home]
+
+
+@pytest.mark.parametrize("state", ["timed_out", "unhealthy", "revert_failed"])
+def test_it_names_rollout_device_states_only_in_their_model(state):
+    # State groups live on ota.models.RolloutDevice; a second list elsewhere drifts (it did).
+    found = [str(p.relative_to(REPO)) for p in product_files("ota", "web", "fleetctl", "registry")
+             if state in string_literals(p)]
+    assert found == ["ota/models/rollouts.py"]
+
+
+def test_it_builds_the_artifact_download_url_in_one_place():
+    def spells_it(path: Path) -> bool:
+        literals = string_literals(path)
+        return any("/download" in s for s in literals) and any("artifacts/" in s for s in literals)
+
+    found = [str(p.relative_to(REPO)) for p in product_files(*PACKAGES) if spells_it(p)]
+    assert found == ["registry/urls.py"]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests.support.onnx_models import linear_model
@@ -103,4 +102,4 @@ def test_it_gives_devices_this_servers_download_url(released, settings):
     from registry.models import Artifact
 
     settings.PUBLIC_URL = "https://fleet.example"
-    assert actions.artifact_fetch_url(artifact=Artifact.objects.get()) == f"https://fleet.example{URL}"
+    assert actions.artifact_download_url(artifact=Artifact.objects.get()) == f"https://fleet.example{URL}"

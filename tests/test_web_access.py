@@ -122,7 +122,7 @@ def _post_urls():
     """Every web URL a POST can change something through, read from the URLconf itself, so a new
     action view is covered the day it is added: (name, view kwargs)."""
     from web.urls import urlpatterns
-    from web.views import ROLLOUT_ACTIONS
+    from ota.rollouts.catalogue import BY_NAME
 
     sample = {"device_id": "dev-0000", "name": "detector", "version": "2.0.0", "pk": None}
     out = []
@@ -133,7 +133,7 @@ def _post_urls():
         params = list(pattern.pattern.converters)
         if "action" in params:
             out += [(pattern.name, {**{p: sample[p] for p in params if p != "action"}, "action": a})
-                    for a in ROLLOUT_ACTIONS]
+                    for a in BY_NAME]
         else:
             out.append((pattern.name, {p: sample[p] for p in params}))
     return out

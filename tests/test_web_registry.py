@@ -45,6 +45,9 @@ def test_it_releases_a_draft_for_an_operator(client, operator):
     assert mv.released_by == "user:olivia-operator"
     assert "Released detector@2.0.0" in response.content.decode()
     assert AuditEntry.objects.filter(action="version.release", actor="user:olivia-operator").exists()
+    # The version page lists what the release action wrote (one audit writer and reader).
+    history = response.content.decode().split('class="timeline"')[1]
+    assert "<span>version.release</span><span>user:olivia-operator" in history
 
 
 def test_it_reports_why_a_draft_could_not_be_released(client, operator):

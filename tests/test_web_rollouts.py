@@ -143,6 +143,28 @@ def test_it_refuses_a_second_rollout_on_busy_devices_next_to_the_target(client, 
     assert "already in a running rollout of this model" in errors_for(html, "target")[0]
 
 
+def test_it_reviews_busy_devices_exactly_as_the_create_decides(client, operator, fleet):
+    # One plan (ota.rollouts.planning.rollout_plan) behind the preview, the review and the
+    # create: a device busy in another rollout but in none of this plan's waves is no conflict.
+    from ota.rollouts.actions import rollout_start
+    from ota.rollouts.create import rollout_create
+
+    first = rollout_create(
+        model="detector", version="2.0.0", target={"devices": ["cam-000"]}, waves=[{"percent": 100}], actor="user:x"
+    )
+    rollout_start(rollout_id=first.pk, actor="user:x")
+    client.force_login(operator)
+    data = wizard_data(fleet, waves="canary: cam-001, cam-002")
+
+    review = client.post(reverse("web:rollout_new"), {**data, "step": "review"}).content.decode()
+    preview = client.get(reverse("web:rollout_preview"), data, HTTP_HX_REQUEST="true").content.decode()
+    created = client.post(reverse("web:rollout_new"), {**data, "step": "create"})
+
+    assert "already in a running rollout" not in review and "in a running rollout" not in preview
+    assert created.status_code == 302
+    assert Rollout.objects.get(pk=int(created["Location"].rstrip("/").split("/")[-1])).assignments.count() == 2
+
+
 def test_it_shows_action_buttons_with_confirmations_to_operators_only(client, operator, viewer, fleet):
     from ota.rollouts.create import rollout_create
 
@@ -167,6 +189,7 @@ def test_it_shows_action_buttons_with_confirmations_to_operators_only(client, op
 
 @pytest.mark.parametrize("action", ["start", "pause", "resume", "advance", "retry", "abort", "rollback", "approve"])
 def test_it_answers_403_to_a_viewers_forged_post_with_a_valid_csrf_token(viewer, fleet, action):
+    from ota.rollouts.catalogue import BY_NAME
     from ota.rollouts.create import rollout_create
 
     rollout = rollout_create(
@@ -182,7 +205,8 @@ def test_it_answers_403_to_a_viewers_forged_post_with_a_valid_csrf_token(viewer,
     )
 
     assert response.status_code == 403
-    assert "needs the &#x27;operator&#x27; role" in response.content.decode()  # not a CSRF refusal
+    roles = " or ".join(f"&#x27;{scope}&#x27;" for scope in BY_NAME[action].scopes)
+    assert f"needs the {roles} role" in response.content.decode()  # not a CSRF refusal
     rollout.refresh_from_db()
     assert rollout.state == "created"
 

@@ -10,6 +10,7 @@ from functools import wraps
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 
+from ota.rollouts.catalogue import CREATE_SCOPES
 from registry.auth import scopes_of
 
 
@@ -29,23 +30,28 @@ class Can:
 
     @property
     def create_rollouts(self) -> bool:
-        return bool({"ci", "operator"} & self.scopes)
+        return bool(set(CREATE_SCOPES) & self.scopes)
 
     @property
     def administer(self) -> bool:
         return "admin" in self.scopes
 
 
-def scope_required(scope: str):
-    """Anonymous users go to the login page; signed-in users without the scope get 403."""
+def scope_required(scope):
+    """Anonymous users go to the login page; signed-in users without the scope get 403.
+
+    `scope` is a scope, a tuple meaning any one of them, or a callable given the view's URL
+    kwargs that returns either (rollout actions: the catalogue entry's scopes)."""
 
     def decorator(view):
         @wraps(view)
         def wrapper(request, *args, **kwargs):
             if not request.user.is_authenticated:
                 return redirect_to_login(request.get_full_path())
-            if scope not in scopes_of(request.user):
-                raise PermissionDenied(f"This needs the '{scope}' role.")
+            needed = scope(**kwargs) if callable(scope) else scope
+            accepted = (needed,) if isinstance(needed, str) else tuple(needed)
+            if not set(accepted) & scopes_of(request.user):
+                raise PermissionDenied(f"This needs the {' or '.join(repr(s) for s in accepted)} role.")
             return view(request, *args, **kwargs)
 
         wrapper.required_scope = scope

@@ -35,6 +35,15 @@ class DeviceFilterForm(forms.Form):
         except ValueError as exc:
             raise forms.ValidationError(str(exc)) from None
 
+    def filters(self) -> dict:
+        """The cleaned fields as ota.fleet.selectors.devices_filter takes them."""
+        data = self.cleaned_data
+        model, _, version = data["version"].strip().rpartition("@")
+        return {
+            "q": data["q"], "labels": data["labels"], "hardware": data["hardware"], "state": data["state"],
+            "online": {"yes": True, "no": False}.get(data["online"]), "model": model, "version": version,
+        }
+
 
 class AliasMoveForm(forms.Form):
     alias = forms.SlugField(max_length=64, help_text="An existing alias (e.g. production) or a new name.")

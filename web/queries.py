@@ -3,72 +3,24 @@ registry.actions / ota.rollouts / ota.fleet, exactly as the API does."""
 
 from __future__ import annotations
 
-from django.db import connection
-from django.db.models import Count, Exists, OuterRef, Prefetch, Q
+from django.core.exceptions import ValidationError
+from django.db.models import Count, Q
 from django.utils import timezone
 
-from ota.models import Device, DeviceModelState
-from registry.models import AuditEntry
+from ota.fleet.parsing import parse_label_filter
+from ota.models import Device, DeviceEvent, DeviceModelState, Directive, Rollout, RolloutDevice, Wave
+from ota.rollouts.catalogue import RolloutAction
+from ota.rollouts.gates import failure_gate_tripped, success_gate_met, wave_figures
+from ota.rollouts.planning import rollout_plan
+from ota.rollouts.selectors import rollout_summary
+from registry.audit import audit_entries_for
+from registry.models import Artifact
 
 
 def parse_labels(text: str) -> list[tuple[str, str | None]]:
     """'site=berlin, camera' -> [('site', 'berlin'), ('camera', None)]. Raises ValueError with
     the offending piece so the form can show it next to the field."""
-    pairs: list[tuple[str, str | None]] = []
-    for raw in text.split(","):
-        piece = raw.strip()
-        if not piece:
-            continue
-        key, sep, value = piece.partition("=")
-        key = key.strip()
-        if not key or "__" in key or not all(c.isalnum() or c in "._-" for c in key):
-            raise ValueError(f"'{piece}' is not key=value or key (keys: letters, digits, '.', '_', '-').")
-        pairs.append((key, value.strip() if sep else None))
-    return pairs
-
-
-def label_q(pairs) -> Q:
-    q = Q()
-    for key, value in pairs:
-        if value is None:
-            q &= Q(labels__has_key=key)
-        elif connection.vendor == "postgresql":
-            # JSON containment can use a GIN index on labels; key transforms cannot.
-            q &= Q(labels__contains={key: value})
-        else:
-            q &= Q(**{f"labels__{key}": value})
-    return q
-
-
-def device_states_prefetch() -> Prefetch:
-    return Prefetch(
-        "model_states",
-        queryset=DeviceModelState.objects.select_related("model", "active_version").order_by("model__name"),
-    )
-
-
-def filtered_devices(*, q="", labels=(), hardware="", state="", version="", online=""):
-    qs = Device.objects.all()
-    if q:
-        qs = qs.filter(Q(id__icontains=q) | Q(name__icontains=q))
-    if labels:
-        qs = qs.filter(label_q(labels))
-    if hardware:
-        qs = qs.filter(hardware_id=hardware)
-    if state:
-        qs = qs.filter(state=state)
-    if online == "yes":
-        qs = qs.filter(online=True)
-    elif online == "no":
-        qs = qs.filter(online=False)
-    if version:
-        # EXISTS rather than a join so a device running the version of two models stays one row.
-        model_name, at, number = version.rpartition("@")
-        states = DeviceModelState.objects.filter(device=OuterRef("pk"), active_version__version=number)
-        if at:
-            states = states.filter(model__name=model_name)
-        qs = qs.filter(Exists(states))
-    return qs
+    return [parse_label_filter(piece) for piece in text.split(",") if piece.strip()]
 
 
 def fleet_counts() -> dict:
@@ -92,26 +44,17 @@ def fleet_counts() -> dict:
 
 # --- rollouts --------------------------------------------------------------------------------
 
-# The states the rollout page shows, in pipeline order, and which assignment states fall in each.
-# A device still in flight whose box is offline is counted as "offline": that is what an
-# operator needs to know about it, whatever step it last reported.
+# The rollout page shows the model's progress buckets plus "offline", just before "skipped": a
+# device still in flight whose box is offline counts as offline, since that is what an operator
+# needs to know about it, whatever step it last reported.
 PROGRESS_BUCKETS = [
-    ("pending", "pending", ("planned", "queued")),
-    ("downloading", "downloading", ("directed", "received", "downloading", "verifying")),
-    ("prechecking", "prechecking", ("prechecking",)),
-    ("in_trial", "in trial", ("activating", "trial")),
-    ("healthy", "healthy", ("committed",)),
-    ("failed", "failed", ("failed", "rejected", "revert_failed")),
-    ("timed_out", "timed out", ("timed_out",)),
-    ("reverting", "reverting", ("reverting",)),
-    ("rolled_back", "rolled back", ("rolled_back", "reverted")),
+    *(b for b in RolloutDevice.PROGRESS_BUCKETS if b[0] != "skipped"),
     ("offline", "offline", ()),
-    ("skipped", "skipped", ("skipped",)),
+    *(b for b in RolloutDevice.PROGRESS_BUCKETS if b[0] == "skipped"),
 ]
 # Shown only when some device is in them.
 OPTIONAL_BUCKETS = {"reverting", "skipped"}
 BUCKET_OF = {state: key for key, _, states in PROGRESS_BUCKETS for state in states}
-FINISHED_STATES = {"committed", "failed", "rejected", "timed_out", "rolled_back", "reverted", "revert_failed", "skipped"}
 
 
 def empty_counts() -> dict[str, int]:
@@ -119,9 +62,9 @@ def empty_counts() -> dict[str, int]:
 
 
 def bucket_for(state: str, online: bool) -> str:
-    if not online and state not in FINISHED_STATES and state not in ("planned", "queued"):
+    if not online and state not in RolloutDevice.FINISHED and state not in RolloutDevice.WAITING:
         return "offline"
-    return BUCKET_OF.get(state, "pending")
+    return BUCKET_OF[state]
 
 
 def progress_rows(counts: dict[str, int]) -> list[dict]:
@@ -135,8 +78,6 @@ def progress_rows(counts: dict[str, int]) -> list[dict]:
 
 def rollout_counts(rollout_ids) -> dict[int, dict[int, dict[str, int]]]:
     """{rollout_id: {wave_id: {bucket: n}}} in one grouped query."""
-    from ota.models import RolloutDevice
-
     result: dict[int, dict[int, dict[str, int]]] = {}
     rows = (
         RolloutDevice.objects.filter(rollout_id__in=list(rollout_ids))
@@ -167,8 +108,6 @@ def summarise(counts_by_wave: dict[int, dict[str, int]]) -> dict:
 
 
 def running_rollouts():
-    from ota.models import Rollout
-
     rollouts = list(
         Rollout.objects.filter(state__in=Rollout.OPEN_STATES)
         .select_related("release", "model")
@@ -184,8 +123,6 @@ def running_rollouts():
 
 
 def device_directives(device):
-    from ota.models import Directive
-
     return list(
         Directive.objects.filter(device=device)
         .select_related("version", "version__model")
@@ -281,12 +218,8 @@ def device_health_chart(events) -> dict | None:
 
 def target_preview(form) -> dict:
     """Per hardware: how many active devices the target matches and how many of them the release
-    has no artifact for. Resolution is ota.rollouts.planning.target_resolve, the same the create uses."""
-    from django.core.exceptions import ValidationError
-
-    from ota.rollouts.definition import target_validate, waves_validate
-    from ota.rollouts.planning import conflicts_find, plan_waves, target_resolve
-
+    has no artifact for; with a wave plan, each wave's size. The plan is ota.rollouts.planning's
+    rollout_plan, the one rollout_create runs."""
     data = getattr(form, "cleaned_data", {})
     # A release not chosen yet is not an error here, just a reason to wait.
     wanted = (*form.TARGET_FIELDS, "release") if form.data.get("release") else form.TARGET_FIELDS
@@ -301,35 +234,35 @@ def target_preview(form) -> dict:
     if release is None:
         result["hint"] = "Pick a released version to see which devices can take it."
         return result
+    waves = data.get("waves") or None
     try:
-        target = target_validate(form.target_spec())
-        plan = target_resolve(target=target, release=release)
+        plan = rollout_plan(release=release, target=form.target_spec(), waves=waves)
     except ValidationError as exc:
-        result["errors"] = [f"{m}" for msgs in exc.message_dict.values() for m in msgs]
-        return result
+        wave_errors = {k: v for k, v in exc.message_dict.items() if k.startswith("waves")}
+        if waves is None or len(wave_errors) < len(exc.message_dict):
+            result["errors"] = [m for msgs in exc.message_dict.values() for m in msgs]
+            return result
+        # The target is fine and only the wave plan is not: show the target's figures anyway.
+        result["wave_errors"] = [m for msgs in wave_errors.values() for m in msgs]
+        waves = None
+        plan = rollout_plan(release=release, target=form.target_spec())
+    resolved = plan.resolved
     per_hw: dict[str, dict] = {}
-    for _, hw in plan.targeted:
+    for _, hw in resolved.targeted:
         per_hw.setdefault(hw, {"hardware": hw, "matched": 0, "incompatible": 0})["matched"] += 1
-    for item in plan.incompatible:
+    for item in resolved.incompatible:
         per_hw[item["hardware"]]["incompatible"] += 1
-    conflicts = conflicts_find(model_id=release.model_id, device_ids=plan.compatible)
     result.update(
         ready=True,
         rows=sorted(per_hw.values(), key=lambda r: r["hardware"]),
-        matched=len(plan.targeted),
-        incompatible=len(plan.incompatible),
-        compatible=len(plan.compatible),
-        busy=sum(len(v) for v in conflicts.values()),
-        busy_rollouts=sorted(conflicts),
+        matched=len(resolved.targeted),
+        incompatible=len(resolved.incompatible),
+        compatible=len(resolved.compatible),
+        busy=plan.busy,
+        busy_rollouts=sorted(plan.conflicts),
     )
-    waves = data.get("waves")
-    if waves:
-        try:
-            specs = waves_validate(waves)
-            sizes = [len(m) for m in plan_waves(plan=plan, waves=specs, rollout_id=0)]
-            result["waves"] = [{"spec": wave_label(s), "size": n} for s, n in zip(specs, sizes)]
-        except ValidationError as exc:
-            result["wave_errors"] = [m for msgs in exc.message_dict.values() for m in msgs]
+    if waves is not None:
+        result["waves"] = [{"spec": wave_label(s), "size": n} for s, n in zip(plan.waves, plan.sizes)]
     return result
 
 
@@ -347,80 +280,47 @@ def wave_label(spec: dict) -> str:
 
 
 def rollout_dry_run(form) -> dict:
-    """Everything rollout_create checks, without creating: raises django ValidationError."""
-    from ota.rollouts.definition import gates_normalise, target_validate, waves_validate
-    from ota.rollouts.planning import conflicts_find, plan_waves, target_resolve
-
-    release = form.release_obj
-    target = target_validate(form.target_spec())
-    specs = waves_validate(form.cleaned_data["waves"])
-    gates = gates_normalise(form.gates_spec())
-    for i, spec in enumerate(specs):
-        gates_normalise(spec.get("gates"), where=f"waves[{i}].gates", base=gates)
-    plan = target_resolve(target=target, release=release)
-    sizes = [len(m) for m in plan_waves(plan=plan, waves=specs, rollout_id=0)]
-    conflicts = conflicts_find(model_id=release.model_id, device_ids=plan.compatible)
+    """The review page: everything rollout_create checks (rollout_plan), without creating.
+    Raises django's ValidationError like the create does."""
+    plan = rollout_plan(
+        release=form.release_obj, target=form.target_spec(), waves=form.cleaned_data["waves"], gates=form.gates_spec()
+    )
+    resolved = plan.resolved
     return {
-        "release": release,
-        "target": target,
-        "gates": gates,
-        "waves": [{"label": wave_label(s), "size": n} for s, n in zip(specs, sizes)],
-        "matched": len(plan.targeted),
-        "compatible": len(plan.compatible),
-        "incompatible": plan.incompatible,
-        "planned": sum(sizes),
-        "busy": sum(len(v) for v in conflicts.values()),
-        "busy_rollouts": sorted(conflicts),
+        "release": plan.release,
+        "target": plan.target,
+        "gates": plan.gates,
+        "waves": [{"label": wave_label(s), "size": n} for s, n in zip(plan.waves, plan.sizes)],
+        "matched": len(resolved.targeted),
+        "compatible": len(resolved.compatible),
+        "incompatible": resolved.incompatible,
+        "planned": sum(plan.sizes),
+        "busy": plan.busy,
+        "busy_rollouts": sorted(plan.conflicts),
     }
 
 
 # --- rollout page ----------------------------------------------------------------------------
 
-FAILURE_STATES = ("failed", "rolled_back", "rejected", "timed_out", "revert_failed")
-
-
-def allowed_actions(rollout) -> list[str]:
-    state = rollout.state
-    if state == "created":
-        needs_approval = rollout.requires_approval and not rollout.approved_at
-        return (["approve"] if needs_approval else ["start"]) + ["abort"]
-    if state == "running":
-        return ["pause", "advance", "retry", "abort", "rollback"]
-    if state == "paused":
-        return ["resume", "advance", "retry", "abort", "rollback"]
-    if state in ("completed", "aborted"):
-        return ["rollback"]
-    return []
-
-
-def confirm_text(rollout, action: str, live: dict) -> str:
-    release = f"{rollout.model.name}@{rollout.release.version}"
-    n = live["overall"]["devices"]
+def confirm_text(rollout, action: RolloutAction, live: dict) -> str:
+    """The catalogue's confirmation for `action`, filled in with this rollout's figures."""
     current = live["current_wave"]
-    wave_text = f"wave {current['index']} ({current['name'] or 'unnamed'}, {current['size']} devices)" if current else "the current wave"
-    failed = live["overall"]["counts"]["failed"] + live["overall"]["counts"]["timed_out"] + live["overall"]["counts"]["rolled_back"]
-    texts = {
-        "approve": f"Approve rollout #{rollout.pk} of {release}? Another operator can then start it.",
-        "start": f"Start rollout #{rollout.pk}? {release} goes to {n} devices in {len(live['waves'])} waves, "
-        f"beginning with {wave_text}.",
-        "pause": f"Pause rollout #{rollout.pk}? No new directives go out until it is resumed; devices already "
-        "updating finish what they started.",
-        "resume": f"Resume rollout #{rollout.pk}? Directives for {wave_text} go out again under the rate cap.",
-        "advance": f"Advance rollout #{rollout.pk} now? {wave_text[0].upper() + wave_text[1:]} is passed without "
-        "waiting for its gates or soak time, and the next wave starts.",
-        "retry": f"Retry failed devices of rollout #{rollout.pk}? About {failed} failed or timed-out devices get a "
-        "fresh directive for " + release + ".",
-        "abort": f"Abort rollout #{rollout.pk}? Nothing more is sent; devices already on {release} keep it.",
-        "rollback": f"Abort rollout #{rollout.pk} and revert? Every device it updated (or was updating) gets a new "
-        "directive back to the release it ran before.",
-    }
-    return texts[action]
+    wave = (
+        f"wave {current['index']} ({current['name'] or 'unnamed'}, {current['size']} devices)"
+        if current else "the current wave"
+    )
+    return action.confirm.format(
+        rollout=rollout.pk,
+        release=f"{rollout.model.name}@{rollout.release.version}",
+        devices=live["overall"]["devices"],
+        waves=len(live["waves"]),
+        wave=wave,
+        Wave=wave[0].upper() + wave[1:],
+        failed=live["progress"]["failed"],
+    )
 
 
 def rollout_live(rollout) -> dict:
-    from ota.models import RolloutDevice, Wave
-    from ota.rollouts.gates import failure_gate_tripped, success_gate_met, wave_figures
-    from ota.rollouts.selectors import rollout_summary
 
     summary = rollout_summary(rollout)
     counts = rollout_counts([rollout.pk]).get(rollout.pk, {})
@@ -466,7 +366,7 @@ def rollout_live(rollout) -> dict:
     overall = summarise(counts)
     failures: dict[str, list[str]] = {}
     failure_rows = (
-        RolloutDevice.objects.filter(rollout=rollout, state__in=FAILURE_STATES)
+        RolloutDevice.objects.filter(rollout=rollout, state__in=RolloutDevice.PROBLEMS)
         .order_by("error_code", "device_id")
         .values_list("error_code", "device_id", "state")
     )
@@ -479,12 +379,13 @@ def rollout_live(rollout) -> dict:
     current = next((w for w in waves if w["index"] == rollout.current_wave), None)
     return {
         "waves": waves,
+        "progress": summary["progress"],
         "overall": overall,
         "current_wave": current,
         "failures": failure_groups,
         "health": rollout_health(rollout),
         "audit": list(
-            AuditEntry.objects.filter(object_type="rollout", object_id=str(rollout.pk)).order_by("-created_at", "-id")[:40]
+            audit_entries_for(rollout)[:40]
         ),
         "polling": rollout.state in ("created", "running", "paused")
         or RolloutDevice.objects.filter(rollout=rollout, state="reverting").exists(),
@@ -507,8 +408,6 @@ def rollout_health(rollout) -> dict:
     on the new release counts with the health its committed event carried. The old side is this
     rollout's devices not yet updated; once every one is, devices of the same model outside the
     rollout (still on an older release) stand in for it."""
-    from ota.models import Device, DeviceEvent
-    from registry.models import Artifact
 
     new_shas = set(Artifact.objects.filter(version=rollout.release).values_list("sha256", flat=True))
     model = rollout.model.name

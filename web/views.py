@@ -15,14 +15,17 @@ from django.http import Http404, HttpResponseBadRequest, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from ota.fleet.enrollment import enrollment_token_create, enrollment_token_revoke
 from ota.fleet import revocation
+from ota.fleet.enrollment import enrollment_token_create, enrollment_token_revoke
+from ota.fleet.selectors import devices_filter, devices_with_states
 from ota.models import ActiveRelease, Device, DeviceEvent, EnrollmentToken, Rollout
-from ota.rollouts import actions as rollout_actions
+from ota.rollouts.actions import rollout_act
+from ota.rollouts.catalogue import ACTION_SCOPES, CREATE_SCOPES, action_named, actions_available, may_run
 from ota.rollouts.create import rollout_create
 from registry import actions as registry_actions
 from registry import keys as registry_keys
-from registry.auth import actor_label
+from registry.audit import SYSTEM, audit_entries_for
+from registry.auth import actor_label, scopes_of
 from registry.errors import ApiError
 from registry.models import Alias, AliasMove, ApiToken, AuditEntry, Model, ModelVersion
 from web import queries
@@ -91,7 +94,7 @@ def overview(request):
         options={"scales": {"x": {"stacked": True}, "y": {"stacked": True}}},
     )
     # Automatic decisions worth an operator's eye; a wave merely starting is routine.
-    decisions = AuditEntry.objects.filter(actor="system").exclude(action="wave.start").order_by("-created_at", "-id")[:15]
+    decisions = AuditEntry.objects.filter(actor=SYSTEM).exclude(action="wave.start").order_by("-created_at", "-id")[:15]
     context = {
         "fleet": fleet,
         "version_chart": version_chart,
@@ -112,8 +115,8 @@ def device_list(request):
     if form.is_bound and not form.is_valid():
         devices = Device.objects.none()  # the errors are shown above an empty table
     else:
-        devices = queries.filtered_devices(**(form.cleaned_data if form.is_bound else {}))
-    devices = devices.select_related("hardware").prefetch_related(queries.device_states_prefetch()).order_by("id")
+        devices = devices_filter(devices_with_states(), **(form.filters() if form.is_bound else {}))
+    devices = devices.order_by("id")
     paginator = Paginator(devices, DEVICE_PAGE_SIZE)
     page_obj = paginator.get_page(request.GET.get("page"))
     query = request.GET.copy()
@@ -127,7 +130,7 @@ def device_list(request):
 @scope_required("read")
 def device_detail(request, device_id):
     device = get_object_or_404(
-        Device.objects.select_related("hardware").prefetch_related(queries.device_states_prefetch()), pk=device_id
+        devices_with_states(), pk=device_id
     )
     events = list(DeviceEvent.objects.filter(device=device).order_by("-received_at", "-id")[:100])
     history = list(
@@ -141,7 +144,7 @@ def device_detail(request, device_id):
         "history": history,
         "telemetry": queries.telemetry_figures(device),
         "health_chart": queries.device_health_chart(events),
-        "audit": AuditEntry.objects.filter(object_type="device", object_id=device.pk)[:20],
+        "audit": audit_entries_for(device)[:20],
     }
     return page(request, "web/devices/detail.html", context, section="devices")
 
@@ -190,7 +193,7 @@ def version_detail(request, name, version):
         "signatures": signatures,
         "health_json": json.dumps(mv.health, indent=2) if mv.health else "",
         "metrics_json": json.dumps(mv.metrics, indent=2) if mv.metrics else "",
-        "audit": AuditEntry.objects.filter(object_type="model_version", object_id=str(mv.pk))[:20],
+        "audit": audit_entries_for(mv)[:20],
     }
     return page(request, "web/registry/version.html", context, section="registry")
 
@@ -345,20 +348,7 @@ def rollout_list(request):
     return page(request, "web/rollouts/list.html", {"rollouts": rollouts}, section="rollouts")
 
 
-ROLLOUT_ACTIONS = {
-    # action: (ota.rollouts.actions function name, who may, button label, button class)
-    "approve": ("rollout_approve", "operator", "Approve", "secondary"),
-    "start": ("rollout_start", "operator", "Start", ""),
-    "pause": ("rollout_pause", "operator", "Pause", "warn"),
-    "resume": ("rollout_resume", "operator", "Resume", ""),
-    "advance": ("rollout_advance", "operator", "Advance now", "secondary"),
-    "retry": ("rollout_retry_failed", "operator", "Retry failed", "secondary"),
-    "abort": ("rollout_abort", "operator", "Abort", "danger"),
-    "rollback": ("rollout_rollback", "operator", "Abort and revert (roll back)", "danger"),
-}
-
-
-@scope_required("ci")
+@scope_required(CREATE_SCOPES)
 def rollout_new(request):
     """The wizard: one form (release, target with live preview, wave plan, gates), then a review
     page, then create. Every check that decides whether a rollout is valid is ota.rollouts'."""
@@ -398,7 +388,7 @@ def wizard_page(request, form, status=200):
 
 
 @require_GET
-@scope_required("ci")
+@scope_required(CREATE_SCOPES)
 def rollout_preview(request):
     """htmx: how many devices the target matches, per hardware, and how many cannot take the release."""
     form = RolloutForm(request.GET)
@@ -420,24 +410,25 @@ def rollout_live(request, pk):
     return page(request, "web/rollouts/_live.html", rollout_context(request, pk), section="rollouts")
 
 
+def _action_scopes(*, action: str, **_kwargs) -> tuple[str, ...]:
+    entry = action_named(action)
+    return entry.scopes if entry else ACTION_SCOPES
+
+
 @require_POST
-@scope_required("operator")
+@scope_required(_action_scopes)
 def rollout_action(request, pk, action):
-    if action not in ROLLOUT_ACTIONS:
+    entry = action_named(action)
+    if entry is None:
         raise Http404(f"No rollout action '{action}'.")
-    function = getattr(rollout_actions, ROLLOUT_ACTIONS[action][0])
-    kwargs = {"rollout_id": pk, "actor": actor_label(request.user)}
-    reason = request.POST.get("reason", "").strip()
-    if reason and action in ("pause", "abort", "rollback"):
-        kwargs["reason"] = reason[:500]
+    get_object_or_404(Rollout, pk=pk)
+    reason = request.POST.get("reason", "").strip()[:500]
     try:
-        result = function(**kwargs)
+        result = rollout_act(action=entry.name, rollout_id=pk, actor=actor_label(request.user), reason=reason)
     except ApiError as exc:
-        note = ("error", f"{ROLLOUT_ACTIONS[action][2]} refused: {exc.detail}")
+        note = ("error", f"{entry.label} refused: {exc.detail}")
     else:
-        done = {
-            "retry": f"{result} failed devices queued again." if isinstance(result, int) else "Retry queued.",
-        }.get(action, f"{ROLLOUT_ACTIONS[action][2]}: done.")
+        done = f"{result} failed devices queued again." if entry.name == "retry" else f"{entry.label}: done."
         note = ("success", done)
     if is_htmx(request):
         context = rollout_context(request, pk)
@@ -451,12 +442,14 @@ def rollout_action(request, pk, action):
 def rollout_context(request, pk):
     rollout = get_object_or_404(Rollout.objects.select_related("release", "model"), pk=pk)
     live = queries.rollout_live(rollout)
-    can = Can(request.user)
-    buttons = []
-    if can.operate:
-        for action in queries.allowed_actions(rollout):
-            _, _, label, css = ROLLOUT_ACTIONS[action]
-            buttons.append(
-                {"action": action, "label": label, "css": css, "confirm": queries.confirm_text(rollout, action, live)}
-            )
+    scopes = scopes_of(request.user)
+    available = actions_available(
+        state=rollout.state, requires_approval=rollout.requires_approval, approved=rollout.approved_at is not None
+    )
+    buttons = [
+        {"action": entry.name, "label": entry.label, "css": entry.style,
+         "confirm": queries.confirm_text(rollout, entry, live)}
+        for entry in available
+        if may_run(entry, scopes)
+    ]
     return {"rollout": rollout, "live": live, "buttons": buttons}

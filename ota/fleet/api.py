@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from django.db.models import Prefetch
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -11,7 +10,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from ota.fleet.enrollment import device_enroll, enrollment_token_create, enrollment_token_revoke
+from ota.fleet.parsing import parse_label_filter
 from ota.fleet.revocation import device_revoke
+from ota.fleet.selectors import devices_filter, devices_with_states
 from ota.fleet.serializers import (
     DeviceDetailSerializer,
     DeviceSerializer,
@@ -19,7 +20,7 @@ from ota.fleet.serializers import (
     EnrollmentTokenSerializer,
     EnrollRequestSerializer,
 )
-from ota.models import Device, DeviceModelState, EnrollmentToken
+from ota.models import Device, EnrollmentToken
 from registry.auth import actor_label
 from registry.errors import ApiError
 
@@ -32,11 +33,6 @@ def _valid(serializer_class, request):
     serializer = serializer_class(data=request.data)
     serializer.is_valid(raise_exception=True)
     return serializer.validated_data
-
-
-def _device_queryset():
-    states = DeviceModelState.objects.select_related("model", "active_version").order_by("model__name")
-    return Device.objects.select_related("hardware").prefetch_related(Prefetch("model_states", queryset=states))
 
 
 class EnrollmentTokenListCreate(generics.ListAPIView):
@@ -113,38 +109,33 @@ class DeviceList(generics.ListAPIView):
         return super().get(request, *args, **kwargs)
 
     def get_queryset(self):
-        qs = _device_queryset().order_by("id")
         params = self.request.query_params
-        for raw in params.getlist("label"):
-            key, sep, value = raw.partition("=")
-            if not key or "__" in key:
-                raise ApiError(f"label filter {raw!r} must look like key=value or key", code="invalid_filter")
-            qs = qs.filter(**{f"labels__{key}": value}) if sep else qs.filter(labels__has_key=key)
-        if params.get("hardware"):
-            qs = qs.filter(hardware_id=params["hardware"])
-        model, version = params.get("model"), params.get("version")
+        try:
+            labels = [parse_label_filter(raw) for raw in params.getlist("label")]
+        except ValueError as exc:
+            raise ApiError(str(exc), code="invalid_filter") from None
+        model, version = params.get("model", ""), params.get("version", "")
         if version and not model:
             raise ApiError("the version filter needs a model filter too (model=NAME&version=V)", code="invalid_filter")
-        if model and version:
-            qs = qs.filter(model_states__model__name=model, model_states__active_version__version=version)
-        elif model:
-            qs = qs.filter(model_states__model__name=model)
+        online = None
         if params.get("online") is not None:
-            online = params["online"].lower()
-            if online not in _TRUE | _FALSE:
+            value = params["online"].lower()
+            if value not in _TRUE | _FALSE:
                 raise ApiError(f"online must be true or false, got {params['online']!r}", code="invalid_filter")
-            qs = qs.filter(online=online in _TRUE)
-        if params.get("state"):
-            if params["state"] not in Device.State.values:
-                raise ApiError(f"state must be one of {', '.join(Device.State.values)}", code="invalid_filter")
-            qs = qs.filter(state=params["state"])
-        return qs.distinct()
+            online = value in _TRUE
+        state = params.get("state", "")
+        if state and state not in Device.State.values:
+            raise ApiError(f"state must be one of {', '.join(Device.State.values)}", code="invalid_filter")
+        return devices_filter(
+            devices_with_states(), labels=labels, hardware=params.get("hardware", ""), state=state, online=online,
+            model=model, version=version,
+        ).order_by("id")
 
 
 class DeviceDetail(APIView):
     @extend_schema(responses={200: DeviceDetailSerializer, 404: ERROR})
     def get(self, request, pk):
-        device = get_object_or_404(_device_queryset(), pk=pk)
+        device = get_object_or_404(devices_with_states(), pk=pk)
         return Response(DeviceDetailSerializer(device).data)
 
 
@@ -155,4 +146,4 @@ class DeviceRevoke(APIView):
     def post(self, request, pk):
         get_object_or_404(Device, pk=pk)
         device_revoke(device_id=pk, actor=actor_label(request.user))
-        return Response(DeviceDetailSerializer(get_object_or_404(_device_queryset(), pk=pk)).data)
+        return Response(DeviceDetailSerializer(get_object_or_404(devices_with_states(), pk=pk)).data)

@@ -16,8 +16,9 @@ from django.utils import timezone
 from ota.fleet.broker import BrokerError, BrokerUnavailable, broker_device_add
 from ota.fleet.parsing import validate_labels
 from ota.models import Device, EnrollmentToken, hash_secret
+from registry.audit import audit_record
 from registry.errors import ApiError
-from registry.models import AuditEntry, HardwareTarget
+from registry.models import HardwareTarget
 
 
 class EnrollmentRefused(ApiError):
@@ -46,11 +47,10 @@ def enrollment_token_create(
         max_uses=max_uses,
         default_labels=labels,
     )
-    AuditEntry.objects.create(
+    audit_record(
         actor=created_by,
         action="enrollment_token.create",
-        object_type="enrollment_token",
-        object_id=str(token.pk),
+        obj=token,
         detail={"max_uses": max_uses, "expires_at": token.expires_at.isoformat() if token.expires_at else None,
                 "labels": labels, "prefix": token.prefix},
     )
@@ -62,9 +62,7 @@ def enrollment_token_revoke(*, token_id: int, actor: str) -> EnrollmentToken:
     if token.revoked_at is None:
         token.revoked_at = timezone.now()
         token.save(update_fields=["revoked_at"])
-        AuditEntry.objects.create(
-            actor=actor, action="enrollment_token.revoke", object_type="enrollment_token", object_id=str(token.pk)
-        )
+        audit_record(actor=actor, action="enrollment_token.revoke", obj=token)
     return token
 
 
@@ -191,11 +189,10 @@ def device_enroll(*, token_secret: str, hardware: str, labels: dict | None = Non
                 continue
         else:  # pragma: no cover - 64 random bits colliding three times
             raise EnrollmentRefused("Could not allocate a device id; retry.", code="conflict", status_code=409)
-        AuditEntry.objects.create(
+        audit_record(
             actor=f"enrollment:{token.prefix}",
             action="device.enroll",
-            object_type="device",
-            object_id=device.id,
+            obj=device,
             detail={"hardware": hardware, "labels": device.labels, "token_id": token.pk},
         )
         try:

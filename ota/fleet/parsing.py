@@ -8,14 +8,19 @@ from datetime import timedelta
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 128
+LABEL_KEY_RULE = "1-63 letters, digits, '.', '_', '/' or '-', starting with a letter or digit"
 _DURATION_RE = re.compile(r"^(\d+)([smhdw])$")
 _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
 def parse_duration(text: str) -> timedelta:
     """'90s', '30m', '12h', '1d', '2w' -> timedelta; ValueError with the accepted forms otherwise."""
     match = _DURATION_RE.match(str(text).strip())
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"{text!r} is not a duration; use a positive number with s, m, h, d or w (e.g. 1d, 12h)")
     return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
+
+
 def parse_label_pairs(pairs: list[str] | None) -> dict[str, str]:
     """['site=eu', 'tier=gold'] -> {'site': 'eu', 'tier': 'gold'}; ValueError names the bad pair."""
     labels: dict[str, str] = {}
@@ -25,6 +30,8 @@ def parse_label_pairs(pairs: list[str] | None) -> dict[str, str]:
             raise ValueError(f"label {pair!r} must look like key=value")
         labels[key.strip()] = value.strip()
     return validate_labels(labels)
+
+
 def validate_labels(labels: object) -> dict[str, str]:
     if labels is None:
         return {}
@@ -35,10 +42,20 @@ def validate_labels(labels: object) -> dict[str, str]:
     for key, value in labels.items():
         if not isinstance(key, str) or not LABEL_KEY_RE.match(key):
             raise ValueError(
-                f"label key {key!r} must be 1-63 letters, digits, '.', '_', '/' or '-', starting with a letter or digit"
+                f"label key {key!r} must be {LABEL_KEY_RULE}"
             )
         if not isinstance(value, str):
             raise ValueError(f"label {key!r} must have a string value, got {type(value).__name__}")
         if len(value) > MAX_LABEL_VALUE:
             raise ValueError(f"label {key!r} value is longer than {MAX_LABEL_VALUE} characters")
     return dict(labels)
+
+
+def parse_label_filter(text: str) -> tuple[str, str | None]:
+    """'site=berlin' -> ('site', 'berlin'); 'camera' -> ('camera', None), meaning "has the label".
+    Keys follow the rule labels are stored with; ValueError names the offending piece."""
+    key, sep, value = text.strip().partition("=")
+    key = key.strip()
+    if not LABEL_KEY_RE.match(key):
+        raise ValueError(f"{text.strip()!r} is not key=value or key (a key is {LABEL_KEY_RULE})")
+    return key, value.strip() if sep else None

@@ -9,7 +9,7 @@ from django.utils import timezone
 from agent.protocol import Topics
 from ota.fleet.broker import BrokerError, BrokerUnavailable, broker_device_remove
 from ota.models import Device
-from registry.models import AuditEntry
+from registry.audit import audit_record
 
 
 def device_revoke(*, device_id: str, actor: str) -> Device:
@@ -27,7 +27,7 @@ def device_revoke(*, device_id: str, actor: str) -> Device:
             device.save(
                 update_fields=["state", "revoked_at", "revoked_by", "api_token_hash", "mqtt_password_hash", "online"]
             )
-            AuditEntry.objects.create(actor=actor, action="device.revoke", object_type="device", object_id=device.id)
+            audit_record(actor=actor, action="device.revoke", obj=device)
         transaction.on_commit(lambda: _revoke_on_broker(device.id))
     return device
 

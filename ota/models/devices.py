@@ -60,10 +60,6 @@ class Device(models.Model):
     def __str__(self) -> str:
         return self.name or self.id
 
-    @property
-    def is_active(self) -> bool:
-        return self.state == self.State.ACTIVE
-
     @classmethod
     def new_api_token(cls) -> str:
         return cls.API_TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -139,6 +135,7 @@ class ActiveRelease(models.Model):
 
 class EnrollmentToken(models.Model):
     TOKEN_PREFIX = "mfe_"
+    AUDIT_OBJECT_TYPE = "enrollment_token"  # the audit log's name for these since the first entry
 
     name = models.CharField(max_length=100, blank=True)
     prefix = models.CharField(max_length=12, editable=False)

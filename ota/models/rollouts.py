@@ -50,7 +50,8 @@ class Rollout(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
     state_reason = models.TextField(blank=True)
-    # Last time the engine evaluated it; lets the beat tick skip rollouts that were just looked at.
+    # Last time the engine evaluated it (for operators and tests: the beat tick evaluates every
+    # running rollout whatever this says).
     evaluated_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -59,10 +60,6 @@ class Rollout(models.Model):
 
     def __str__(self) -> str:
         return f"rollout {self.pk} {self.release} ({self.state})"
-
-    @property
-    def is_active(self) -> bool:
-        return self.state in self.ACTIVE_STATES
 
 
 class Wave(models.Model):
@@ -116,11 +113,38 @@ class RolloutDevice(models.Model):
         REVERTED = "reverted"
         REVERT_FAILED = "revert_failed"
 
+    # State groups: the one definition the engine, the gates, the API, the web UI, the admin and
+    # (through the API's counts) fleetctl use. A test checks every state is in the groups it
+    # should be and in exactly one progress bucket.
+    WAITING = (State.PLANNED, State.QUEUED)  # nothing sent yet
     IN_FLIGHT = (
         State.DIRECTED, State.RECEIVED, State.DOWNLOADING, State.VERIFYING,
         State.PRECHECKING, State.ACTIVATING, State.TRIAL,
     )
+    # Update failures: what the failure gate counts and what "retry failed" sends again.
     FAILURES = (State.FAILED, State.ROLLED_BACK, State.REJECTED, State.TIMED_OUT, State.UNHEALTHY)
+    # What an operator must look at, by error code: the update failures and failed reverts.
+    PROBLEMS = (*FAILURES, State.REVERT_FAILED)
+    # May be running the new release (or about to): a revert sends these back.
+    TOUCHED = (*IN_FLIGHT, State.COMMITTED, State.TIMED_OUT, State.UNHEALTHY)
+    # A report from the device is awaited: its update or its revert is under way.
+    EXPECTING_REPORTS = (*IN_FLIGHT, State.REVERTING)
+    # Nothing more is expected from the device for this rollout (late reports never flip these).
+    FINISHED = (State.COMMITTED, *FAILURES, State.SKIPPED, State.REVERTED, State.REVERT_FAILED)
+    # Progress buckets, in pipeline order: (key, label, states). The rollout page shows these;
+    # the web adds an "offline" overlay for devices in flight whose box is offline.
+    PROGRESS_BUCKETS = (
+        ("pending", "pending", WAITING),
+        ("downloading", "downloading", (State.DIRECTED, State.RECEIVED, State.DOWNLOADING, State.VERIFYING)),
+        ("prechecking", "prechecking", (State.PRECHECKING,)),
+        ("in_trial", "in trial", (State.ACTIVATING, State.TRIAL)),
+        ("healthy", "healthy", (State.COMMITTED,)),
+        ("failed", "failed", (State.FAILED, State.REJECTED, State.UNHEALTHY, State.REVERT_FAILED)),
+        ("timed_out", "timed out", (State.TIMED_OUT,)),
+        ("reverting", "reverting", (State.REVERTING,)),
+        ("rolled_back", "rolled back", (State.ROLLED_BACK, State.REVERTED)),
+        ("skipped", "skipped", (State.SKIPPED,)),
+    )
     # Agent-reported update states mapped onto assignment states (protocol State values).
     FROM_EVENT = {
         "received": State.RECEIVED,
@@ -134,6 +158,16 @@ class RolloutDevice(models.Model):
         "rolled_back": State.ROLLED_BACK,
         "rejected": State.REJECTED,
     }
+
+    @classmethod
+    def group_counts(cls, counts) -> dict[str, int]:
+        """Per-state counts ({state: n}) summed by group: committed, failed, in_flight, waiting."""
+        return {
+            "committed": counts.get(cls.State.COMMITTED, 0),
+            "failed": sum(counts.get(s, 0) for s in cls.FAILURES),
+            "in_flight": sum(counts.get(s, 0) for s in cls.IN_FLIGHT),
+            "waiting": sum(counts.get(s, 0) for s in cls.WAITING),
+        }
 
     rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="assignments")
     wave = models.ForeignKey(Wave, on_delete=models.CASCADE, related_name="assignments")

@@ -1,5 +1,6 @@
 """Operator actions on a rollout: approve, start, pause, resume, advance, retry, abort, roll back.
-Each locks the rollout row, checks its state, changes it and audits who did it and why."""
+Each locks the rollout row, checks its state against the catalogue (ota.rollouts.catalogue),
+changes it and audits who did it and why. Entry points run them by name through `rollout_act`."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from ota.models import Rollout, RolloutDevice, Wave
+from ota.rollouts.catalogue import BY_NAME
 from ota.rollouts.gates import wave_figures
 from ota.rollouts.planning import conflicts_find, raise_conflicts
 from ota.rollouts.transitions import (
-    audit_record,
     rollout_halt,
     rollout_locked,
     rollout_require_state,
@@ -19,7 +20,8 @@ from ota.rollouts.transitions import (
 )
 from ota.rollouts.wake import rollout_wake
 from ota.rollouts.waves import wave_pass
-from registry.errors import Conflict
+from registry.audit import audit_record
+from registry.errors import ApiError, Conflict
 from registry.models import Model
 
 RD = RolloutDevice.State
@@ -28,19 +30,19 @@ RD = RolloutDevice.State
 def rollout_approve(*, rollout_id: int, actor: str) -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
-        rollout_require_state(rollout, (Rollout.State.CREATED,), "approve")
+        rollout_require_state(rollout, BY_NAME["approve"])
         if rollout.approved_at:
             raise Conflict(f"rollout {rollout.pk} was already approved by {rollout.approved_by}", code="already_approved")
         rollout.approved_at, rollout.approved_by = timezone.now(), actor
         rollout.save(update_fields=["approved_at", "approved_by"])
-        audit_record(actor=actor, action="rollout.approve", rollout=rollout)
+        audit_record(actor=actor, action="rollout.approve", obj=rollout)
     return rollout
 
 
 def rollout_start(*, rollout_id: int, actor: str) -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
-        rollout_require_state(rollout, (Rollout.State.CREATED,), "start")
+        rollout_require_state(rollout, BY_NAME["start"])
         if rollout.requires_approval and not rollout.approved_at:
             raise Conflict(
                 f"rollout {rollout.pk} requires approval before start; an operator must POST .../approve",
@@ -54,7 +56,7 @@ def rollout_start(*, rollout_id: int, actor: str) -> Rollout:
         rollout.state = Rollout.State.RUNNING
         rollout.started_at, rollout.started_by = timezone.now(), actor
         rollout.save(update_fields=["state", "started_at", "started_by"])
-        audit_record(actor=actor, action="rollout.start", rollout=rollout, detail={"devices": len(device_ids)})
+        audit_record(actor=actor, action="rollout.start", obj=rollout, detail={"devices": len(device_ids)})
         rollout_wake(rollout.pk)
     return rollout
 
@@ -62,18 +64,18 @@ def rollout_start(*, rollout_id: int, actor: str) -> Rollout:
 def rollout_pause(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
-        rollout_require_state(rollout, (Rollout.State.RUNNING,), "pause")
+        rollout_require_state(rollout, BY_NAME["pause"])
         rollout_set_state(rollout, Rollout.State.PAUSED, reason or f"paused by {actor}")
-        audit_record(actor=actor, action="rollout.pause", rollout=rollout, reason=reason)
+        audit_record(actor=actor, action="rollout.pause", obj=rollout, reason=reason)
     return rollout
 
 
 def rollout_resume(*, rollout_id: int, actor: str) -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
-        rollout_require_state(rollout, (Rollout.State.PAUSED,), "resume")
+        rollout_require_state(rollout, BY_NAME["resume"])
         rollout_set_state(rollout, Rollout.State.RUNNING, f"resumed by {actor}")
-        audit_record(actor=actor, action="rollout.resume", rollout=rollout)
+        audit_record(actor=actor, action="rollout.resume", obj=rollout)
         rollout_wake(rollout.pk)
     return rollout
 
@@ -82,7 +84,7 @@ def rollout_advance(*, rollout_id: int, actor: str) -> Rollout:
     """Pass the current wave now, whatever its gates say, and start the next one."""
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
-        rollout_require_state(rollout, Rollout.ACTIVE_STATES, "advance")
+        rollout_require_state(rollout, BY_NAME["advance"])
         wave = rollout.waves.filter(index=rollout.current_wave).first()
         if wave is None or wave.state not in (Wave.State.RUNNING, Wave.State.SOAKING, Wave.State.PENDING):
             raise Conflict(f"rollout {rollout.pk} has no wave in progress to advance", code="invalid_state")
@@ -96,7 +98,7 @@ def rollout_retry_failed(*, rollout_id: int, actor: str) -> int:
     """Queue every failed device of the started waves again (a fresh directive, new seq)."""
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
-        rollout_require_state(rollout, Rollout.ACTIVE_STATES, "retry failed devices of")
+        rollout_require_state(rollout, BY_NAME["retry"])
         now = timezone.now()
         count = RolloutDevice.objects.filter(rollout=rollout, state__in=RolloutDevice.FAILURES).update(
             state=RD.QUEUED, queued_at=now, error_code="", detail="", updated_at=now
@@ -106,7 +108,7 @@ def rollout_retry_failed(*, rollout_id: int, actor: str) -> int:
             Wave.objects.filter(rollout=rollout, index=rollout.current_wave, state=Wave.State.HALTED).update(
                 state=Wave.State.RUNNING
             )
-        audit_record(actor=actor, action="rollout.retry", rollout=rollout, reason=f"{count} failed devices queued again", detail={"devices": count})
+        audit_record(actor=actor, action="rollout.retry", obj=rollout, reason=f"{count} failed devices queued again", detail={"devices": count})
         rollout_wake(rollout.pk)
     return count
 
@@ -114,9 +116,9 @@ def rollout_retry_failed(*, rollout_id: int, actor: str) -> int:
 def rollout_abort(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
-        rollout_require_state(rollout, Rollout.OPEN_STATES, "abort")
+        rollout_require_state(rollout, BY_NAME["abort"])
         rollout_halt(rollout, reason=reason or f"aborted by {actor}")
-        audit_record(actor=actor, action="rollout.abort", rollout=rollout, reason=reason)
+        audit_record(actor=actor, action="rollout.abort", obj=rollout, reason=reason)
     return rollout
 
 
@@ -124,12 +126,26 @@ def rollout_rollback(*, rollout_id: int, actor: str, reason: str = "") -> Rollou
     """Send every device this rollout updated (or may have) back to its previous release."""
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
-        rollout_require_state(
-            rollout, (*Rollout.ACTIVE_STATES, Rollout.State.COMPLETED, Rollout.State.ABORTED), "roll back"
-        )
+        rollout_require_state(rollout, BY_NAME["rollback"])
         if rollout.state in Rollout.ACTIVE_STATES:
             rollout_halt(rollout, reason=reason or f"rolled back by {actor}")
         figures = rollout_revert_devices(rollout)
         rollout_set_state(rollout, Rollout.State.ROLLED_BACK, reason or f"rolled back by {actor}")
-        audit_record(actor=actor, action="rollout.rollback", rollout=rollout, reason=reason, detail=figures)
+        audit_record(actor=actor, action="rollout.rollback", obj=rollout, reason=reason, detail=figures)
     return rollout
+
+
+def rollout_act(*, action: str, rollout_id: int, actor: str, reason: str = "") -> Rollout | int:
+    """Run the catalogue action `action` (a name such as "pause"); the reason is kept only by
+    actions that take one. Who may run it is the entry point's check (catalogue scopes)."""
+    entry = BY_NAME.get(action)
+    if entry is None:
+        raise ApiError(f"no rollout action {action!r}; use one of {', '.join(BY_NAME)}", code="not_found", status_code=404)
+    function = _FUNCTIONS[entry.name]
+    kwargs = {"rollout_id": rollout_id, "actor": actor}
+    if entry.takes_reason:
+        kwargs["reason"] = reason
+    return function(**kwargs)
+
+
+_FUNCTIONS = {name: globals()[entry.function] for name, entry in BY_NAME.items()}

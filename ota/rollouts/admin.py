@@ -6,8 +6,9 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 
 from ota.models import Directive, Rollout, RolloutDevice, Wave
-from ota.rollouts import actions
-from registry.auth import actor_label
+from ota.rollouts.actions import rollout_act
+from ota.rollouts.catalogue import ACTIONS, RolloutAction, may_run
+from registry.auth import actor_label, scopes_of
 from registry.errors import ApiError
 
 
@@ -22,41 +23,29 @@ class WaveInline(admin.TabularInline):
         return False
 
 
-def _run(modeladmin, request, queryset, func, verb: str, **kwargs) -> None:
-    done = 0
-    for rollout in queryset:
-        try:
-            func(rollout_id=rollout.pk, actor=actor_label(request.user), **kwargs)
-            done += 1
-        except (ApiError, ValidationError) as exc:
-            modeladmin.message_user(request, f"rollout {rollout.pk}: {getattr(exc, 'detail', exc)}", messages.ERROR)
-    if done:
-        modeladmin.message_user(request, f"{verb} {done} rollout(s).", messages.SUCCESS)
+def admin_action(entry: RolloutAction):
+    """A Django admin action running one catalogue action on every selected rollout, with the
+    catalogue's scope check (the same a browser user meets in the web UI)."""
 
+    def run(modeladmin, request, queryset):
+        if not may_run(entry, scopes_of(request.user)):
+            modeladmin.message_user(
+                request, f"{entry.label} needs the {' or '.join(entry.scopes)} role.", messages.ERROR
+            )
+            return
+        done = 0
+        for rollout_id in queryset.values_list("pk", flat=True):
+            try:
+                rollout_act(action=entry.name, rollout_id=rollout_id, actor=actor_label(request.user),
+                            reason=f"{entry.past} from the admin")
+                done += 1
+            except (ApiError, ValidationError) as exc:
+                modeladmin.message_user(request, f"rollout {rollout_id}: {getattr(exc, 'detail', exc)}", messages.ERROR)
+        if done:
+            modeladmin.message_user(request, f"{entry.label}: done for {done} rollout(s).", messages.SUCCESS)
 
-@admin.action(description="Start (or approve then start) selected rollouts")
-def start_rollouts(modeladmin, request, queryset):
-    _run(modeladmin, request, queryset, actions.rollout_start, "Started")
-
-
-@admin.action(description="Pause selected rollouts")
-def pause_rollouts(modeladmin, request, queryset):
-    _run(modeladmin, request, queryset, actions.rollout_pause, "Paused", reason="paused from the admin")
-
-
-@admin.action(description="Resume selected rollouts")
-def resume_rollouts(modeladmin, request, queryset):
-    _run(modeladmin, request, queryset, actions.rollout_resume, "Resumed")
-
-
-@admin.action(description="Abort selected rollouts")
-def abort_rollouts(modeladmin, request, queryset):
-    _run(modeladmin, request, queryset, actions.rollout_abort, "Aborted", reason="aborted from the admin")
-
-
-@admin.action(description="Roll back selected rollouts (devices to their previous release)")
-def rollback_rollouts(modeladmin, request, queryset):
-    _run(modeladmin, request, queryset, actions.rollout_rollback, "Rolled back", reason="rolled back from the admin")
+    run.__name__ = f"{entry.name}_rollouts"
+    return admin.action(description=f"{entry.label}: {entry.summary}")(run)
 
 
 @admin.register(Rollout)
@@ -65,7 +54,7 @@ class RolloutAdmin(admin.ModelAdmin):
     list_filter = ["state", "model", "abort_policy"]
     search_fields = ["name", "release__version", "model__name"]
     inlines = [WaveInline]
-    actions = [start_rollouts, pause_rollouts, resume_rollouts, abort_rollouts, rollback_rollouts]
+    actions = [admin_action(entry) for entry in ACTIONS]
     readonly_fields = [f.name for f in Rollout._meta.fields]
 
     def has_add_permission(self, request) -> bool:

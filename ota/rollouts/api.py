@@ -8,7 +8,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from ota.models import Rollout, RolloutDevice
-from ota.rollouts import actions
+from ota.rollouts.actions import rollout_act
+from ota.rollouts.catalogue import BY_NAME, CREATE_SCOPES
 from ota.rollouts.create import rollout_create
 from ota.rollouts.serializers import (
     AuditEntrySerializer,
@@ -22,7 +23,6 @@ from registry.auth import actor_label
 from registry.errors import ApiError
 from registry.models import AuditEntry
 
-CREATE_SCOPES = ("ci", "operator")
 ERROR = OpenApiResponse(description='{"error": {"code", "message", "fields"?, ...}}')
 
 
@@ -86,36 +86,26 @@ class RolloutDevices(generics.ListAPIView):
         return qs.order_by("rank")
 
 
-ACTIONS = {
-    "start": (actions.rollout_start, CREATE_SCOPES, False),
-    "approve": (actions.rollout_approve, "operator", False),
-    "pause": (actions.rollout_pause, "operator", True),
-    "resume": (actions.rollout_resume, "operator", False),
-    "advance": (actions.rollout_advance, "operator", False),
-    "retry": (actions.rollout_retry_failed, "operator", False),
-    "abort": (actions.rollout_abort, "operator", True),
-    "rollback": (actions.rollout_rollback, "operator", True),
-}
-
-
 class RolloutAction(APIView):
-    """POST /rollouts/{id}/{start|approve|pause|resume|advance|retry|abort|rollback} (body: optional reason)."""
+    """POST /rollouts/{id}/{action} for each action of ota.rollouts.catalogue (body: optional
+    reason). Scopes and allowed states are the catalogue's."""
 
     action_name = ""
 
     @property
     def required_scopes(self):
-        return {"POST": ACTIONS[self.action_name][1]}
+        return {"POST": BY_NAME[self.action_name].scopes}
 
     @extend_schema(request=RolloutReasonSerializer, responses={200: RolloutDetailSerializer, 403: ERROR, 404: ERROR, 409: ERROR})
     def post(self, request, pk: int):
-        func, _scope, takes_reason = ACTIONS[self.action_name]
-        kwargs = {"rollout_id": _get(pk).pk, "actor": actor_label(request.user)}
-        if takes_reason:
+        reason = ""
+        if BY_NAME[self.action_name].takes_reason:
             body = RolloutReasonSerializer(data=request.data or {})
             body.is_valid(raise_exception=True)
-            kwargs["reason"] = body.validated_data["reason"]
-        result = func(**kwargs)
+            reason = body.validated_data["reason"]
+        result = rollout_act(
+            action=self.action_name, rollout_id=_get(pk).pk, actor=actor_label(request.user), reason=reason
+        )
         data = RolloutDetailSerializer(_get(pk)).data
         if self.action_name == "retry":
             data["retried"] = result

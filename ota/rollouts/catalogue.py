@@ -20,6 +20,9 @@ CREATED, RUNNING, PAUSED, COMPLETED, ABORTED, ROLLED_BACK = (
 )
 ACTIVE = (RUNNING, PAUSED)
 
+# Who may create (define) a rollout; the actions on it follow.
+CREATE_SCOPES = ("ci", "operator")
+
 
 @dataclass(frozen=True)
 class RolloutAction:
@@ -28,6 +31,8 @@ class RolloutAction:
     scopes: tuple[str, ...]  # a caller with any one of these scopes may run it
     states: tuple[str, ...]  # the rollout states it is allowed in
     takes_reason: bool  # a free-text reason, kept in the audit log
+    verb: str  # for refusals: "cannot {verb} rollout 7: it is completed"
+    past: str  # for what was done: "paused from the admin"
     summary: str  # one line: fleetctl's help, the admin's action description
     label: str  # the web button
     style: str  # the web button's CSS class
@@ -38,53 +43,69 @@ class RolloutAction:
 
 ACTIONS: tuple[RolloutAction, ...] = (
     RolloutAction(
-        name="approve", function="rollout_approve", scopes=("operator",), states=(CREATED,), takes_reason=False,
+        name="approve", function="rollout_approve",
+        scopes=("operator",), states=(CREATED,),
+        takes_reason=False, verb="approve", past="approved",
         summary="approve a rollout that requires approval (operator)",
         label="Approve", style="secondary",
         confirm="Approve rollout #{rollout} of {release}? Another operator can then start it.",
     ),
     RolloutAction(
-        name="start", function="rollout_start", scopes=("ci", "operator"), states=(CREATED,), takes_reason=False,
+        name="start", function="rollout_start",
+        scopes=("ci", "operator"), states=(CREATED,),
+        takes_reason=False, verb="start", past="started",
         summary="start a created (and, if required, approved) rollout",
         label="Start", style="",
-        confirm="Start rollout #{rollout}? {release} goes to {devices} devices in {waves} waves, beginning with {wave}.",
+        confirm="Start rollout #{rollout}? {release} goes to {devices} devices in {waves} waves, "
+        "beginning with {wave}.",
     ),
     RolloutAction(
-        name="pause", function="rollout_pause", scopes=("operator",), states=(RUNNING,), takes_reason=True,
+        name="pause", function="rollout_pause",
+        scopes=("operator",), states=(RUNNING,),
+        takes_reason=True, verb="pause", past="paused",
         summary="stop sending directives; devices already updating finish",
         label="Pause", style="warn",
         confirm="Pause rollout #{rollout}? No new directives go out until it is resumed; devices already "
         "updating finish what they started.",
     ),
     RolloutAction(
-        name="resume", function="rollout_resume", scopes=("operator",), states=(PAUSED,), takes_reason=False,
+        name="resume", function="rollout_resume",
+        scopes=("operator",), states=(PAUSED,),
+        takes_reason=False, verb="resume", past="resumed",
         summary="continue a paused rollout",
         label="Resume", style="",
         confirm="Resume rollout #{rollout}? Directives for {wave} go out again under the rate cap.",
     ),
     RolloutAction(
-        name="advance", function="rollout_advance", scopes=("operator",), states=ACTIVE, takes_reason=False,
+        name="advance", function="rollout_advance",
+        scopes=("operator",), states=ACTIVE,
+        takes_reason=False, verb="advance", past="advanced",
         summary="pass the current wave now, whatever its gates say",
         label="Advance now", style="secondary",
         confirm="Advance rollout #{rollout} now? {Wave} is passed without waiting for its gates or soak time, "
         "and the next wave starts.",
     ),
     RolloutAction(
-        name="retry", function="rollout_retry_failed", scopes=("operator",), states=ACTIVE, takes_reason=False,
+        name="retry", function="rollout_retry_failed",
+        scopes=("operator",), states=ACTIVE,
+        takes_reason=False, verb="retry failed devices of", past="queued again",
         summary="send failed devices of the started waves a fresh directive",
         label="Retry failed", style="secondary",
         confirm="Retry failed devices of rollout #{rollout}? About {failed} failed or timed-out devices get a "
         "fresh directive for {release}.",
     ),
     RolloutAction(
-        name="abort", function="rollout_abort", scopes=("operator",), states=(CREATED, *ACTIVE), takes_reason=True,
+        name="abort", function="rollout_abort",
+        scopes=("operator",), states=(CREATED, *ACTIVE),
+        takes_reason=True, verb="abort", past="aborted",
         summary="stop the rollout; devices not yet directed are skipped",
         label="Abort", style="danger",
         confirm="Abort rollout #{rollout}? Nothing more is sent; devices already on {release} keep it.",
     ),
     RolloutAction(
-        name="rollback", function="rollout_rollback", scopes=("operator",), states=(*ACTIVE, COMPLETED, ABORTED),
-        takes_reason=True,
+        name="rollback", function="rollout_rollback",
+        scopes=("operator",), states=(*ACTIVE, COMPLETED, ABORTED),
+        takes_reason=True, verb="roll back", past="rolled back",
         summary="send every device this rollout touched back to its previous release",
         label="Abort and revert (roll back)", style="danger",
         confirm="Abort rollout #{rollout} and revert? Every device it updated (or was updating) gets a new "
@@ -92,6 +113,8 @@ ACTIONS: tuple[RolloutAction, ...] = (
     ),
 )
 BY_NAME: dict[str, RolloutAction] = {action.name: action for action in ACTIONS}
+# Whoever may run at least one action (the web's first gate; each action then checks its own).
+ACTION_SCOPES: tuple[str, ...] = tuple(sorted({scope for action in ACTIONS for scope in action.scopes}))
 
 
 def action_named(name: str) -> RolloutAction | None:

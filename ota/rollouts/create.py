@@ -6,9 +6,8 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from ota.models import Rollout, RolloutDevice, Wave
-from ota.rollouts.definition import gates_normalise, target_validate, waves_validate
-from ota.rollouts.planning import conflicts_find, plan_waves, raise_conflicts, target_resolve
-from ota.rollouts.transitions import audit_record
+from ota.rollouts.planning import conflicts_find, raise_conflicts, rollout_plan
+from registry.audit import audit_record
 from registry.models import Model, ModelVersion
 
 
@@ -30,32 +29,24 @@ def rollout_create(
     release = ModelVersion.objects.filter(model=model_obj, version=version).select_related("model").first()
     if release is None:
         raise ValidationError({"version": f"model {model!r} has no version {version!r}"})
-    if release.state != ModelVersion.State.RELEASED or not release.envelope:
-        raise ValidationError(
-            {"version": f"{release} is {release.state}; only a released (signed) version can be rolled out"}
-        )
     if abort_policy not in Rollout.AbortPolicy.values:
         raise ValidationError({"abort_policy": f"must be one of {', '.join(Rollout.AbortPolicy.values)}, got {abort_policy!r}"})
-    target = target_validate(target)
-    wave_specs = waves_validate(waves)
-    rollout_gates = gates_normalise(gates)
-    for i, spec in enumerate(wave_specs):
-        spec["effective_gates"] = gates_normalise(spec.get("gates"), where=f"waves[{i}].gates", base=rollout_gates)
-    plan = target_resolve(target=target, release=release)
+    planned = rollout_plan(release=release, target=target, waves=waves, gates=gates)
+    plan, wave_specs = planned.resolved, planned.waves
     with transaction.atomic():
         rollout = Rollout.objects.create(
             name=name,
             release=release,
             model=model_obj,
-            target=target,
+            target=planned.target,
             waves_spec=[{k: v for k, v in s.items() if k != "effective_gates"} for s in wave_specs],
-            gates=rollout_gates,
+            gates=planned.gates,
             abort_policy=abort_policy,
             requires_approval=requires_approval,
             incompatible=plan.incompatible,
             created_by=actor,
         )
-        members = plan_waves(plan=plan, waves=wave_specs, rollout_id=rollout.pk)
+        members = planned.members(rollout_id=rollout.pk)
         raise_conflicts(conflicts_find(model_id=model_obj.pk, device_ids=[d for m in members for d in m]))
         rank = 0
         assignments = []
@@ -71,7 +62,7 @@ def rollout_create(
         audit_record(
             actor=actor,
             action="rollout.create",
-            rollout=rollout,
+            obj=rollout,
             reason=f"{release} to {rank} devices in {len(members)} waves",
             detail={
                 "release": str(release),

@@ -24,6 +24,7 @@ from django.utils import timezone
 from agent.protocol import Topics, build_directive_payload, encode_json
 from agent.signing import DIRECTIVE_PAYLOAD_TYPE, sign_envelope
 from ota.models import Device, Directive
+from registry.actions import artifact_download_url
 from registry.keys import load_rollout_key
 from registry.models import Artifact, ModelVersion
 
@@ -40,13 +41,6 @@ class DirectiveRequest:
     device_id: str
     hardware: str
     version: ModelVersion
-
-
-def artifact_url(version: ModelVersion, hardware: str) -> str:
-    return (
-        f"{settings.PUBLIC_URL}/api/v1/models/{version.model.name}/versions/{version.version}"
-        f"/artifacts/{hardware}/download"
-    )
 
 
 def allocate_seqs(device_ids: list[str]) -> dict[str, int]:
@@ -101,7 +95,7 @@ def directives_issue(
                 "hardware": req.hardware,
                 "sha256": art.sha256,
                 "length": art.length,
-                "url": artifact_url(req.version, req.hardware),
+                "url": artifact_download_url(artifact=art),
             },
         )
         records.append(
@@ -126,7 +120,8 @@ def directives_issue(
 def _artifacts_for(requests: list[DirectiveRequest]) -> dict[tuple[int, str], Artifact]:
     version_ids = {r.version.pk for r in requests}
     return {
-        (a.version_id, a.hardware_id): a for a in Artifact.objects.filter(version_id__in=version_ids)
+        (a.version_id, a.hardware_id): a
+        for a in Artifact.objects.filter(version_id__in=version_ids).select_related("version__model")
     }
 
 

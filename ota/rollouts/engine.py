@@ -14,13 +14,12 @@ from ota.rollouts.dispatch import wave_dispatch
 from ota.rollouts.gates import failure_gate_tripped, success_gate_met, wave_figures
 from ota.rollouts.timeouts import timeouts_apply
 from ota.rollouts.transitions import (
-    SYSTEM,
-    audit_record,
     rollout_halt,
     rollout_revert_devices,
     rollout_set_state,
 )
 from ota.rollouts.waves import wave_pass, wave_start
+from registry.audit import SYSTEM, audit_record
 
 
 def rollout_evaluate(*, rollout_id: int) -> str:
@@ -39,7 +38,7 @@ def rollout_evaluate(*, rollout_id: int) -> str:
             wave = rollout.waves.filter(index=rollout.current_wave).first()
             if wave is None:
                 rollout_set_state(rollout, Rollout.State.COMPLETED, "every wave passed its gates")
-                audit_record(actor=SYSTEM, action="rollout.complete", rollout=rollout, reason="every wave passed its gates")
+                audit_record(actor=SYSTEM, action="rollout.complete", obj=rollout, reason="every wave passed its gates")
                 outcome = "completed"
                 break
             if wave.state == Wave.State.PENDING:
@@ -58,7 +57,7 @@ def rollout_evaluate(*, rollout_id: int) -> str:
                 wave.state, wave.gate_met_at = Wave.State.SOAKING, timezone.now()
                 wave.save(update_fields=["state", "gate_met_at"])
                 audit_record(
-                    actor=SYSTEM, action="wave.gate_met", rollout=rollout,
+                    actor=SYSTEM, action="wave.gate_met", obj=rollout,
                     reason=f"wave {wave.index}: {figures['healthy_percent']}% healthy >= "
                     f"{wave.gates['success']['min_healthy_percent']}%; soaking {wave.gates['soak_seconds']}s",
                     detail={"wave": wave.index, **figures},
@@ -83,14 +82,14 @@ def _gate_trip(rollout: Rollout, wave: Wave, reason: str, figures: dict) -> None
     detail = {"wave": wave.index, "policy": policy, **figures}
     if policy == Rollout.AbortPolicy.PAUSE:
         rollout_set_state(rollout, Rollout.State.PAUSED, f"failure gate: {reason}")
-        audit_record(actor=SYSTEM, action="rollout.auto_pause", rollout=rollout, reason=f"wave {wave.index} failure gate: {reason}", detail=detail)
+        audit_record(actor=SYSTEM, action="rollout.auto_pause", obj=rollout, reason=f"wave {wave.index} failure gate: {reason}", detail=detail)
         return
     rollout_halt(rollout, reason=f"failure gate: {reason}")
     if policy == Rollout.AbortPolicy.REVERT:
         detail.update(rollout_revert_devices(rollout))
     audit_record(
         actor=SYSTEM, action="rollout.auto_abort" if policy == Rollout.AbortPolicy.ABORT else "rollout.auto_revert",
-        rollout=rollout, reason=f"wave {wave.index} failure gate: {reason}", detail=detail,
+        obj=rollout, reason=f"wave {wave.index} failure gate: {reason}", detail=detail,
     )
 
 

@@ -26,7 +26,6 @@ _PHASE_FIELD = {
 _REVERT_OUTCOME = {"committed": RD.REVERTED, "failed": RD.REVERT_FAILED, "rolled_back": RD.REVERT_FAILED, "rejected": RD.REVERT_FAILED}
 
 
-_TERMINAL = {RD.COMMITTED, *RolloutDevice.FAILURES, RD.SKIPPED, RD.REVERTED, RD.REVERT_FAILED}
 
 
 def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
@@ -81,7 +80,7 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
             a.last_event_no = e["event_no"]
             changed[a.pk] = a
             new_state = RolloutDevice.FROM_EVENT.get(e["state"])
-            if new_state is None or a.state in _TERMINAL or a.state == RD.REVERTING:
+            if new_state is None or a.state in RolloutDevice.FINISHED or a.state == RD.REVERTING:
                 # Late news about a device already decided (timed out, reverted) is kept as
                 # detail but never flips the outcome the gates already counted.
                 continue
@@ -94,7 +93,7 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
             stamp = _PHASE_FIELD.get(new_state)
             if stamp and getattr(a, stamp) is None:
                 setattr(a, stamp, e["received_at"])
-            if new_state in _TERMINAL:
+            if new_state in RolloutDevice.FINISHED:
                 a.finished_at = e["received_at"]
                 a.error_code, a.detail = e["error_code"] or "", (e["detail"] or "")[:2000]
         now = timezone.now()
@@ -116,7 +115,7 @@ def events_concern_rollouts(*, event_ids: list[int]) -> bool:
     """Whether any of these events' devices has an update or revert in progress (one query)."""
     devices = DeviceEvent.objects.filter(pk__in=event_ids).exclude(seq=0).values("device_id")
     return RolloutDevice.objects.filter(
-        device_id__in=devices, state__in=(*RolloutDevice.IN_FLIGHT, RD.REVERTING)
+        device_id__in=devices, state__in=RolloutDevice.EXPECTING_REPORTS
     ).exists()
 
 

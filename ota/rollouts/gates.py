@@ -14,8 +14,8 @@ RD = RolloutDevice.State
 
 def wave_figures(wave: Wave) -> dict:
     counts = Counter(dict(wave.assignments.values_list("state").annotate(n=Count("id")).order_by()))
-    failed = sum(counts.get(s, 0) for s in RolloutDevice.FAILURES)
-    committed = counts.get(RD.COMMITTED, 0)
+    groups = RolloutDevice.group_counts(counts)
+    committed, failed = groups["committed"], groups["failed"]
     reported = committed + failed
     size = wave.size
     return {
@@ -23,7 +23,7 @@ def wave_figures(wave: Wave) -> dict:
         "committed": committed,
         "failed": failed,
         "reported": reported,
-        "in_flight": sum(counts.get(s, 0) for s in RolloutDevice.IN_FLIGHT),
+        "in_flight": groups["in_flight"],
         "queued": counts.get(RD.QUEUED, 0),
         "healthy_percent": round(100.0 * committed / size, 2) if size else 100.0,
         "failed_percent": round(100.0 * failed / reported, 2) if reported else 0.0,

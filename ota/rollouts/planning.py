@@ -1,15 +1,19 @@
 """Planning: which active devices a target matches, which can take the release, how they fall
-into waves (a stable hash order), and which are already busy in another rollout of the model."""
+into waves (a stable hash order), and which are already busy in another rollout of the model.
+
+`rollout_plan` runs the whole pipeline; rollout_create, the wizard's live preview and its review
+page all call it, so a check added here holds at every entry point."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
 
 from ota.models import Device, Rollout, RolloutDevice
+from ota.rollouts.definition import gates_normalise, target_validate, waves_validate
 from registry.errors import Conflict
 from registry.models import ModelVersion
 
@@ -22,7 +26,6 @@ def stable_rank_key(rollout_id: int, device_id: str) -> str:
 class Plan:
     targeted: list[tuple[str, str]]  # (device id, hardware id)
     incompatible: list[dict]
-    waves: list[list[str]] = field(default_factory=list)
 
     @property
     def compatible(self) -> list[str]:
@@ -125,3 +128,66 @@ def raise_conflicts(conflicts: dict[str, list[str]]) -> None:
             code="device_in_running_rollout",
             conflicts=conflicts,
         )
+
+
+def release_check(release: ModelVersion) -> None:
+    if release.state != ModelVersion.State.RELEASED or not release.envelope:
+        raise ValidationError(
+            {"version": f"{release} is {release.state}; only a released (signed) version can be rolled out"}
+        )
+
+
+@dataclass
+class RolloutPlan:
+    """A checked definition and what it would do now. Membership of percent and count waves
+    depends on the rollout's id (the stable hash order), so `members` takes it; the sizes do not."""
+
+    release: ModelVersion
+    target: dict
+    gates: dict
+    waves: list[dict]  # validated wave specs, each with its "effective_gates"
+    resolved: Plan
+    sizes: list[int]
+    # Devices of the planned waves (of the whole compatible target when no waves were given)
+    # that are busy in a running or paused rollout of the same model: {rollout id: [devices]}.
+    conflicts: dict[str, list[str]]
+
+    def members(self, *, rollout_id: int) -> list[list[str]]:
+        return plan_waves(plan=self.resolved, waves=self.waves, rollout_id=rollout_id)
+
+    @property
+    def busy(self) -> int:
+        return sum(len(v) for v in self.conflicts.values())
+
+
+def rollout_plan(*, release: ModelVersion, target, waves=None, gates=None) -> RolloutPlan:
+    """Check a rollout definition and plan it, without writing anything.
+
+    Raises django's ValidationError keyed by the API's field paths (`target.labels`,
+    `waves[1].percent`, `gates.failure.min_reports`, ...). `waves=None` plans the target alone,
+    for a preview shown before a wave plan is typed. Busy devices are reported, not refused:
+    the caller decides (create refuses them with 409, the wizard shows them).
+    """
+    release_check(release)
+    target = target_validate(target)
+    specs = waves_validate(waves) if waves is not None else []
+    rollout_gates = gates_normalise(gates)
+    errors: dict = {}
+    for i, spec in enumerate(specs):
+        try:
+            spec["effective_gates"] = gates_normalise(spec.get("gates"), where=f"waves[{i}].gates", base=rollout_gates)
+        except ValidationError as exc:
+            errors.update(exc.message_dict)
+    if errors:
+        raise ValidationError(errors)
+    resolved = target_resolve(target=target, release=release)
+    if waves is not None:
+        members = plan_waves(plan=resolved, waves=specs, rollout_id=0)
+        sizes = [len(m) for m in members]
+        planned = [d for m in members for d in m]
+    else:
+        sizes, planned = [], resolved.compatible
+    return RolloutPlan(
+        release=release, target=target, gates=rollout_gates, waves=specs, resolved=resolved, sizes=sizes,
+        conflicts=conflicts_find(model_id=release.model_id, device_ids=planned),
+    )

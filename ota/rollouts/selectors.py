@@ -12,7 +12,8 @@ RD = RolloutDevice.State
 
 
 def rollout_summary(rollout: Rollout) -> dict:
-    """State plus per-wave counts by device state, for the API, the CLI and the UI."""
+    """Per wave and overall: counts by device state and by state group (committed, failed,
+    in_flight, waiting; the groups of RolloutDevice), for the API, the CLI and the UI."""
     per_wave: dict[int, Counter] = {}
     for wave_id, state, n in (
         RolloutDevice.objects.filter(rollout=rollout).values_list("wave_id", "state").annotate(n=Count("id")).order_by()
@@ -23,8 +24,7 @@ def rollout_summary(rollout: Rollout) -> dict:
     for wave in rollout.waves.all():
         counts = per_wave.get(wave.pk, Counter())
         totals.update(counts)
-        committed = counts.get(RD.COMMITTED, 0)
-        failed = sum(counts.get(s, 0) for s in RolloutDevice.FAILURES)
+        groups = RolloutDevice.group_counts(counts)
         waves.append(
             {
                 "index": wave.index,
@@ -33,13 +33,17 @@ def rollout_summary(rollout: Rollout) -> dict:
                 "state": wave.state,
                 "size": wave.size,
                 "counts": dict(counts),
-                "committed": committed,
-                "failed": failed,
-                "healthy_percent": round(100.0 * committed / wave.size, 2) if wave.size else 100.0,
+                **groups,
+                "healthy_percent": round(100.0 * groups["committed"] / wave.size, 2) if wave.size else 100.0,
                 "gates": wave.gates,
                 "started_at": wave.started_at,
                 "gate_met_at": wave.gate_met_at,
                 "finished_at": wave.finished_at,
             }
         )
-    return {"waves": waves, "totals": dict(totals), "devices": sum(totals.values())}
+    return {
+        "waves": waves,
+        "totals": dict(totals),
+        "progress": RolloutDevice.group_counts(totals),
+        "devices": sum(totals.values()),
+    }

@@ -8,7 +8,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from ota.models import Rollout, RolloutDevice, Wave
-from ota.rollouts.transitions import SYSTEM, audit_record
+from registry.audit import SYSTEM, audit_record
 
 RD = RolloutDevice.State
 
@@ -35,7 +35,7 @@ def timeouts_apply(rollout: Rollout, wave: Wave) -> None:
         expired_total[phase] = ids
     if expired_total:
         audit_record(
-            actor=SYSTEM, action="devices.timeout", rollout=rollout,
+            actor=SYSTEM, action="devices.timeout", obj=rollout,
             reason="; ".join(f"{len(v)} devices exceeded the {k} timeout" for k, v in expired_total.items()),
             detail={"wave": wave.index, **{k: v[:100] for k, v in expired_total.items()}},
         )

@@ -13,23 +13,12 @@ from django.utils import timezone
 
 from ota.db import bulk_set
 from ota.models import Directive, Rollout, RolloutDevice, Wave
+from ota.rollouts.catalogue import RolloutAction
 from ota.rollouts.directives import DirectiveRequest, directives_issue, directives_withdraw
 from registry.errors import ApiError, Conflict
-from registry.models import Artifact, AuditEntry
+from registry.models import Artifact
 
 RD = RolloutDevice.State
-SYSTEM = "system"
-
-
-def audit_record(*, actor: str, action: str, rollout: Rollout, reason: str = "", detail: dict | None = None) -> None:
-    AuditEntry.objects.create(
-        actor=actor,
-        action=action,
-        object_type="rollout",
-        object_id=str(rollout.pk),
-        reason=reason,
-        detail=detail or {},
-    )
 
 
 def rollout_locked(rollout_id: int) -> Rollout:
@@ -39,10 +28,11 @@ def rollout_locked(rollout_id: int) -> Rollout:
     return rollout
 
 
-def rollout_require_state(rollout: Rollout, allowed: tuple, verb: str) -> None:
-    if rollout.state not in allowed:
+def rollout_require_state(rollout: Rollout, action: RolloutAction) -> None:
+    """Refuse (409 invalid_state) an action the catalogue does not allow in the rollout's state."""
+    if rollout.state not in action.states:
         raise Conflict(
-            f"cannot {verb} rollout {rollout.pk}: it is {rollout.state} (allowed when {', '.join(allowed)})",
+            f"cannot {action.verb} rollout {rollout.pk}: it is {rollout.state} (allowed when {', '.join(action.states)})",
             code="invalid_state",
             state=rollout.state,
         )
@@ -78,7 +68,7 @@ def rollout_revert_devices(rollout: Rollout) -> dict:
     """New directives pointing each touched device back at the release it ran before."""
     candidates = list(
         RolloutDevice.objects.filter(
-            rollout=rollout, state__in=(*RolloutDevice.IN_FLIGHT, RD.COMMITTED, RD.TIMED_OUT, RD.UNHEALTHY)
+            rollout=rollout, state__in=RolloutDevice.TOUCHED
         ).select_related("device", "previous_version__model")
     )
     requests, sent, without_previous, below_floor = [], [], [], []

@@ -3,6 +3,7 @@
 from django.urls import path, re_path
 
 from ota.rollouts import api
+from ota.rollouts.catalogue import ACTIONS
 
 urlpatterns = [
     path("rollouts/", api.RolloutListCreate.as_view(), name="rollout-list"),
@@ -10,6 +11,10 @@ urlpatterns = [
     path("rollouts/<int:pk>/devices/", api.RolloutDevices.as_view(), name="rollout-devices"),
     path("audit/", api.AuditList.as_view(), name="audit-list"),
 ] + [
-    re_path(rf"^rollouts/(?P<pk>[0-9]+)/{name}/?$", api.RolloutAction.as_view(action_name=name), name=f"rollout-{name}")
-    for name in api.ACTIONS
+    re_path(
+        rf"^rollouts/(?P<pk>[0-9]+)/{action.name}/?$",
+        api.RolloutAction.as_view(action_name=action.name),
+        name=f"rollout-{action.name}",
+    )
+    for action in ACTIONS
 ]

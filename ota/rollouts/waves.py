@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.utils import timezone
 
 from ota.models import Rollout, RolloutDevice, Wave
-from ota.rollouts.transitions import SYSTEM, audit_record
+from registry.audit import SYSTEM, audit_record
 
 RD = RolloutDevice.State
 
@@ -18,7 +18,7 @@ def wave_start(rollout: Rollout, wave: Wave) -> None:
     wave.state, wave.started_at = Wave.State.RUNNING, now
     queued = RolloutDevice.objects.filter(wave=wave, state=RD.PLANNED).update(state=RD.QUEUED, queued_at=now, updated_at=now)
     audit_record(
-        actor=SYSTEM, action="wave.start", rollout=rollout,
+        actor=SYSTEM, action="wave.start", obj=rollout,
         reason=f"wave {wave.index} ({wave.spec.get('name') or wave.spec}) started with {queued} devices",
         detail={"wave": wave.index, "devices": queued},
     )
@@ -37,6 +37,6 @@ def wave_pass(rollout: Rollout, wave: Wave, *, actor: str, reason: str, figures:
     Rollout.objects.filter(pk=rollout.pk, current_wave=wave.index).update(current_wave=wave.index + 1)
     rollout.current_wave = wave.index + 1
     audit_record(
-        actor=actor, action="wave.pass", rollout=rollout, reason=f"wave {wave.index}: {reason}",
+        actor=actor, action="wave.pass", obj=rollout, reason=f"wave {wave.index}: {reason}",
         detail={"wave": wave.index, **figures},
     )

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 
-from django.db import DatabaseError, close_old_connections, connection, connections, transaction
+from django.db import DatabaseError, close_old_connections, connections, transaction
 from django.utils import timezone
 
 from agent.protocol import (
@@ -30,6 +30,7 @@ from agent.protocol import (
     parse_telemetry,
     parse_time,
 )
+from ota.db import bulk_set
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState
 from ota.transport import hooks
 from ota.transport.mqtt import BrokerSettings, new_client
@@ -78,36 +79,6 @@ class _Parsed:
     received_at: datetime
     event: Event | None = None
     data: dict | None = None
-
-
-def bulk_set(model, objs: list, field_names: list[str]) -> None:
-    """UPDATE many rows, each with its own values, in one statement.
-
-    Django's bulk_update builds a CASE WHEN per field and row, which costs seconds of CPU for a
-    few hundred rows; PostgreSQL's UPDATE ... FROM (VALUES ...) does the same in milliseconds.
-    """
-    if not objs:
-        return
-    if connection.vendor != "postgresql":
-        model.objects.bulk_update(objs, field_names, batch_size=200)
-        return
-    qn = connection.ops.quote_name
-    pk = model._meta.pk
-    fields = [model._meta.get_field(name) for name in field_names]
-    columns = [pk, *fields]
-    row = "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in columns) + ")"
-    params: list = []
-    for obj in objs:
-        params.append(pk.get_db_prep_save(obj.pk, connection))
-        params.extend(f.get_db_prep_save(getattr(obj, f.attname), connection) for f in fields)
-    sql = (
-        f"UPDATE {qn(model._meta.db_table)} AS t SET "
-        + ", ".join(f"{qn(f.column)} = v.{qn(f.column)}" for f in fields)
-        + f" FROM (VALUES {', '.join([row] * len(objs))}) AS v({', '.join(qn(c.column) for c in columns)})"
-        + f" WHERE t.{qn(pk.column)} = v.{qn(pk.column)}"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
 
 
 class Ingestor:
@@ -312,7 +283,7 @@ class Ingestor:
             self.open[key] = new
 
         def save(self) -> None:
-            bulk_set(ActiveRelease, self.closed, ["to_time"])
+            bulk_set(self.closed, ["to_time"])
             if self.created:
                 ActiveRelease.objects.bulk_create(self.created)
 
@@ -362,7 +333,6 @@ class Ingestor:
             state.updated_at = now
             touched.add(state.pk)
         bulk_set(
-            DeviceModelState,
             [state for state in states.values() if state.pk in touched],
             ["last_event_no", "last_seq", "last_state", "last_error_code", "last_rollout_id", "updated_at",
              "active_sha256", "active_version"],
@@ -396,7 +366,7 @@ class Ingestor:
         for device_id, fields in per_device.items():
             groups[tuple(sorted(fields))].append(Device(pk=device_id, **fields))
         for names, rows in groups.items():
-            bulk_set(Device, rows, list(names))
+            bulk_set(rows, list(names))
 
 
 class IngestRunner:
