@@ -86,8 +86,8 @@ def make_rollout(versions, keys_dir: Path) -> int:
     from agent.signing import generate_private_key_pem
     from ota.models import Rollout, RolloutDevice
     from ota.rollouts.create import rollout_create
-    from registry import actions as registry_actions
     from registry.models import Artifact, HardwareTarget
+    from registry.releases import version_release
 
     for role in ("release", "rollout"):
         (keys_dir / f"{role}.pem").write_bytes(generate_private_key_pem())
@@ -96,7 +96,7 @@ def make_rollout(versions, keys_dir: Path) -> int:
     for i, hw in enumerate(HardwareTarget.objects.all()):
         Artifact.objects.create(version=draft, hardware=hw, format="onnx", file_name="m.onnx", length=1000 + i,
                                 sha256=f"{i + 10:064x}", storage_key=f"bench/{hw.id}")
-    registry_actions.version_release(version=draft, actor="bench")
+    version_release(version=draft, actor="bench")
     rollout = rollout_create(
         model="detector", version="2.0.0", target={"hardware": ["jetson-orin", "rpi5", "x86-cpu"]},
         waves=[{"name": "canary", "count": 10}, {"percent": 10}, {"percent": 50}, {"percent": 100}], actor="bench",

@@ -1,0 +1,16 @@
+"""The model registry. Views, serializers, admin and commands call the functions below, and
+nothing else writes registry state. Every refusal raises registry.errors.ApiError with a stable
+`code`, so the API, the CLI and the admin all report the same reason.
+
+    lookups.py    model_get, version_get, artifact_get (or a 404 naming what is missing)
+    hardware.py   hardware_create
+    versions.py   model_create, version_create (counters), require_draft
+    health.py     health_contract_validate: the health contract a version may carry
+    artifacts.py  the artifact store, artifact_upload (hashing, budget, ONNX check), deleting one
+    releases.py   version_release (signing the manifest), deprecate, revoke, deleting a draft
+    aliases.py    alias_set (moving an alias), aliases_list (with history), parse_instant
+    tokens.py     API tokens: token_create, tokens_revoke, token_revoke
+    downloads.py  the artifact download URL and the download responses
+    keys.py       the release and rollout signing keys
+    audit.py      the audit log's one writer and reader
+"""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from django.contrib import admin, messages
 
-from registry import actions
+from registry.artifacts import artifact_delete_draft
 from registry.auth import actor_label
 from registry.errors import ApiError
 from registry.models import (
@@ -18,6 +18,8 @@ from registry.models import (
     Model,
     ModelVersion,
 )
+from registry.releases import version_delete_draft
+from registry.tokens import tokens_revoke
 
 ARTIFACT_FIELDS = (
     "version",
@@ -32,7 +34,7 @@ ARTIFACT_FIELDS = (
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """Records that are written only by registry.actions (history, audit)."""
+    """Records that are written only by the registry's functions (alias history, audit)."""
 
     def has_add_permission(self, request, obj=None):
         return False
@@ -103,7 +105,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
     )
 
     def has_add_permission(self, request):
-        return False  # counters are assigned by registry.actions.version_create
+        return False  # counters are assigned by registry.versions.version_create
 
     def get_readonly_fields(self, request, obj=None):
         if obj is not None and obj.is_immutable:
@@ -116,12 +118,12 @@ class ModelVersionAdmin(admin.ModelAdmin):
         return super().has_delete_permission(request, obj)
 
     def delete_model(self, request, obj):
-        actions.version_delete_draft(version=obj, actor=actor_label(request.user))
+        version_delete_draft(version=obj, actor=actor_label(request.user))
 
     def delete_queryset(self, request, queryset):
         for version in queryset:
             try:
-                actions.version_delete_draft(version=version, actor=actor_label(request.user))
+                version_delete_draft(version=version, actor=actor_label(request.user))
             except ApiError as exc:
                 self.message_user(request, str(exc.detail), messages.ERROR)
 
@@ -146,7 +148,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         return not obj.version.is_immutable and super().has_delete_permission(request, obj)
 
     def delete_model(self, request, obj):
-        actions.artifact_delete_draft(artifact=obj, actor=actor_label(request.user))
+        artifact_delete_draft(artifact=obj, actor=actor_label(request.user))
 
 
 class AliasMoveInline(admin.TabularInline):
@@ -200,7 +202,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke the selected tokens")
     def revoke_selected(self, request, queryset):
-        count = actions.tokens_revoke(tokens=queryset, actor=actor_label(request.user))
+        count = tokens_revoke(tokens=queryset, actor=actor_label(request.user))
         self.message_user(request, f"Revoked {count} token(s).")
 
 

@@ -1,16 +1,39 @@
-"""Artifact download responses: HTTP Range from the filesystem store, streamed in chunks, or a
-redirect to a presigned URL for object stores (the server never proxies bytes from S3)."""
+"""Artifact downloads: their URL (built here and nowhere else) and the responses: HTTP Range from
+the filesystem store, streamed in chunks, or a redirect to a presigned URL for object stores (the
+server never proxies bytes from S3)."""
 
 from __future__ import annotations
 
 import re
 
+from django.conf import settings
 from django.http import FileResponse, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
+from django.urls import reverse
 
 from registry.models import Artifact
 
 CHUNK = 256 * 1024
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def artifact_download_path(*, artifact: Artifact) -> str:
+    """This server's download endpoint for an artifact (path only, no host). The one place its
+    URL is built: the API shows it, directives hand it to devices (absolute, below)."""
+    return reverse(
+        "registry:artifact-download",
+        kwargs={
+            "name": artifact.version.model.name,
+            "version": artifact.version.version,
+            "hardware": artifact.hardware_id,
+        },
+    )
+
+
+def artifact_download_url(*, artifact: Artifact) -> str:
+    """Where a device fetches an artifact: this server's endpoint under PUBLIC_URL (device-token
+    auth). With an object store the endpoint answers with a redirect to a short-lived presigned
+    URL, which a directive valid for weeks could not carry itself."""
+    return f"{settings.PUBLIC_URL}{artifact_download_path(artifact=artifact)}"
 
 
 def parse_range(header: str | None, length: int) -> tuple[int, int] | None | str:

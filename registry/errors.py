@@ -37,6 +37,10 @@ class Conflict(ApiError):
         super().__init__(message, code=code, status_code=status.HTTP_409_CONFLICT, **extra)
 
 
+def not_found(message: str, code: str = "not_found") -> ApiError:
+    return ApiError(message, code=code, status_code=404)
+
+
 def _flatten(detail) -> str:
     if isinstance(detail, dict):
         return "; ".join(f"{k}: {_flatten(v)}" for k, v in detail.items())

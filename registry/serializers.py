@@ -1,12 +1,13 @@
-"""Request validation and response shapes of the registry API (v1). Business rules live in
-registry.actions; these only check types and shape JSON."""
+"""Request validation and response shapes of the registry API (v1). Business rules live in the
+registry's functions (registry.versions, registry.artifacts, ...); these only check types and
+shape JSON."""
 
 from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from registry.actions import artifact_download_path
+from registry.downloads import artifact_download_path
 from registry.models import Artifact, HardwareTarget, Model, ModelVersion, identifier
 
 # --- requests --------------------------------------------------------------------------------

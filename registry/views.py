@@ -1,4 +1,5 @@
-"""Registry REST API v1. Thin: parse, call registry.actions, shape the response."""
+"""Registry REST API v1. Thin: parse, call the registry's functions (registry.versions,
+registry.artifacts, registry.releases, ...), shape the response."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from registry import actions, keys
+from registry import keys
+from registry.aliases import alias_set, aliases_list, parse_instant
+from registry.artifacts import artifact_storage, artifact_upload, upload_discard
 from registry.auth import actor_label
 from registry.downloads import artifact_response
 from registry.errors import ApiError
+from registry.hardware import hardware_create
+from registry.lookups import artifact_get, model_get, version_get
 from registry.models import HardwareTarget, Model, ModelVersion
+from registry.releases import version_deprecate, version_release, version_revoke
 from registry.serializers import (
     AliasSerializer,
     AliasSetSerializer,
@@ -30,6 +36,7 @@ from registry.serializers import (
     VersionCreateSerializer,
     VersionSerializer,
 )
+from registry.versions import model_create, version_create
 
 ERROR = OpenApiResponse(description='{"error": {"code", "message", ...}}')
 
@@ -42,7 +49,7 @@ class HardwareListCreate(generics.ListAPIView):
     @extend_schema(request=HardwareCreateSerializer, responses={201: HardwareSerializer, 409: ERROR})
     def post(self, request):
         data = _valid(HardwareCreateSerializer, request)
-        hardware = actions.hardware_create(**data, actor=actor_label(request.user))
+        hardware = hardware_create(**data, actor=actor_label(request.user))
         return Response(HardwareSerializer(hardware).data, status=status.HTTP_201_CREATED)
 
 
@@ -54,14 +61,14 @@ class ModelListCreate(generics.ListAPIView):
     @extend_schema(request=ModelCreateSerializer, responses={201: ModelSerializer, 409: ERROR})
     def post(self, request):
         data = _valid(ModelCreateSerializer, request)
-        model = actions.model_create(**data, actor=actor_label(request.user))
+        model = model_create(**data, actor=actor_label(request.user))
         return Response(ModelSerializer(model).data, status=status.HTTP_201_CREATED)
 
 
 class ModelDetail(APIView):
     @extend_schema(responses={200: ModelSerializer, 404: ERROR})
     def get(self, request, name):
-        return Response(ModelSerializer(actions.model_get(name=name)).data)
+        return Response(ModelSerializer(model_get(name=name)).data)
 
 
 class VersionListCreate(generics.ListAPIView):
@@ -71,7 +78,7 @@ class VersionListCreate(generics.ListAPIView):
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
             return ModelVersion.objects.none()
-        model = actions.model_get(name=self.kwargs["name"])
+        model = model_get(name=self.kwargs["name"])
         return (
             model.versions.select_related("model")
             .prefetch_related("artifacts__version__model", "aliases")
@@ -82,9 +89,9 @@ class VersionListCreate(generics.ListAPIView):
         request=VersionCreateSerializer, responses={201: VersionSerializer, 400: ERROR, 409: ERROR}
     )
     def post(self, request, name):
-        model = actions.model_get(name=name)
+        model = model_get(name=name)
         data = _valid(VersionCreateSerializer, request)
-        version = actions.version_create(model=model, actor=actor_label(request.user), **data)
+        version = version_create(model=model, actor=actor_label(request.user), **data)
         return Response(
             VersionSerializer(version, context={"request": request}).data, status=status.HTTP_201_CREATED
         )
@@ -93,7 +100,7 @@ class VersionListCreate(generics.ListAPIView):
 class VersionDetail(APIView):
     @extend_schema(responses={200: VersionSerializer, 404: ERROR})
     def get(self, request, name, version):
-        found = actions.version_get(model_name=name, version=version)
+        found = version_get(model_name=name, version=version)
         return Response(VersionSerializer(found, context={"request": request}).data)
 
 
@@ -103,7 +110,7 @@ class ArtifactListUpload(APIView):
 
     @extend_schema(responses={200: ArtifactSerializer(many=True), 404: ERROR})
     def get(self, request, name, version):
-        found = actions.version_get(model_name=name, version=version)
+        found = version_get(model_name=name, version=version)
         return Response(
             ArtifactSerializer(found.artifacts.all(), many=True, context={"request": request}).data
         )
@@ -114,13 +121,13 @@ class ArtifactListUpload(APIView):
         description="Streams the file to disk while hashing it; refusals leave nothing stored.",
     )
     def post(self, request, name, version):
-        found = actions.version_get(model_name=name, version=version)
+        found = version_get(model_name=name, version=version)
         # request.data parses (and spools) the body; request.FILES shares the same parse.
         data, files = request.data, request.FILES
         extra = [f for f in files if f != "file"]
         for field in extra:
-            actions.upload_discard(files[field])
-        artifact = actions.artifact_upload(
+            upload_discard(files[field])
+        artifact = artifact_upload(
             version=found,
             hardware_id=data.get("hardware"),
             format=data.get("format"),
@@ -143,9 +150,9 @@ class VersionRelease(APIView):
         description="Signs the release manifest with the release key and returns the DSSE envelope.",
     )
     def post(self, request, name, version):
-        found = actions.version_get(model_name=name, version=version)
+        found = version_get(model_name=name, version=version)
         data = _valid(ReleaseSerializer, request)
-        envelope = actions.version_release(
+        envelope = version_release(
             version=found, actor=actor_label(request.user), approver=data.get("approver") or None
         )
         found.refresh_from_db()
@@ -157,7 +164,7 @@ class VersionManifest(APIView):
 
     @extend_schema(responses={200: EnvelopeSerializer, 404: ERROR})
     def get(self, request, name, version):
-        found = actions.version_get(model_name=name, version=version)
+        found = version_get(model_name=name, version=version)
         if found.envelope is None:
             raise ApiError(
                 f"{found} is a draft; it has no signed manifest until released.",
@@ -175,18 +182,18 @@ class _VersionStateChange(APIView):
 
     @extend_schema(request=ReasonSerializer, responses={200: VersionSerializer, 409: ERROR})
     def post(self, request, name, version):
-        found = actions.version_get(model_name=name, version=version)
+        found = version_get(model_name=name, version=version)
         data = _valid(ReasonSerializer, request)
         updated = self.change(version=found, actor=actor_label(request.user), reason=data["reason"])
         return Response(VersionSerializer(updated, context={"request": request}).data)
 
 
 class VersionDeprecate(_VersionStateChange):
-    change = staticmethod(actions.version_deprecate)
+    change = staticmethod(version_deprecate)
 
 
 class VersionRevoke(_VersionStateChange):
-    change = staticmethod(actions.version_revoke)
+    change = staticmethod(version_revoke)
 
 
 class ArtifactDownload(APIView):
@@ -204,7 +211,7 @@ class ArtifactDownload(APIView):
         },
     )
     def get(self, request, name, version, hardware):
-        found = actions.version_get(model_name=name, version=version)
+        found = version_get(model_name=name, version=version)
         if found.state == ModelVersion.State.REVOKED:
             raise ApiError(
                 f"{found} has been revoked; its artifacts may no longer be downloaded.",
@@ -219,8 +226,8 @@ class ArtifactDownload(APIView):
                 code="not_directed",
                 status_code=403,
             )
-        artifact = actions.artifact_get(version=found, hardware_id=hardware)
-        return artifact_response(request, artifact=artifact, storage=actions.artifact_storage())
+        artifact = artifact_get(version=found, hardware_id=hardware)
+        return artifact_response(request, artifact=artifact, storage=artifact_storage())
 
 
 class AliasList(APIView):
@@ -235,9 +242,9 @@ class AliasList(APIView):
         responses={200: AliasSerializer(many=True), 400: ERROR},
     )
     def get(self, request, name):
-        model = actions.model_get(name=name)
+        model = model_get(name=name)
         at = request.query_params.get("at")
-        rows = actions.aliases_list(model=model, at=actions.parse_instant(at) if at is not None else None)
+        rows = aliases_list(model=model, at=parse_instant(at) if at is not None else None)
         return Response(AliasSerializer(rows, many=True).data)
 
 
@@ -246,20 +253,18 @@ class AliasDetail(APIView):
 
     @extend_schema(responses={200: AliasSerializer, 404: ERROR})
     def get(self, request, name, alias):
-        model = actions.model_get(name=name)
-        rows = [row for row in actions.aliases_list(model=model) if row["name"] == alias]
+        model = model_get(name=name)
+        rows = [row for row in aliases_list(model=model) if row["name"] == alias]
         if not rows:
             raise ApiError(f"Model '{name}' has no alias '{alias}'.", code="alias_not_found", status_code=404)
         return Response(AliasSerializer(rows[0]).data)
 
     @extend_schema(request=AliasSetSerializer, responses={200: AliasSerializer, 404: ERROR, 409: ERROR})
     def put(self, request, name, alias):
-        model = actions.model_get(name=name)
+        model = model_get(name=name)
         data = _valid(AliasSetSerializer, request)
-        actions.alias_set(
-            model=model, name=alias, version_name=data["version"], actor=actor_label(request.user)
-        )
-        row = next(row for row in actions.aliases_list(model=model) if row["name"] == alias)
+        alias_set(model=model, name=alias, version_name=data["version"], actor=actor_label(request.user))
+        row = next(row for row in aliases_list(model=model) if row["name"] == alias)
         return Response(AliasSerializer(row).data)
 
 

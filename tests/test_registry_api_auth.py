@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 from django.utils import timezone
 
-from registry import actions
+from registry import views
 from registry.models import ApiToken
 
 pytestmark = pytest.mark.django_db
@@ -64,7 +64,7 @@ def test_it_answers_json_404s(client, read_token):
 
 
 def test_it_answers_json_for_an_unexpected_server_error(client, read_token):
-    with mock.patch.object(actions, "model_get", autospec=True, side_effect=RuntimeError("boom")):
+    with mock.patch.object(views, "model_get", autospec=True, side_effect=RuntimeError("boom")):
         response = client.get("/api/v1/models/anything/", **read_token.headers)
     assert response.status_code == 500
     assert response["Content-Type"] == "application/json"

@@ -98,8 +98,8 @@ def test_it_refuses_downloads_of_a_revoked_version_with_410(client, read_token, 
 
 
 def test_it_gives_devices_this_servers_download_url(released, settings):
-    from registry import actions
+    from registry.downloads import artifact_download_url
     from registry.models import Artifact
 
     settings.PUBLIC_URL = "https://fleet.example"
-    assert actions.artifact_download_url(artifact=Artifact.objects.get()) == f"https://fleet.example{URL}"
+    assert artifact_download_url(artifact=Artifact.objects.get()) == f"https://fleet.example{URL}"

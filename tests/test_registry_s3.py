@@ -16,7 +16,8 @@ from unittest import mock
 import boto3
 import pytest
 
-from registry import actions
+from registry import artifacts
+from registry.downloads import artifact_download_url
 from registry.models import Artifact
 from tests.support.net import free_port
 from tests.support.onnx_models import linear_model
@@ -122,7 +123,7 @@ def test_it_uploads_releases_and_redirects_downloads_to_a_presigned_url(
         assert response.read() == data
     # Directives hand devices the server's endpoint, which redirects as above: a presigned URL
     # expires long before a directive does.
-    assert actions.artifact_download_url(artifact=artifact).endswith(
+    assert artifact_download_url(artifact=artifact).endswith(
         f"{version_url('detector', '1.0')}/artifacts/rpi5/download"
     )
     ranged = urllib.request.Request(location, headers={"Range": "bytes=100-199"})
@@ -140,7 +141,7 @@ def test_it_deletes_the_object_when_the_database_write_fails(client, ci_token, b
     create_model(client, ci_token, "detector")
     create_version(client, ci_token, "detector", "1.0")
     with mock.patch.object(
-        actions, "audit_record", autospec=True, side_effect=RuntimeError("database went away")
+        artifacts, "audit_record", autospec=True, side_effect=RuntimeError("database went away")
     ):
         response = upload(client, ci_token, "detector", "1.0", hardware="rpi5", data=linear_model())
     assert response.status_code == 500

@@ -258,12 +258,12 @@ def test_it_cleans_the_store_when_the_database_write_fails(
 ):
     from unittest import mock
 
-    from registry import actions
+    from registry import artifacts
 
     # The failure strikes after the file is in the store and the row is written, inside the
     # transaction: both must disappear.
     with mock.patch.object(
-        actions, "audit_record", autospec=True, side_effect=RuntimeError("database went away")
+        artifacts, "audit_record", autospec=True, side_effect=RuntimeError("database went away")
     ):
         response = upload(client, ci_token, *draft, hardware="jetson-orin", data=MODEL)
 

@@ -8,9 +8,9 @@ import threading
 import pytest
 from django.db import connection
 
-from registry import actions
 from registry.errors import ApiError
 from registry.models import Model, ModelVersion
+from registry.versions import version_create
 from tests.support.registry_api import create_model, create_version
 
 GOOD_HEALTH = {
@@ -126,7 +126,7 @@ def test_it_hands_out_unique_counters_to_concurrent_creates():
     def create(i: int) -> None:
         try:
             barrier.wait()
-            actions.version_create(model=model, version=f"v{i}", actor="test")
+            version_create(model=model, version=f"v{i}", actor="test")
         except BaseException as exc:  # surfaced below
             errors.append(exc)
         finally:
@@ -152,9 +152,9 @@ def test_it_hands_out_unique_counters_to_concurrent_creates():
 @pytest.mark.django_db
 def test_it_reports_duplicate_versions_from_the_action_too():
     model = Model.objects.create(name="m")
-    actions.version_create(model=model, version="1", actor="test")
+    version_create(model=model, version="1", actor="test")
     with pytest.raises(ApiError) as exc:
-        actions.version_create(model=model, version="1", actor="test")
+        version_create(model=model, version="1", actor="test")
     assert exc.value.status_code == 409
 
 

@@ -1,5 +1,5 @@
 """Web admin registry pages: models, versions with artifacts, hashes, signatures and provenance;
-releasing a draft and moving an alias go through registry.actions with role checks."""
+releasing a draft and moving an alias go through registry.releases and registry.aliases with role checks."""
 
 from __future__ import annotations
 
@@ -52,10 +52,10 @@ def test_it_releases_a_draft_for_an_operator(client, operator):
 
 def test_it_reports_why_a_draft_could_not_be_released(client, operator):
     web_data.hardware("jetson-orin")
-    from registry import actions
+    from registry.versions import model_create, version_create
 
-    model = actions.model_create(name="empty", actor="user:t")
-    actions.version_create(model=model, version="0.1.0", actor="user:t")
+    model = model_create(name="empty", actor="user:t")
+    version_create(model=model, version="0.1.0", actor="user:t")
     client.force_login(operator)
 
     response = client.post(reverse("web:version_release", args=["empty", "0.1.0"]), follow=True)

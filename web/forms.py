@@ -1,5 +1,5 @@
 """Forms for the web admin. They validate and shape input; the actions they feed live in
-registry.actions and ota.rollouts."""
+registry (aliases, tokens) and ota.rollouts."""
 
 from __future__ import annotations
 

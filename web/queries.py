@@ -1,5 +1,5 @@
 """Read-only queries behind the pages. Nothing here changes state: every write goes through
-registry.actions / ota.rollouts / ota.fleet, exactly as the API does."""
+registry (releases, aliases, tokens, ...) / ota.rollouts / ota.fleet, exactly as the API does."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Web admin views. Thin: they read through web.queries, change state only through
-registry.actions / ota.rollouts / ota.fleet (the same functions the API calls), and check roles
-on the server with web.access.scope_required."""
+"""Web admin views. Thin: they read through web.queries, change state only through registry
+(releases, aliases, tokens) / ota.rollouts / ota.fleet (the same functions the API calls), and
+check roles on the server with web.access.scope_required."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from ota.models import ActiveRelease, Device, DeviceEvent, EnrollmentToken, Roll
 from ota.rollouts.actions import rollout_act
 from ota.rollouts.catalogue import ACTION_SCOPES, CREATE_SCOPES, action_named, actions_available, may_run
 from ota.rollouts.create import rollout_create
-from registry import actions as registry_actions
+from registry import aliases as registry_aliases
 from registry import keys as registry_keys
+from registry import releases as registry_releases
+from registry import tokens as registry_tokens
 from registry.audit import SYSTEM, audit_entries_for
 from registry.auth import actor_label, scopes_of
 from registry.errors import ApiError
@@ -203,7 +205,7 @@ def version_detail(request, name, version):
 def version_release(request, name, version):
     mv = get_object_or_404(ModelVersion, model__name=name, version=version)
     try:
-        registry_actions.version_release(version=mv, actor=actor_label(request.user))
+        registry_releases.version_release(version=mv, actor=actor_label(request.user))
     except ApiError as exc:
         messages.error(request, f"Not released: {exc.detail}")
     else:
@@ -218,7 +220,7 @@ def alias_move(request, name):
     form = AliasMoveForm(request.POST, model=model)
     if form.is_valid():
         try:
-            alias = registry_actions.alias_set(
+            alias = registry_aliases.alias_set(
                 model=model,
                 name=form.cleaned_data["alias"],
                 version_name=form.cleaned_data["version"],
@@ -250,7 +252,7 @@ def access(request):
             api_form = ApiTokenForm(request.POST, prefix="api")
             if api_form.is_valid():
                 try:
-                    token, secret = registry_actions.token_create(**api_form.cleaned_data, actor=actor)
+                    token, secret = registry_tokens.token_create(**api_form.cleaned_data, actor=actor)
                 except ApiError as exc:
                     api_form.add_error("name", str(exc.detail))
                 else:
@@ -268,7 +270,7 @@ def access(request):
                 enroll_form = EnrollmentTokenForm(prefix="enroll")
         elif kind == "revoke-api":
             tokens = ApiToken.objects.filter(pk=request.POST.get("token_id") or 0)
-            count = registry_actions.tokens_revoke(tokens=tokens, actor=actor)
+            count = registry_tokens.tokens_revoke(tokens=tokens, actor=actor)
             if count:
                 messages.success(request, "API token revoked.")
             else:

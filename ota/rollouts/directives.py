@@ -24,7 +24,7 @@ from django.utils import timezone
 from agent.protocol import Topics, build_directive_payload, encode_json
 from agent.signing import DIRECTIVE_PAYLOAD_TYPE, sign_envelope
 from ota.models import Device, Directive
-from registry.actions import artifact_download_url
+from registry.downloads import artifact_download_url
 from registry.keys import load_rollout_key
 from registry.models import Artifact, ModelVersion
 

@@ -1,12 +1,15 @@
-"""Registry and fleet rows for the web admin tests, made through the real actions (registry.actions
-signs real manifests over real ONNX artifacts) or, for bulk fleets, with bulk_create."""
+"""Registry and fleet rows for the web admin tests, made through the real functions
+(registry.versions, registry.artifacts, registry.releases: real manifests signed over real ONNX
+artifacts) or, for bulk fleets, with bulk_create."""
 
 from __future__ import annotations
 
 from django.core.files.uploadedfile import TemporaryUploadedFile
 
-from registry import actions
+from registry.artifacts import artifact_upload
 from registry.models import HardwareTarget, Model, ModelVersion
+from registry.releases import version_release
+from registry.versions import model_create, version_create
 from tests.support.onnx_models import linear_model
 
 ACTOR = "user:test-setup"
@@ -29,10 +32,10 @@ def onnx_upload(scale: float = 2.0) -> TemporaryUploadedFile:
 
 def draft(model_name: str, version: str, *, hardware_ids=("jetson-orin",), scale: float = 2.0) -> ModelVersion:
     hardware(*hardware_ids)
-    model = Model.objects.filter(name=model_name).first() or actions.model_create(
+    model = Model.objects.filter(name=model_name).first() or model_create(
         name=model_name, description=f"{model_name} for the tests", actor=ACTOR
     )
-    mv = actions.version_create(
+    mv = version_create(
         model=model,
         version=version,
         actor=ACTOR,
@@ -42,7 +45,7 @@ def draft(model_name: str, version: str, *, hardware_ids=("jetson-orin",), scale
     for hw in hardware_ids:
         # Closed here as Django closes request files: the store has moved the spooled file away.
         with onnx_upload(scale) as upload:
-            actions.artifact_upload(
+            artifact_upload(
                 version=mv, hardware_id=hw, format="onnx", upload=upload, expected_sha256=None, actor=ACTOR
             )
     return mv
@@ -50,7 +53,7 @@ def draft(model_name: str, version: str, *, hardware_ids=("jetson-orin",), scale
 
 def released(model_name: str, version: str, **kwargs) -> ModelVersion:
     mv = draft(model_name, version, **kwargs)
-    actions.version_release(version=mv, actor=ACTOR)
+    version_release(version=mv, actor=ACTOR)
     mv.refresh_from_db()
     return mv
 

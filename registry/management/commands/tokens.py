@@ -3,9 +3,9 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from registry import actions
 from registry.errors import ApiError
 from registry.models import ApiToken
+from registry.tokens import token_create, token_revoke
 
 ACTOR = "cli:manage.py"
 
@@ -26,9 +26,7 @@ class Command(BaseCommand):
     def handle(self, *args, action, **options):
         try:
             if action == "create":
-                token, secret = actions.token_create(
-                    name=options["name"], scope=options["scope"], actor=ACTOR
-                )
+                token, secret = token_create(name=options["name"], scope=options["scope"], actor=ACTOR)
                 # The secret alone on stdout, so `TOKEN=$(manage.py tokens create ...)` works.
                 self.stdout.write(secret)
                 self.stderr.write(
@@ -48,7 +46,7 @@ class Command(BaseCommand):
                         f"{t.revoked_at.strftime('%Y-%m-%d %H:%M:%S') if t.revoked_at else '-'}"
                     )
             else:
-                count = actions.token_revoke(name=options["name"], actor=ACTOR)
+                count = token_revoke(name=options["name"], actor=ACTOR)
                 self.stdout.write(f"revoked {count} token(s) named '{options['name']}'")
         except ApiError as exc:
             raise CommandError(str(exc.detail)) from None
