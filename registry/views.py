@@ -15,7 +15,7 @@ from registry.aliases import alias_set, aliases_list, parse_instant
 from registry.artifacts import artifact_storage, artifact_upload, upload_discard
 from registry.auth import actor_label
 from registry.downloads import artifact_response
-from registry.errors import ApiError
+from registry.errors import ApiError, not_found
 from registry.hardware import hardware_create
 from registry.lookups import artifact_get, model_get, version_get
 from registry.models import HardwareTarget, Model, ModelVersion
@@ -166,11 +166,7 @@ class VersionManifest(APIView):
     def get(self, request, name, version):
         found = version_get(model_name=name, version=version)
         if found.envelope is None:
-            raise ApiError(
-                f"{found} is a draft; it has no signed manifest until released.",
-                code="not_released",
-                status_code=404,
-            )
+            raise not_found(f"{found} is a draft; it has no signed manifest until released.", "not_released")
         return Response(found.envelope, headers={"X-Manifest-Sha256": found.manifest_sha256})
 
 
@@ -256,7 +252,7 @@ class AliasDetail(APIView):
         model = model_get(name=name)
         rows = [row for row in aliases_list(model=model) if row["name"] == alias]
         if not rows:
-            raise ApiError(f"Model '{name}' has no alias '{alias}'.", code="alias_not_found", status_code=404)
+            raise not_found(f"Model '{name}' has no alias '{alias}'.", "alias_not_found")
         return Response(AliasSerializer(rows[0]).data)
 
     @extend_schema(request=AliasSetSerializer, responses={200: AliasSerializer, 404: ERROR, 409: ERROR})
