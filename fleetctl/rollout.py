@@ -1,12 +1,14 @@
 """`fleetctl rollout ...`: create, drive and watch staged rollouts.
 
     fleetctl rollout create --model detector --version 2.0 --label site=berlin \\
-        --wave devices=box-1,box-2 --wave 25% --wave 100% --min-healthy 95 --abort-policy revert --start
+        --wave 'canary: box-1, box-2' --wave 25% --wave 100% --min-healthy 95 --abort-policy revert --start
     fleetctl rollout status 7 --watch        # live per-wave progress; exit 0 when completed
     fleetctl rollout pause|resume|advance|retry|abort|rollback|approve 7 [--reason TEXT]
 
-`status --watch` exits 0 when the rollout completes and 1 when it ends otherwise (aborted,
-rolled back), so a CI job can wait on it. Other exit codes as for every fleetctl command.
+`status --watch` exits 0 when the rollout completes and 1, with the reason, when it stops
+otherwise (paused by a gate or a person, aborted, rolled back), so a CI job can wait on it. It
+rides out a server restart (connection errors and 5xx are retried for up to a minute). Other
+exit codes as for every fleetctl command.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from fleetctl.client import ApiError
 from fleetctl.common import (
     API,
     EXIT_INVALID,
@@ -29,27 +32,10 @@ from fleetctl.common import (
     print_json,
     print_table,
 )
-from ota.rollouts.catalogue import ABORTED, ACTIONS, COMPLETED, ROLLED_BACK
+from ota.rollouts.catalogue import ABORTED, ACTIONS, COMPLETED, PAUSED, ROLLED_BACK
 
-TERMINAL = {COMPLETED, ABORTED, ROLLED_BACK}
-
-
-def parse_wave(text: str) -> dict:
-    """'devices=a,b' (a named list), '25%' (cumulative share of the target), '100' (a count)."""
-    value = text.strip()
-    if value.startswith(("devices=", "canary=")):
-        devices = [d.strip() for d in value.split("=", 1)[1].split(",") if d.strip()]
-        if not devices:
-            raise UsageError(f"--wave {text!r}: list at least one device id after '='")
-        return {"devices": devices, **({"name": "canary"} if value.startswith("canary=") else {})}
-    if value.endswith("%"):
-        try:
-            return {"percent": float(value[:-1]) if "." in value else int(value[:-1])}
-        except ValueError:
-            raise UsageError(f"--wave {text!r}: expected a percentage such as 25%") from None
-    if value.isdigit():
-        return {"count": int(value)}
-    raise UsageError(f"--wave {text!r}: use devices=ID,ID (canary list), N% (cumulative share) or N (a count)")
+# Where `status --watch` stops without success (exit 1, the reason on stderr).
+STOPPED = {PAUSED, ABORTED, ROLLED_BACK}
 
 
 def parse_labels(pairs: list[str]) -> dict[str, str]:
@@ -86,7 +72,7 @@ def build_definition(args) -> dict:
         target["devices"] = args.device
     body["target"] = target
     if args.wave:
-        body["waves"] = [parse_wave(w) for w in args.wave]
+        body["waves"] = list(args.wave)  # steps of a wave plan; the server parses them
     gates = dict(body.get("gates") or {})
     if args.gates:
         try:
@@ -117,7 +103,7 @@ def build_definition(args) -> dict:
         if not body.get(required):
             raise UsageError(f"--{required} is required (or give it in --file)")
     if not body.get("waves"):
-        raise UsageError("give at least one --wave (e.g. --wave devices=a,b --wave 100%), or waves in --file")
+        raise UsageError("give at least one --wave (e.g. --wave 'canary 2' --wave 25% --wave 100%), or waves in --file")
     return body
 
 
@@ -146,9 +132,10 @@ def render(rollout: dict) -> list[str]:
             f"{spec['percent']}%" if "percent" in spec else f"+{spec['count']}" if "count" in spec
             else f"{len(spec.get('devices', []))} named"
         )
-        name = wave.get("name") or f"wave {wave['index']}"
+        number = wave.get("number", wave["index"] + 1)
+        name = wave.get("name") or f"wave {number}"
         lines.append(
-            f"  {wave['index']:>2} {name[:12]:<12} {what:>8} {wave['state']:<8} "
+            f"  {number:>2} {name[:12]:<12} {what:>8} {wave['state']:<8} "
             f"{_bar(committed, failed, in_flight, wave['size'])} "
             f"{committed}/{wave['size']} ok  {failed} failed  {in_flight} updating"
         )
@@ -198,10 +185,30 @@ def cmd_action(args) -> int:
     return 0
 
 
-def cmd_status(args) -> int:
+# How long --watch rides out a server that cannot be reached or answers 5xx (a restart, a deploy).
+WATCH_RETRY_SECONDS = 60.0
 
+
+def _get_retrying(client, path: str, *, patience: float = WATCH_RETRY_SECONDS):
+    """GET, retrying connection errors and 5xx with exponential backoff for up to `patience`
+    seconds; a 4xx (or running out of patience) is raised as usual."""
+    deadline = time.monotonic() + patience
+    delay = 0.5
+    while True:
+        try:
+            return client.get(path)
+        except ApiError as exc:
+            if exc.is_client_error or time.monotonic() + delay > deadline:
+                raise
+            eprint(f"fleetctl: {exc}; retrying in {delay:g}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+
+
+def cmd_status(args) -> int:
     client = client_from_args(args)
-    rollout = client.get(f"{API}/rollouts/{args.id}/")
+    path = f"{API}/rollouts/{args.id}/"
+    rollout = client.get(path)
     if not args.watch:
         if args.json:
             print_json(rollout)
@@ -221,10 +228,15 @@ def cmd_status(args) -> int:
         elif lines != last:
             _print([time.strftime("%H:%M:%S ") + lines[0], *lines[1:]])
         last = lines
-        if rollout["state"] in TERMINAL:
-            return 0 if rollout["state"] == COMPLETED else EXIT_INVALID
+        state = rollout["state"]
+        if state == COMPLETED:
+            return 0
+        if state in STOPPED:
+            # Paused (by a gate or a person) needs an operator; aborted and rolled back are over.
+            eprint(f"fleetctl: rollout {args.id} is {state}: {rollout.get('state_reason') or 'no reason given'}")
+            return EXIT_INVALID
         time.sleep(args.interval)
-        rollout = client.get(f"{API}/rollouts/{args.id}/")
+        rollout = _get_retrying(client, path)
 
 
 def cmd_list(args) -> int:
@@ -255,7 +267,8 @@ def add_parser(subparsers) -> None:
     create.add_argument("--hardware", action="append", default=[], metavar="ID", help="target this hardware id")
     create.add_argument("--device", action="append", default=[], metavar="ID", help="target this device explicitly")
     create.add_argument("--wave", action="append", default=[], metavar="SPEC",
-                        help="devices=ID,ID | canary=ID,ID | N%% (cumulative) | N (count); in order")
+                        help="one step of the wave plan, in order: N%% (cumulative share of the target), +N (N more "
+                        "devices), 'canary N', 'NAME: ID, ID' (those devices) or 'NAME: N%%' / 'NAME: +N'")
     create.add_argument("--min-healthy", type=float, metavar="PERCENT",
                         help="success gate: share of a wave committed (healthy after activation)")
     create.add_argument("--min-reports", type=int, metavar="N", help="failure gate: reports before judging")
@@ -275,7 +288,8 @@ def add_parser(subparsers) -> None:
     status = sub.add_parser("status", parents=[common], help="per-wave progress; --watch follows it live")
     status.add_argument("id", type=int)
     status.add_argument("--watch", action="store_true",
-                        help="redraw until the rollout ends; exit 0 if completed, 1 if aborted or rolled back")
+                        help="redraw until the rollout ends; exit 0 if completed, 1 (with the reason) if it is "
+                        "paused, aborted or rolled back")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
@@ -289,7 +303,6 @@ def add_parser(subparsers) -> None:
     for entry in ACTIONS:
         action = sub.add_parser(entry.name, parents=[common], help=entry.summary)
         action.add_argument("id", type=int)
-        if entry.takes_reason:
-            action.add_argument("--reason", help="recorded in the audit log")
+        action.add_argument("--reason", help="recorded in the audit log")
         action.add_argument("--json", action="store_true")
         action.set_defaults(func=cmd_action)

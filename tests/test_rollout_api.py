@@ -125,21 +125,24 @@ def test_it_refuses_to_start_two_created_rollouts_over_the_same_devices(client, 
     assert response.json()["error"]["code"] == "device_in_running_rollout"
 
 
-def test_it_gives_ci_create_and_start_and_operators_the_rest(client, ci_token, read_token, operator_token, fleet):
+def test_it_gives_ci_create_start_pause_and_abort_and_operators_the_rest(
+    client, ci_token, read_token, operator_token, fleet
+):
     assert create_rollout(client, read_token, **definition()).status_code == 403
     created = create_rollout(client, ci_token, **definition()).json()
     rid = created["id"]
-    response = act(client, ci_token, rid, "pause")
-    assert response.status_code == 403
-    assert "'operator'" in response.json()["error"]["message"]
     assert act(client, read_token, rid, "start").status_code == 403
     assert act(client, ci_token, rid, "start").json()["state"] == "running"
-    assert act(client, operator_token, rid, "pause", reason="looking at graphs").json()["state"] == "paused"
+    assert act(client, ci_token, rid, "pause", reason="looking at graphs").json()["state"] == "paused"
     again = act(client, operator_token, rid, "pause")
     assert again.status_code == 409
     assert "it is paused" in again.json()["error"]["message"]
+    for operators_only in ("resume", "advance", "retry", "rollback", "approve"):
+        response = act(client, ci_token, rid, operators_only)
+        assert response.status_code == 403, operators_only
+        assert "'operator'" in response.json()["error"]["message"]
     assert act(client, operator_token, rid, "resume").json()["state"] == "running"
-    assert act(client, operator_token, rid, "abort").json()["state"] == "aborted"
+    assert act(client, ci_token, rid, "abort", reason="bad canary").json()["state"] == "aborted"
     detail = client.get(f"{API}/rollouts/{rid}/", **read_token.headers).json()
     assert detail["totals"] == {"skipped": 20}
     actions = [e["action"] for e in client.get(f"{API}/audit/?object_type=rollout&object_id={rid}", **read_token.headers).json()["results"]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def fleet(client, admin_token, mosquitto, settings):
 def test_it_creates_starts_pauses_and_aborts_with_fitting_exit_codes(live_server, fleet, ci_token, operator_token):
     url = live_server.url
     done = fleetctl("create", "--model", "detector", "--version", "2.0", "--label", "site=berlin",
-                    "--wave", "canary=dev-0000,dev-0001", "--wave", "50%", "--wave", "100%",
+                    "--wave", "canary: dev-0000, dev-0001", "--wave", "50%", "--wave", "100%",
                     "--min-healthy", "90", "--max-failed-percent", "20", "--abort-policy", "revert", "--start",
                     token=ci_token, url=url)
     assert done.returncode == 0, done.stderr
@@ -50,16 +51,16 @@ def test_it_creates_starts_pauses_and_aborts_with_fitting_exit_codes(live_server
     rollout = Rollout.objects.get()
     assert rollout.gates["success"]["min_healthy_percent"] == 90 and rollout.abort_policy == "revert"
 
-    refused = fleetctl("pause", str(rid), token=ci_token, url=url)
-    assert refused.returncode == 3
-    assert "needs the 'operator' scope" in refused.stderr
-
-    paused = fleetctl("pause", str(rid), "--reason", "checking graphs", token=operator_token, url=url)
+    # A pipeline may pause (and abort) the rollout it started; resuming is an operator's call.
+    paused = fleetctl("pause", str(rid), "--reason", "checking graphs", token=ci_token, url=url)
     assert paused.returncode == 0, paused.stderr
     assert "now paused" in paused.stderr
     again = fleetctl("pause", str(rid), token=operator_token, url=url)
     assert again.returncode == 3 and "it is paused" in again.stderr
-    resumed = fleetctl("resume", str(rid), token=operator_token, url=url)
+    refused = fleetctl("resume", str(rid), token=ci_token, url=url)
+    assert refused.returncode == 3
+    assert "needs the 'operator' scope" in refused.stderr
+    resumed = fleetctl("resume", str(rid), "--reason", "graphs fine", token=operator_token, url=url)
     assert resumed.returncode == 0, resumed.stderr
     assert "now running" in resumed.stderr
     assert Rollout.objects.get().state == "running"
@@ -72,9 +73,11 @@ def test_it_creates_starts_pauses_and_aborts_with_fitting_exit_codes(live_server
 
 def test_it_refuses_bad_definitions_locally_or_with_the_servers_message(live_server, fleet, ci_token):
     bad_wave = fleetctl("create", "--model", "detector", "--version", "2.0", "--label", "site=berlin",
-                        "--wave", "25 percent", token=ci_token, url=live_server.url)
-    assert bad_wave.returncode == 2
-    assert "--wave '25 percent': use devices=ID,ID" in bad_wave.stderr
+                        "--wave", "canry 2", "--wave", "25", token=ci_token, url=live_server.url)
+    assert bad_wave.returncode == 3
+    assert "wave 1: 'canry 2' is not understood. Did you mean 'canary 2'?" in bad_wave.stderr
+    assert "wave 2: '25' is ambiguous: write 25% for a share of the target or +25 for 25 more devices" in bad_wave.stderr
+    assert not Rollout.objects.exists()
     not_increasing = fleetctl("create", "--model", "detector", "--version", "2.0", "--label", "site=berlin",
                               "--wave", "50%", "--wave", "25%", token=ci_token, url=live_server.url)
     assert not_increasing.returncode == 3
@@ -86,7 +89,7 @@ def test_it_refuses_bad_definitions_locally_or_with_the_servers_message(live_ser
 
 def test_it_watches_a_rollout_live_until_it_completes(live_server, fleet, ci_token, django_capture_on_commit_callbacks):
     assert fleetctl("create", "--model", "detector", "--version", "2.0", "--label", "site=berlin",
-                    "--wave", "devices=dev-0000", "--wave", "100%", "--start", token=ci_token,
+                    "--wave", "canary: dev-0000", "--wave", "100%", "--start", token=ci_token,
                     url=live_server.url).returncode == 0
     rid = Rollout.objects.get().pk
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
@@ -108,3 +111,30 @@ def test_it_watches_a_rollout_live_until_it_completes(live_server, fleet, ci_tok
     assert "COMPLETED" in out
     assert "7/7 ok" in out and "1/1 ok" in out
     assert "RUNNING" in out  # it showed the rollout in progress before the end
+
+
+def test_it_waits_out_a_server_restart_then_stops_with_the_reason_when_paused(live_server, fleet, ci_token):
+    from ota.rollouts.actions import rollout_pause
+    from tests.support.net import TcpProxy
+
+    assert fleetctl("create", "--model", "detector", "--version", "2.0", "--label", "site=berlin",
+                    "--wave", "100%", "--start", token=ci_token, url=live_server.url).returncode == 0
+    rid = Rollout.objects.get().pk
+    proxy = TcpProxy(int(live_server.url.rsplit(":", 1)[1])).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_URL=proxy.url, FLEET_TOKEN=ci_token.secret)
+    watcher = subprocess.Popen([str(FLEETCTL), "rollout", "status", str(rid), "--watch", "--interval", "0.2"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        proxy.stop()  # the server "restarts": connections are refused for a few seconds
+        time.sleep(3.0)
+        rollout_pause(rollout_id=rid, actor="user:x", reason="latency regression on the canary")
+        proxy.start()
+        out, err = watcher.communicate(timeout=60)
+    finally:
+        watcher.kill()
+        proxy.stop()
+    assert watcher.returncode == 1, err
+    assert "retrying in" in err
+    assert f"rollout {rid} is paused: latency regression on the canary" in err

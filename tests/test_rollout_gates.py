@@ -198,7 +198,7 @@ def test_it_counts_phase_timeouts_as_failures(setup):
     # Both automatic decisions are in the audit log with the figures behind them.
     log = AuditEntry.objects.filter(object_type="rollout", object_id=str(rollout.pk), actor="system")
     expired = log.get(action="devices.timeout")
-    assert expired.reason == "2 devices exceeded the trial timeout"
+    assert expired.reason == "2 devices exceeded the trial timeout."
     assert sorted(expired.detail["trial"]) == ["dev-0000", "dev-0001"]
     verdict = log.get(action="rollout.auto_abort")
     assert "2 of 2 reporting devices failed" in verdict.reason

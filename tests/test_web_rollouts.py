@@ -73,7 +73,7 @@ def test_it_previews_matches_per_hardware_and_incompatible_devices(client, opera
     assert re.search(r"<b data-incompatible>3</b>", html)
     assert re.search(r'data-hardware="jetson-orin"><td>jetson-orin</td><td>10</td><td>0</td>', html)
     assert re.search(r'data-hardware="rpi5"><td>rpi5</td><td>3</td><td><span class="badge bad">3</span>', html)
-    assert "canary: 2 more devices → 2" in html and "up to 100 % of the target → 8" in html
+    assert "canary: 2 devices → 2" in html and "up to 100 % of the target → 8" in html
 
     waiting = client.get(reverse("web:rollout_preview"), {"target_labels": "site=berlin"}).content.decode()
     assert "Pick a released version to see which devices can take it." in waiting and "errorlist" not in waiting
@@ -88,7 +88,7 @@ def test_it_shows_invalid_input_next_to_its_field(client, operator, fleet):
     html = client.post(url, wizard_data(fleet, target_labels="", waves="canary 2 → ten", success_percent="150")).content.decode()
     assert errors_for(html, "target") == ["Choose the target: labels, hardware and/or a device list."]
     assert errors_for(html, "waves") == [
-        "Wave 2: &#x27;ten&#x27; is not understood; use 10%, 25, &#x27;canary 2&#x27; or &#x27;canary: dev-1, dev-2&#x27;."
+        "Wave 2: &#x27;ten&#x27; is not understood. Use N%, +N, canary N or NAME: ..."
     ]
     assert errors_for(html, "success_percent") == ["Ensure this value is less than or equal to 100."]
 
@@ -177,7 +177,7 @@ def test_it_shows_action_buttons_with_confirmations_to_operators_only(client, op
     html = client.get(url).content.decode()
     assert 'data-action="start"' in html
     assert (
-        f"Start rollout #{rollout.pk}? detector@2.0.0 goes to 10 devices in 2 waves, beginning with wave 0 (canary, 2 devices)."
+        f"Start rollout #{rollout.pk}? detector@2.0.0 goes to 10 devices in 2 waves, beginning with wave 1 (canary, 2 devices)."
         in html
     )
 

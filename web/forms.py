@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 
 from django import forms
+from django.core.exceptions import ValidationError
 
+from ota.rollouts.definition import wave_plan_parse
 from registry.models import HardwareTarget
 from web.queries import parse_labels
 
@@ -79,50 +81,6 @@ ABORT_POLICIES = [
     ("abort", "Abort: send nothing more"),
     ("revert", "Abort and revert updated devices to their previous release"),
 ]
-STEP_SPLIT = re.compile(r"\s*(?:→|->|>|;|\n)\s*")
-NAMED_COUNT = re.compile(r"^([A-Za-z][\w-]*)\s+(\d+)$")
-
-
-def parse_wave_plan(text: str) -> list[dict]:
-    """'canary 2 → 10% → 50% → 100%' -> [{"name": "canary", "count": 2}, {"percent": 10}, ...].
-
-    A step is 'N%' (cumulative share of the target), 'N' (that many more devices), 'NAME N', or
-    'NAME: id1, id2' (an explicit device list). Steps are separated by →, ->, >, ; or new lines.
-    """
-    steps = [s for s in STEP_SPLIT.split(text.strip()) if s]
-    if not steps:
-        raise ValueError("Give at least one wave, e.g. 'canary 2 → 10% → 100%'.")
-    waves = []
-    for number, step in enumerate(steps, start=1):
-        name, colon, rest = step.partition(":")
-        if colon:
-            name, body = name.strip(), rest.strip()
-        else:
-            name, body = "", step.strip()
-        named = NAMED_COUNT.match(body)
-        wave: dict = {"name": name} if name else {}
-        if named and not name:
-            wave = {"name": named.group(1), "count": int(named.group(2))}
-        elif body.endswith("%"):
-            try:
-                wave["percent"] = float(body[:-1].strip())
-            except ValueError:
-                raise ValueError(f"Wave {number}: '{step}' is not a percentage like 10%.") from None
-            if wave["percent"].is_integer():
-                wave["percent"] = int(wave["percent"])
-        elif body.isdigit():
-            wave["count"] = int(body)
-        elif colon and body:
-            devices = [d for d in re.split(r"[\s,]+", body) if d]
-            wave["devices"] = devices
-        else:
-            raise ValueError(
-                f"Wave {number}: '{step}' is not understood; use 10%, 25, 'canary 2' or 'canary: dev-1, dev-2'."
-            )
-        waves.append(wave)
-    return waves
-
-
 def split_ids(text: str) -> list[str]:
     return [d for d in re.split(r"[\s,]+", text or "") if d]
 
@@ -151,7 +109,7 @@ class RolloutForm(forms.Form):
     waves = forms.CharField(
         label="Wave plan",
         initial=WAVE_TEMPLATES[0][0],
-        help_text="Steps separated by →: 'canary 2', 'canary: dev-1, dev-2', 25 (devices), 10% (cumulative).",
+        help_text="Steps separated by →: 'canary 2', 'canary: dev-1, dev-2', +25 (more devices), 10% (cumulative).",
     )
     success_percent = forms.FloatField(
         min_value=0, max_value=100, initial=100, label="Success gate: healthy %",
@@ -212,9 +170,9 @@ class RolloutForm(forms.Form):
 
     def clean_waves(self):
         try:
-            return parse_wave_plan(self.cleaned_data["waves"])
-        except ValueError as exc:
-            raise forms.ValidationError(str(exc)) from None
+            return wave_plan_parse(self.cleaned_data["waves"])
+        except ValidationError as exc:
+            raise forms.ValidationError([m[0].upper() + m[1:] for m in exc.messages]) from None
 
     def clean(self):
         data = super().clean()

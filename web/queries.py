@@ -10,6 +10,7 @@ from django.utils import timezone
 from ota.fleet.parsing import parse_label_filter
 from ota.models import Device, DeviceEvent, DeviceModelState, Directive, Rollout, RolloutDevice, Wave
 from ota.rollouts.catalogue import RolloutAction
+from ota.rollouts.definition import wave_describe
 from ota.rollouts.gates import failure_gate_tripped, success_gate_met, wave_figures
 from ota.rollouts.planning import rollout_plan
 from ota.rollouts.selectors import rollout_summary
@@ -262,21 +263,8 @@ def target_preview(form) -> dict:
         busy_rollouts=sorted(plan.conflicts),
     )
     if waves is not None:
-        result["waves"] = [{"spec": wave_label(s), "size": n} for s, n in zip(plan.waves, plan.sizes)]
+        result["waves"] = [{"spec": wave_describe(s), "size": n} for s, n in zip(plan.waves, plan.sizes)]
     return result
-
-
-def wave_label(spec: dict) -> str:
-    name = spec.get("name") or ""
-    if "devices" in spec:
-        body = f"{len(spec['devices'])} listed devices"
-    elif "percent" in spec:
-        body = f"up to {spec['percent']} % of the target"
-    elif "count" in spec:
-        body = f"{spec['count']} more devices"
-    else:
-        body = str(spec)
-    return f"{name}: {body}" if name else body
 
 
 def rollout_dry_run(form) -> dict:
@@ -290,7 +278,7 @@ def rollout_dry_run(form) -> dict:
         "release": plan.release,
         "target": plan.target,
         "gates": plan.gates,
-        "waves": [{"label": wave_label(s), "size": n} for s, n in zip(plan.waves, plan.sizes)],
+        "waves": [{"label": wave_describe(s), "size": n} for s, n in zip(plan.waves, plan.sizes)],
         "matched": len(resolved.targeted),
         "compatible": len(resolved.compatible),
         "incompatible": resolved.incompatible,
@@ -306,7 +294,7 @@ def confirm_text(rollout, action: RolloutAction, live: dict) -> str:
     """The catalogue's confirmation for `action`, filled in with this rollout's figures."""
     current = live["current_wave"]
     wave = (
-        f"wave {current['index']} ({current['name'] or 'unnamed'}, {current['size']} devices)"
+        f"wave {current['number']} ({current['name'] or 'unnamed'}, {current['size']} devices)"
         if current else "the current wave"
     )
     return action.confirm.format(
@@ -355,8 +343,7 @@ def rollout_live(rollout) -> dict:
             ]
         waves.append({
             **item,
-            # Numbered from 0 like the engine's audit reasons ("wave 0 failure gate: ...").
-            "number": item["index"],
+            "number": item["number"],
             "rows": progress_rows(wave_counts),
             "bucket_counts": wave_counts,
             "gate_rows": gate_rows,

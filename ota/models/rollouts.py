@@ -86,7 +86,12 @@ class Wave(models.Model):
         constraints = [models.UniqueConstraint(fields=["rollout", "index"], name="unique_wave_index")]
 
     def __str__(self) -> str:
-        return f"rollout {self.rollout_id} wave {self.index}"
+        return f"rollout {self.rollout_id} wave {self.number}"
+
+    @property
+    def number(self) -> int:
+        """The wave's place as people count it (from 1); `index` (from 0) is the API's and the engine's."""
+        return self.index + 1
 
 
 class RolloutDevice(models.Model):

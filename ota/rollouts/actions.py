@@ -27,7 +27,7 @@ from registry.models import Model
 RD = RolloutDevice.State
 
 
-def rollout_approve(*, rollout_id: int, actor: str) -> Rollout:
+def rollout_approve(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
         rollout_require_state(rollout, BY_NAME["approve"])
@@ -35,11 +35,11 @@ def rollout_approve(*, rollout_id: int, actor: str) -> Rollout:
             raise Conflict(f"rollout {rollout.pk} was already approved by {rollout.approved_by}", code="already_approved")
         rollout.approved_at, rollout.approved_by = timezone.now(), actor
         rollout.save(update_fields=["approved_at", "approved_by"])
-        audit_record(actor=actor, action="rollout.approve", obj=rollout)
+        audit_record(actor=actor, action="rollout.approve", obj=rollout, reason=reason)
     return rollout
 
 
-def rollout_start(*, rollout_id: int, actor: str) -> Rollout:
+def rollout_start(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
         rollout_require_state(rollout, BY_NAME["start"])
@@ -56,7 +56,7 @@ def rollout_start(*, rollout_id: int, actor: str) -> Rollout:
         rollout.state = Rollout.State.RUNNING
         rollout.started_at, rollout.started_by = timezone.now(), actor
         rollout.save(update_fields=["state", "started_at", "started_by"])
-        audit_record(actor=actor, action="rollout.start", obj=rollout, detail={"devices": len(device_ids)})
+        audit_record(actor=actor, action="rollout.start", obj=rollout, reason=reason, detail={"devices": len(device_ids)})
         rollout_wake(rollout.pk)
     return rollout
 
@@ -70,17 +70,17 @@ def rollout_pause(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
     return rollout
 
 
-def rollout_resume(*, rollout_id: int, actor: str) -> Rollout:
+def rollout_resume(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
         rollout_require_state(rollout, BY_NAME["resume"])
-        rollout_set_state(rollout, Rollout.State.RUNNING, f"resumed by {actor}")
-        audit_record(actor=actor, action="rollout.resume", obj=rollout)
+        rollout_set_state(rollout, Rollout.State.RUNNING, reason or f"resumed by {actor}")
+        audit_record(actor=actor, action="rollout.resume", obj=rollout, reason=reason)
         rollout_wake(rollout.pk)
     return rollout
 
 
-def rollout_advance(*, rollout_id: int, actor: str) -> Rollout:
+def rollout_advance(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
     """Pass the current wave now, whatever its gates say, and start the next one."""
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
@@ -89,12 +89,12 @@ def rollout_advance(*, rollout_id: int, actor: str) -> Rollout:
         if wave is None or wave.state not in (Wave.State.RUNNING, Wave.State.SOAKING, Wave.State.PENDING):
             raise Conflict(f"rollout {rollout.pk} has no wave in progress to advance", code="invalid_state")
         figures = wave_figures(wave)
-        wave_pass(rollout, wave, actor=actor, reason=f"advanced by {actor} before its gates", figures=figures)
+        wave_pass(rollout, wave, actor=actor, reason=reason or f"advanced by {actor} before its gates", figures=figures)
         rollout_wake(rollout.pk)
     return rollout
 
 
-def rollout_retry_failed(*, rollout_id: int, actor: str) -> int:
+def rollout_retry_failed(*, rollout_id: int, actor: str, reason: str = "") -> int:
     """Queue every failed device of the started waves again (a fresh directive, new seq)."""
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
@@ -108,7 +108,10 @@ def rollout_retry_failed(*, rollout_id: int, actor: str) -> int:
             Wave.objects.filter(rollout=rollout, index=rollout.current_wave, state=Wave.State.HALTED).update(
                 state=Wave.State.RUNNING
             )
-        audit_record(actor=actor, action="rollout.retry", obj=rollout, reason=f"{count} failed devices queued again", detail={"devices": count})
+        audit_record(
+            actor=actor, action="rollout.retry", obj=rollout,
+            reason=f"{count} failed devices queued again" + (f": {reason}" if reason else "."), detail={"devices": count},
+        )
         rollout_wake(rollout.pk)
     return count
 
@@ -136,16 +139,12 @@ def rollout_rollback(*, rollout_id: int, actor: str, reason: str = "") -> Rollou
 
 
 def rollout_act(*, action: str, rollout_id: int, actor: str, reason: str = "") -> Rollout | int:
-    """Run the catalogue action `action` (a name such as "pause"); the reason is kept only by
-    actions that take one. Who may run it is the entry point's check (catalogue scopes)."""
+    """Run the catalogue action `action` (a name such as "pause") with an optional reason for the
+    audit log. Who may run it is the entry point's check (catalogue scopes)."""
     entry = BY_NAME.get(action)
     if entry is None:
         raise ApiError(f"no rollout action {action!r}; use one of {', '.join(BY_NAME)}", code="not_found", status_code=404)
-    function = _FUNCTIONS[entry.name]
-    kwargs = {"rollout_id": rollout_id, "actor": actor}
-    if entry.takes_reason:
-        kwargs["reason"] = reason
-    return function(**kwargs)
+    return _FUNCTIONS[entry.name](rollout_id=rollout_id, actor=actor, reason=reason)
 
 
 _FUNCTIONS = {name: globals()[entry.function] for name, entry in BY_NAME.items()}

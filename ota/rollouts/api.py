@@ -98,13 +98,11 @@ class RolloutAction(APIView):
 
     @extend_schema(request=RolloutReasonSerializer, responses={200: RolloutDetailSerializer, 403: ERROR, 404: ERROR, 409: ERROR})
     def post(self, request, pk: int):
-        reason = ""
-        if BY_NAME[self.action_name].takes_reason:
-            body = RolloutReasonSerializer(data=request.data or {})
-            body.is_valid(raise_exception=True)
-            reason = body.validated_data["reason"]
+        body = RolloutReasonSerializer(data=request.data or {})
+        body.is_valid(raise_exception=True)
         result = rollout_act(
-            action=self.action_name, rollout_id=_get(pk).pk, actor=actor_label(request.user), reason=reason
+            action=self.action_name, rollout_id=_get(pk).pk, actor=actor_label(request.user),
+            reason=body.validated_data["reason"],
         )
         data = RolloutDetailSerializer(_get(pk)).data
         if self.action_name == "retry":

@@ -1,5 +1,6 @@
 """The rollout-action catalogue: every operator action on a rollout, who may run it, in which
-rollout states, whether it takes a reason, and how each entry point presents it.
+rollout states, and how each entry point presents it. Every action takes an optional reason,
+kept in the audit log.
 
 This table is the one place those rules are written. The API routes (ota.rollouts.urls), the
 web buttons and their confirmations (web.views), the Django admin actions
@@ -30,7 +31,6 @@ class RolloutAction:
     function: str  # the function in ota.rollouts.actions that does it
     scopes: tuple[str, ...]  # a caller with any one of these scopes may run it
     states: tuple[str, ...]  # the rollout states it is allowed in
-    takes_reason: bool  # a free-text reason, kept in the audit log
     verb: str  # for refusals: "cannot {verb} rollout 7: it is completed"
     past: str  # for what was done: "paused from the admin"
     summary: str  # one line: fleetctl's help, the admin's action description
@@ -45,7 +45,7 @@ ACTIONS: tuple[RolloutAction, ...] = (
     RolloutAction(
         name="approve", function="rollout_approve",
         scopes=("operator",), states=(CREATED,),
-        takes_reason=False, verb="approve", past="approved",
+        verb="approve", past="approved",
         summary="approve a rollout that requires approval (operator)",
         label="Approve", style="secondary",
         confirm="Approve rollout #{rollout} of {release}? Another operator can then start it.",
@@ -53,7 +53,7 @@ ACTIONS: tuple[RolloutAction, ...] = (
     RolloutAction(
         name="start", function="rollout_start",
         scopes=("ci", "operator"), states=(CREATED,),
-        takes_reason=False, verb="start", past="started",
+        verb="start", past="started",
         summary="start a created (and, if required, approved) rollout",
         label="Start", style="",
         confirm="Start rollout #{rollout}? {release} goes to {devices} devices in {waves} waves, "
@@ -61,8 +61,8 @@ ACTIONS: tuple[RolloutAction, ...] = (
     ),
     RolloutAction(
         name="pause", function="rollout_pause",
-        scopes=("operator",), states=(RUNNING,),
-        takes_reason=True, verb="pause", past="paused",
+        scopes=("ci", "operator"), states=(RUNNING,),
+        verb="pause", past="paused",
         summary="stop sending directives; devices already updating finish",
         label="Pause", style="warn",
         confirm="Pause rollout #{rollout}? No new directives go out until it is resumed; devices already "
@@ -71,7 +71,7 @@ ACTIONS: tuple[RolloutAction, ...] = (
     RolloutAction(
         name="resume", function="rollout_resume",
         scopes=("operator",), states=(PAUSED,),
-        takes_reason=False, verb="resume", past="resumed",
+        verb="resume", past="resumed",
         summary="continue a paused rollout",
         label="Resume", style="",
         confirm="Resume rollout #{rollout}? Directives for {wave} go out again under the rate cap.",
@@ -79,7 +79,7 @@ ACTIONS: tuple[RolloutAction, ...] = (
     RolloutAction(
         name="advance", function="rollout_advance",
         scopes=("operator",), states=ACTIVE,
-        takes_reason=False, verb="advance", past="advanced",
+        verb="advance", past="advanced",
         summary="pass the current wave now, whatever its gates say",
         label="Advance now", style="secondary",
         confirm="Advance rollout #{rollout} now? {Wave} is passed without waiting for its gates or soak time, "
@@ -88,7 +88,7 @@ ACTIONS: tuple[RolloutAction, ...] = (
     RolloutAction(
         name="retry", function="rollout_retry_failed",
         scopes=("operator",), states=ACTIVE,
-        takes_reason=False, verb="retry failed devices of", past="queued again",
+        verb="retry failed devices of", past="queued again",
         summary="send failed devices of the started waves a fresh directive",
         label="Retry failed", style="secondary",
         confirm="Retry failed devices of rollout #{rollout}? About {failed} failed or timed-out devices get a "
@@ -96,8 +96,8 @@ ACTIONS: tuple[RolloutAction, ...] = (
     ),
     RolloutAction(
         name="abort", function="rollout_abort",
-        scopes=("operator",), states=(CREATED, *ACTIVE),
-        takes_reason=True, verb="abort", past="aborted",
+        scopes=("ci", "operator"), states=(CREATED, *ACTIVE),
+        verb="abort", past="aborted",
         summary="stop the rollout; devices not yet directed are skipped",
         label="Abort", style="danger",
         confirm="Abort rollout #{rollout}? Nothing more is sent; devices already on {release} keep it.",
@@ -105,7 +105,7 @@ ACTIONS: tuple[RolloutAction, ...] = (
     RolloutAction(
         name="rollback", function="rollout_rollback",
         scopes=("operator",), states=(*ACTIVE, COMPLETED, ABORTED),
-        takes_reason=True, verb="roll back", past="rolled back",
+        verb="roll back", past="rolled back",
         summary="send every device this rollout touched back to its previous release",
         label="Abort and revert (roll back)", style="danger",
         confirm="Abort rollout #{rollout} and revert? Every device it updated (or was updating) gets a new "

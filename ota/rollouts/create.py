@@ -63,7 +63,7 @@ def rollout_create(
             actor=actor,
             action="rollout.create",
             obj=rollout,
-            reason=f"{release} to {rank} devices in {len(members)} waves",
+            reason=f"{release} to {rank} devices in {len(members)} waves.",
             detail={
                 "release": str(release),
                 "wave_sizes": [len(m) for m in members],

@@ -3,6 +3,9 @@ checked field by field so every entry point reports the same messages."""
 
 from __future__ import annotations
 
+import difflib
+import re
+
 from django.core.exceptions import ValidationError
 
 DEFAULT_GATES = {
@@ -85,7 +88,103 @@ def gates_normalise(raw, *, where: str = "gates", base: dict | None = None) -> d
     return out
 
 
+# --- the wave plan: one syntax for the web wizard, fleetctl and the API -----------------------
+
+WAVE_PLAN_HELP = (
+    "a wave plan is steps separated by → (or ->, ;, a new line), each one of: N% (the cumulative share "
+    "of the target reached by that wave), +N (N more devices), canary N (a first wave of N devices), "
+    "NAME: id, id (those devices), or NAME: N% / NAME: +N (a named wave); e.g. canary 2 → 25% → 100%"
+)
+_STEP_SPLIT = re.compile(r"\s*(?:→|->|;|\n)\s*")
+_PERCENT = re.compile(r"^(\d+(?:\.\d+)?)\s*%$")
+_COUNT = re.compile(r"^\+\s*(\d+)$")
+_CANARY = re.compile(r"^canary\s+(\d+)$", re.IGNORECASE)
+_WORD_NUMBER = re.compile(r"^([A-Za-z][\w-]*)\s+(\d+)%?$")
+_NAME = re.compile(r"^[A-Za-z][\w .-]{0,39}$")
+
+
+def wave_plan_steps(text: str) -> list[str]:
+    return [step for step in _STEP_SPLIT.split(text.strip()) if step]
+
+
+def wave_step_parse(step: str, *, number: int) -> dict:
+    """One step of a wave plan -> a wave spec ({"percent": 25}, {"count": 5}, {"name", "devices"}).
+    `number` (from 1) is the wave's place in the plan, for the message of a step not understood."""
+    text = step.strip()
+    name, colon, body = text.partition(":")
+    if colon:
+        name, body = name.strip(), body.strip()
+        if not _NAME.match(name):
+            raise ValueError(f"wave {number}: {name!r} is not a wave name (letters, digits, ' ', '.', '_', '-')")
+    else:
+        name, body = "", text
+    if match := _PERCENT.match(body):
+        value = float(match.group(1))
+        spec: dict = {"percent": int(value) if value.is_integer() else value}
+    elif match := _COUNT.match(body):
+        spec = {"count": int(match.group(1))}
+    elif not colon and (match := _CANARY.match(body)):
+        spec = {"name": "canary", "count": int(match.group(1))}
+    elif body.isdigit():
+        raise ValueError(
+            f"wave {number}: {step.strip()!r} is ambiguous: write {body}% for a share of the target "
+            f"or +{body} for {body} more devices"
+        )
+    elif colon and body:
+        spec = {"devices": [d for d in re.split(r"[\s,]+", body) if d]}
+    else:
+        hint = ""
+        word = _WORD_NUMBER.match(body)
+        if word and difflib.get_close_matches(word.group(1).lower(), ["canary"], cutoff=0.6):
+            hint = f" Did you mean 'canary {word.group(2)}'?"
+        elif word:
+            hint = f" Name a wave as '{word.group(1)}: +{word.group(2)}'."
+        raise ValueError(f"wave {number}: {step.strip()!r} is not understood.{hint} Use N%, +N, canary N or NAME: ...")
+    if name:
+        spec["name"] = name
+    return spec
+
+
+def wave_plan_parse(plan) -> list:
+    """A wave plan as text ("canary 2 → 25% → 100%") or a list whose items are steps (text) or
+    wave objects, to a list of wave objects for waves_validate. ValidationError on the "waves"
+    field for a step not understood, naming the step and saying what was meant where it can."""
+    if isinstance(plan, str):
+        plan = wave_plan_steps(plan)
+        if not plan:
+            raise ValidationError({"waves": f"is empty; {WAVE_PLAN_HELP}"})
+    if not isinstance(plan, list):
+        return plan  # waves_validate says what is wrong with it
+    out, errors = [], []
+    for number, item in enumerate(plan, start=1):
+        if isinstance(item, str):
+            try:
+                out.append(wave_step_parse(item, number=number))
+            except ValueError as exc:
+                errors.append(str(exc))
+        else:
+            out.append(item)
+    if errors:
+        raise ValidationError({"waves": "; ".join(errors)})
+    return out
+
+
+def wave_describe(spec: dict) -> str:
+    """A wave spec for people: "canary: 2 devices", "up to 25 % of the target", "5 more devices"."""
+    if "devices" in spec:
+        body = f"{len(spec['devices'])} listed devices"
+    elif "percent" in spec:
+        body = f"up to {spec['percent']} % of the target"
+    elif spec.get("name") == "canary" and "count" in spec:
+        return f"canary: {spec['count']} devices"
+    else:
+        body = f"{spec['count']} more devices"
+    return f"{spec['name']}: {body}" if spec.get("name") else body
+
+
 def waves_validate(raw) -> list[dict]:
+    """Check a wave plan (see wave_plan_parse for the accepted forms) and normalise each wave."""
+    raw = wave_plan_parse(raw)
     if not isinstance(raw, list) or not raw:
         raise ValidationError({"waves": "must be a non-empty list of waves, e.g. [{\"devices\": [...]}, {\"percent\": 100}]"})
     errors: dict[str, str] = {}
@@ -118,7 +217,7 @@ def waves_validate(raw) -> list[dict]:
                 continue
             seen_devices.update(devices)
             spec["devices"] = list(devices)
-            spec["name"] = spec["name"] or ("canary" if i == 0 else f"wave {i}")
+            spec["name"] = spec["name"] or ("canary" if i == 0 else f"wave {i + 1}")
         elif kind == "percent":
             value = _number(wave["percent"], f"{where}.percent", errors, lo=0, hi=100)
             if value is None:

@@ -37,8 +37,8 @@ def rollout_evaluate(*, rollout_id: int) -> str:
         for _ in range(64):  # bounded: each pass either stops or moves to the next wave
             wave = rollout.waves.filter(index=rollout.current_wave).first()
             if wave is None:
-                rollout_set_state(rollout, Rollout.State.COMPLETED, "every wave passed its gates")
-                audit_record(actor=SYSTEM, action="rollout.complete", obj=rollout, reason="every wave passed its gates")
+                rollout_set_state(rollout, Rollout.State.COMPLETED, "Every wave passed its gates.")
+                audit_record(actor=SYSTEM, action="rollout.complete", obj=rollout, reason="Every wave passed its gates.")
                 outcome = "completed"
                 break
             if wave.state == Wave.State.PENDING:
@@ -58,8 +58,8 @@ def rollout_evaluate(*, rollout_id: int) -> str:
                 wave.save(update_fields=["state", "gate_met_at"])
                 audit_record(
                     actor=SYSTEM, action="wave.gate_met", obj=rollout,
-                    reason=f"wave {wave.index}: {figures['healthy_percent']}% healthy >= "
-                    f"{wave.gates['success']['min_healthy_percent']}%; soaking {wave.gates['soak_seconds']}s",
+                    reason=f"Wave {wave.number} met its success gate: {figures['healthy_percent']} % healthy, "
+                    f"{wave.gates['success']['min_healthy_percent']} % needed; soaking {wave.gates['soak_seconds']} s.",
                     detail={"wave": wave.index, **figures},
                 )
             elif wave.state == Wave.State.SOAKING and not success_gate_met(wave.gates, figures):
@@ -68,7 +68,7 @@ def rollout_evaluate(*, rollout_id: int) -> str:
             if wave.state == Wave.State.SOAKING and timezone.now() >= wave.gate_met_at + timedelta(
                 seconds=wave.gates["soak_seconds"]
             ):
-                wave_pass(rollout, wave, actor=SYSTEM, reason="success gate held through the soak time", figures=figures)
+                wave_pass(rollout, wave, actor=SYSTEM, reason="its success gate held through the soak time", figures=figures)
                 outcome = "advanced"
                 continue
             break
@@ -80,16 +80,17 @@ def rollout_evaluate(*, rollout_id: int) -> str:
 def _gate_trip(rollout: Rollout, wave: Wave, reason: str, figures: dict) -> None:
     policy = rollout.abort_policy
     detail = {"wave": wave.index, "policy": policy, **figures}
+    why = f"Wave {wave.number} tripped its failure gate: {reason}."
     if policy == Rollout.AbortPolicy.PAUSE:
-        rollout_set_state(rollout, Rollout.State.PAUSED, f"failure gate: {reason}")
-        audit_record(actor=SYSTEM, action="rollout.auto_pause", obj=rollout, reason=f"wave {wave.index} failure gate: {reason}", detail=detail)
+        rollout_set_state(rollout, Rollout.State.PAUSED, why)
+        audit_record(actor=SYSTEM, action="rollout.auto_pause", obj=rollout, reason=why, detail=detail)
         return
-    rollout_halt(rollout, reason=f"failure gate: {reason}")
+    rollout_halt(rollout, reason=why)
     if policy == Rollout.AbortPolicy.REVERT:
         detail.update(rollout_revert_devices(rollout))
     audit_record(
         actor=SYSTEM, action="rollout.auto_abort" if policy == Rollout.AbortPolicy.ABORT else "rollout.auto_revert",
-        obj=rollout, reason=f"wave {wave.index} failure gate: {reason}", detail=detail,
+        obj=rollout, reason=why, detail=detail,
     )
 
 

@@ -28,6 +28,7 @@ def rollout_summary(rollout: Rollout) -> dict:
         waves.append(
             {
                 "index": wave.index,
+                "number": wave.number,
                 "name": wave.spec.get("name", ""),
                 "spec": {k: v for k, v in wave.spec.items() if k in ("devices", "percent", "count")},
                 "state": wave.state,

@@ -36,6 +36,7 @@ def timeouts_apply(rollout: Rollout, wave: Wave) -> None:
     if expired_total:
         audit_record(
             actor=SYSTEM, action="devices.timeout", obj=rollout,
-            reason="; ".join(f"{len(v)} devices exceeded the {k} timeout" for k, v in expired_total.items()),
+            reason="; ".join(f"{len(v)} devices exceeded the {k} timeout" for k, v in expired_total.items()).capitalize()
+            + ".",
             detail={"wave": wave.index, **{k: v[:100] for k, v in expired_total.items()}},
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.utils import timezone
 
 from ota.models import Rollout, RolloutDevice, Wave
+from ota.rollouts.definition import wave_describe
 from registry.audit import SYSTEM, audit_record
 
 RD = RolloutDevice.State
@@ -19,7 +20,7 @@ def wave_start(rollout: Rollout, wave: Wave) -> None:
     queued = RolloutDevice.objects.filter(wave=wave, state=RD.PLANNED).update(state=RD.QUEUED, queued_at=now, updated_at=now)
     audit_record(
         actor=SYSTEM, action="wave.start", obj=rollout,
-        reason=f"wave {wave.index} ({wave.spec.get('name') or wave.spec}) started with {queued} devices",
+        reason=f"Wave {wave.number} ({wave_describe(wave.spec)}) started with {queued} devices.",
         detail={"wave": wave.index, "devices": queued},
     )
 
@@ -37,6 +38,6 @@ def wave_pass(rollout: Rollout, wave: Wave, *, actor: str, reason: str, figures:
     Rollout.objects.filter(pk=rollout.pk, current_wave=wave.index).update(current_wave=wave.index + 1)
     rollout.current_wave = wave.index + 1
     audit_record(
-        actor=actor, action="wave.pass", obj=rollout, reason=f"wave {wave.index}: {reason}",
+        actor=actor, action="wave.pass", obj=rollout, reason=f"Wave {wave.number} passed: {reason}.",
         detail={"wave": wave.index, **figures},
     )
