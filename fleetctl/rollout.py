@@ -32,10 +32,23 @@ from fleetctl.common import (
     print_json,
     print_table,
 )
-from ota.rollouts.catalogue import ABORTED, ACTIONS, COMPLETED, PAUSED, ROLLED_BACK
 
+# The server's rollout actions (ota/rollouts/catalogue.py decides who may run them and when;
+# tests/test_rollout_catalogue.py keeps this list equal to it). fleetctl is installed on CI
+# runners and edge boxes without the server's code, so it cannot import the catalogue itself.
+ACTIONS = {
+    "approve": "approve a rollout that requires approval (operator)",
+    "start": "start a created (and, if required, approved) rollout",
+    "pause": "stop sending directives; devices already updating finish",
+    "resume": "continue a paused rollout",
+    "advance": "pass the current wave now, whatever its gates say",
+    "retry": "send failed devices of the started waves a fresh directive",
+    "abort": "stop the rollout; devices not yet directed are skipped",
+    "rollback": "send every device this rollout touched back to its previous release",
+}
+COMPLETED = "completed"
 # Where `status --watch` stops without success (exit 1, the reason on stderr).
-STOPPED = {PAUSED, ABORTED, ROLLED_BACK}
+STOPPED = {"paused", "aborted", "rolled_back"}
 
 
 def parse_labels(pairs: list[str]) -> dict[str, str]:
@@ -300,8 +313,8 @@ def add_parser(subparsers) -> None:
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_list)
 
-    for entry in ACTIONS:
-        action = sub.add_parser(entry.name, parents=[common], help=entry.summary)
+    for name, summary in ACTIONS.items():
+        action = sub.add_parser(name, parents=[common], help=summary)
         action.add_argument("id", type=int)
         action.add_argument("--reason", help="recorded in the audit log")
         action.add_argument("--json", action="store_true")
