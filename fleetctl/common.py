@@ -5,8 +5,10 @@ import from here, so neither imports the other's internals."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from fleetctl.client import FleetClient, from_environment
@@ -65,3 +67,11 @@ def common_options(*, top_level: bool = False) -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=300.0 if top_level else argparse.SUPPRESS,
                         help="seconds per request (default: 300)")
     return common
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()

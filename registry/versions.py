@@ -81,7 +81,8 @@ def version_create(
 def require_draft(version: ModelVersion) -> None:
     if version.state != ModelVersion.State.DRAFT:
         raise Conflict(
-            f"{version} is {version.state}; released versions are immutable, create a new version instead.",
+            f"{version} is {version.state}; released versions are immutable and never deleted: create a new "
+            "version instead (deprecate or revoke this one if it must not be used).",
             code="version_immutable",
             state=version.state,
         )

@@ -19,7 +19,7 @@ from registry.errors import ApiError, not_found
 from registry.hardware import hardware_create
 from registry.lookups import artifact_get, model_get, version_get
 from registry.models import HardwareTarget, Model, ModelVersion
-from registry.releases import version_deprecate, version_release, version_revoke
+from registry.releases import version_delete_draft, version_deprecate, version_release, version_revoke
 from registry.serializers import (
     AliasSerializer,
     AliasSetSerializer,
@@ -98,10 +98,21 @@ class VersionListCreate(generics.ListAPIView):
 
 
 class VersionDetail(APIView):
+    """GET a version. DELETE a draft (a refused push can then be pushed again under the same
+    version); a released version is never deleted: 409, deprecate or revoke it instead."""
+
+    write_scope = "ci"
+
     @extend_schema(responses={200: VersionSerializer, 404: ERROR})
     def get(self, request, name, version):
         found = version_get(model_name=name, version=version)
         return Response(VersionSerializer(found, context={"request": request}).data)
+
+    @extend_schema(responses={204: None, 403: ERROR, 404: ERROR, 409: ERROR})
+    def delete(self, request, name, version):
+        found = version_get(model_name=name, version=version)
+        version_delete_draft(version=found, actor=actor_label(request.user))
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class ArtifactListUpload(APIView):

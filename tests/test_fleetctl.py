@@ -257,15 +257,65 @@ def test_it_surfaces_the_servers_sha256_check(fleet_env, models_dir, isolated_st
     assert result.returncode == 3
     assert wrong in result.stderr and sha256_of(models_dir / "rpi.onnx") in result.stderr
     assert "HTTP 400" in result.stderr
-    assert f"note: {MODEL} 1.0.0 was created on the server and is still a draft" in result.stderr
-    # The first artifact went in; the refused one left nothing behind.
-    assert list(Artifact.objects.values_list("hardware_id", flat=True)) == ["jetson-orin"]
-    stored = [p.name for p in isolated_storage.rglob("*") if p.is_file()]
-    assert len(stored) == 1
+    assert f"note: the draft {MODEL} 1.0.0 this push created was deleted; push again" in result.stderr
+    # Nothing of the refused push is left: no version, no stored bytes.
+    assert not Artifact.objects.exists()
+    assert [p.name for p in isolated_storage.rglob("*") if p.is_file()] == []
 
-    duplicate = push(fleet_env, models_dir, "1.0.0", "-q")
-    assert duplicate.returncode == 3
-    assert "HTTP 409" in duplicate.stderr
+    # The same command, with the cause fixed, goes through under the same version.
+    again = push(fleet_env, models_dir, "1.0.0", "-q", "--release")
+    assert again.returncode == 0, again.stderr
+    assert sorted(Artifact.objects.values_list("hardware_id", flat=True)) == ["jetson-orin", "rpi5"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_creates_hardware_and_checks_the_push_against_it_before_writing_anything(live_server, ci_token, models_dir):
+    from registry.models import HardwareTarget, Model, ModelVersion
+
+    env = {"FLEET_URL": live_server.url, "FLEET_TOKEN": ci_token.secret}
+    unknown = push(env, models_dir, "1.0.0", "--create-model", "-q")
+    assert unknown.returncode == 3
+    assert "hardware 'jetson-orin' does not exist" in unknown.stderr
+    assert "fleetctl hardware create --id jetson-orin" in unknown.stderr
+    assert not Model.objects.exists() and not ModelVersion.objects.exists()
+
+    for hw, limit in (("jetson-orin", "50000000"), ("rpi5", "1000")):
+        created = run_fleetctl("hardware", "create", "--id", hw, "--description", f"{hw} boxes", "--max-bytes", limit,
+                               env=env)
+        assert created.returncode == 0, created.stderr
+    listing = run_fleetctl("hardware", "list", env=env)
+    assert listing.returncode == 0 and "jetson-orin" in listing.stdout and "rpi5" in listing.stdout
+
+    too_large = push(env, models_dir, "1.0.0", "--create-model", "-q")
+    assert too_large.returncode == 3
+    assert "(1000 bytes) limit of hardware 'rpi5'" in too_large.stderr
+    assert not Model.objects.exists() and not ModelVersion.objects.exists()
+
+    HardwareTarget.objects.filter(pk="rpi5").update(max_artifact_bytes=50_000_000)
+    assert push(env, models_dir, "1.0.0", "--create-model", "-q", "--release").returncode == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_deletes_drafts_but_never_a_released_version(fleet_env, models_dir):
+    from registry.models import ModelVersion
+
+    assert push(fleet_env, models_dir, "1.0.0", "--create-model", "-q").returncode == 0  # a draft
+    assert push(fleet_env, models_dir, "2.0.0", "-q", "--release").returncode == 0
+
+    taken = push(fleet_env, models_dir, "1.0.0", "-q")
+    assert taken.returncode == 3 and "--replace-draft" in taken.stderr
+    replaced = push(fleet_env, models_dir, "1.0.0", "-q", "--replace-draft")
+    assert replaced.returncode == 0, replaced.stderr
+
+    deleted = run_fleetctl("version", "delete", MODEL, "1.0.0", env=fleet_env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not ModelVersion.objects.filter(version="1.0.0").exists()
+    refused = run_fleetctl("version", "delete", MODEL, "2.0.0", env=fleet_env)
+    assert refused.returncode == 3
+    assert "released versions are immutable and never deleted" in refused.stderr
+    assert ModelVersion.objects.filter(version="2.0.0", state="released").exists()
+    again = push(fleet_env, models_dir, "2.0.0", "-q")
+    assert again.returncode == 3 and "already released" in again.stderr
 
 
 @pytest.mark.django_db(transaction=True)
@@ -326,14 +376,22 @@ def test_it_draws_a_live_bar_on_a_terminal():
 @pytest.mark.django_db(transaction=True)
 def test_it_reports_the_budget_when_the_server_cuts_an_upload_short(live_server, ci_token, tmp_path):
     """The server stops reading a body that outgrows every hardware budget; the client must
-    still show its 413 answer, not a broken pipe."""
-    from registry.models import HardwareTarget, Model
+    still show its 413 answer, not a broken pipe. (fleetctl push refuses such a file before
+    uploading; this drives the client's upload directly, as any caller of it may.)"""
+    from fleetctl.client import ApiError, FleetClient
+    from registry.models import HardwareTarget, Model, ModelVersion
 
     HardwareTarget.objects.create(id="tiny-mcu", max_artifact_bytes=1_000_000)
-    Model.objects.create(name=MODEL)
+    ModelVersion.objects.create(model=Model.objects.create(name=MODEL), version="1.0.0", counter=1)
     big = write_linear_model(tmp_path / "big.onnx", padding_bytes=16 * 1024 * 1024)
+    client = FleetClient(live_server.url, ci_token.secret)
+    with pytest.raises(ApiError) as refused:
+        client.upload(f"/api/v1/models/{MODEL}/versions/1.0.0/artifacts/",
+                      fields={"hardware": "tiny-mcu", "format": "onnx"}, file_path=big)
+    assert refused.value.status == 413
+    assert "1000000" in refused.value.message.replace(",", "").replace("_", "")
+
     env = {"FLEET_URL": live_server.url, "FLEET_TOKEN": ci_token.secret}
-    result = run_fleetctl("push", "--model", MODEL, "--version", "1.0.0", "--artifact", f"tiny-mcu={big}", "-q", env=env)
+    result = run_fleetctl("push", "--model", MODEL, "--version", "2.0.0", "--artifact", f"tiny-mcu={big}", "-q", env=env)
     assert result.returncode == 3, result.stderr
-    assert "HTTP 413" in result.stderr
-    assert "1000000" in result.stderr.replace(",", "").replace("_", "")
+    assert "HTTP 413" in result.stderr and "(1000000 bytes) limit of hardware 'tiny-mcu'" in result.stderr

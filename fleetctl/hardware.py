@@ -1,0 +1,60 @@
+"""`fleetctl hardware create|list`: the hardware targets artifacts are built for (one artifact per
+target per version), so a CI pipeline can set up a fresh server by itself."""
+
+from __future__ import annotations
+
+import argparse
+
+from fleetctl.common import (
+    API,
+    EXIT_OK,
+    Parser,
+    UsageError,
+    client_from_args,
+    common_options,
+    print_json,
+    print_table,
+)
+from fleetctl.progress import human_bytes
+
+
+def cmd_hardware_create(args: argparse.Namespace) -> int:
+    if args.max_bytes < 1:
+        raise UsageError("--max-bytes must be at least 1 (the largest artifact this hardware accepts)")
+    created = client_from_args(args).post(
+        f"{API}/hardware/", {"id": args.id, "description": args.description, "max_artifact_bytes": args.max_bytes}
+    )
+    if args.json:
+        print_json(created)
+    else:
+        print(f"created hardware {created['id']} (artifacts up to {human_bytes(created['max_artifact_bytes'])})")
+    return EXIT_OK
+
+
+def cmd_hardware_list(args: argparse.Namespace) -> int:
+    rows = client_from_args(args).get_all(f"{API}/hardware/")
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    print_table(
+        [{**r, "max": human_bytes(r.get("max_artifact_bytes") or 0)} for r in rows],
+        [("id", "ID"), ("max", "MAX ARTIFACT"), ("description", "DESCRIPTION")],
+    )
+    return EXIT_OK
+
+
+def add_parser(sub) -> None:
+    common = common_options()
+    hardware = sub.add_parser("hardware", help="create or list hardware targets")
+    hardware_sub = hardware.add_subparsers(dest="hardware_command", metavar="ACTION", parser_class=Parser)
+    hardware_sub.required = True
+    create = hardware_sub.add_parser("create", parents=[common], help="create a hardware target (ci)")
+    create.add_argument("--id", required=True, help="e.g. jetson-orin, rpi5 (letters, digits, '-', '_')")
+    create.add_argument("--description", default="", help="what the target is")
+    create.add_argument("--max-bytes", type=int, required=True, metavar="N",
+                        help="the largest artifact this hardware accepts, in bytes")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(func=cmd_hardware_create)
+    listing = hardware_sub.add_parser("list", parents=[common], help="list hardware targets")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_hardware_list)
