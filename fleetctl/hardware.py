@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from fleetctl.client import ApiError
 from fleetctl.common import (
     API,
     EXIT_OK,
@@ -12,6 +13,7 @@ from fleetctl.common import (
     UsageError,
     client_from_args,
     common_options,
+    eprint,
     print_json,
     print_table,
 )
@@ -21,9 +23,15 @@ from fleetctl.progress import human_bytes
 def cmd_hardware_create(args: argparse.Namespace) -> int:
     if args.max_bytes < 1:
         raise UsageError("--max-bytes must be at least 1 (the largest artifact this hardware accepts)")
-    created = client_from_args(args).post(
-        f"{API}/hardware/", {"id": args.id, "description": args.description, "max_artifact_bytes": args.max_bytes}
-    )
+    try:
+        created = client_from_args(args).post(
+            f"{API}/hardware/", {"id": args.id, "description": args.description, "max_artifact_bytes": args.max_bytes}
+        )
+    except ApiError as exc:
+        if not (args.if_missing and exc.code == "hardware_exists"):
+            raise
+        eprint(f"hardware {args.id} exists already; left as it is (--if-missing)")
+        return EXIT_OK
     if args.json:
         print_json(created)
     else:
@@ -53,6 +61,8 @@ def add_parser(sub) -> None:
     create.add_argument("--description", default="", help="what the target is")
     create.add_argument("--max-bytes", type=int, required=True, metavar="N",
                         help="the largest artifact this hardware accepts, in bytes")
+    create.add_argument("--if-missing", action="store_true",
+                        help="succeed without change when the target exists already (for CI jobs that re-run)")
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=cmd_hardware_create)
     listing = hardware_sub.add_parser("list", parents=[common], help="list hardware targets")

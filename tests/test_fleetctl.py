@@ -283,6 +283,10 @@ def test_it_creates_hardware_and_checks_the_push_against_it_before_writing_anyth
         created = run_fleetctl("hardware", "create", "--id", hw, "--description", f"{hw} boxes", "--max-bytes", limit,
                                env=env)
         assert created.returncode == 0, created.stderr
+    exists = run_fleetctl("hardware", "create", "--id", "rpi5", "--max-bytes", "1000", env=env)
+    assert exists.returncode == 3 and "already exists" in exists.stderr
+    rerun = run_fleetctl("hardware", "create", "--id", "rpi5", "--max-bytes", "1000", "--if-missing", env=env)
+    assert rerun.returncode == 0 and "exists already" in rerun.stderr
     listing = run_fleetctl("hardware", "list", env=env)
     assert listing.returncode == 0 and "jetson-orin" in listing.stdout and "rpi5" in listing.stdout
 
