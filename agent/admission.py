@@ -1,10 +1,10 @@
 """Directive admission: what a device does with one directive payload, decided without side effects.
 
 `admit()` holds every rule a directive must pass before it may become an update, in the order the
-agent applies them. The agent (Agent.handle_payload) turns its decision into journal writes and
-events; the server's fleet simulator calls the same function for thousands of simulated devices,
-so the rules are written once. It does no I/O and keeps no state: everything the device knows
-comes in as a DeviceView, and `now` is passed in.
+agent applies them. The agent (agent.directives, behind Agent.handle_payload) turns its decision
+into journal writes and events; the server's fleet simulator calls the same function for
+thousands of simulated devices, so the rules are written once. It does no I/O and keeps no state:
+everything the device knows comes in as a DeviceView, and `now` is passed in.
 
 The checks, in order (the first that fails decides):
 

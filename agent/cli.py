@@ -38,7 +38,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from agent.daemon import status
+    from agent.status import status
 
     print(json.dumps(status(_load(args)), indent=2, sort_keys=True))
     return EXIT_OK

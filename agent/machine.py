@@ -73,11 +73,11 @@ class IllegalTransition(RuntimeError):
 
 @dataclass(frozen=True)
 class Row:
-    """One source of the table: the Agent method that runs it, and where it may go.
+    """One source of the table: the step that runs it, and where it may go.
 
-    `step` names a method of agent.daemon.Agent taking the InFlightUpdate; Agent.drive() calls
-    it while the journal's update is in this phase. Entries have no step: handle_payload() and
-    start_local_rollback() leave them.
+    `step` names a method of agent.steps.Steps taking the InFlightUpdate; Agent.drive() calls it
+    while the journal's update is in this phase. Entries have no step: Agent.handle_payload()
+    (agent.directives) and Agent.start_local_rollback() (agent.local_rollback) leave them.
     """
 
     step: str | None
@@ -91,13 +91,13 @@ def _row(step: str | None, *to: Phase | Outcome) -> Row:
 TABLE: Mapping[Entry | Phase, Row] = {
     Entry.DIRECTIVE: _row(None, Phase.RECEIVED, Outcome.REJECTED, Outcome.COMMITTED),
     Entry.REQUEST: _row(None, Phase.ROLLING_BACK),
-    Phase.RECEIVED: _row("_step_received", Phase.DOWNLOADING, Outcome.FAILED),
-    Phase.DOWNLOADING: _row("_step_downloading", Phase.VERIFYING, Outcome.FAILED),
-    Phase.VERIFYING: _row("_step_verifying", Phase.PRECHECKING, Phase.DOWNLOADING, Outcome.FAILED),
-    Phase.PRECHECKING: _row("_step_prechecking", Phase.ACTIVATING, Outcome.FAILED),
-    Phase.ACTIVATING: _row("_step_activating", Phase.TRIAL, Phase.ROLLING_BACK),
-    Phase.TRIAL: _row("_step_trial", Outcome.COMMITTED, Phase.ROLLING_BACK),
-    Phase.ROLLING_BACK: _row("_step_rolling_back", Outcome.ROLLED_BACK, Outcome.FAILED),
+    Phase.RECEIVED: _row("received", Phase.DOWNLOADING, Outcome.FAILED),
+    Phase.DOWNLOADING: _row("downloading", Phase.VERIFYING, Outcome.FAILED),
+    Phase.VERIFYING: _row("verifying", Phase.PRECHECKING, Phase.DOWNLOADING, Outcome.FAILED),
+    Phase.PRECHECKING: _row("prechecking", Phase.ACTIVATING, Outcome.FAILED),
+    Phase.ACTIVATING: _row("activating", Phase.TRIAL, Phase.ROLLING_BACK),
+    Phase.TRIAL: _row("trial", Outcome.COMMITTED, Phase.ROLLING_BACK),
+    Phase.ROLLING_BACK: _row("rolling_back", Outcome.ROLLED_BACK, Outcome.FAILED),
 }
 
 

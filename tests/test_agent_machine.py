@@ -15,6 +15,7 @@ from agent.inflight import InFlightUpdate
 from agent.journal import atomic_write_json, empty_journal
 from agent.machine import TABLE, Entry, IllegalTransition, Outcome, Phase
 from agent.protocol import State
+from agent.steps import Steps
 
 ARROW = re.compile(r"(\w+) ─► (?=(\w+))")
 
@@ -43,7 +44,7 @@ def test_it_reads_arrows_wherever_they_are_on_a_line():
 def test_it_names_a_step_the_agent_has_for_every_phase():
     assert set(TABLE) == set(Phase) | set(Entry)
     for phase in Phase:
-        assert callable(getattr(Agent, TABLE[phase].step)), phase
+        assert callable(getattr(Steps, TABLE[phase].step)), phase
     for entry in Entry:
         assert TABLE[entry].step is None  # entries are left by handle_payload / start_local_rollback
 
@@ -116,7 +117,7 @@ def test_it_raises_on_an_illegal_transition_and_journals_nothing(tmp_path):
 
 def test_it_stops_drive_when_a_step_moves_off_the_table(tmp_path, monkeypatch):
     agent = _agent(tmp_path, Phase.PRECHECKING)
-    monkeypatch.setattr(agent, "_step_prechecking", lambda upd: agent._transition(Phase.TRIAL, event=True))
+    monkeypatch.setattr(agent.steps, "prechecking", lambda upd: agent._transition(Phase.TRIAL, event=True))
     with pytest.raises(IllegalTransition):
         agent.drive()
     assert json.loads((agent.state_dir / "journal.json").read_text())["update"]["phase"] == "prechecking"

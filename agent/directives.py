@@ -1,0 +1,95 @@
+"""What the agent does with a directive payload from the broker.
+
+agent.admission.admit() decides (pure, shared with the server's fleet simulator); this module acts
+on the decision through the agent's journal writes: Accept starts an update (TABLE's `directive`
+entry, into received), AlreadyActive reports `committed` under the new seq, Refuse reports
+`rejected` (an unauthenticated payload only the first time), Defer puts the payload back in the
+inbox until the update in flight ends, Ignore does nothing. Agent.handle_payload calls
+`DirectiveHandler.handle` for each payload the run loop takes from the inbox.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from hashlib import sha256
+
+from agent.admission import Accept, AlreadyActive, Defer, DeviceView, Ignore, Refuse, admit, could_not_process
+from agent.config import Config
+from agent.inflight import InFlightUpdate
+from agent.journal import Journal
+from agent.machine import Entry, IllegalTransition, Outcome
+from agent.protocol import utcnow
+from agent.signing import Keyring
+
+log = logging.getLogger("fleet_agent")
+
+
+class DirectiveHandler:
+    """Directive handling for one agent.
+
+    report(outcome, *, seq, model, sha, rollout_id, code, detail, record_seq, health=None,
+    refused=None) and start(entry, update) are Agent._report and Agent._start; requeue(payload)
+    puts a payload back in the agent's inbox.
+    """
+
+    def __init__(self, *, cfg: Config, journal: Journal, requeue: Callable[[bytes], None],
+                 report: Callable[..., None], start: Callable[[Entry, InFlightUpdate], None]):
+        self.cfg = cfg
+        self.journal = journal
+        self.requeue = requeue
+        self.report = report
+        self.start = start
+        self.release_keys = Keyring.from_pems(*cfg.keys.release)
+        self.rollout_keys = Keyring.from_pems(*cfg.keys.rollout)
+
+    def handle(self, payload: bytes) -> None:
+        """Judge one directive payload (agent.admission) and act on the decision."""
+        digest = sha256(payload).hexdigest()
+        try:
+            decision = admit(payload=payload, device=self.device_view(), release_keys=self.release_keys,
+                             rollout_keys=self.rollout_keys, now=utcnow())
+            if not isinstance(decision, Refuse):
+                self._act(decision, payload)
+                return
+        except IllegalTransition:
+            raise  # a bug in the agent, not in the input: refusing the payload would hide it
+        except Exception as exc:
+            # Input must never crash the agent: a retained payload would crash it again on
+            # every restart. Refuse it and keep the traceback in the log.
+            log.exception("directive handling failed")
+            decision = could_not_process(exc)
+        if not decision.record_seq and digest in self.journal.data.get("refused", []):
+            log.debug("ignoring a payload refused before (%s)", digest[:12])
+            return  # the same retained payload again after a reconnect or restart: reported once
+        self.report(Outcome.REJECTED, seq=decision.seq, model=decision.model, sha=decision.sha,
+                    rollout_id=decision.rollout_id, code=decision.code, detail=decision.message,
+                    record_seq=decision.record_seq, refused=None if decision.record_seq else digest)
+
+    def device_view(self) -> DeviceView:
+        """What admission may know of this device: its identity and the journal's bookkeeping."""
+        data = self.journal.data
+        return DeviceView(
+            device_id=self.cfg.device_id,
+            hardware=self.cfg.hardware,
+            last_seq=data["last_seq"],
+            floors=data["floors"],
+            denylist=data["denylist"],
+            active={name: (m.get("current"), bool(m.get("committed"))) for name, m in data["models"].items()},
+            busy=bool(data.get("update")),
+        )
+
+    def _act(self, decision: Ignore | Defer | AlreadyActive | Accept, payload: bytes) -> None:
+        if isinstance(decision, Ignore):
+            return  # already handled (or in flight)
+        if isinstance(decision, Defer):
+            # One update at a time; the retained directive is re-delivered after a reconnect anyway.
+            self.requeue(payload)
+            return
+        if isinstance(decision, AlreadyActive):
+            # Desired state already reached: converge by confirming it under the new seq.
+            self.report(Outcome.COMMITTED, seq=decision.seq, model=decision.model, sha=decision.sha,
+                        rollout_id=decision.rollout_id, code=None, detail=decision.message,
+                        record_seq=True, health=self.journal.data.get("last_health"))
+            return
+        self.start(Entry.DIRECTIVE, decision.update)

@@ -1,0 +1,272 @@
+"""The update steps: what the agent does in each phase of agent.machine.TABLE.
+
+One method of `Steps` per phase, named after it (`Steps.downloading` is the download step);
+Agent.drive() calls the one TABLE names for the journalled phase. A step ends by moving the update
+on through `transition` or ending it through `finish` (both Agent's journal writes, checked against
+the table), or by raising agent.download.Interrupted when the agent is told to stop.
+
+Each step is safe to run twice: the journal write comes before the side effects of the next step,
+so after a SIGKILL the restarted agent runs the journalled phase's step again. The crash points
+(agent.journal.crash_point) between the side effects are here: download-chunk, staged, swapped,
+reloaded, swapped-back.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+from agent.config import Config
+from agent.download import DownloadError, Interrupted, fetch
+from agent.health import run_health, run_shell
+from agent.inflight import InFlightUpdate
+from agent.install import Store, StoreError, sha256_file
+from agent.journal import Journal, child_env, crash_point
+from agent.machine import Outcome, Phase
+from agent.precheck import run_precheck
+from agent.protocol import ErrorCode
+
+log = logging.getLogger("fleet_agent")
+
+
+class Steps:
+    """The steps of one agent, with what they need of it.
+
+    transition(phase, *, event, mutate=None, **changes) and finish(outcome, code, detail="", *,
+    health=None, mutate=None) are Agent._transition and Agent._finish.
+    """
+
+    def __init__(self, *, cfg: Config, store: Store, journal: Journal, stop: threading.Event,
+                 transition: Callable[..., None], finish: Callable[..., None]):
+        self.cfg = cfg
+        self.store = store
+        self.journal = journal
+        self.stop = stop
+        self.transition = transition
+        self.finish = finish
+        self.digests: dict[str, str] = {}  # sha -> digest computed while downloading (this process)
+
+    def received(self, upd: InFlightUpdate) -> None:
+        """Check the disk has room for what is left to download, plus update.disk_reserve_mb."""
+        part = self.store.part_path(upd.sha)
+        have = part.stat().st_size if part.exists() else 0
+        need = 0 if self.store.has(upd.sha, upd.file_name) else max(0, upd.length - have)
+        free = shutil.disk_usage(self.cfg.state_dir).free
+        reserve = int(self.cfg.update.disk_reserve_mb * 2**20)
+        if free - need < reserve:
+            self.finish(Outcome.FAILED, ErrorCode.DISK_FULL,
+                        f"needs {need / 2**20:.1f} MiB plus a reserve of {reserve / 2**20:.0f} MiB, "
+                        f"{free / 2**20:.1f} MiB free")
+            return
+        self.transition(Phase.DOWNLOADING, event=True)
+
+    def downloading(self, upd: InFlightUpdate) -> None:
+        """Fetch the artifact into staging/<sha>.part (resumable), unless the store has it already."""
+        sha = upd.sha
+        if not self.store.has(sha, upd.file_name):
+            u = self.cfg.update
+            try:
+                result = fetch(
+                    upd.url, self.store.part_path(sha), length=upd.length, token=self.cfg.server.token,
+                    timeout=u.download_timeout_seconds, retries=u.download_retries, backoff=u.download_backoff_seconds,
+                    backoff_max=u.download_backoff_max_seconds, byte_budget_factor=u.download_byte_budget_factor,
+                    stop=self.stop, on_chunk=lambda _pos: crash_point("download-chunk"),
+                    ssl_context=_ssl_context(self.cfg),
+                )
+            except DownloadError as exc:
+                if exc.code == ErrorCode.TOO_LARGE:
+                    self.store.part_path(sha).unlink(missing_ok=True)
+                self.finish(Outcome.FAILED, exc.code, str(exc))
+                return
+            except OSError as exc:  # the local side: staging file or disk
+                self.store.part_path(sha).unlink(missing_ok=True)
+                code = ErrorCode.DISK_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ErrorCode.DOWNLOAD_FAILED
+                self.finish(Outcome.FAILED, code, f"writing the download failed: {exc}")
+                return
+            self.digests[sha] = result.sha256
+            log.info("downloaded %s: %d bytes received (resumed from %d)", sha[:12], result.bytes_received,
+                     result.resumed_from)
+        self.transition(Phase.VERIFYING, event=True)
+
+    def verifying(self, upd: InFlightUpdate) -> None:
+        """Check the bytes against the signed sha256 and length; move them into the store."""
+        sha, name, length = upd.sha, upd.file_name, upd.length
+        part = self.store.part_path(sha)
+        if self.store.has(sha, name):
+            stored = self.store.stored_file(sha, name)
+            if stored.stat().st_size != length or sha256_file(stored) != sha:
+                self.store.remove(sha)
+                self.finish(Outcome.FAILED, ErrorCode.HASH_MISMATCH, f"stored copy of {sha} is corrupt")
+                return
+        elif part.exists():
+            size = part.stat().st_size
+            digest = self.digests.pop(sha, None) or sha256_file(part)
+            if size != length or digest != sha:
+                part.unlink(missing_ok=True)
+                if not upd.refetched:
+                    # A part file resumed after a power cut can hold bytes that never reached the
+                    # disk: one clean download from zero before calling the artifact bad.
+                    log.warning("sha256 mismatch for %s; downloading once more from zero", sha[:12])
+                    self.transition(Phase.DOWNLOADING, event=False, refetched=True)
+                    return
+                self.finish(Outcome.FAILED, ErrorCode.HASH_MISMATCH,
+                            f"downloaded {size} bytes with sha256 {digest}, signed {length} bytes with sha256 {sha}")
+                return
+            self.store.stage(sha, name)
+            crash_point("staged")
+        else:
+            try:
+                self.store.stage(sha, name)  # a crash between the move and the rename
+            except StoreError:
+                self.transition(Phase.DOWNLOADING, event=False)
+                return
+            if sha256_file(self.store.stored_file(sha, name)) != sha:
+                self.store.remove(sha)
+                self.finish(Outcome.FAILED, ErrorCode.HASH_MISMATCH, "staged copy does not match its sha256")
+                return
+        self.transition(Phase.PRECHECKING, event=True)
+
+    def prechecking(self, upd: InFlightUpdate) -> None:
+        """Load the model in a child process and check it against the release's health contract."""
+        path = self.store.stored_file(upd.sha, upd.file_name)
+        u = self.cfg.update
+        result = run_precheck(path, upd.health, timeout=u.precheck_timeout_seconds, memory_mb=u.precheck_memory_mb)
+        if not result.ok:
+            self.finish(Outcome.FAILED, ErrorCode.PRECHECK_FAILED, result.detail)
+            return
+        old = self.journal.data["models"].get(upd.model)
+        previous_model = old if old and old.get("current") and old["current"] != upd.sha else None
+        self.transition(Phase.ACTIVATING, event=True, previous_model=previous_model,
+                        precheck_latency_ms=result.latency_ms)
+
+    def activating(self, upd: InFlightUpdate) -> None:
+        """Point `current` (and `previous`) at the new model and run the reload command."""
+        model, sha = upd.model, upd.sha
+        if upd.previous_model:
+            self.store.point(model, "previous", upd.previous_sha)
+        self.store.point(model, "current", sha)
+        crash_point("swapped")
+        record = {
+            "current": sha, "previous": upd.previous_sha, "file_name": upd.file_name,
+            "committed": False, "version": upd.version, "counter": upd.counter,
+        }
+
+        def mutate(data):
+            data["models"][model] = record
+
+        ok, detail = _run_reload(self.cfg)
+        if not ok:
+            self.transition(Phase.ROLLING_BACK, event=False, mutate=mutate, error_code=ErrorCode.ACTIVATE_FAILED,
+                            detail=detail)
+            return
+        crash_point("reloaded")
+        self.transition(Phase.TRIAL, event=True, mutate=mutate, trial_restarts=0)
+
+    def trial(self, upd: InFlightUpdate) -> None:
+        """Run the health command every health_interval_seconds for trial_seconds; commit if all pass."""
+        u = self.cfg.update
+        deadline = time.monotonic() + u.trial_seconds
+        figures: dict = {}
+        checks = 0
+        app_path = str(self.store.app_path(upd.model, upd.file_name))
+        while True:
+            if u.health_command:
+                result = run_health(
+                    u.health_command, model=upd.model, model_path=app_path, expected_sha256=upd.sha,
+                    timeout=u.command_timeout_seconds, max_error_rate=u.max_error_rate,
+                    max_latency_ms_p95=u.max_latency_ms_p95,
+                )
+                checks += 1
+                if not result.ok:
+                    self.transition(Phase.ROLLING_BACK, event=False, error_code=ErrorCode.TRIAL_FAILED,
+                                    detail=result.detail, health=result.figures)
+                    return
+                figures = result.figures
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self.stop.wait(min(u.health_interval_seconds, remaining)):
+                raise Interrupted()
+        health = {
+            **{k: v for k, v in figures.items() if k in ("model_sha256", "error_rate", "latency_ms_p95")},
+            "checks": checks,
+            "trial_seconds": u.trial_seconds,
+            "trial_restarts": upd.trial_restarts,
+            "precheck_latency_ms": upd.precheck_latency_ms,
+        }
+        model = upd.model
+
+        def mutate(data):
+            data["models"][model]["committed"] = True
+            data["floors"][model] = max(data["floors"].get(model, 0), upd.rollback_floor)
+            data["last_health"] = health
+
+        self.finish(Outcome.COMMITTED, None, "trial passed", health=health, mutate=mutate)
+
+    def rolling_back(self, upd: InFlightUpdate) -> None:
+        """Point `current` back at the re-verified previous model (or none) and deny-list the sha."""
+        model, sha = upd.model, upd.sha
+        prev = upd.previous_model
+        code = upd.error_code or ErrorCode.TRIAL_FAILED
+        detail = upd.detail
+        if prev:
+            prev_sha = prev["current"]
+            prev_file = self.store.stored_file(prev_sha, prev["file_name"])
+            try:
+                intact = sha256_file(prev_file) == prev_sha
+            except OSError:
+                intact = False
+            if not intact:
+                # Switching to bytes we cannot vouch for would be worse than keeping the new model.
+                self.finish(Outcome.FAILED, ErrorCode.ROLLBACK_FAILED,
+                            f"{detail}; previous model {prev_sha} failed re-verification, kept {sha}")
+                return
+            self.store.point(model, "current", prev_sha)
+            self.store.point(model, "previous", None)
+        else:
+            self.store.point(model, "current", None)
+            self.store.point(model, "previous", None)
+        crash_point("swapped-back")
+        if upd.transitions > self.cfg.update.max_transitions + 3:
+            # The reload hook itself keeps killing us: the switch back is done, so stop calling it.
+            detail = f"{detail}; reload command skipped after repeated restarts"
+        else:
+            ok, reload_detail = _run_reload(self.cfg)
+            if not ok:
+                detail = f"{detail}; {reload_detail}"
+
+        def mutate(data):
+            if prev:
+                data["models"][model] = {**prev, "committed": True}
+            else:
+                data["models"].pop(model, None)
+            if sha not in data["denylist"]:
+                data["denylist"].append(sha)
+
+        self.finish(Outcome.ROLLED_BACK, code, detail, health=upd.health or None, mutate=mutate)
+
+
+def _ssl_context(cfg: Config):
+    if not cfg.server.ca_file:
+        return None
+    import ssl
+
+    return ssl.create_default_context(cafile=cfg.server.ca_file)
+
+
+def _run_reload(cfg: Config) -> tuple[bool, str]:
+    command = cfg.update.reload_command
+    if not command:
+        return True, ""
+    try:
+        proc = run_shell(command, env=child_env(), timeout=cfg.update.command_timeout_seconds)
+    except subprocess.TimeoutExpired:
+        return False, f"reload command timed out after {cfg.update.command_timeout_seconds:g}s"
+    if proc.returncode != 0:
+        return False, f"reload command exited {proc.returncode}: {proc.stderr.decode('utf-8', 'replace')[-300:]}"
+    return True, ""
