@@ -162,8 +162,11 @@ def _url(name, kwargs, rollout):
 
 def test_it_covers_every_action_url_of_the_web_admin():
     names = {name for name, _ in POST_URLS}
-    assert names == {"device_revoke", "alias_move", "version_release", "access", "rollout_new", "rollout_action"}
-    assert len(POST_URLS) == 5 + 8  # one per rollout action
+    assert names == {
+        "device_revoke", "alias_move", "version_release", "version_deprecate", "version_revoke", "access",
+        "rollout_new", "rollout_action",
+    }
+    assert len(POST_URLS) == 7 + 8  # one per rollout action
 
 
 @pytest.mark.parametrize("name, kwargs", POST_URLS, ids=[f"{n}-{k.get('action', '')}".rstrip("-") for n, k in POST_URLS])
