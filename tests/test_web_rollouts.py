@@ -220,9 +220,13 @@ def test_it_runs_operator_actions_through_htmx_and_reports_refusals(client, oper
     client.force_login(operator)
     url = lambda action: reverse("web:rollout_action", args=[rollout.pk, action])
 
-    response = client.post(url("start"), HTTP_HX_REQUEST="true")
+    page = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
+    assert 'id="action-reason" name="reason"' in page and page.count('hx-include="#action-reason"') == 2
+
+    response = client.post(url("start"), {"reason": "night shift window"}, HTTP_HX_REQUEST="true")
     assert response.status_code == 200 and 'id="live"' in response.content.decode()
     assert "Start: done." in response.content.decode()
+    assert AuditEntry.objects.filter(action="rollout.start", reason="night shift window").exists()
     rollout.refresh_from_db()
     assert rollout.state == "running" and rollout.started_by == "user:olivia-operator"
 
