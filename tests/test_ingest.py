@@ -23,6 +23,7 @@ from ota.transport.ingest import Ingestor, Message
 from ota.transport.mqtt import BrokerSettings
 from tests.support.broker_auth import MqttProbe
 from tests.support.fleet import enroll_device, release_rows
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 T = Topics("fleet")
@@ -36,15 +37,6 @@ def update_events(device_id: str, *, seq: int, first_no: int, old: str, new: str
         events.append(Event(device_id=device_id, event_no=first_no + i, seq=seq, model="detector", state=state,
                             sha256=new, active_sha256=active, rollout_id=rollout, ts=format_time(utcnow())))
     return events
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class IngestProcess:
@@ -65,7 +57,7 @@ class IngestProcess:
             env=env, stdout=self.out.open("w"), stderr=self.log.open("w"), cwd=ROOT,
         )
         wait_for(lambda: "ingest: subscribed" in self.log.read_text() or self.process.poll() is not None,
-                 what="ingest to subscribe")
+                 timeout=20, what="ingest to subscribe")
         assert self.process.poll() is None, self.log.read_text()
 
     def stop(self) -> dict:
@@ -111,7 +103,7 @@ def test_it_ingests_a_real_device_update_and_drops_repeats_and_forgeries(secure_
             device.publish(T.events(device_id), event.to_payload())
 
         wait_for(lambda: DeviceModelState.objects.filter(device_id=device_id, last_state="committed").exists(),
-                 what="the committed state")
+                 timeout=20, what="the committed state")
         state = DeviceModelState.objects.get(device_id=device_id)
         assert (state.active_version_id, state.active_sha256, state.last_seq, state.last_rollout_id) == (
             v2.pk, a2.sha256, 1, "r1")
@@ -130,7 +122,7 @@ def test_it_ingests_a_real_device_update_and_drops_repeats_and_forgeries(secure_
         device.publish(T.events(device_id), encode_json({"device_id": device_id, "state": "exploded"}))
         # LWT-style offline presence last
         device.publish(T.presence(device_id), presence_payload(online=False, agent_version="0.3.1"))
-        wait_for(lambda: not Device.objects.get(pk=device_id).online, what="offline presence")
+        wait_for(lambda: not Device.objects.get(pk=device_id).online, timeout=20, what="offline presence")
     finally:
         device.close()
 
@@ -162,7 +154,7 @@ def test_it_counts_unknown_devices_and_shares_the_load_between_two_processes(sec
             for n in range(50):
                 event = Event(device_id=device_id, event_no=n, seq=1, model="detector", state="downloading")
                 probe.publish(T.events(device_id), event.to_payload())
-        wait_for(lambda: DeviceEvent.objects.count() == 200, what="200 stored events")
+        wait_for(lambda: DeviceEvent.objects.count() == 200, timeout=20, what="200 stored events")
     finally:
         for _, probe in clients:
             probe.close()

@@ -22,6 +22,7 @@ from registry.models import Artifact, AuditEntry
 from tests.support.agent_harness import HEALTH_OK, toml_value
 from tests.support.platform import REPO, DirectiveRecorder
 from tests.support.rollout_data import act, create_rollout, health_for, release
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -112,14 +113,11 @@ def agents(platform, tmp_path):
 
 
 def wait_until(predicate, timeout, what, platform, agents):
+    """`wait_for` with the server's and the agents' logs on a timeout; prints how long each phase took."""
     start = time.monotonic()
-    deadline = start + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            print(f"{time.strftime('%H:%M:%S')} {what}: {time.monotonic() - start:.1f}s")
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{platform.logs()}\n{agents.logs()}")
+    wait_for(predicate, timeout=timeout, what=what, interval=0.5,
+             diagnostics=lambda: f"{platform.logs()}\n{agents.logs()}")
+    print(f"{time.strftime('%H:%M:%S')} {what}: {time.monotonic() - start:.1f}s")
 
 
 def rollout_state(rid):

@@ -14,6 +14,7 @@ from ota.models import Directive, Rollout, RolloutDevice, Wave
 from registry.models import AuditEntry
 from tests.support.platform import DirectiveRecorder, Platform, ProtocolResponder
 from tests.support.rollout_data import act, create_rollout, make_devices, release
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -30,15 +31,6 @@ def platform(secure_broker, tmp_path):
 def recorder(secure_broker):
     with DirectiveRecorder(secure_broker) as rec:
         yield rec
-
-
-def wait_until(predicate, timeout, what, platform):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{platform.logs()}")
 
 
 def state_of(rollout_id):
@@ -70,11 +62,12 @@ def test_it_finishes_a_rollout_with_a_worker_killed_mid_wave_and_sends_nothing_t
         ).json()
         rid = rollout["id"]
         assert act(client, ci_token, rid, "start").status_code == 200
-        wait_until(lambda: Wave.objects.filter(rollout_id=rid, index=1).exclude(state="pending").exists(), 60,
-                   "wave 1 to start", platform)
+        wait_for(lambda: Wave.objects.filter(rollout_id=rid, index=1).exclude(state="pending").exists(),
+                 timeout=60, what="wave 1 to start", interval=0.2, diagnostics=platform.logs)
         platform.kill_worker(worker_a)
         platform.start_worker("worker-c")
-        wait_until(lambda: state_of(rid) == "completed", 120, "the rollout to complete", platform)
+        wait_for(lambda: state_of(rid) == "completed", timeout=120, what="the rollout to complete", interval=0.2,
+                 diagnostics=platform.logs)
     assert Counter(RolloutDevice.objects.filter(rollout_id=rid).values_list("state", flat=True)) == {"committed": 40}
     recorder.wait_for(lambda r: len(r.devices()) == 40, what="a directive for each device")
     time.sleep(1.5)  # a late duplicate would have arrived by now (the tick runs every second)
@@ -111,13 +104,14 @@ def test_it_holds_while_paused_and_continues_on_resume(client, ci_token, operato
         assert paused.json()["state"] == "paused"
         paused_in.set()
         # The canary commits while paused; the gate is met, yet nothing more goes out.
-        wait_until(lambda: RolloutDevice.objects.filter(rollout_id=rid, state="committed").count() == 2, 90,
-                   "the canary to commit", platform)
+        wait_for(lambda: RolloutDevice.objects.filter(rollout_id=rid, state="committed").count() == 2,
+                 timeout=90, what="the canary to commit", interval=0.2, diagnostics=platform.logs)
         time.sleep(4)  # four beat ticks and the canary's event-driven evaluations
         assert len(recorder.live()) == 2
         assert Directive.objects.filter(rollout_id=rid).count() == 2
         assert Wave.objects.get(rollout_id=rid, index=1).state == "pending"
         assert act(client, operator_token, rid, "resume").json()["state"] == "running"
-        wait_until(lambda: state_of(rid) == "completed", 120, "the rollout to complete", platform)
+        wait_for(lambda: state_of(rid) == "completed", timeout=120, what="the rollout to complete", interval=0.2,
+                 diagnostics=platform.logs)
     assert len(recorder.devices()) == 12
     assert_no_duplicates(rid, recorder)

@@ -25,20 +25,12 @@ from ota.transport import hooks
 from ota.transport.ingest import IngestRunner
 from ota.transport.mqtt import Publisher
 from tests.support.fleet import hardware, release_rows, signed_directive, signed_release
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 T = Topics("fleet")
 ROOT = Path(__file__).resolve().parents[1]
 HEALTHY = ["received", "downloading", "verifying", "prechecking", "activating", "trial", "committed"]
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -73,7 +65,7 @@ def test_it_runs_healthy_and_failing_devices_through_signed_directives(secure_br
     ).start()
     try:
         sim.wait_connected(timeout=20)
-        wait_for(lambda: Device.objects.filter(online=True).count() == 4, what="presence from all four")
+        wait_for(lambda: Device.objects.filter(online=True).count() == 4, timeout=30, what="presence from all four")
         assert Device.objects.get(pk=healthy).agent_version == "sim-1"
         with Publisher() as publisher:
             publisher.publish_many(
@@ -84,8 +76,8 @@ def test_it_runs_healthy_and_failing_devices_through_signed_directives(secure_br
                     key=load_private_key_pem(generate_private_key_pem())))]
             )
         wait_for(lambda: DeviceModelState.objects.filter(last_state__in=["committed", "failed"]).count() == 3,
-                 what="three terminal states")
-        wait_for(lambda: DeviceEvent.objects.filter(device_id=forged_target).exists(), what="the rejection")
+                 timeout=30, what="three terminal states")
+        wait_for(lambda: DeviceEvent.objects.filter(device_id=forged_target).exists(), timeout=30, what="the rejection")
     finally:
         stats = sim.stop()
 
@@ -98,7 +90,8 @@ def test_it_runs_healthy_and_failing_devices_through_signed_directives(secure_br
     assert (healthy_state.active_version_id, healthy_state.last_seq) == (v2.pk, 1)
     assert not DeviceModelState.objects.filter(device_id=failing, active_version=v2).exists()
     assert stats.committed == 2 and stats.failed == 1 and stats.rejected == 1
-    wait_for(lambda: not Device.objects.filter(online=True).exists(), what="a clean stop to say offline")
+    wait_for(lambda: not Device.objects.filter(online=True).exists(), timeout=30,
+             what="a clean stop to say offline")
 
 
 def test_it_converges_a_flapping_device_from_the_retained_directive(secure_broker, ingest):
@@ -130,7 +123,7 @@ def test_it_refuses_a_revoked_simulated_device(secure_broker):
     sim = FleetSimulator.from_settings(creds).start()
     try:
         sim.wait_connected(count=1, timeout=20)
-        wait_for(lambda: sim.stats.refused == 1, what="the refusal")
+        wait_for(lambda: sim.stats.refused == 1, timeout=30, what="the refusal")
     finally:
         sim.stop()
 

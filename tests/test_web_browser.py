@@ -14,6 +14,7 @@ from ota.sim.enroll import enroll_simulated_devices
 from ota.sim.fleet import FleetSimulator
 from tests.support import web_data
 from tests.support.browser import TABLET, Browser, chromium_available, login, screenshot
+from tests.support.waiting import wait_for
 
 OLD_HEALTH = {"error_rate": 0.04, "latency_ms_p95": 38.0}
 
@@ -80,21 +81,13 @@ def simulate(platform):
         started.append(sim)
         sim.wait_connected(timeout=30)
         ids = [c.device_id for c in creds]
-        wait_for(lambda: Device.objects.filter(pk__in=ids, online=True).count() == len(ids), 30, "presence", platform)
+        wait_for(lambda: Device.objects.filter(pk__in=ids, online=True).count() == len(ids), timeout=30,
+                 what="presence", interval=0.2, diagnostics=platform.logs)
         return sim
 
     yield start
     for sim in started:
         sim.stop()
-
-
-def wait_for(predicate, timeout, what, platform=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{platform.logs() if platform else ''}")
 
 
 def live_state(page) -> tuple[str, int]:
@@ -121,7 +114,8 @@ def test_it_lets_an_operator_create_start_and_watch_a_rollout_reach_100_percent_
     sim = simulate(berlin + pis + munich)
     old_sha = old.artifacts.get().sha256
     report_health(sim, {c.device_id for c in berlin + munich}, "detector", old_sha, OLD_HEALTH)
-    wait_for(lambda: Device.objects.filter(last_telemetry__health=OLD_HEALTH).count() == 15, 30, "telemetry", platform)
+    wait_for(lambda: Device.objects.filter(last_telemetry__health=OLD_HEALTH).count() == 15, timeout=30,
+             what="telemetry", interval=0.2, diagnostics=platform.logs)
 
     with Browser(base_url=live_server.url) as browser:
         page = browser.new_page()

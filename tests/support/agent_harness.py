@@ -24,6 +24,7 @@ import paho.mqtt.client as paho
 
 from agent import signing
 from agent.protocol import build_directive_payload, build_release_payload, utcnow
+from tests.support import waiting
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -485,14 +486,10 @@ class AgentProcess:
 
 
 def wait_for(predicate, timeout: float, what: str, *, interval: float = 0.05, agent: AgentProcess | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    tail = ("\n--- agent log ---\n" + agent.log_text()[-4000:]) if agent else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}{tail}")
+    """`tests.support.waiting.wait_for` for agent tests: returns the predicate's truthy value; on a
+    timeout, the message ends with the last 4000 characters of `agent`'s log when one is given."""
+    diagnostics = (lambda: "--- agent log ---\n" + agent.log_text()[-4000:]) if agent else None
+    return waiting.wait_for(predicate, timeout=timeout, what=what, interval=interval, diagnostics=diagnostics)
 
 
 # --- state inspection -----------------------------------------------------------------------------

@@ -24,11 +24,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support import waiting
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
@@ -198,14 +199,18 @@ class Platform:
     # --- diagnostics ---------------------------------------------------------------------------
 
     def wait_for_log(self, proc: Proc, text: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Wait until `proc`'s log contains `text`; RuntimeError at once if it exits first. Either
+        failure shows the last 4000 characters of its log."""
+
+        def logged() -> bool:
             if text in proc.log_path.read_text(errors="replace"):
-                return
+                return True
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited early:\n{proc.log_path.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.1)
-        raise TimeoutError(f"{proc.name} did not log {text!r} within {timeout}s:\n{proc.log_path.read_text()[-4000:]}")
+            return False
+
+        waiting.wait_for(logged, timeout=timeout, what=f"{proc.name} to log {text!r}", interval=0.1,
+                         diagnostics=lambda: proc.log_path.read_text(errors="replace")[-4000:])
 
     def logs(self, tail: int = 3000) -> str:
         parts = []
@@ -317,12 +322,10 @@ class DirectiveRecorder:
         return dict(out)
 
     def wait_for(self, predicate, timeout: float = 30, what: str = "directives") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self):
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"timed out waiting for {what}; have {len(self.live())} messages")
+        """`tests.support.waiting.wait_for` on `predicate(self)`; a timeout says how many live
+        directives were seen."""
+        waiting.wait_for(lambda: predicate(self), timeout=timeout, what=what,
+                         diagnostics=lambda: f"have {len(self.live())} messages")
 
 
 def _release_version(envelope: dict) -> str:
