@@ -8,9 +8,15 @@ import re
 from django import forms
 from django.core.exceptions import ValidationError
 
+from ota.fleet.parsing import parse_label_filter
 from ota.rollouts.definition import wave_plan_parse
 from registry.models import HardwareTarget
-from web.queries import parse_labels
+
+
+def parse_labels(text: str) -> list[tuple[str, str | None]]:
+    """'site=berlin, camera' -> [('site', 'berlin'), ('camera', None)]. Raises ValueError with
+    the offending piece so the form can show it next to the field."""
+    return [parse_label_filter(piece) for piece in text.split(",") if piece.strip()]
 
 
 class DeviceFilterForm(forms.Form):

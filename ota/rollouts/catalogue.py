@@ -3,7 +3,7 @@ rollout states, and how each entry point presents it. Every action takes an opti
 kept in the audit log.
 
 This table is the one place those rules are written. The API routes (ota.rollouts.urls), the
-web buttons and their confirmations (web.views), the Django admin actions
+web buttons and their confirmations (web.rollouts), the Django admin actions
 (ota.rollouts.admin) and fleetctl's `rollout` subcommands are built from it, and the actions
 themselves (ota.rollouts.actions) check their allowed states against it.
 

@@ -1,0 +1,5 @@
+"""The device pages: /devices/ and /devices/<id>/.
+
+    views.py    device_list (filter form, pages, htmx table), device_detail, device_revoke
+    queries.py  the device page's timeline, telemetry figures and health chart
+"""
