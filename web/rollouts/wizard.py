@@ -13,7 +13,7 @@ from ota.rollouts.catalogue import CREATE_SCOPES
 from ota.rollouts.create import rollout_create
 from registry.auth import actor_label
 from registry.errors import ApiError
-from web.forms import RolloutForm
+from web.forms import WAVE_TEMPLATES, RolloutForm
 from web.pages import page
 from web.roles import scope_required
 from web.rollouts.preview import rollout_dry_run, target_preview
@@ -52,8 +52,6 @@ def rollout_new(request):
 
 
 def wizard_page(request, form, status=200):
-    from web.forms import WAVE_TEMPLATES
-
     context = {"form": form, "templates": WAVE_TEMPLATES}
     return page(request, "web/rollouts/wizard.html", context, section="rollouts", status=status)
 
