@@ -9,6 +9,7 @@ import pytest
 
 from agent.protocol import encode_json
 from ota.models import Device, DeviceModelState, Rollout, RolloutDevice
+from ota.rollouts.catalogue import BY_NAME
 from ota.rollouts.create import rollout_create
 from ota.sim.enroll import enroll_simulated_devices
 from ota.sim.fleet import FleetSimulator
@@ -135,7 +136,7 @@ def test_it_lets_an_operator_create_start_and_watch_a_rollout_reach_100_percent_
         page.wait_for_selector("#preview [data-matched]")
         page.wait_for_function("() => document.querySelector('#preview [data-matched]').textContent === '15'")
         assert page.locator("#preview [data-incompatible]").inner_text() == "3"
-        assert "canary: 2 more devices → 2" in page.locator("#preview").inner_text()
+        assert "canary: 2 devices → 2" in page.locator("#preview").inner_text()
         screenshot(page, "wizard")
 
         page.click("#review-button")
@@ -279,7 +280,8 @@ def test_it_shows_a_viewer_no_action_buttons_and_refuses_a_forged_post(live_serv
             )
             # 403 from the role check, not from CSRF: the token is valid.
             assert response.status == 403, (action, response.status)
-            assert "needs the &#x27;operator&#x27; role" in response.text(), response.text()[:300]
+            roles = " or ".join(f"&#x27;{scope}&#x27;" for scope in BY_NAME[action].scopes)
+            assert f"needs the {roles} role" in response.text(), response.text()[:300]
         # Read pages stay usable at tablet width: wide tables scroll inside their card, not the page.
         page.set_viewport_size(TABLET)
         for url in ("/", "/devices/", "/devices/cam-0/", "/registry/", "/registry/detector/",
