@@ -22,8 +22,8 @@ from ota.models import Device, DeviceEvent, DeviceModelState
 from ota.sim.enroll import enroll_simulated_devices
 from ota.sim.fleet import FleetSimulator
 from ota.transport import hooks
-from ota.transport.ingest import IngestRunner
 from ota.transport.mqtt import Publisher
+from ota.transport.subscriber import IngestRunner
 from tests.support.fleet import hardware, release_rows, signed_directive, signed_release
 from tests.support.waiting import wait_for
 

@@ -11,6 +11,9 @@ instead of a thread per device.
 Behaviours: healthy; fail-precheck (failed PRECHECK_FAILED, active model untouched);
 fail-trial (activates, then rolled_back TRIAL_FAILED); slow (long steps); flapping (drops
 offline now and then, converging from the retained directive after reconnecting).
+
+One topic at about 500 lines, kept in one file on purpose: a simulated device (SimDevice) and the
+one selector loop that drives thousands of them (FleetSimulator) share their timers and sockets.
 """
 
 from __future__ import annotations

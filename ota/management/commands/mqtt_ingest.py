@@ -8,7 +8,7 @@ import threading
 
 from django.core.management.base import BaseCommand, CommandError
 
-from ota.transport.ingest import INGEST_SHARE_GROUP, IngestRunner
+from ota.transport.subscriber import INGEST_SHARE_GROUP, IngestRunner
 
 
 class Command(BaseCommand):
