@@ -8,9 +8,9 @@ import re
 from django import forms
 from django.core.exceptions import ValidationError
 
-from ota.fleet.parsing import parse_label_filter
+from ota.fleet.parsing import parse_duration, parse_label_filter, parse_label_pairs
 from ota.rollouts.definition import wave_plan_parse
-from registry.models import HardwareTarget
+from registry.models import HardwareTarget, ModelVersion
 
 
 def parse_labels(text: str) -> list[tuple[str, str | None]]:
@@ -59,8 +59,6 @@ class AliasMoveForm(forms.Form):
 
     def __init__(self, *args, model, **kwargs):
         super().__init__(*args, **kwargs)
-        from registry.models import ModelVersion
-
         released = model.versions.filter(
             state__in=[ModelVersion.State.RELEASED, ModelVersion.State.DEPRECATED]
         ).order_by("-counter")
@@ -148,8 +146,6 @@ class RolloutForm(forms.Form):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from registry.models import ModelVersion
-
         releases = ModelVersion.objects.filter(state=ModelVersion.State.RELEASED).select_related("model").order_by(
             "model__name", "-counter"
         )
@@ -284,8 +280,6 @@ class EnrollmentTokenForm(forms.Form):
     )
 
     def clean_expires_in(self):
-        from ota.fleet.parsing import parse_duration
-
         text = self.cleaned_data["expires_in"].strip()
         if not text:
             return None
@@ -295,8 +289,6 @@ class EnrollmentTokenForm(forms.Form):
             raise forms.ValidationError(str(exc)) from None
 
     def clean_labels(self):
-        from ota.fleet.parsing import parse_label_pairs
-
         try:
             return parse_label_pairs([p.strip() for p in self.cleaned_data["labels"].split(",") if p.strip()])
         except ValueError as exc:

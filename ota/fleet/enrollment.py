@@ -18,6 +18,7 @@ from ota.fleet.parsing import validate_labels
 from ota.models import Device, EnrollmentToken, hash_secret
 from registry.audit import audit_record
 from registry.errors import ApiError
+from registry.keys import public_key_info, public_keys
 from registry.models import HardwareTarget
 
 
@@ -114,8 +115,6 @@ class Enrollment:
     api_token: str
 
     def agent_settings(self) -> dict:
-        from registry.keys import public_key_info
-
         return {
             "device_id": self.device.id,
             "name": self.device.name,
@@ -148,8 +147,6 @@ def device_enroll(*, token_secret: str, hardware: str, labels: dict | None = Non
     The broker registration runs inside the transaction on purpose: a device whose broker
     credentials could not be created must not exist, and the token use is given back.
     """
-    from registry.keys import public_keys
-
     try:
         labels = validate_labels(labels or {})
     except ValueError as exc:

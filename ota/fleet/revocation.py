@@ -9,6 +9,7 @@ from django.utils import timezone
 from agent.protocol import Topics
 from ota.fleet.broker import BrokerError, BrokerUnavailable, broker_device_remove
 from ota.models import Device
+from ota.transport.mqtt import MqttError, clear_retained
 from registry.audit import audit_record
 
 
@@ -33,8 +34,6 @@ def device_revoke(*, device_id: str, actor: str) -> Device:
 
 
 def _revoke_on_broker(device_id: str) -> None:
-    from ota.transport.mqtt import MqttError, clear_retained
-
     try:
         broker_device_remove(device_id=device_id)
         clear_retained(Topics(settings.MQTT_TOPIC_ROOT).directive(device_id))

@@ -24,6 +24,7 @@ from django.utils import timezone
 from agent.protocol import Topics, build_directive_payload, encode_json
 from agent.signing import DIRECTIVE_PAYLOAD_TYPE, sign_envelope
 from ota.models import Device, Directive
+from ota.transport import mqtt
 from registry.downloads import artifact_download_url
 from registry.keys import load_rollout_key
 from registry.models import Artifact, ModelVersion
@@ -131,8 +132,6 @@ def directives_publish(*, directive_ids: list[int]) -> int:
     Returns how many went out. A broker outage is logged, not raised: the rows stay
     unpublished and the beat tick tries again.
     """
-    from ota.transport import mqtt
-
     topics = Topics(settings.MQTT_TOPIC_ROOT)
     published = 0
     started = time.perf_counter()
@@ -165,8 +164,6 @@ def directives_withdraw(*, device_ids: list[str]) -> None:
     already has the message is unaffected (it reports on, and the engine keeps listening)."""
     if not device_ids:
         return
-    from ota.transport import mqtt
-
     topics = Topics(settings.MQTT_TOPIC_ROOT)
     ids = list(device_ids)
 
