@@ -4,12 +4,17 @@ The model runtime (onnxruntime) is loaded only in a child process (`python -m ag
 never in the daemon: the daemon stays small, and a model that crashes, hangs or eats memory
 takes down only the child. The child caps its own address space and CPU time with
 resource.setrlimit before importing the runtime; the parent enforces the wall-clock timeout.
+The registry runs the same function at release time (registry.release_check), so a model this
+precheck cannot run is refused there instead of failing on every canary.
 
-Health contract (signed in the release manifest):
+Health contract (signed in the release manifest; README.md "Health contracts"):
   {"inputs": {NAME: {"dtype": "float32", "shape": [..], "data": [flat list]}},
    "outputs": {NAME: {...}}, "atol": float, "rtol": float, "latency_budget_ms": number}
-Without a contract the model must load and run one inference on zeros of the declared input
-shapes (dynamic dimensions set to 1).
+With golden inputs the model runs on them and, when the contract has outputs, must reproduce
+them within atol + rtol * |expected| (defaults 1e-5, 1e-4). Without golden inputs (no contract,
+or one with only a latency budget) the model runs on generated inputs: zeros of the declared
+shapes with dynamic dimensions filled in by a few size plans (`generated_inputs`), the first
+that runs wins; when none runs, the detail says to give the release golden inputs.
 """
 
 from __future__ import annotations
@@ -17,10 +22,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.journal import child_env
+
+# The contract rides in the signed release manifest, which travels base64-encoded inside every
+# device's directive, itself capped at 64 KiB (agent.protocol.MAX_PAYLOAD_BYTES): two rounds of
+# base64 leave about 36 KiB of manifest, of which the contract may take this much (compact JSON).
+CONTRACT_MAX_BYTES = 24 * 1024
+CONTRACT_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+
+# What to tell someone whose model cannot be prechecked without golden inputs.
+GOLDEN_INPUTS_HINT = (
+    "give the release golden inputs: `fleetctl push --sample-inputs FILE.npz` (one array per model "
+    "input) or a health contract with `inputs` (`health` in POST /api/v1/models/{name}/versions/)"
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +50,14 @@ class PrecheckResult:
 
 def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, memory_mb: int) -> PrecheckResult:
     request = json.dumps(
-        {"model": str(model_path), "contract": contract, "memory_mb": memory_mb, "cpu_seconds": int(timeout) + 1}
+        {
+            "model": str(model_path),
+            "contract": contract,
+            "memory_mb": memory_mb,
+            "cpu_seconds": int(timeout) + 1,
+            # Generated inputs stop being tried after this, so the answer beats the timeout.
+            "search_seconds": timeout / 2,
+        }
     )
     try:
         proc = subprocess.run(
@@ -62,9 +87,9 @@ def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, mem
     return PrecheckResult(bool(answer.get("ok")), str(answer.get("detail", "")), answer.get("latency_ms"))
 
 
-# --- child ------------------------------------------------------------------------------------
+# --- generated inputs -------------------------------------------------------------------------
 
-_ORT_TYPES = {
+ORT_DTYPES = {
     "tensor(float)": "float32",
     "tensor(double)": "float64",
     "tensor(float16)": "float16",
@@ -76,6 +101,80 @@ _ORT_TYPES = {
     "tensor(bool)": "bool",
 }
 
+# Sizes for dynamic dimensions, tried in order: (the last dimension, any other). One size never
+# suits every model: 512 is an audio chunk or a token sequence next to a state of batch 1
+# (silero-vad: input [1, 512], state [2, 1, 128]), 16 a short sequence or a small feature map,
+# 224 an image's height and width, 1 the smallest anything accepts.
+SIZE_PLANS = ((512, 1), (16, 16), (224, 224), (1, 1))
+# Values for integer scalar inputs (a count, a sample rate, an index), tried with every plan.
+INT_SCALARS = (1, 16000, 0)
+
+
+def _batch_like(name: str) -> bool:
+    lowered = name.lower()
+    return "batch" in lowered or lowered in ("n", "b", "bs")
+
+
+def _shape(dims: list, plan: tuple[int, int], named: dict[str, int]) -> list[int]:
+    last, other = plan
+    shape = []
+    for index, dim in enumerate(dims):
+        if isinstance(dim, int) and dim > 0:
+            shape.append(dim)
+            continue
+        name = dim if isinstance(dim, str) and dim else None
+        if name is not None and name in named:
+            shape.append(named[name])
+            continue
+        if (name is not None and _batch_like(name)) or (index == 0 and len(dims) > 1):
+            size = 1  # the leading dimension of a tensor of rank >= 2 is its batch
+        elif index == len(dims) - 1:
+            size = last
+        else:
+            size = other
+        if name is not None:
+            named[name] = size
+        shape.append(size)
+    return shape
+
+
+def generated_inputs(declared: list[tuple[str, str, list]]) -> Iterator[tuple[str, dict]]:
+    """Feeds to try, in order, for inputs declared as (name, onnxruntime type, shape).
+
+    Zeros of the declared shapes; dynamic dimensions filled in by SIZE_PLANS (a dimension named
+    like a batch, or the leading one of a tensor of rank >= 2, is 1; equally named dimensions
+    get one size), integer scalars set to each of INT_SCALARS. Raises ValueError for an input
+    no zeros can stand in for (strings, sequences, maps).
+    """
+    import numpy as np
+
+    for name, type_, _ in declared:
+        if type_ not in ORT_DTYPES:
+            raise ValueError(f"input {name!r} is {type_}, which generated inputs cannot stand in for")
+    int_scalars = [name for name, type_, dims in declared if not dims and type_.startswith("tensor(int")]
+    seen = set()
+    for plan in SIZE_PLANS:
+        named: dict[str, int] = {}
+        shapes = {name: _shape(dims, plan, named) for name, _, dims in declared}
+        for scalar in INT_SCALARS if int_scalars else (None,):
+            signature = (tuple(tuple(s) for s in shapes.values()), scalar)
+            if signature in seen:
+                continue
+            seen.add(signature)
+            feeds, parts = {}, []
+            for name, type_, _ in declared:
+                dtype = ORT_DTYPES[type_]
+                if name in int_scalars:
+                    feeds[name] = np.array(scalar, dtype=dtype)
+                    parts.append(f"{name} {dtype} = {scalar}")
+                else:
+                    feeds[name] = np.zeros(shapes[name], dtype=dtype)
+                    parts.append(f"{name} {shapes[name]} {dtype}")
+            yield ", ".join(parts), feeds
+
+
+# --- child ------------------------------------------------------------------------------------
+
 
 def _limit(memory_mb: int, cpu_seconds: int) -> None:
     import resource
@@ -85,7 +184,37 @@ def _limit(memory_mb: int, cpu_seconds: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
 
 
-def _check(model: str, contract: dict | None) -> dict:
+def _run_generated(session, output_names, search_seconds: float):
+    """(feeds, outputs, description) of the first generated inputs the model runs on, or a reason."""
+    import time
+
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # an attempt that fails is expected; its error is reported below
+    declared = [(i.name, i.type, list(i.shape)) for i in session.get_inputs()]
+    started = time.monotonic()
+    first_error, tried = None, []
+    try:
+        for description, feeds in generated_inputs(declared):
+            if tried and time.monotonic() - started > search_seconds:
+                break
+            tried.append(description)
+            try:
+                return feeds, session.run(output_names, feeds, quiet), description
+            except Exception as exc:  # onnxruntime raises several unrelated types
+                first_error = first_error or str(exc).strip()
+    except ValueError as exc:
+        return f"the model cannot be run without golden inputs: {exc}; {GOLDEN_INPUTS_HINT}"
+    if len(first_error or "") > 300:
+        first_error = first_error[:300] + "..."
+    return (
+        f"the model does not run on generated inputs (zeros of the declared shapes; {len(tried)} tries, "
+        f"first {tried[0] if tried else 'none'}; first error: {first_error}); {GOLDEN_INPUTS_HINT}"
+    )
+
+
+def _check(model: str, contract: dict | None, search_seconds: float = 30.0) -> dict:
     import time
 
     import numpy as np
@@ -100,9 +229,11 @@ def _check(model: str, contract: dict | None) -> dict:
     except Exception as exc:  # onnxruntime raises several unrelated types for unloadable files
         return {"ok": False, "detail": f"model does not load: {str(exc)[:400]}"}
     declared = {i.name: i for i in session.get_inputs()}
-    if contract:
+    output_names = [o.name for o in session.get_outputs()]
+    contract = contract or {}
+    if contract.get("inputs"):
         feeds = {}
-        for name, spec in (contract.get("inputs") or {}).items():
+        for name, spec in contract["inputs"].items():
             if name not in declared:
                 return {"ok": False, "detail": f"contract input {name!r} is not a model input ({sorted(declared)})"}
             try:
@@ -112,17 +243,20 @@ def _check(model: str, contract: dict | None) -> dict:
         missing = sorted(set(declared) - set(feeds))
         if missing:
             return {"ok": False, "detail": f"contract gives no data for model inputs {missing}"}
+        ran_on = "the contract's inputs"
+        try:
+            outputs = session.run(output_names, feeds)
+        except Exception as exc:
+            return {"ok": False, "detail": f"inference failed: {str(exc)[:400]}"}
+    elif contract.get("outputs"):
+        return {"ok": False, "detail": "the contract has golden outputs but no inputs to produce them"}
     else:
-        feeds = {}
-        for name, inp in declared.items():
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
-            dtype = _ORT_TYPES.get(inp.type)
-            if dtype is None:
-                return {"ok": False, "detail": f"input {name!r} has unsupported type {inp.type}"}
-            feeds[name] = np.zeros(shape, dtype=dtype)
-    output_names = [o.name for o in session.get_outputs()]
+        found = _run_generated(session, output_names, search_seconds)
+        if isinstance(found, str):
+            return {"ok": False, "detail": found}
+        feeds, outputs, description = found
+        ran_on = f"generated inputs ({description})"
     try:
-        outputs = session.run(output_names, feeds)
         timings = []
         for _ in range(5):
             t0 = time.perf_counter()
@@ -131,8 +265,6 @@ def _check(model: str, contract: dict | None) -> dict:
     except Exception as exc:
         return {"ok": False, "detail": f"inference failed: {str(exc)[:400]}"}
     latency = sorted(timings)[len(timings) // 2]
-    if not contract:
-        return {"ok": True, "detail": "model loads and runs on zero inputs", "latency_ms": latency}
     got = dict(zip(output_names, outputs))
     atol = float(contract.get("atol", 1e-5))
     rtol = float(contract.get("rtol", 1e-4))
@@ -159,17 +291,19 @@ def _check(model: str, contract: dict | None) -> dict:
     if budget is not None and latency > float(budget):
         return {
             "ok": False,
-            "detail": f"median latency {latency:.3f} ms is over the budget of {budget} ms",
+            "detail": f"median latency {latency:.3f} ms on {ran_on} is over the budget of {budget} ms",
             "latency_ms": latency,
         }
-    return {"ok": True, "detail": "golden outputs match", "latency_ms": latency}
+    if contract.get("outputs"):
+        return {"ok": True, "detail": "golden outputs match", "latency_ms": latency}
+    return {"ok": True, "detail": f"model loads and runs on {ran_on}", "latency_ms": latency}
 
 
 def child_main() -> int:
     request = json.loads(sys.stdin.read())
     _limit(int(request["memory_mb"]), int(request["cpu_seconds"]))
     try:
-        answer = _check(request["model"], request.get("contract"))
+        answer = _check(request["model"], request.get("contract"), float(request.get("search_seconds", 30)))
     except ImportError as exc:  # the bare install: the runtime is an optional extra
         answer = {"ok": False, "detail": f"model runtime missing ({exc}): install modelfleet[runtime] on this box"}
     except MemoryError:

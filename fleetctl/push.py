@@ -20,6 +20,7 @@ from fleetctl.common import (
     sha256_file,
 )
 from fleetctl.progress import Progress, human_bytes
+from fleetctl.samples import health_from_samples
 
 
 def _parse_artifacts(values: list[str]) -> list[tuple[str, Path]]:
@@ -89,6 +90,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     expected = _parse_expected(args.expect_sha256, {hardware for hardware, _ in artifacts})
     metadata = _load_json_option("--metadata", args.metadata) or {}
     health = _load_json_option("--health", args.health, from_file=True)
+    if args.sample_inputs:  # runs the models here: onnxruntime and numpy are imported only then
+        health = health_from_samples(args.sample_inputs, artifacts, args.format, base=health)
     client = client_from_args(args)
     model = path_quote(args.model)
     # Then everything the server can tell us without writing: a push that would be refused at
@@ -254,7 +257,11 @@ def add_parser(sub) -> None:
     push.add_argument("--expect-sha256", action="append", default=[], metavar="HARDWARE=SHA256",
                       help="digest the artifact must have (e.g. from the build step); the server refuses "
                       "the upload if the bytes differ. Default: the local file's sha256")
-    push.add_argument("--health", metavar="FILE", help="JSON file with the health contract to sign into the release")
+    push.add_argument("--health", metavar="FILE", help="JSON file with the health contract to sign into the release "
+                      "(with --sample-inputs: only its atol, rtol and latency_budget_ms)")
+    push.add_argument("--sample-inputs", metavar="FILE.npz",
+                      help="one array per model input name: run the artifacts here (needs modelfleet[runtime]) and "
+                      "sign their outputs and a latency budget into the release as its health contract")
     push.add_argument("--create-model", action="store_true", help="create the model if it does not exist")
     push.add_argument("--replace-draft", action="store_true",
                       help="delete a draft of the same version left on the server by an interrupted push")

@@ -5,8 +5,12 @@ nothing else writes registry state. Every refusal raises registry.errors.ApiErro
     lookups.py    model_get, version_get, artifact_get (or a 404 naming what is missing)
     hardware.py   hardware_create
     versions.py   model_create, version_create (counters), require_draft
-    health.py     health_contract_validate: the health contract a version may carry
+    health.py     health_contract_validate: the health contract a version may carry;
+                  health_contract_check_model: a contract against a model's inputs and outputs
+    onnx_check.py onnx_validate (streamed ONNX check), onnx_io (declared inputs and outputs)
     artifacts.py  the artifact store, artifact_upload (hashing, budget, ONNX check), deleting one
+    release_check.py  release_check: each ONNX artifact against the health contract, and the
+                  agent's precheck run on it, before a release is signed
     releases.py   version_release (signing the manifest), deprecate, revoke, deleting a draft
     aliases.py    alias_set (moving an alias), aliases_list (with history), parse_instant
     tokens.py     API tokens: token_create, tokens_revoke, token_revoke

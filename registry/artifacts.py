@@ -1,5 +1,6 @@
 """Artifacts: the artifact store, uploading a file to a draft (hashing, size budget, format and
-ONNX checks, then store and row together or neither), and deleting one from a draft."""
+ONNX checks, the version's health contract against the model's inputs and outputs, then store
+and row together or neither), and deleting one from a draft."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from django.utils.text import get_valid_filename
 
 from registry.audit import audit_record
 from registry.errors import ApiError, Conflict
+from registry.health import health_contract_check_model
 from registry.models import Artifact, HardwareTarget, ModelVersion
 from registry.versions import require_draft
 
@@ -135,17 +137,21 @@ def artifact_upload(
             )
         if format == Artifact.Format.ONNX:
             # Imported here: onnx + numpy cost ~25 MB that workers not validating uploads never need.
-            from registry.onnx_check import OnnxInvalid, onnx_validate
+            from registry.onnx_check import OnnxInvalid, onnx_io, onnx_validate
 
             path = getattr(upload, "temporary_file_path", None)
             if path is None:
                 raise ApiError("ONNX validation needs the upload spooled to disk.", code="invalid_onnx")
             try:
-                onnx_validate(path())
+                skeleton = onnx_validate(path())
             except OnnxInvalid as exc:
                 raise ApiError(
                     f"The file claims format onnx but is not a valid ONNX model: {exc}", code="invalid_onnx"
                 ) from None
+            # A contract given at version create is held against each model as it arrives.
+            health_contract_check_model(
+                version.health, *onnx_io(skeleton), where=f"uploaded for hardware '{hardware.id}'"
+            )
 
         file_name = get_valid_filename(Path(upload.name or "").name) or f"{hardware.id}.{format}"
         key = f"{version.model.name}/{version.version}/{hardware.id}/{uuid.uuid4().hex}/{file_name}"

@@ -1,17 +1,21 @@
 """The health contract a version may carry: golden inputs and outputs, tolerances and a latency
-budget, checked here as the agent's precheck will read them."""
+budget, checked here as the agent's precheck will read them (health_contract_validate), and
+against an ONNX model's declared inputs and outputs (health_contract_check_model). The format is
+documented in README.md, "Health contracts"."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
-from agent import protocol
+from agent import precheck, protocol
 from registry.errors import ApiError
 
 # The release manifest travels inside each device's directive, which the agent caps at 64 KiB
-# (agent.protocol.MAX_PAYLOAD_BYTES, after base64): golden I/O has to stay small.
-HEALTH_MAX_BYTES = 24 * 1024
-HEALTH_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+# (agent.protocol.MAX_PAYLOAD_BYTES, after base64): golden I/O has to stay small. The limit and
+# the dtypes are the agent's (fleetctl push --sample-inputs checks the same limit).
+HEALTH_MAX_BYTES = precheck.CONTRACT_MAX_BYTES
+HEALTH_DTYPES = precheck.CONTRACT_DTYPES
 HEALTH_KEYS = ("inputs", "outputs", "atol", "rtol", "latency_budget_ms")
 
 
@@ -84,4 +88,81 @@ def health_contract_validate(health) -> None:
             f"health is {size} bytes of JSON, over the {HEALTH_MAX_BYTES}-byte limit "
             "(the signed manifest rides inside every device directive); use fewer golden values.",
             code="invalid_health",
+        )
+
+
+def _describe(tensor: dict) -> str:
+    return f"{tensor.get('dtype')} {list(tensor.get('shape') or [])}"
+
+
+def _shape_fits(shape: list[int], dims: tuple | None) -> str | None:
+    """Why a contract shape does not fit the model's declared dims, or None when it does."""
+    if dims is None:
+        return None
+    if len(shape) != len(dims):
+        return f"rank {len(shape)} against the model's rank {len(dims)}"
+    for index, (size, dim) in enumerate(zip(shape, dims)):
+        if isinstance(dim, int) and size != dim:
+            return f"dimension {index} is {size}, the model fixes it at {dim}"
+    return None
+
+
+def health_contract_check_model(health: dict | None, inputs: Sequence, outputs: Sequence, *, where: str) -> None:
+    """Refuse a contract whose tensors do not fit the model's declared inputs and outputs.
+
+    `inputs`/`outputs` are registry.onnx_check.TensorSpec (name, dtype, dims, optional), as
+    onnx_io() reads them from the uploaded file. Checks names (every required model input has
+    golden data; every contract tensor exists in the model), dtypes, ranks and fixed dimensions,
+    and that a named dynamic dimension gets one size across the inputs. Raises ApiError
+    `health_contract_mismatch` listing every mismatch with both sides; `where` names the artifact.
+    """
+    if not health:
+        return
+    mismatches: list[dict] = []
+
+    def mismatch(tensor: str, contract: str, model: str, why: str) -> None:
+        mismatches.append({"tensor": tensor, "contract": contract, "model": model, "problem": why})
+
+    def compare(kind: str, given: dict, declared: Sequence) -> None:
+        by_name = {t.name: t for t in declared}
+        listing = ", ".join(f"{t.name} {t.describe()}" for t in declared) or "none"
+        named_sizes: dict[str, tuple[str, int]] = {}
+        for name, tensor in given.items():
+            spec = by_name.get(name)
+            where_ = f"{kind}.{name}"
+            if spec is None:
+                mismatch(where_, _describe(tensor), f"{kind}: {listing}",
+                         f"the contract's {kind[:-1]} {name!r} is not an {kind[:-1]} of the model")
+                continue
+            if tensor.get("dtype") != spec.dtype:
+                mismatch(where_, _describe(tensor), spec.describe(),
+                         f"dtype {tensor.get('dtype')} against the model's {spec.dtype}")
+            why = _shape_fits(list(tensor.get("shape") or []), spec.dims)
+            if why:
+                mismatch(where_, _describe(tensor), spec.describe(), f"shape: {why}")
+            elif kind == "inputs" and spec.dims:
+                for size, dim in zip(tensor["shape"], spec.dims):
+                    if isinstance(dim, str):
+                        first = named_sizes.setdefault(dim, (name, size))
+                        if first[1] != size:
+                            mismatch(where_, _describe(tensor), spec.describe(),
+                                     f"dimension {dim!r} is {size} here and {first[1]} in input {first[0]!r}")
+        if kind == "inputs":
+            for spec in declared:
+                if spec.name not in given and not spec.optional:
+                    mismatch(f"inputs.{spec.name}", "missing", spec.describe(),
+                             f"the model input {spec.name!r} has no golden data in the contract")
+
+    if health.get("inputs"):
+        compare("inputs", health["inputs"], inputs)
+    if health.get("outputs"):
+        compare("outputs", health["outputs"], outputs)
+    if mismatches:
+        lines = "; ".join(
+            f"{m['tensor']}: {m['problem']} (contract: {m['contract']}; model: {m['model']})" for m in mismatches
+        )
+        raise ApiError(
+            f"The health contract does not match the model {where}: {lines}.",
+            code="health_contract_mismatch",
+            mismatches=mismatches,
         )

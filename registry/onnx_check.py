@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -30,6 +31,27 @@ _EXTERNAL = 1
 
 class OnnxInvalid(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output as the model declares it.
+
+    dtype: numpy's name ("float32", "int64", ...) or, for what numpy has no plain type for, the
+    ONNX type name ("STRING", "BFLOAT16", "sequence", ...). dims: None when the model declares no
+    shape; else per dimension an int (fixed), a str (a named dynamic dimension) or None (dynamic).
+    optional: an input with an initializer as its default value.
+    """
+
+    name: str
+    dtype: str
+    dims: tuple | None
+    optional: bool = False
+
+    def describe(self) -> str:
+        if self.dims is None:
+            return f"{self.dtype} (shape not declared)"
+        return f"{self.dtype} [{', '.join('?' if d is None else str(d) for d in self.dims)}]"
 
 
 def _varint_bytes(value: int) -> bytes:
@@ -174,3 +196,35 @@ def onnx_validate(path: str | Path) -> onnx.ModelProto:
                 f"its type and shape need {expected}"
             )
     return skeleton
+
+
+_NUMPY_NAMES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                "uint32", "uint64", "bool")
+
+
+def _tensor_spec(value_info, optional: bool = False) -> TensorSpec:
+    kind = value_info.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return TensorSpec(value_info.name, (kind or "unknown").replace("_type", ""), None, optional)
+    tensor = value_info.type.tensor_type
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    except (KeyError, TypeError):
+        dtype = ""
+    if dtype not in _NUMPY_NAMES:
+        dtype = onnx.TensorProto.DataType.Name(tensor.elem_type) if tensor.elem_type else "unknown"
+    dims = None
+    if tensor.HasField("shape"):
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+            for d in tensor.shape.dim
+        )
+    return TensorSpec(value_info.name, dtype, dims, optional)
+
+
+def onnx_io(skeleton: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's declared inputs and outputs (as onnx_validate returns the model: weights need
+    not be loaded). Inputs that an initializer also names are optional: they have a default."""
+    defaults = {tensor.name for tensor in skeleton.graph.initializer}
+    inputs = [_tensor_spec(v, optional=v.name in defaults) for v in skeleton.graph.input]
+    return inputs, [_tensor_spec(v) for v in skeleton.graph.output]

@@ -1,5 +1,6 @@
-"""A version after its creation: releasing it (the manifest signed with the release key, the
-version frozen), deprecating it, revoking it; or, while still a draft, deleting it."""
+"""A version after its creation: releasing it (each ONNX artifact checked as a device will check
+it, registry.release_check; the manifest signed with the release key, the version frozen),
+deprecating it, revoking it; or, while still a draft, deleting it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from registry.artifacts import artifact_storage
 from registry.audit import audit_record
 from registry.errors import ApiError, Conflict
 from registry.models import ModelVersion
+from registry.release_check import release_check
 from registry.versions import require_draft
 
 
@@ -30,8 +32,17 @@ def _provenance(version: ModelVersion) -> dict:
 
 
 def version_release(*, version: ModelVersion, actor: str, approver: str | None = None) -> dict:
-    """Sign the release manifest with the release key and freeze the version. Returns the envelope."""
+    """Check each ONNX artifact as a device will (registry.release_check: the health contract
+    against the model, the device precheck run on it), sign the release manifest with the release
+    key and freeze the version. Returns the envelope."""
     private_key = keys.load_release_key()
+    # Checked before the row lock (a precheck takes seconds); the lock then makes sure the
+    # artifacts signed are the ones checked.
+    current = ModelVersion.objects.select_related("model").get(pk=version.pk)
+    require_draft(current)
+    checked = list(current.artifacts.order_by("hardware_id"))
+    if checked:
+        release_check(current, checked)
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().select_related("model").get(pk=version.pk)
         require_draft(locked)
@@ -39,6 +50,11 @@ def version_release(*, version: ModelVersion, actor: str, approver: str | None =
         if not artifacts:
             raise ApiError(
                 f"{locked} has no artifacts; upload at least one before releasing.", code="no_artifacts"
+            )
+        if [(a.pk, a.sha256) for a in artifacts] != [(a.pk, a.sha256) for a in checked]:
+            raise Conflict(
+                f"The artifacts of {locked} changed while its release was being checked; release it again.",
+                code="artifacts_changed",
             )
         created = timezone.now().replace(microsecond=0)
         expires = created + timedelta(days=settings.RELEASE_VALIDITY_DAYS)

@@ -38,3 +38,16 @@ def linear_model(
 def write_linear_model(path: Path, **kwargs) -> Path:
     path.write_bytes(linear_model(**kwargs))
     return path
+
+
+def fixed_length_model(*, length: int = 100) -> bytes:
+    """A model with a dynamic input x [N, M] that runs only when N * M == `length` (it reshapes x
+    to [10, length // 10]): no generated input size fits, only real sample inputs do."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [10, length // 10])
+    shape = numpy_helper.from_array(np.array([10, length // 10], dtype=np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "fixed", [x], [y], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="modelfleet-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
