@@ -11,10 +11,21 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = env_path("DATA_DIR", BASE_DIR / "var")
 
 DEBUG = env_bool("DEBUG", False)
+# SECRET_KEY, else SECRET_KEY_FILE, else the key `make run` generated into DATA_DIR/secret_key (so
+# `manage.py` in any shell signs and reads what make run's processes do), else refuse to start.
 SECRET_KEY = env_str("SECRET_KEY", "")
+_GENERATED_SECRET_KEY = DATA_DIR / "secret_key"
+if not SECRET_KEY and _GENERATED_SECRET_KEY.is_file():
+    try:
+        SECRET_KEY = _GENERATED_SECRET_KEY.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{_GENERATED_SECRET_KEY}: cannot read the secret key: {exc.strerror}") from None
 if not SECRET_KEY:
     if not DEBUG:
-        raise ConfigError("SECRET_KEY (or SECRET_KEY_FILE) is required unless DEBUG=true")
+        raise ConfigError(
+            "SECRET_KEY (or SECRET_KEY_FILE) is required unless DEBUG=true: set one of them, or keep a "
+            f"key in {_GENERATED_SECRET_KEY} (`make run` creates it; DATA_DIR={DATA_DIR})"
+        )
     SECRET_KEY = "insecure-development-key"
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
@@ -69,6 +80,18 @@ try:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
 except ValueError as exc:  # dj_database_url's message does not say which variable was wrong
     raise ConfigError(f"DATABASE_URL is not a database URL ({exc})") from None
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The embedded default is written by web, worker, beat, ingest (and manage.py) at once. WAL:
+    # readers never block the writer nor it them. IMMEDIATE: every transaction takes the write lock
+    # when it begins, so it waits for it (up to `timeout` seconds) instead of failing with
+    # "database is locked" when a read lock cannot be upgraded. synchronous=NORMAL is durable
+    # across application crashes in WAL mode (a power loss may drop the last commits).
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 60,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        **DATABASES["default"].get("OPTIONS", {}),
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LANGUAGE_CODE = "en-us"
@@ -105,11 +128,14 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "artifacts": _artifact_backend,
     "staticfiles": {
-        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        "BACKEND": "config.staticfiles.StaticFilesStorage"
         if not DEBUG
         else "django.contrib.staticfiles.storage.StaticFilesStorage"
     },
 }
+# Files collectstatic has not seen (no collectstatic before `manage.py runserver`) keep their plain
+# names (config/staticfiles.py); WhiteNoise serves those from the apps' static directories.
+WHITENOISE_USE_FINDERS = True
 
 # Uploads always spool to disk (never RAM) so a 200 MB model costs the web process nothing.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 0
