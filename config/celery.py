@@ -1,6 +1,6 @@
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -11,6 +11,7 @@ app.autodiscover_tasks()
 # The rollout engine's clock: soak times and phase timeouts advance on this tick even when no
 # device reports anything; events wake the engine in between.
 from config.env import env_int  # noqa: E402
+from config.tick_logging import log_engine_decisions, quiet_routine_ticks  # noqa: E402
 
 app.conf.beat_schedule = {
     "rollout-tick": {
@@ -18,3 +19,16 @@ app.conf.beat_schedule = {
         "schedule": float(env_int("ROLLOUT_TICK_SECONDS", 5, min_value=1, max_value=3600)),
     },
 }
+
+# Routine ticks log at DEBUG; what the engine decided stays at INFO (config/tick_logging.py).
+quiet_routine_ticks()
+
+
+@signals.after_setup_logger.connect
+def _quiet_after_logging_setup(**_kwargs):
+    quiet_routine_ticks()
+
+
+@signals.worker_init.connect
+def _log_decisions_in_worker(**_kwargs):
+    log_engine_decisions()
