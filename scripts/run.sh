@@ -4,13 +4,19 @@
 # Installs what is missing, prepares DATA_DIR (SQLite, artifacts, keys, secret key), migrates,
 # collects static files, creates the signing keys and an admin login, then runs every process
 # (web, Celery worker and beat, MQTT ingest, Mosquitto, and Redis when none is reachable) under
-# honcho from deploy/Procfile. Ctrl-C or SIGTERM stops all of them.
+# supervisord from deploy/supervisord.conf: a process that dies is restarted and said so loudly;
+# one that cannot be kept running stops everything and make run exits 1. Ctrl-C or SIGTERM stops
+# every process it started.
 #
 # Ports and places come from the environment: WEB_PORT (8000), MQTT_PORT (1883, or a free port
-# when 1883 is taken and MQTT_PORT was not set), REDIS_URL, DATA_DIR (var/).
+# when 1883 is taken and MQTT_PORT was not set), REDIS_URL, DATA_DIR (var/). The web and MQTT
+# ports are kept in DATA_DIR/run.env and used again on the next start, because enrolled devices
+# have them in agent.toml; when a kept port is now taken, make run stops and says what to do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# KEY=value lines for make run and every process it starts (what honcho used to read).
+if [[ -f .env ]]; then set -a; . ./.env; set +a; fi
 
 say() { printf 'run: %s\n' "$*" >&2; }
 die() { printf 'run: error: %s\n' "$*" >&2; exit 1; }
@@ -23,7 +29,7 @@ export PATH="$ROOT/.venv/bin:$PATH:/usr/sbin:/usr/local/sbin"
 export DATA_DIR="${DATA_DIR:-$ROOT/var}"
 mkdir -p "$DATA_DIR"
 DATA_DIR=$(cd "$DATA_DIR" && pwd)
-mkdir -p "$DATA_DIR/mosquitto" "$DATA_DIR/redis" "$DATA_DIR/tmp"
+mkdir -p "$DATA_DIR/mosquitto" "$DATA_DIR/redis" "$DATA_DIR/tmp" "$DATA_DIR/log" "$DATA_DIR/supervisor"
 
 export DEBUG="${DEBUG:-false}"
 if [[ -z "${SECRET_KEY:-}" && -z "${SECRET_KEY_FILE:-}" ]]; then
@@ -35,35 +41,77 @@ if [[ -z "${SECRET_KEY:-}" && -z "${SECRET_KEY_FILE:-}" ]]; then
 fi
 
 # --- ports -----------------------------------------------------------------------------------
-export WEB_PORT="${WEB_PORT:-8000}"
-listening 127.0.0.1 "$WEB_PORT" && die "port $WEB_PORT is already in use; set WEB_PORT to a free port"
-
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-if [[ -z "${MQTT_PORT:-}" ]]; then
-    MQTT_PORT=1883
-    if listening 127.0.0.1 1883; then
-        MQTT_PORT=$(free_port)
-        say "port 1883 is taken (another MQTT broker?); starting Mosquitto on $MQTT_PORT instead"
+# Devices keep the broker address and the server URL they were enrolled with (agent.toml), so a
+# port chosen once is kept in DATA_DIR/run.env and used again: a WEB_PORT or MQTT_PORT set in the
+# environment wins (and is kept from then on), else the kept port, else the default.
+RUN_ENV="$DATA_DIR/run.env"
+kept() { [[ -f "$RUN_ENV" ]] && sed -n "s/^$1=\([0-9][0-9]*\)\$/\1/p" "$RUN_ENV" | tail -1; return 0; }
+free_port() {
+    # A free port below the kernel's ephemeral range, which no outgoing connection takes later.
+    "$PY" -c '
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for _ in range(500):
+    port = random.randrange(10000, max(10001, low))
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    print(port)
+    break'
+}
+# choose_port NAME DEFAULT PICK WHERE: sets and exports NAME. PICK=true: with nothing kept yet and
+# DEFAULT taken, take a free port. WHERE: the agent.toml setting of enrolled devices that holds it.
+choose_port() {
+    local name=$1 default=$2 pick=$3 where=$4 from_env=${!1:-} kept_port
+    kept_port=$(kept "$name")
+    if [[ -n "$from_env" ]]; then
+        listening 127.0.0.1 "$from_env" && die "$name $from_env is already in use; pick a free port or unset $name"
+        if [[ -n "$kept_port" && "$kept_port" != "$from_env" ]]; then
+            say "$name=$from_env from the environment replaces port $kept_port kept in $RUN_ENV;" \
+                "devices enrolled until now still have $kept_port ($where)"
+        fi
+        printf -v "$name" %s "$from_env"
+    elif [[ -n "$kept_port" ]]; then
+        if listening 127.0.0.1 "$kept_port"; then
+            die "port $kept_port is this installation's $name (kept in $RUN_ENV since an earlier run:" \
+                "devices enrolled until now have it as $where), but another program is listening there." \
+                "Stop that program (\`ss -ltnp 'sport = :$kept_port'\` names it) and run make run again;" \
+                "or set $name to another port to move, and then change $where on those devices" \
+                "(or enrol them again)."
+        fi
+        printf -v "$name" %s "$kept_port"
+    elif listening 127.0.0.1 "$default"; then
+        $pick || die "port $default is already in use; set $name to a free port"
+        printf -v "$name" %s "$(free_port)"
+        say "port $default is taken (another program is listening there); using $name=${!name}," \
+            "kept in $RUN_ENV for the next runs"
+    else
+        printf -v "$name" %s "$default"
     fi
-elif listening 127.0.0.1 "$MQTT_PORT"; then
-    die "MQTT_PORT $MQTT_PORT is already in use; pick a free port or unset MQTT_PORT"
-fi
-export MQTT_PORT MQTT_HOST=127.0.0.1
+    export "${name?}"
+}
+choose_port WEB_PORT 8000 false "[server] url in agent.toml"
+choose_port MQTT_PORT 1883 true "[mqtt] port in agent.toml"
+export MQTT_HOST=127.0.0.1
 
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 read -r REDIS_HOST REDIS_PORT < <("$PY" -c '
 import sys; from urllib.parse import urlsplit
 u = urlsplit(sys.argv[1]); print(u.hostname or "127.0.0.1", u.port or 6379)' "$REDIS_URL")
-processes=(web worker beat mqtt)
+processes=(mqtt web worker beat ingest)
+RUN_REDIS=false
 if listening "$REDIS_HOST" "$REDIS_PORT"; then
     say "using the Redis at $REDIS_URL"
 elif [[ "$REDIS_HOST" == 127.0.0.1 || "$REDIS_HOST" == localhost ]]; then
     say "no Redis at $REDIS_HOST:$REDIS_PORT; starting one"
-    processes+=(redis)
+    processes=(redis "${processes[@]}")
+    RUN_REDIS=true
 else
     die "REDIS_URL $REDIS_URL is not reachable"
 fi
-export REDIS_PORT
+export REDIS_PORT RUN_REDIS
 
 # --- Mosquitto configuration -----------------------------------------------------------------
 # The project's broker policy (deploy/mosquitto/mosquitto.conf: dynamic security, no anonymous
@@ -129,20 +177,35 @@ say "migrating the database"
 login=$("$PY" manage.py bootstrap_dev)
 admin_user=$(sed -n 's/^username: //p' <<<"$login")
 admin_password=$(sed -n 's/^password: //p' <<<"$login")
-if [[ -f ota/management/commands/mqtt_ingest.py ]]; then
-    processes+=(ingest)
-fi
+
+# The ports kept for the next start, and what a second shell needs to reach this installation.
+{
+    echo "# Written by scripts/run.sh (make run) at every start: the settings its processes run with."
+    echo "# WEB_PORT and MQTT_PORT are kept: the next make run uses them again (devices have them)."
+    echo "# manage.py finds DATA_DIR/secret_key by itself; for commands that talk to the broker"
+    echo "# (simulate_fleet) from another shell:  set -a; . $RUN_ENV; set +a"
+    printf '%s=%q\n' DATA_DIR "$DATA_DIR" WEB_PORT "$WEB_PORT" MQTT_HOST "$MQTT_HOST" MQTT_PORT "$MQTT_PORT" \
+        MQTT_BROKER_AUTH "$MQTT_BROKER_AUTH" REDIS_URL "$REDIS_URL"
+    if [[ -n "${MQTT_USERNAME:-}" ]]; then printf '%s=%q\n' MQTT_USERNAME "$MQTT_USERNAME"; fi
+    if [[ -n "${MQTT_PASSWORD_FILE:-}" ]]; then printf '%s=%q\n' MQTT_PASSWORD_FILE "$MQTT_PASSWORD_FILE"; fi
+} >"$RUN_ENV.tmp"
+mv "$RUN_ENV.tmp" "$RUN_ENV"
 
 # --- run ---------------------------------------------------------------------------------------
-say "starting: ${processes[*]}"
-honcho start -f deploy/Procfile -d "$ROOT" --no-prefix "${processes[@]}" &
-honcho_pid=$!
+export PY RUN_USER="$(id -un)" LOG_LEVEL="${LOG_LEVEL:-INFO}" PYTHONUNBUFFERED=1
+export WEB_WORKERS="${WEB_WORKERS:-2}" CELERY_CONCURRENCY="${CELERY_CONCURRENCY:-2}"
+export RUN_START_RETRIES="${RUN_START_RETRIES:-5}"
+failed_file="$DATA_DIR/supervisor/failed"  # written by scripts/run_console.py when it gives up
+rm -f "$failed_file"
+say "starting under supervisord: ${processes[*]} (logs in $DATA_DIR/log/)"
+supervisord -c deploy/supervisord.conf &
+supervisor_pid=$!
 stopping=false
-stop() { stopping=true; kill -TERM "$honcho_pid" 2>/dev/null || true; }
+stop() { stopping=true; kill -TERM "$supervisor_pid" 2>/dev/null || true; }
 trap stop TERM INT HUP
 
 # The banner comes once the web process answers, so the login is the last thing on screen.
-"$PY" - "$WEB_PORT" "$honcho_pid" <<'EOF' &
+"$PY" - "$WEB_PORT" "$supervisor_pid" <<'EOF' &
 import os, sys, time, urllib.request
 port, pid = sys.argv[1], int(sys.argv[2])
 deadline = time.monotonic() + 120
@@ -169,18 +232,20 @@ if wait "$waiter"; then
    API docs:  http://127.0.0.1:$WEB_PORT/api/docs/
    MQTT:      127.0.0.1:$MQTT_PORT
    Redis:     $REDIS_URL
-   data:      $DATA_DIR
+   data:      $DATA_DIR  (logs in log/, settings for another shell in run.env)
    admin login:  username: $admin_user  password: $admin_password
 ================================================================================
 
 EOF
-elif ! $stopping && kill -0 "$honcho_pid" 2>/dev/null; then
+elif ! $stopping && kill -0 "$supervisor_pid" 2>/dev/null; then
     say "the web server did not answer on port $WEB_PORT; see the log above"
 fi
 
-# `wait` returns early when a trapped signal arrives; keep waiting until honcho has stopped all.
-status=0
-while kill -0 "$honcho_pid" 2>/dev/null; do
-    wait "$honcho_pid" || status=$?
+# `wait` returns early when a trapped signal arrives; keep waiting until supervisord has stopped all.
+while kill -0 "$supervisor_pid" 2>/dev/null; do
+    wait "$supervisor_pid" || true
 done
-exit "$status"
+if [[ -s "$failed_file" ]]; then
+    die "$(cat "$failed_file")"
+fi
+$stopping || die "supervisord stopped on its own; its log: $DATA_DIR/log/supervisord.log"
