@@ -36,6 +36,9 @@ class MqttConfig:
     keepalive: int = 30
     reconnect_min_seconds: float = 1.0
     reconnect_max_seconds: float = 60.0
+    # While the broker cannot be reached: the first failed attempt is logged at once, then at most
+    # one line (with the count of attempts since) per this many seconds (agent.mqtt.ConnectLog).
+    failure_log_interval_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,10 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
     )
     if rmax < rmin:
         raise ConfigError("mqtt.reconnect_max_seconds must be >= mqtt.reconnect_min_seconds")
+    failure_log_interval = _positive(
+        _get(m, "failure_log_interval_seconds", w, "number", MqttConfig.failure_log_interval_seconds),
+        "mqtt.failure_log_interval_seconds",
+    )
     mqtt = MqttConfig(
         host=_get(m, "host", w, "str", MqttConfig.host) or MqttConfig.host,
         port=port,
@@ -231,6 +238,7 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
         keepalive=keepalive,
         reconnect_min_seconds=rmin,
         reconnect_max_seconds=rmax,
+        failure_log_interval_seconds=failure_log_interval,
     )
 
     s = _table(data, "server")

@@ -92,6 +92,7 @@ def _with(path: str, value):
         ("update.max_error_rate", float("nan"), "update.max_error_rate must be a finite number, got nan"),
         ("update.health_interval_seconds", float("inf"), "update.health_interval_seconds must be a finite number"),
         ("mqtt.reconnect_max_seconds", float("nan"), "mqtt.reconnect_max_seconds must be a finite number"),
+        ("mqtt.failure_log_interval_seconds", 0, "mqtt.failure_log_interval_seconds must be > 0"),
     ],
 )
 def test_it_names_the_key_of_every_bad_value(path, value, message):
