@@ -96,6 +96,7 @@ def cmd_rollback(args) -> int:
         return _rollback_via_daemon(cfg, args.model, args.wait)
     try:
         agent = Agent(cfg)
+        agent.adopt_identity()
         try:
             agent.start_local_rollback(args.model)
         except ValueError as exc:
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", default=[], type=_label, help="k=v label (repeatable)")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"state directory (default {DEFAULT_STATE_DIR})")
     p.add_argument("--name", default=None, help="device name (default: hostname)")
+    p.add_argument("--force", action="store_true",
+                   help="enroll again over an existing agent.toml as a new device, keeping the installed models")
     p.set_defaults(func=cmd_enroll)
     return parser
 

@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 from agent import __version__ as AGENT_VERSION
-from agent import local_rollback, publish
+from agent import identity, local_rollback, publish
 from agent.config import Config
 from agent.directives import DirectiveHandler
 from agent.download import Interrupted
@@ -92,6 +92,7 @@ class Agent:
         try:
             signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
             signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+            self.adopt_identity()
             self.recover()
             send_event = functools.partial(publish.publish_event, self.link)
             threads = [
@@ -124,6 +125,11 @@ class Agent:
             if self.link:
                 self.link.stop()
             lock.close()
+
+    def adopt_identity(self) -> None:
+        """Make the journal and outbox this device id's (agent.identity.rebind): after a
+        re-enrollment, the old identity's seq is forgotten and its unsent events are retired."""
+        identity.rebind(self.journal, self.outbox, self.cfg.device_id)
 
     def recover(self) -> None:
         """After a (re)start: re-queue the last transition's events, count trial restarts."""

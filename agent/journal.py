@@ -75,6 +75,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def empty_journal() -> dict:
     return {
         "version": 1,
+        "device_id": None,  # the device identity last_seq and the events belong to (agent.identity)
         "last_seq": 0,  # highest authentic directive seq this device accepted or refused
         "event_no": 0,  # last event number handed out (per device, strictly increasing)
         "models": {},  # name -> {current, previous, file_name, committed, counter, version}

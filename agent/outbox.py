@@ -3,15 +3,20 @@
 Files are named by event number, so they go out in order and survive restarts and broker
 outages. `sent` records the highest acknowledged number, so re-queueing the journal's last
 events after a crash never produces a second copy of something already delivered.
+
+Events made for another device id (the state directory was re-enrolled, agent.identity) are
+never sent: `retire_foreign` moves them to retired/<their device id>/.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 from pathlib import Path
 
-from agent.journal import atomic_write_bytes, crash_point
+from agent.journal import atomic_write_bytes, crash_point, fsync_dir
 
 log = logging.getLogger("fleet_agent.outbox")
 
@@ -40,6 +45,33 @@ class Outbox:
 
     def pending(self) -> list[Path]:
         return sorted(p for p in self.dir.glob("*.json") if not p.name.startswith("."))
+
+    @property
+    def retired_dir(self) -> Path:
+        return self.dir / "retired"
+
+    def retire_foreign(self, device_id: str) -> int:
+        """Move every pending event not made for `device_id` to retired/<its device id>/; the count."""
+        moved = 0
+        with self._lock:
+            for path in self.pending():
+                try:
+                    claimed = json.loads(path.read_bytes()).get("device_id")
+                except FileNotFoundError:
+                    continue
+                except (ValueError, AttributeError):
+                    claimed = None
+                if claimed == device_id:
+                    continue
+                name = claimed if isinstance(claimed, str) and claimed and "/" not in claimed and not claimed.startswith(".") else "unknown"
+                target = self.retired_dir / name
+                target.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target / path.name)
+                fsync_dir(target)
+                moved += 1
+            if moved:
+                fsync_dir(self.dir)
+        return moved
 
     def count(self) -> int:
         return len(self.pending())

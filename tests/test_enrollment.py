@@ -1,12 +1,16 @@
 """Enrollment: tokens (API and manage.py), POST /api/v1/enroll, and the real `fleet-agent enroll`
-subprocess writing an agent.toml that the agent's own loader accepts."""
+subprocess writing an agent.toml that the agent's own loader accepts; `fleet-agent enroll --force`
+re-enrolling a box that has models installed as a new device."""
 
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import stat
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,8 +22,18 @@ from agent.config import load_config
 from ota.fleet.auth import authenticate_device_token
 from ota.models import Device, EnrollmentToken
 from registry.keys import public_key_info
+from tests.support.agent_harness import (
+    HEALTH_OK,
+    AgentProcess,
+    Keys,
+    active_fingerprint,
+    directive_envelope,
+    journal,
+    release_envelope,
+)
 from tests.support.broker_auth import MqttProbe
 from tests.support.fleet import hardware
+from tests.support.reenroll import MODEL, lived_in_device
 
 API = "/api/v1"
 FLEET_AGENT = str(Path(sys.executable).parent / "fleet-agent")
@@ -91,6 +105,7 @@ def test_it_prints_the_server_refusal_and_exits_nonzero(live_server, settings, c
 
     again = fleet_agent_enroll(live_server.url, token["token"], tmp_path / "a")
     assert again.returncode == 2 and "already exists" in again.stderr
+    assert "Pass --force to enroll it again as a new device" in again.stderr
 
     unreachable = fleet_agent_enroll("http://127.0.0.1:9", token["token"], tmp_path / "d")
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
@@ -197,3 +212,93 @@ def test_it_creates_enrollment_tokens_from_manage_py(db):
         call_command("enrollment", "create", "--max-uses", "1", "--label", "site")
     with pytest.raises(CommandError, match="--max-uses must be at least 1"):
         call_command("enrollment", "create", "--max-uses", "0")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_re_enrolls_with_force_as_a_new_device_keeping_the_installed_models(live_server, secure_broker, client,
+                                                                                admin_token, rig):
+    from agent.daemon import lock_state_dir
+    from registry.keys import load_release_key, load_rollout_key
+
+    hardware("test-hw")
+    token = create_token(client, admin_token, max_uses=1)
+    box = lived_in_device(rig, "dev-lived")  # v1 active (rolled back from v2), last_seq 2, one event unsent
+    config_path = box.state / "agent.toml"
+    shutil.copy(box.config, config_path)  # enrolled as dev-lived, with its own [update] settings
+    before = journal(box.state)
+    fingerprint = active_fingerprint(box.state, MODEL)
+
+    refused = fleet_agent_enroll(live_server.url, token["token"], box.state, hardware_id="test-hw")
+    assert refused.returncode == 2, refused.stderr
+    assert "already exists: this box is enrolled as dev-lived. Pass --force" in refused.stderr
+    lock = lock_state_dir(box.state)  # what a running agent holds
+    try:
+        busy = fleet_agent_enroll(live_server.url, token["token"], box.state, "--force", hardware_id="test-hw")
+    finally:
+        lock.close()
+    assert busy.returncode == 3 and "a fleet-agent is running on" in busy.stderr
+    assert EnrollmentToken.objects.get(pk=token["id"]).uses == 0, "a refusal must not spend a token use"
+
+    result = fleet_agent_enroll(live_server.url, token["token"], box.state, "--force", "--name", "gate-2",
+                                hardware_id="test-hw")
+
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(config_path.stat().st_mode) == 0o600
+    config = load_config(config_path)
+    device = Device.objects.get(pk=config.device_id)
+    assert config.device_id != "dev-lived" and (device.name, device.hardware_id) == ("gate-2", "test-hw")
+    assert (config.mqtt.port, config.mqtt.username) == (secure_broker.port, device.id)
+    assert config.server.url == live_server.url and config.state_dir == box.state
+    # The box's own settings survive the new identity (its health command, log level, backoff).
+    assert (config.update.health_command, config.update.trial_seconds) == (HEALTH_OK, 1)
+    assert (config.log_level, config.mqtt.reconnect_max_seconds) == ("DEBUG", 2)
+    assert f"enrolled as {device.id}" in result.stdout and "was dev-lived's" in result.stdout
+    assert f"{MODEL} ({box.v1.sha256[:12]})" in result.stdout and "1 undelivered event(s)" in result.stdout
+
+    # Installed models untouched; the journal now the new identity's: seq from 0, event numbers go on.
+    assert active_fingerprint(box.state, MODEL) == fingerprint
+    after = journal(box.state)
+    assert {k: after[k] for k in ("models", "floors", "denylist")} == {k: before[k] for k in ("models", "floors", "denylist")}
+    assert (after["device_id"], after["last_seq"], after["event_no"]) == (device.id, 0, before["event_no"])
+    assert box.pending_events() == []
+    [retired] = (box.state / "outbox" / "retired" / "dev-lived").glob("*.json")
+    assert json.loads(retired.read_text())["error_code"] == "LOCAL_ROLLBACK"
+
+    # The agent runs as the new device: its first directive (seq 1, the active v1) is acknowledged,
+    # and the only event it ever sends is that one, numbered after the old identity's.
+    probe = MqttProbe(secure_broker.port, secure_broker.username, secure_broker.password)
+    agent = AgentProcess(config_path, box.state.parent / "agent-new.log")
+    try:
+        assert probe.connect()
+        probe.subscribe("fleet/devices/+/events")
+        agent.start()
+        keys = Keys(release=load_release_key(), rollout=load_rollout_key())
+        release = release_envelope(keys, model=MODEL, version="1", counter=1, artifacts=[box.v1.entry()])
+        directive = directive_envelope(keys, device_id=device.id, seq=1, model=MODEL, release=release,
+                                       artifact=box.v1.entry(), url="http://127.0.0.1:9/unused")
+        probe.publish(f"fleet/devices/{device.id}/directive", directive, retain=True)
+        events: list[tuple[str, dict]] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(e.get("seq") == 1 for _, e in events):
+            events += [(topic, json.loads(payload)) for topic, payload, _ in probe.received(0.5)]
+        assert [(t, e["device_id"], e["seq"], e["event_no"], e["state"], e["detail"]) for t, e in events] == [
+            (f"fleet/devices/{device.id}/events", device.id, 1, before["event_no"] + 1, "committed",
+             "already active and committed"),
+        ], agent.log_text()[-3000:]
+        assert probe.received(1.0) == []
+    finally:
+        assert agent.stop() == 0
+        probe.close()
+
+
+def test_it_refuses_to_re_enroll_while_an_update_is_in_flight(tmp_path):
+    state = tmp_path / "box"
+    state.mkdir()
+    (state / "agent.toml").write_text('device_id = "dev-busy"\n')
+    (state / "journal.json").write_text(json.dumps({"last_seq": 3, "event_no": 9, "models": {}, "floors": {},
+                                                    "denylist": [], "update": {"model": "m", "seq": 3,
+                                                                               "phase": "downloading"}}))
+    result = fleet_agent_enroll("http://127.0.0.1:9", "mfe_unused", state, "--force")
+    assert result.returncode == 2
+    assert "an update of m (directive seq 3, phase downloading) is in flight" in result.stderr
+    assert (state / "agent.toml").read_text() == 'device_id = "dev-busy"\n'
