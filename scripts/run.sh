@@ -248,4 +248,11 @@ done
 if [[ -s "$failed_file" ]]; then
     die "$(cat "$failed_file")"
 fi
-$stopping || die "supervisord stopped on its own; its log: $DATA_DIR/log/supervisord.log"
+if ! $stopping; then
+    # A signal sent to supervisord itself (kill, a service manager, Ctrl-C where our trap could not
+    # be set because SIGINT was ignored when we started) is a stop too; anything else is not.
+    asked=$(awk -v start="supervisord started with pid $supervisor_pid" \
+        'index($0, start) { found = 1 } found && /received SIG[A-Z]+ indicating exit request/ { print $3 }' \
+        "$DATA_DIR/log/supervisord.log" 2>/dev/null | tail -1)
+    [[ -n "$asked" ]] || die "supervisord stopped on its own; its log: $DATA_DIR/log/supervisord.log"
+fi

@@ -275,6 +275,8 @@ class MakeRun:
         self.process.wait(timeout=60)
         _gone, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, f"still running after SIGTERM: {[p.cmdline() for p in alive]}"
+        self.output.thread.join(5)
+        assert "run: error" not in self.text, self.text[-3000:]  # a requested stop, not a failure
 
 
 class PortTaken:
