@@ -197,8 +197,18 @@ export WEB_WORKERS="${WEB_WORKERS:-2}" CELERY_CONCURRENCY="${CELERY_CONCURRENCY:
 export RUN_START_RETRIES="${RUN_START_RETRIES:-5}"
 failed_file="$DATA_DIR/supervisor/failed"  # written by scripts/run_console.py when it gives up
 rm -f "$failed_file"
+# The console listener (scripts/run_console.py) writes every process's lines into this FIFO and
+# cat copies them to our stdout, so they share one file offset with our own messages whatever
+# stdout is (a terminal, a pipe, a file, a socket). fd 3 keeps a writer open: cat sees no end of
+# file while the listener restarts, only once we close it at the end.
+export RUN_CONSOLE="$DATA_DIR/supervisor/console"
+rm -f "$RUN_CONSOLE"
+mkfifo -m 600 "$RUN_CONSOLE"
+cat "$RUN_CONSOLE" &
+console_pid=$!
+exec 3>"$RUN_CONSOLE"
 say "starting under supervisord: ${processes[*]} (logs in $DATA_DIR/log/)"
-supervisord -c deploy/supervisord.conf &
+supervisord -c deploy/supervisord.conf 3>&- &
 supervisor_pid=$!
 stopping=false
 stop() { stopping=true; kill -TERM "$supervisor_pid" 2>/dev/null || true; }
@@ -245,6 +255,8 @@ fi
 while kill -0 "$supervisor_pid" 2>/dev/null; do
     wait "$supervisor_pid" || true
 done
+exec 3>&-
+wait "$console_pid" || true  # the console's last lines
 if [[ -s "$failed_file" ]]; then
     die "$(cat "$failed_file")"
 fi

@@ -10,8 +10,9 @@
   scripts/run.sh exits 1. make run never goes on with a process missing.
 
 Protocol (supervisord's "event listener" protocol, version 3.0): write READY on stdout, read one
-header line and `len` bytes of payload on stdin, answer `RESULT 2\\nOK`. Our own output goes to
-stderr, which supervisord copies to its stdout (make run's console). Standard library only.
+header line and `len` bytes of payload on stdin, answer `RESULT 2\\nOK`. The console is written
+into RUN_CONSOLE, a FIFO scripts/run.sh copies to its own stdout (stderr without it); our own
+errors go to stderr (DATA_DIR/log/console.log). Standard library only.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ SUPERVISORD_LOG = DATA_DIR / "log" / "supervisord.log"
 RETRIES = int(os.environ.get("RUN_START_RETRIES", "5"))  # every program's startretries
 
 
+OUT = sys.stderr  # main() opens RUN_CONSOLE
+
+
 def say(name: str, text: str) -> None:
-    sys.stderr.write(f"{name:<{WIDTH}} | {text}\n")
+    OUT.write(f"{name:<{WIDTH}} | {text}\n")
 
 
 def fields(line: str) -> dict[str, str]:
@@ -118,8 +122,11 @@ class Console:
 
 
 def main() -> None:
+    global OUT
+    if os.environ.get("RUN_CONSOLE"):
+        OUT = open(os.environ["RUN_CONSOLE"], "w", buffering=1, encoding="utf-8",  # noqa: SIM115
+                   errors="replace")
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stderr.reconfigure(line_buffering=True)
     console = Console()
     while True:
         stdout.write(b"READY\n")
