@@ -88,6 +88,13 @@ def cmd_push(args: argparse.Namespace) -> int:
     # Everything local is checked before the first request, so a typo leaves nothing on the server.
     artifacts = _parse_artifacts(args.artifact)
     expected = _parse_expected(args.expect_sha256, {hardware for hardware, _ in artifacts})
+    for hardware, file_path in artifacts:
+        # The server checks the bytes it receives against this digest too (transit, a file
+        # changed while uploading); a file that is already wrong here is refused before any write.
+        if hardware in expected and (actual := sha256_file(file_path)) != expected[hardware]:
+            raise UsageError(
+                f"--artifact {hardware}={file_path}: sha256 is {actual}, but --expect-sha256 says {expected[hardware]}"
+            )
     metadata = _load_json_option("--metadata", args.metadata) or {}
     health = _load_json_option("--health", args.health, from_file=True)
     if args.sample_inputs:  # runs the models here: onnxruntime and numpy are imported only then

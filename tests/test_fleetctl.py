@@ -249,14 +249,24 @@ def test_it_says_when_the_model_does_not_exist(fleet_env, models_dir):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_it_surfaces_the_servers_sha256_check(fleet_env, models_dir, isolated_storage):
-    from registry.models import Artifact
+def test_it_deletes_the_draft_it_created_when_the_server_refuses_so_it_can_run_again(
+    fleet_env, models_dir, isolated_storage, tmp_path
+):
+    from registry.models import Artifact, Model
 
     wrong = "ab" * 32
-    result = push(fleet_env, models_dir, "1.0.0", "--create-model", "-q", "--expect-sha256", f"rpi5={wrong}")
+    local = push(fleet_env, models_dir, "1.0.0", "--create-model", "-q", "--expect-sha256", f"rpi5={wrong}")
+    assert local.returncode == 2  # a file that is already wrong here: refused before any request
+    assert wrong in local.stderr and sha256_of(models_dir / "rpi.onnx") in local.stderr
+    assert not Model.objects.exists()
+
+    # A contract naming an input the model does not have: the server refuses the first upload,
+    # after the draft was created.
+    contract = tmp_path / "health.json"
+    contract.write_text(json.dumps({"inputs": {"pixels": {"dtype": "float32", "shape": [1, 4], "data": [0, 1, 2, 3]}}}))
+    result = push(fleet_env, models_dir, "1.0.0", "--create-model", "-q", "--health", str(contract))
     assert result.returncode == 3
-    assert wrong in result.stderr and sha256_of(models_dir / "rpi.onnx") in result.stderr
-    assert "HTTP 400" in result.stderr
+    assert "HTTP 400" in result.stderr and "pixels" in result.stderr
     assert f"note: the draft {MODEL} 1.0.0 this push created was deleted; push again" in result.stderr
     # Nothing of the refused push is left: no version, no stored bytes.
     assert not Artifact.objects.exists()
