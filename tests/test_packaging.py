@@ -42,6 +42,16 @@ def test_it_installs_the_agent_without_the_server_stack(tmp_path):
     installed = {package["name"].lower() for package in json.loads(listed.stdout)}
     assert "modelfleet" in installed
     assert not installed & SERVER_ONLY, f"the bare install pulled server packages: {installed & SERVER_ONLY}"
+    # Only the agent and fleetctl land in site-packages: no top-level `config`, `web`, `registry`
+    # or `ota` to clash with anything else installed on the box.
+    top_level = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.distribution('modelfleet').read_text('top_level.txt'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert sorted(top_level) == ["agent", "fleetctl"]
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    assert not [name for name in ("config", "web", "registry", "ota") if (site / name).exists()]
 
     for script, expected in (("fleet-agent", "usage: fleet-agent"), ("fleetctl", "usage: fleetctl")):
         result = subprocess.run(
