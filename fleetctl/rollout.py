@@ -167,7 +167,9 @@ def _print(lines: list[str]) -> None:
 
 
 def cmd_create(args) -> int:
-
+    if args.watch and not args.start:
+        eprint("fleetctl rollout create: --watch needs --start (a created rollout does not move until started)")
+        return EXIT_USAGE
     try:
         body = build_definition(args)
     except UsageError as exc:
@@ -177,11 +179,13 @@ def cmd_create(args) -> int:
     rollout = client.post(f"{API}/rollouts/", body)
     if args.start:
         rollout = client.post(f"{API}/rollouts/{rollout['id']}/start", {})
+    print(f"created rollout {rollout['id']} ({rollout['state']})", file=sys.stderr)
+    if args.watch:
+        return _watch(client, rollout["id"], rollout, interval=args.interval)
     if args.json:
         print_json(rollout)
     else:
         _print(render(rollout))
-        print(f"created rollout {rollout['id']} ({rollout['state']})", file=sys.stderr)
     return 0
 
 
@@ -228,6 +232,12 @@ def cmd_status(args) -> int:
         else:
             _print(render(rollout))
         return 0
+    return _watch(client, args.id, rollout, interval=args.interval)
+
+
+def _watch(client, rollout_id: int, rollout: dict, *, interval: float) -> int:
+    """Redraw the rollout until it completes (0) or stops otherwise (1, with the reason)."""
+    path = f"{API}/rollouts/{rollout_id}/"
     tty = sys.stdout.isatty()
     drawn = 0
     last = None
@@ -246,9 +256,9 @@ def cmd_status(args) -> int:
             return 0
         if state in STOPPED:
             # Paused (by a gate or a person) needs an operator; aborted and rolled back are over.
-            eprint(f"fleetctl: rollout {args.id} is {state}: {rollout.get('state_reason') or 'no reason given'}")
+            eprint(f"fleetctl: rollout {rollout_id} is {state}: {rollout.get('state_reason') or 'no reason given'}")
             return EXIT_INVALID
-        time.sleep(args.interval)
+        time.sleep(interval)
         rollout = _get_retrying(client, path)
 
 
@@ -295,6 +305,9 @@ def add_parser(subparsers) -> None:
     create.add_argument("--name")
     create.add_argument("--file", metavar="JSON_FILE", help="the whole definition as JSON; flags override it")
     create.add_argument("--start", action="store_true", help="start it right away")
+    create.add_argument("--watch", action="store_true",
+                        help="with --start: follow it like `status --watch` (exit 0 completed, 1 stopped)")
+    create.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=cmd_create)
 

@@ -88,14 +88,17 @@ def test_it_refuses_bad_definitions_locally_or_with_the_servers_message(live_ser
 
 
 def test_it_watches_a_rollout_live_until_it_completes(live_server, fleet, ci_token, django_capture_on_commit_callbacks):
-    assert fleetctl("create", "--model", "detector", "--version", "2.0", "--label", "site=berlin",
-                    "--wave", "canary: dev-0000", "--wave", "100%", "--start", token=ci_token,
-                    url=live_server.url).returncode == 0
-    rid = Rollout.objects.get().pk
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(FLEET_URL=live_server.url, FLEET_TOKEN=ci_token.secret)
-    watcher = subprocess.Popen([str(FLEETCTL), "rollout", "status", str(rid), "--watch", "--interval", "0.2"],
+    # create --start --watch: one command a CI job can wait on.
+    watcher = subprocess.Popen([str(FLEETCTL), "rollout", "create", "--model", "detector", "--version", "2.0",
+                                "--label", "site=berlin", "--wave", "canary: dev-0000", "--wave", "100%",
+                                "--start", "--watch", "--interval", "0.2"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from tests.support.waiting import wait_for
+
+    rid = wait_for(lambda: Rollout.objects.filter(state="running").values_list("pk", flat=True).first(),
+                   timeout=30, what="the rollout to start")
     event_no = 0
     for _ in range(3):  # canary wave, then the rest: commit whatever was directed
         rollout_evaluate(rollout_id=rid)
