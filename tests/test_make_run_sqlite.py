@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_make_run as make_run
+from tests.support import makerun as make_run
 
 ROOT = make_run.ROOT
 DEVICES = 200
