@@ -233,3 +233,29 @@ def test_it_starts_only_one_of_two_rollouts_started_at_the_same_moment(client, c
     assert outcome["a"] == "started"
     assert "already in a running rollout" in str(outcome["b"]), outcome
     assert Rollout.objects.get(pk=b).state == "created"
+
+
+def test_it_takes_a_reason_on_every_action_and_writes_sentences_to_the_audit_log(
+    client, operator_token, read_token, fleet, django_capture_on_commit_callbacks
+):
+    from unittest import mock
+
+    from ota.rollouts.engine import rollout_evaluate
+    from registry.models import AuditEntry
+
+    rid = create_rollout(client, operator_token, **definition(requires_approval=True)).json()["id"]
+    with mock.patch("ota.rollouts.actions.rollout_wake", autospec=True):  # the test drives the engine
+        for action in ("approve", "start", "pause", "resume", "advance", "retry", "abort", "rollback"):
+            response = act(client, operator_token, rid, action, reason=f"because of {action}")
+            assert response.status_code == 200, (action, response.json())
+            if action == "start":
+                rollout_evaluate(rollout_id=rid)
+    log = list(AuditEntry.objects.filter(object_type="rollout", object_id=str(rid)).order_by("id"))
+    reasons = {e.action: e.reason for e in log}
+    for action in ("approve", "start", "pause", "resume", "abort", "rollback"):
+        assert reasons[f"rollout.{action}"] == f"because of {action}", action
+    assert reasons["rollout.retry"].endswith(": because of retry")
+    assert reasons["wave.pass"] == "Wave 1 passed: because of advance."
+    # Automatic entries read as sentences, never as a Python dict of the wave's spec.
+    assert reasons["wave.start"] == "Wave 1 (canary: 2 listed devices) started with 2 devices."
+    assert all("{" not in e.reason for e in log), [e.reason for e in log]
