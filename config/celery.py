@@ -18,6 +18,11 @@ app.conf.beat_schedule = {
         "task": "ota.tasks.rollout_tick",
         "schedule": float(env_int("ROLLOUT_TICK_SECONDS", 5, min_value=1, max_value=3600)),
     },
+    # Prunes old device events and superseded directives (ota/housekeeping.py).
+    "housekeeping": {
+        "task": "ota.tasks.housekeeping",
+        "schedule": float(env_int("HOUSEKEEPING_INTERVAL_SECONDS", 3600, min_value=60, max_value=7 * 86400)),
+    },
 }
 
 # Routine ticks log at DEBUG; what the engine decided stays at INFO (config/tick_logging.py).

@@ -151,6 +151,16 @@ RELEASE_KEY_PATH = env_path("RELEASE_KEY_PATH", KEYS_DIR / "release.pem")
 ROLLOUT_KEY_PATH = env_path("ROLLOUT_KEY_PATH", KEYS_DIR / "rollout.pem")
 RELEASE_VALIDITY_DAYS = env_int("RELEASE_VALIDITY_DAYS", 365, min_value=1)
 
+# --- housekeeping (ota/housekeeping.py; Celery beat runs it every HOUSEKEEPING_INTERVAL_SECONDS) ----
+# Device events, and directives a newer one superseded, are pruned once older than this many days
+# (0: kept forever). The release history (ActiveRelease) and the audit log are never pruned.
+EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 90, min_value=0, max_value=36500)
+DIRECTIVE_RETENTION_DAYS = env_int("DIRECTIVE_RETENTION_DAYS", 90, min_value=0, max_value=36500)
+# Rows per DELETE statement, and how long one run may keep deleting before it leaves the rest.
+HOUSEKEEPING_BATCH_SIZE = env_int("HOUSEKEEPING_BATCH_SIZE", 1000, min_value=1, max_value=100_000)
+HOUSEKEEPING_TIME_BUDGET_SECONDS = env_int("HOUSEKEEPING_TIME_BUDGET_SECONDS", 60, min_value=1,
+                                           max_value=3600)
+
 # --- messaging -------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)

@@ -17,6 +17,7 @@ import logging
 from celery import shared_task
 from django.db import OperationalError
 
+from ota.housekeeping import housekeeping_run
 from ota.rollouts.directives import directives_publish_stale
 from ota.rollouts.engine import rollout_evaluate, rollouts_due
 from ota.rollouts.events import events_concern_rollouts, rollout_apply_events, rollout_catch_up_events
@@ -48,6 +49,13 @@ def rollout_tick() -> dict:
     for rollout_id in due:
         evaluate_rollout.delay(rollout_id, catch_up=True)
     return {"republished": republished, "evaluated": due}
+
+
+@shared_task(name="ota.tasks.housekeeping")
+def housekeeping() -> dict:
+    """Beat, hourly by default: prune old device events and superseded directives in bounded
+    batches (ota/housekeeping.py). No retry: the next run picks up whatever this one left."""
+    return housekeeping_run().as_dict()
 
 
 def enqueue_evaluation(rollout_id: int) -> None:
