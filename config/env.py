@@ -8,6 +8,7 @@ the path of a file holding the value (for secrets mounted by an orchestrator).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -81,3 +82,22 @@ def env_list(name: str, default: list[str]) -> list[str]:
 def env_path(name: str, default: Path) -> Path:
     value = _raw(name)
     return Path(value).expanduser().resolve() if value else default
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*")
+
+
+def env_http_header(name: str) -> str | None:
+    """An HTTP request header name (e.g. X-Forwarded-Proto) as Django's request.META key
+    (HTTP_X_FORWARDED_PROTO); None when unset. Letters, digits and single dashes only: WSGI servers
+    drop or merge header names with underscores, so such a name could never match."""
+    value = _raw(name)
+    if value is None or value.strip() == "":
+        return None
+    header = value.strip()
+    if not _HEADER_NAME.fullmatch(header):
+        raise ConfigError(
+            f"{name}={value!r} is not an HTTP header name "
+            "(letters, digits and dashes, e.g. X-Forwarded-Proto)"
+        )
+    return "HTTP_" + header.upper().replace("-", "_")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from config.env import ConfigError, env_bool, env_int, env_list, env_path, env_str
+from config.env import ConfigError, env_bool, env_http_header, env_int, env_list, env_path, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = env_path("DATA_DIR", BASE_DIR / "var")
@@ -188,6 +188,17 @@ MQTT_BROKER_AUTH = env_str("MQTT_BROKER_AUTH", "dynsec", choices=("dynsec", "non
 
 # Base URL devices use to reach this server (artifact downloads, enrollment).
 PUBLIC_URL = env_str("PUBLIC_URL", f"http://127.0.0.1:{env_int('WEB_PORT', 8000)}").rstrip("/")
+
+# --- behind a TLS-terminating reverse proxy (deploy/nginx/modelfleet.conf) ---------------------
+# The request header the proxy sets to "https" when the client came over TLS, e.g.
+# X-Forwarded-Proto: Django then treats those requests as secure (CSRF's origin checks, absolute
+# URLs). Set it only behind a proxy that overwrites that header on every request, as the shipped
+# nginx config does: otherwise any client could claim https. Unset: no such header is trusted.
+_PROXY_SSL_HEADER = env_http_header("SECURE_PROXY_SSL_HEADER")
+if _PROXY_SSL_HEADER:
+    SECURE_PROXY_SSL_HEADER = (_PROXY_SSL_HEADER, "https")
+# Session and CSRF cookies only over HTTPS; by default when the public URL is https.
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("SECURE_COOKIES", PUBLIC_URL.startswith("https://"))
 
 # --- API ---------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -15,6 +15,9 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if $want_test; then
     command -v pg_ctlcluster >/dev/null 2>&1 || need+=(postgresql)
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    # tests/test_deploy.py: the shipped nginx config in front of the server, systemd-analyze on the units.
+    command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx)
+    command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 fi
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
