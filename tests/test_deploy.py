@@ -25,6 +25,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.parse
@@ -330,6 +331,70 @@ def test_secure_proxy_ssl_header_takes_a_header_name_and_refuses_anything_else(t
 
 
 # --- the broker --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_modelfleet_manage_runs_manage_py_as_the_service_user_with_the_env_file():
+    # A stand-in checkout whose "python" reports how it was started (the real venv's interpreter
+    # may not be executable by another user on a test machine), outside pytest's private tmp dir.
+    outside = Path(tempfile.mkdtemp(prefix="modelfleet-manage-"))
+    try:
+        root = outside / "checkout"
+        (root / ".venv" / "bin").mkdir(parents=True)
+        fake = root / ".venv" / "bin" / "python"
+        fake.write_text(
+            "#!/bin/sh\n"
+            'echo "$(id -un)|$(pwd)|$PYTHONPATH|$DJANGO_SETTINGS_MODULE|$MQTT_PUBLIC_PORT|$SECRET_KEY_FILE|$*"\n'
+        )
+        for path in (outside, root, root / ".venv", root / ".venv" / "bin", fake):
+            path.chmod(0o755)
+        env_file = outside / "modelfleet.env"
+        env_file.write_text(ENV_EXAMPLE.read_text())
+        result = subprocess.run(
+            [str(MANAGE), "migrate", "--noinput"],
+            env={
+                "PATH": SYSTEMD_PATH,
+                "MODELFLEET_ENV": str(env_file),
+                "MODELFLEET_ROOT": str(root),
+                "MODELFLEET_USER": "nobody",
+            },
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(outside)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().split("|") == [
+        "nobody",
+        str(root),
+        str(root),
+        "config.settings",
+        "8883",
+        "/etc/modelfleet/secret_key",
+        f"{root}/manage.py migrate --noinput",
+    ]
+    missing = subprocess.run(
+        [str(MANAGE), "check"],
+        env={"PATH": SYSTEMD_PATH, "MODELFLEET_ENV": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert missing.returncode == 2 and "cannot read /nonexistent" in missing.stderr
+
+
+def test_the_readme_production_steps_name_what_the_tests_run():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Production\n", 1)[1].split("\n## ", 1)[0]
+    for line in DYNSEC_SNIPPET.splitlines():
+        assert line in section, f"README.md Production: the broker's service-account step lacks {line!r}"
+    for path in re.findall(r"/opt/modelfleet/(deploy/[\w./*-]+)", section):
+        assert list(REPO.glob(path)), f"README.md Production names {path}, which does not exist"
+    for unit in SERVICES:
+        assert (UNIT_DIR / f"modelfleet-{unit}.service").exists()
 
 
 def test_the_production_broker_includes_the_policy_and_exposes_only_tls():
