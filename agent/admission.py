@@ -13,8 +13,8 @@ The checks, in order (the first that fails decides):
  3. directive envelope: rollout key, payload type  UNKNOWN_KEY, SIGNATURE_INVALID,
     and schema (agent.protocol.verify_directive)   WRONG_PAYLOAD_TYPE, MALFORMED  seq 0
  4. addressed to this device                       WRONG_DEVICE       seq 0
- 5. seq == last_seq                                Ignore: the retained directive re-delivered
- 6. seq < last_seq                                 REPLAYED           its seq, not recorded
+ 5. seq == the model's last seq                    Ignore: the retained directive re-delivered
+ 6. seq < the model's last seq                     REPLAYED           its seq, not recorded
  7. an update is in progress                       Defer: one update at a time
  8. directive expired                              EXPIRED
  9. release envelope (release key) and schema      UNKNOWN_KEY, SIGNATURE_INVALID,
@@ -32,7 +32,9 @@ The checks, in order (the first that fails decides):
 
 A refusal from step 8 on carries `record_seq=True`: the directive is authentic and fresh, so the
 device remembers its seq as handled and reports under it. Before that the seq is either unknown
-or untrusted (seq 0, another device's directive) or must not move last_seq back (REPLAYED).
+or untrusted (seq 0, another device's directive) or must not move the model's seq back (REPLAYED).
+Seqs are judged per model: each model's directive is its own retained message, so after a
+reconnect an older seq of one model can follow a newer seq of another.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class DeviceView:
     """What a device knows when a directive arrives. Plain data; admit() only reads it.
 
     device_id, hardware: this device's identity and hardware target.
-    last_seq: the highest directive seq it accepted or refused under its own seq.
+    seqs: model -> the highest directive seq it accepted or refused under its own seq.
+    seq_floor: a bound on every model's seq (a journal from before per-model seqs had one).
     floors: model -> rollback floor (from the newest release committed here).
     denylist: artifact sha256s that failed a trial here (any collection supporting `in`).
     active: model -> (sha256 `current` points at, whether that model is committed).
@@ -72,7 +75,8 @@ class DeviceView:
 
     device_id: str
     hardware: str
-    last_seq: int = 0
+    seqs: Mapping[str, int] = field(default_factory=dict)
+    seq_floor: int = 0
     floors: Mapping[str, int] = field(default_factory=dict)
     denylist: Collection[str] = frozenset()
     active: Mapping[str, tuple[str | None, bool]] = field(default_factory=dict)
@@ -83,9 +87,9 @@ class DeviceView:
 class Refuse:
     """Report `rejected` with `code` and `message` (the event's detail); nothing starts.
 
-    record_seq: the directive was authentic and fresh: remember `seq` as handled (last_seq,
-    last_outcome) and report under it. False: report under `seq` as given (0 when the directive
-    could not be trusted) and leave last_seq alone; the agent reports such a payload only once.
+    record_seq: the directive was authentic and fresh: remember `seq` as handled (the
+    model's seq, last_outcome) and report under it. False: report under `seq` as given (0 when the
+    directive could not be trusted) and leave the seqs alone; the agent reports such a payload only once.
     seq, model, sha, rollout_id: the event's context, as far as the directive was readable.
     """
 
@@ -125,7 +129,7 @@ class AlreadyActive:
 
 @dataclass(frozen=True, kw_only=True)
 class Accept:
-    """Start `update` (phase received): record its seq as last_seq and report `received`.
+    """Start `update` (phase received): record its seq as the model's and report `received`.
 
     directive and release are the verified documents, for callers that want more than the
     update record carries.
@@ -180,7 +184,7 @@ def admit(
                       model=directive.model)
     context = {"seq": seq, "model": directive.model, "sha": directive.artifact.sha256,
                "rollout_id": directive.rollout_id}
-    last = device.last_seq
+    last = max(device.seqs.get(directive.model, 0), device.seq_floor)
     if seq == last:
         return Ignore(seq=seq)
     if seq < last:

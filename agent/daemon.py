@@ -31,7 +31,7 @@ from agent.directives import DirectiveHandler
 from agent.download import Interrupted
 from agent.inflight import InFlightUpdate
 from agent.install import Store
-from agent.journal import Journal
+from agent.journal import Journal, record_handled_seq
 from agent.machine import TABLE, Entry, IllegalTransition, Outcome, Phase, check
 from agent.outbox import Outbox
 from agent.protocol import ErrorCode, Event, format_time, utcnow
@@ -216,7 +216,7 @@ class Agent:
         data["update"] = upd.to_json()
         events = []
         if entry is Entry.DIRECTIVE:
-            data["last_seq"] = upd.seq
+            record_handled_seq(data, model=upd.model, seq=upd.seq)
             events.append(self._event(data, state=upd.phase.value, seq=upd.seq, model=upd.model, sha=upd.sha,
                                       rollout_id=upd.rollout_id))
         self._commit(data, upd.phase, events)
@@ -263,7 +263,7 @@ class Agent:
         if refused:
             data["refused"] = (data.get("refused") or [])[-31:] + [refused]
         if record_seq:
-            data["last_seq"] = max(data["last_seq"], seq)
+            record_handled_seq(data, model=model, seq=seq)
             data["last_outcome"] = {
                 "seq": seq, "model": model, "sha256": sha, "state": state.value, "error_code": code,
                 "detail": detail[:500], "ts": format_time(utcnow()),

@@ -72,7 +72,8 @@ class DirectiveHandler:
         return DeviceView(
             device_id=self.cfg.device_id,
             hardware=self.cfg.hardware,
-            last_seq=data["last_seq"],
+            seqs=data.get("seqs") or {},
+            seq_floor=data.get("seq_floor", 0),
             floors=data["floors"],
             denylist=data["denylist"],
             active={name: (m.get("current"), bool(m.get("committed"))) for name, m in data["models"].items()},

@@ -89,6 +89,8 @@ def rebind(journal: Journal, outbox: Outbox, device_id: str) -> Rebound | None:
     data.update(
         device_id=device_id,
         last_seq=0,
+        seqs={},
+        seq_floor=0,
         last_outcome=None,
         refused=[],
         last_events=[e for e in data.get("last_events") or [] if _event_device(e.get("payload", "")) == device_id],

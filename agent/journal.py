@@ -72,11 +72,23 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
 
 
+def record_handled_seq(data: dict, *, model: str, seq: int) -> None:
+    """Remember `seq` as handled for `model` (in a journal snapshot about to be committed)."""
+    seqs = data.setdefault("seqs", {})
+    seqs[model] = max(seqs.get(model, 0), seq)
+    data["last_seq"] = max(data.get("last_seq", 0), seq)
+
+
 def empty_journal() -> dict:
     return {
         "version": 1,
         "device_id": None,  # the device identity last_seq and the events belong to (agent.identity)
-        "last_seq": 0,  # highest authentic directive seq this device accepted or refused
+        "last_seq": 0,  # highest authentic directive seq this device accepted or refused (any model)
+        # model -> the highest seq handled for that model. Seqs come from one per-device counter on
+        # the server, but each model has its own retained directive, so after a reconnect an older
+        # seq of one model may arrive after a newer one of another: replays are judged per model.
+        "seqs": {},
+        "seq_floor": 0,  # a journal from before per-model seqs: its last_seq bounds every model
         "event_no": 0,  # last event number handed out (per device, strictly increasing)
         "models": {},  # name -> {current, previous, file_name, committed, counter, version}
         "floors": {},  # name -> rollback floor from the newest committed release
@@ -101,6 +113,8 @@ class Journal:
         except FileNotFoundError:
             return empty_journal()
         data = json.loads(raw)
+        if "seqs" not in data:  # written before per-model seqs: its one last_seq judged every model
+            data["seq_floor"] = data.get("last_seq", 0)
         return {**empty_journal(), **data}
 
     def snapshot(self) -> dict:

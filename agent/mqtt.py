@@ -23,7 +23,7 @@ from collections.abc import Callable
 import paho.mqtt.client as paho
 
 from agent.config import MqttConfig
-from agent.protocol import Topics
+from agent.protocol import Topics, client_id
 
 log = logging.getLogger("fleet_agent.mqtt")
 
@@ -158,7 +158,7 @@ class MqttLink:
         self._attempting = False  # a connection attempt is under way (no outcome yet)
         self._stopping = False
         client = _Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=f"fleet-agent-{device_id}", clean_session=True
+            paho.CallbackAPIVersion.VERSION2, client_id=client_id(device_id), clean_session=True
         )
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password)
@@ -206,7 +206,7 @@ class MqttLink:
             return
         self._attempting = False
         self.connect_log.connected()
-        client.subscribe(self.topics.directive(self.device_id), qos=1)
+        client.subscribe(self.topics.directives(self.device_id), qos=1)
         client.publish(self.topics.presence(self.device_id), self.presence(True), qos=1, retain=True)
         self.connected.set()
 
@@ -223,7 +223,7 @@ class MqttLink:
             self._failed(f"the broker closed the connection before answering CONNECT{hint}")
 
     def _on_message(self, client, userdata, message) -> None:
-        if message.topic != self.topics.directive(self.device_id) or not message.payload:
+        if not paho.topic_matches_sub(self.topics.directives(self.device_id), message.topic) or not message.payload:
             return  # an empty retained payload only clears the topic
         self.on_directive(bytes(message.payload))
 

@@ -78,15 +78,29 @@ class ProtocolError(Exception):
         self.code = code
 
 
+def client_id(device_id: str) -> str:
+    """The MQTT client id of a device. The broker pins it to the device's credentials (a client with
+    another id is refused), so no client can knock a device off by connecting with its id."""
+    return f"fleet-agent-{device_id}"
+
+
 @dataclass(frozen=True)
 class Topics:
+    """The MQTT topics of one fleet. A device's desired state is one retained directive per model
+    (`{root}/devices/{id}/models/{model}/directive`), so rollouts of two models on one box never
+    overwrite or clear each other; what it reports goes to events, telemetry and presence."""
+
     root: str = DEFAULT_TOPIC_ROOT
 
     def device(self, device_id: str, kind: str) -> str:
         return f"{self.root}/devices/{device_id}/{kind}"
 
-    def directive(self, device_id: str) -> str:
-        return self.device(device_id, "directive")
+    def directive(self, device_id: str, model: str) -> str:
+        return f"{self.root}/devices/{device_id}/models/{model}/directive"
+
+    def directives(self, device_id: str) -> str:
+        """The subscription filter for every model's directive of one device."""
+        return f"{self.root}/devices/{device_id}/models/+/directive"
 
     def events(self, device_id: str) -> str:
         return self.device(device_id, "events")
@@ -98,19 +112,19 @@ class Topics:
         return self.device(device_id, "presence")
 
     def parse(self, topic: str) -> tuple[str, str]:
-        """Return (device_id, kind) for a device topic, else raise ProtocolError."""
+        """Return (device_id, kind) for a device topic, else raise ProtocolError; kind is
+        "directive" for any model's directive topic."""
         parts = topic.split("/")
         root_parts = self.root.split("/")
         n = len(root_parts)
-        if (
-            len(parts) != n + 3
-            or parts[:n] != root_parts
-            or parts[n] != "devices"
-            or parts[n + 2] not in ("directive", "events", "telemetry", "presence")
-            or not IDENT_RE.match(parts[n + 1])
-        ):
+        if parts[:n] != root_parts or len(parts) < n + 3 or parts[n] != "devices" or not IDENT_RE.match(parts[n + 1]):
             raise ProtocolError(f"not a device topic: {topic!r}")
-        return parts[n + 1], parts[n + 2]
+        rest = parts[n + 2:]
+        if len(rest) == 1 and rest[0] in ("events", "telemetry", "presence"):
+            return parts[n + 1], rest[0]
+        if len(rest) == 3 and rest[0] == "models" and IDENT_RE.match(rest[1]) and rest[2] == "directive":
+            return parts[n + 1], "directive"
+        raise ProtocolError(f"not a device topic: {topic!r}")
 
 
 # --- time -------------------------------------------------------------------------------------

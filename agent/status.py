@@ -27,6 +27,7 @@ def status(cfg: Config) -> dict:
             for name, m in journal["models"].items()
         },
         "last_seq": journal["last_seq"],
+        "seqs": journal.get("seqs") or {},
         "last_outcome": journal.get("last_outcome"),
         "last_health": journal.get("last_health"),
         "denylist": journal["denylist"],

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from agent.protocol import Topics
+from agent.protocol import Topics, client_id
 from ota.models import ActiveRelease, Device, DeviceModelState
 from tests.support.broker_auth import MqttProbe
 from tests.support.fleet import enroll_device, record_directive, release_rows
@@ -114,8 +114,8 @@ def test_it_revokes_a_device_session_directive_and_download_token(client, admin_
 
     service = MqttProbe(secure_broker.port, secure_broker.username, secure_broker.password)
     assert service.connect()
-    service.publish(T.directive(device.id), b"a-directive", retain=True)
-    live = MqttProbe(secure_broker.port, device.id, enrolled.mqtt_password)
+    service.publish(T.directive(device.id, "detector"), b"a-directive", retain=True)
+    live = MqttProbe(secure_broker.port, device.id, enrolled.mqtt_password, client_id=client_id(device.id))
     assert live.connect()
     try:
         response = client.post(f"{API}/devices/{device.id}/revoke", **admin_token.headers)
@@ -124,7 +124,7 @@ def test_it_revokes_a_device_session_directive_and_download_token(client, admin_
         assert live.disconnected.wait(5), "the live broker session must be dropped"
         watcher = MqttProbe(secure_broker.port, secure_broker.username, secure_broker.password)
         assert watcher.connect()
-        watcher.subscribe(T.directive(device.id))
+        watcher.subscribe(T.directives(device.id))
         assert watcher.received(wait=1.0) == []
         watcher.close()
         denied = client.get(download, **bearer)

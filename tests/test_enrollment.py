@@ -19,6 +19,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from agent.config import load_config
+from agent.protocol import client_id
 from ota.fleet.auth import authenticate_device_token
 from ota.models import Device, EnrollmentToken
 from registry.keys import public_key_info
@@ -81,7 +82,7 @@ def test_it_enrolls_with_fleet_agent_and_writes_a_private_config(live_server, se
 
     principal = authenticate_device_token(config.server.token)
     assert principal.device_id == device.id and principal.scopes == frozenset({"device"})
-    probe = MqttProbe(config.mqtt.port, config.mqtt.username, config.mqtt.password)
+    probe = MqttProbe(config.mqtt.port, config.mqtt.username, config.mqtt.password, client_id=client_id(device.id))
     try:
         assert probe.connect(), "the written MQTT credentials must work on the broker"
     finally:
@@ -276,7 +277,7 @@ def test_it_re_enrolls_with_force_as_a_new_device_keeping_the_installed_models(l
         release = release_envelope(keys, model=MODEL, version="1", counter=1, artifacts=[box.v1.entry()])
         directive = directive_envelope(keys, device_id=device.id, seq=1, model=MODEL, release=release,
                                        artifact=box.v1.entry(), url="http://127.0.0.1:9/unused")
-        probe.publish(f"fleet/devices/{device.id}/directive", directive, retain=True)
+        probe.publish(f"fleet/devices/{device.id}/models/{MODEL}/directive", directive, retain=True)
         events: list[tuple[str, dict]] = []
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(e.get("seq") == 1 for _, e in events):

@@ -14,18 +14,18 @@ T = Topics("fleet")
 
 def test_it_publishes_many_retained_messages_and_clears_one(secure_broker):
     with Publisher() as publisher:
-        sent = publisher.publish_many([(T.directive(f"dev-{i:04d}"), f"d{i}".encode()) for i in range(1500)])
+        sent = publisher.publish_many([(T.directive(f"dev-{i:04d}", "detector"), f"d{i}".encode()) for i in range(1500)])
         assert sent == 1500
-        publisher.clear_retained(T.directive("dev-0007"))
+        publisher.clear_retained(T.directive("dev-0007", "detector"))
     watcher = MqttProbe(secure_broker.port, secure_broker.username, secure_broker.password)
     try:
         assert watcher.connect()
-        watcher.subscribe("fleet/devices/+/directive")
+        watcher.subscribe("fleet/devices/+/models/+/directive")
         got = {topic: payload for topic, payload, retained in watcher.received(wait=2.0) if retained}
     finally:
         watcher.close()
     assert len(got) == 1499
-    assert got[T.directive("dev-1499")] == b"d1499" and T.directive("dev-0007") not in got
+    assert got[T.directive("dev-1499", "detector")] == b"d1499" and T.directive("dev-0007", "detector") not in got
 
 
 def test_it_says_why_the_broker_refused(secure_broker):
@@ -48,7 +48,7 @@ def test_it_shares_one_connection_per_process_and_follows_settings(secure_broker
         other.apply(settings)
         second = ota_mqtt.get_publisher()
         assert second is not first and second.broker.port == other.port
-        ota_mqtt.publish_many([(T.directive("dev-x"), b"x")])
+        ota_mqtt.publish_many([(T.directive("dev-x", "detector"), b"x")])
     finally:
         ota_mqtt.reset_publisher()
         other.stop()

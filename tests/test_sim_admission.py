@@ -53,11 +53,10 @@ def sim_device(known: Known, *, behaviour: str = "healthy") -> SimDevice:
     if known.busy:
         # Busy the way a device gets busy: an update (of another model, as in Known.journal())
         # accepted from the directive with the seq it has handled last.
-        device.last_seq = known.last_seq - 1
         device.handle_directive(directive(seq=known.last_seq, model="other", rel=release(model="other")))
         assert device.update is not None and sim_events(device)[0]["state"] == "received"
         device.outbox.clear()
-    device.last_seq = known.last_seq
+    device.seqs = known.seqs()
     return device
 
 
@@ -101,7 +100,8 @@ def test_it_reports_what_the_agent_reports(tmp_path, name):
     assert [e[:3] for e in reported(by_sim)] == want_events
     assert reported(by_sim) == reported(by_agent)
     journal = json.loads((agent.state_dir / "journal.json").read_text())
-    assert device.last_seq == journal["last_seq"] == want_last_seq
+    assert max(device.seqs.values(), default=0) == journal["last_seq"] == want_last_seq
+    assert device.seqs == journal["seqs"]  # judged per model, the same way
     assert bool(device.pending) == (not agent.inbox.empty()) == (case.decision is Defer)
     assert device.sim.stats.rejected == sum(e["state"] == "rejected" for e in by_sim)
     assert (device.update is not None) == (journal["update"] is not None)
@@ -115,12 +115,12 @@ def test_it_no_longer_calls_an_artifact_mismatch_no_artifact():
         device.handle_directive(CASES[name].payload())
         assert [(e["state"], e["error_code"], e["seq"]) for e in sim_events(device)] == [
             ("rejected", "ARTIFACT_MISMATCH", 6)], name
-        assert device.update is None and device.last_seq == 6
+        assert device.update is None and device.seqs[MODEL] == 6
 
 
 def test_it_judges_directives_that_came_during_an_update_once_it_ends():
     device = sim_device(Known(busy=True))
-    topic = Topics("fleet").directive(DEVICE)
+    topic = Topics("fleet").directive(DEVICE, MODEL)
     seven = directive(seq=7)
     for payload in (directive(seq=6), seven, seven):  # 7 again: the retained directive after a reconnect
         message = mqtt.MQTTMessage(topic=topic.encode())
@@ -135,7 +135,7 @@ def test_it_judges_directives_that_came_during_an_update_once_it_ends():
     finish_update(device)  # 6 commits; 7 names the same artifact: already there
     assert [(e["state"], e["seq"]) for e in sim_events(device)][-2:] == [("committed", 6), ("committed", 7)]
     assert sim_events(device)[-1]["detail"] == "already active and committed"
-    assert device.pending == [] and device.last_seq == 7
+    assert device.pending == [] and device.seqs[MODEL] == 7
 
 
 def test_it_raises_the_rollback_floor_when_an_update_commits():

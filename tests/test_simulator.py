@@ -69,9 +69,9 @@ def test_it_runs_healthy_and_failing_devices_through_signed_directives(secure_br
         assert Device.objects.get(pk=healthy).agent_version == "sim-1"
         with Publisher() as publisher:
             publisher.publish_many(
-                [(T.directive(d), signed_directive(device_id=d, seq=1, release=release_v2, artifact=a2))
+                [(T.directive(d, "detector"), signed_directive(device_id=d, seq=1, release=release_v2, artifact=a2))
                  for d in (healthy, failing, slow)]
-                + [(T.directive(forged_target), signed_directive(
+                + [(T.directive(forged_target, "detector"), signed_directive(
                     device_id=forged_target, seq=1, release=release_v2, artifact=a2,
                     key=load_private_key_pem(generate_private_key_pem())))]
             )
@@ -103,7 +103,7 @@ def test_it_converges_a_flapping_device_from_the_retained_directive(secure_broke
     try:
         sim.wait_connected(timeout=20)
         with Publisher() as publisher:
-            publisher.publish_many([(T.directive(c.device_id), signed_directive(
+            publisher.publish_many([(T.directive(c.device_id, "detector"), signed_directive(
                 device_id=c.device_id, seq=1, release=signed_release(v2, [a2]), artifact=a2)) for c in creds])
         wait_for(lambda: DeviceModelState.objects.filter(last_state="committed").count() == 2, timeout=60,
                  what="both flapping devices committed")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from agent.protocol import Topics
+from agent.protocol import Topics, client_id
 from ota.transport.mqtt import BrokerSettings, MqttError, connect_blocking, new_client
 from registry.errors import ApiError
 
@@ -49,8 +49,9 @@ def device_role(device_id: str) -> str:
 def device_acls(device_id: str, topic_root: str) -> list[dict]:
     topics = Topics(topic_root)
     acls = [
-        {"acltype": "subscribeLiteral", "topic": topics.directive(device_id), "allow": True},
-        {"acltype": "publishClientReceive", "topic": topics.directive(device_id), "allow": True},
+        # Every model's directive of this device: the agent subscribes to this one filter.
+        {"acltype": "subscribeLiteral", "topic": topics.directives(device_id), "allow": True},
+        {"acltype": "publishClientReceive", "topic": topics.directives(device_id), "allow": True},
     ]
     for topic in (topics.events(device_id), topics.telemetry(device_id), topics.presence(device_id)):
         acls.append({"acltype": "publishClientSend", "topic": topic, "allow": True})
@@ -62,7 +63,7 @@ def service_acls(topic_root: str) -> list[dict]:
         return {"acltype": acltype, "topic": topic, "allow": True}
 
     return [
-        allow("publishClientSend", f"{topic_root}/devices/+/directive"),
+        allow("publishClientSend", f"{topic_root}/devices/+/models/+/directive"),
         allow("publishClientReceive", f"{topic_root}/#"),
         allow("subscribePattern", f"{topic_root}/#"),
         # Mosquitto checks a shared subscription against its full "$share/<group>/..." filter.
@@ -207,6 +208,7 @@ class BrokerAdmin:
                     "command": "createClient",
                     "username": device_id,
                     "password": password,
+                    "clientid": client_id(device_id),
                     "textname": f"device {device_id}",
                     "roles": [{"rolename": role}],
                 },

@@ -8,8 +8,8 @@ from django.utils import timezone
 
 from agent.protocol import Topics
 from ota.fleet.broker import BrokerError, BrokerUnavailable, broker_device_remove
-from ota.models import Device
-from ota.transport.mqtt import MqttError, clear_retained
+from ota.models import Device, Directive
+from ota.transport.mqtt import MqttError, clear_retained, retained_topics
 from registry.audit import audit_record
 
 
@@ -36,7 +36,14 @@ def device_revoke(*, device_id: str, actor: str) -> Device:
 def _revoke_on_broker(device_id: str) -> None:
     try:
         broker_device_remove(device_id=device_id)
-        clear_retained(Topics(settings.MQTT_TOPIC_ROOT).directive(device_id))
+        # Every model's retained directive goes: the models this server sent directives for,
+        # and whatever else the broker holds for the device (a restored broker, an older server).
+        topics = Topics(settings.MQTT_TOPIC_ROOT)
+        models = Directive.objects.filter(device_id=device_id).values_list("version__model__name", flat=True)
+        retained = {topics.directive(device_id, model) for model in models}
+        retained.update(retained_topics(topics.directives(device_id)))
+        for topic in sorted(retained):
+            clear_retained(topic)
     except (BrokerError, MqttError) as exc:
         raise BrokerUnavailable(
             f"Device {device_id} is revoked for the API, but the broker could not be updated ({exc}); "

@@ -19,6 +19,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Max
 from django.utils import timezone
 
 from agent.protocol import Topics, build_directive_payload, encode_json
@@ -127,10 +128,14 @@ def _artifacts_for(requests: list[DirectiveRequest]) -> dict[tuple[int, str], Ar
 
 
 def directives_publish(*, directive_ids: list[int]) -> int:
-    """Publish the given directives (retained, QoS 1) that are not yet marked published.
+    """Publish the given directives (retained, QoS 1, on their model's topic of their device) that
+    are not yet marked published.
 
-    Returns how many went out. A broker outage is logged, not raised: the rows stay
-    unpublished and the beat tick tries again.
+    Only the newest directive of a (device, model) goes out: a retained message replaces the one
+    before it, so publishing a late copy of an older directive (its worker died between commit and
+    publish) after a newer one would roll the device's desired state back. Superseded ones are
+    marked published without being sent. Returns how many went out. A broker outage is logged, not
+    raised: the rows stay unpublished and the beat tick tries again.
     """
     topics = Topics(settings.MQTT_TOPIC_ROOT)
     published = 0
@@ -139,29 +144,44 @@ def directives_publish(*, directive_ids: list[int]) -> int:
         chunk = directive_ids[start : start + PUBLISH_CHUNK]
         rows = list(
             Directive.objects.filter(pk__in=chunk, published_at__isnull=True).values_list(
-                "pk", "device_id", "envelope"
+                "pk", "device_id", "version__model__name", "seq", "envelope"
             )
         )
         if not rows:
             continue
-        messages = [(topics.directive(device_id), encode_json(envelope)) for _, device_id, envelope in rows]
+        newest = _newest_seqs({(device_id, model) for _, device_id, model, _, _ in rows})
+        sending = [r for r in rows if r[3] >= newest[(r[1], r[2])]]
+        messages = [(topics.directive(device_id, model), encode_json(envelope))
+                    for _, device_id, model, _, envelope in sending]
         try:
             mqtt.publish_many(messages, qos=1, retain=True)
         except Exception:  # any transport failure leaves the rows for the tick
             logger.exception("publishing %d directives failed; the beat tick will retry", len(rows))
             return published
-        Directive.objects.filter(pk__in=[pk for pk, _, _ in rows], published_at__isnull=True).update(
+        Directive.objects.filter(pk__in=[r[0] for r in rows], published_at__isnull=True).update(
             published_at=timezone.now()
         )
-        published += len(rows)
+        published += len(sending)
     logger.info("published %d directives in %.3fs", published, time.perf_counter() - started)
     return published
 
 
-def directives_withdraw(*, device_ids: list[str]) -> None:
-    """After commit, clear the retained directive of devices that have not picked theirs up yet,
-    so an offline box that reconnects after an abort finds nothing to install. A device that
-    already has the message is unaffected (it reports on, and the engine keeps listening)."""
+def _newest_seqs(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """(device, model) -> the highest seq signed for it."""
+    rows = (
+        Directive.objects.filter(device_id__in={d for d, _ in pairs}, version__model__name__in={m for _, m in pairs})
+        .values_list("device_id", "version__model__name")
+        .annotate(top=Max("seq"))
+        .order_by()
+    )
+    return {(d, m): top for d, m, top in rows if (d, m) in pairs}
+
+
+def directives_withdraw(*, device_ids: list[str], model: str) -> None:
+    """After commit, clear the retained directive for `model` of devices that have not picked
+    theirs up yet, so an offline box that reconnects after an abort finds nothing to install. A
+    device that already has the message is unaffected (it reports on, and the engine keeps
+    listening). Other models' directives of the same devices are left alone."""
     if not device_ids:
         return
     topics = Topics(settings.MQTT_TOPIC_ROOT)
@@ -169,9 +189,9 @@ def directives_withdraw(*, device_ids: list[str]) -> None:
 
     def clear():
         try:
-            mqtt.publish_many([(topics.directive(d), b"") for d in ids], qos=1, retain=True)
+            mqtt.publish_many([(topics.directive(d, model), b"") for d in ids], qos=1, retain=True)
         except Exception:  # a broker outage leaves the directive retained: logged for the operator
-            logger.exception("could not withdraw the retained directives of %d devices", len(ids))
+            logger.exception("could not withdraw the retained %s directives of %d devices", model, len(ids))
 
     transaction.on_commit(clear)
 

@@ -57,7 +57,7 @@ def resume_state(device_ids: list[str]) -> dict[str, dict]:
     same floors and denylist (the agent keeps all this in its journal)."""
     from ota.models import Device, DeviceEvent, DeviceModelState
 
-    state = {d: {"event_no": 0, "last_seq": 0, "active": {}, "floors": {}, "denylist": set()}
+    state = {d: {"event_no": 0, "seqs": {}, "active": {}, "floors": {}, "denylist": set()}
              for d in device_ids}
     for device_id, last_event_no in Device.objects.filter(pk__in=device_ids).values_list("id", "last_event_no"):
         state[device_id]["event_no"] = last_event_no + 1
@@ -70,7 +70,7 @@ def resume_state(device_ids: list[str]) -> dict[str, dict]:
         if floor:
             # The active release was committed here, and a commit raises the agent's floor to its own.
             state[device_id]["floors"][model] = floor
-        state[device_id]["last_seq"] = max(state[device_id]["last_seq"], seq)
+        state[device_id]["seqs"][model] = seq
     for device_id, sha in DeviceEvent.objects.filter(device_id__in=device_ids, state="rolled_back").exclude(
         sha256=""
     ).values_list("device_id", "sha256"):

@@ -30,7 +30,17 @@ from hashlib import sha256
 import paho.mqtt.client as mqtt
 
 from agent.admission import Accept, AlreadyActive, Defer, DeviceView, Ignore, Refuse, admit, could_not_process
-from agent.protocol import ErrorCode, Event, State, Topics, encode_json, format_time, presence_payload, utcnow
+from agent.protocol import (
+    ErrorCode,
+    Event,
+    State,
+    Topics,
+    client_id,
+    encode_json,
+    format_time,
+    presence_payload,
+    utcnow,
+)
 from agent.signing import Keyring
 from ota.sim.enroll import SimCredentials, resume_state
 
@@ -86,7 +96,7 @@ class SimDevice:
         self.event_no = resume.get("event_no", 0)
         # What agent.admission.admit reads, kept in the shape DeviceView takes so that judging a
         # directive copies nothing (the agent keeps the same facts in its journal).
-        self.last_seq: int = resume.get("last_seq", 0)
+        self.seqs: dict[str, int] = dict(resume.get("seqs", {}))  # model -> highest seq handled
         self.floors: dict[str, int] = dict(resume.get("floors", {}))
         self.denylist: set[str] = set(resume.get("denylist", ()))
         # model -> (sha `current` points at, committed); what the server saw active counts as committed.
@@ -100,12 +110,12 @@ class SimDevice:
         self.online = False
         self.dead = False  # refused by the broker (revoked): stop trying
         topics = sim.topics
-        self.t_directive = topics.directive(self.id)
+        self.t_directives = topics.directives(self.id)
         self.t_events = topics.events(self.id)
         self.t_presence = topics.presence(self.id)
         self.t_telemetry = topics.telemetry(self.id)
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"fleet-agent-{self.id}", protocol=mqtt.MQTTv311,
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id(self.id), protocol=mqtt.MQTTv311,
             clean_session=True,
         )
         client.username_pw_set(self.id, creds.password)
@@ -146,7 +156,7 @@ class SimDevice:
         self.online = True
         self.sim.stats.connects += 1
         self.sim.stats.connected += 1
-        client.subscribe(self.t_directive, qos=1)
+        client.subscribe(self.t_directives, qos=1)
         client.publish(self.t_presence, self._presence(True), qos=1, retain=True)
         outbox, self.outbox = self.outbox, []
         for payload in outbox:
@@ -182,13 +192,13 @@ class SimDevice:
     # directives ---------------------------------------------------------------------------------
 
     def _on_message(self, _client, _userdata, message) -> None:
-        if message.topic != self.t_directive or not message.payload:
+        if not mqtt.topic_matches_sub(self.t_directives, message.topic) or not message.payload:
             return  # an empty retained payload only clears the topic
         self.sim.stats.directives += 1
         self.handle_directive(bytes(message.payload))
 
     def device_view(self) -> DeviceView:
-        return DeviceView(device_id=self.id, hardware=self.creds.hardware, last_seq=self.last_seq,
+        return DeviceView(device_id=self.id, hardware=self.creds.hardware, seqs=self.seqs,
                           floors=self.floors, denylist=self.denylist, active=self.models,
                           busy=self.update is not None)
 
@@ -212,16 +222,19 @@ class SimDevice:
             if payload not in self.pending:
                 self.pending.append(payload)
         elif isinstance(decision, AlreadyActive):
-            self.last_seq = max(self.last_seq, decision.seq)
+            self._handled(decision.model, decision.seq)
             self.sim.stats.committed += 1
             self._emit(State.COMMITTED, seq=decision.seq, model=decision.model, sha=decision.sha,
                        rollout_id=decision.rollout_id, detail=decision.message, health=self.last_health)
         elif isinstance(decision, Accept):
             self._start(decision)
 
+    def _handled(self, model: str, seq: int) -> None:
+        self.seqs[model] = max(self.seqs.get(model, 0), seq)
+
     def _refuse(self, decision: Refuse, payload: bytes) -> None:
         if decision.record_seq:
-            self.last_seq = max(self.last_seq, decision.seq)
+            self._handled(decision.model, decision.seq)
         else:
             # Not trusted, or a replay: reported once per payload, or every reconnect would
             # re-deliver the retained payload and report it again.
@@ -236,7 +249,7 @@ class SimDevice:
     def _start(self, decision: Accept) -> None:
         upd = decision.update
         self.sim.stats.updates_started += 1
-        self.last_seq = upd.seq
+        self._handled(upd.model, upd.seq)
         self.update = _Update(seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id,
                               rollback_floor=upd.rollback_floor, steps=self._plan(upd.sha))
         self._emit(State.RECEIVED, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id)

@@ -208,3 +208,34 @@ def publish_many(messages: Iterable[tuple[str, bytes]], *, qos: int = 1, retain:
 
 def clear_retained(topic: str, *, timeout: float = 10.0) -> None:
     get_publisher().clear_retained(topic, timeout=timeout)
+
+
+def retained_topics(topic_filter: str, *, settle: float = 0.5, timeout: float = 10.0) -> list[str]:
+    """The topics under `topic_filter` that hold a retained message now. A broker sends every
+    matching retained message right after the SUBACK; a short quiet `settle` after the last one
+    ends the listening."""
+    broker = BrokerSettings.from_settings()
+    client = new_client(broker)
+    found: list[str] = []
+    subscribed = threading.Event()
+    last = [time.monotonic()]
+
+    def on_message(_client, _userdata, message):
+        if message.retain and message.payload:
+            found.append(message.topic)
+        last[0] = time.monotonic()
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed.set()
+    connect_blocking(client, broker, timeout=timeout)
+    try:
+        client.subscribe(topic_filter, qos=1)
+        if not subscribed.wait(timeout):
+            raise MqttError(f"no SUBACK for {topic_filter} within {timeout:.0f}s")
+        last[0] = time.monotonic()
+        while time.monotonic() - last[0] < settle:
+            time.sleep(0.05)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return sorted(set(found))

@@ -4,6 +4,7 @@ MQTT subscriber that records what devices publish, and `fleet-agent run` subproc
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -369,8 +370,17 @@ def publish_retained(port: int, topic: str, payload: bytes) -> None:
         client.loop_stop()
 
 
-def directive_topic(device: str, root: str = "fleet") -> str:
-    return f"{root}/devices/{device}/directive"
+def directive_topic(device: str, model: str, root: str = "fleet") -> str:
+    return f"{root}/devices/{device}/models/{model}/directive"
+
+
+def directive_model(payload: bytes, default: str = "unreadable") -> str:
+    """The model a signed directive names (the topic it belongs on); `default` for a payload
+    that is not a readable envelope (refusal tests publish those too)."""
+    try:
+        return json.loads(base64.b64decode(json.loads(payload)["payload"]))["model"]
+    except Exception:  # forged, truncated or oversized test payloads
+        return default
 
 
 # --- agent processes ------------------------------------------------------------------------------
@@ -547,8 +557,8 @@ class Rig:
         self.agents.append(agent)
         return agent
 
-    def publish_directive(self, device_id: str, payload: bytes) -> None:
-        publish_retained(self.broker.port, directive_topic(device_id), payload)
+    def publish_directive(self, device_id: str, payload: bytes, *, model: str | None = None) -> None:
+        publish_retained(self.broker.port, directive_topic(device_id, model or directive_model(payload)), payload)
 
     def directive(self, device_id: str, seq: int, model: str, release: dict, artifact: Artifact | dict,
                   url: str | None = None, **kwargs) -> bytes:

@@ -42,7 +42,8 @@ ROLLOUT_PEM = signing.public_key_pem(ROLLOUT_KEY.public_key())
 
 @dataclass
 class Known:
-    """The device's state before the directive arrives (baseline: v1 active, seq 5 handled)."""
+    """The device's state before the directive arrives (baseline: v1 active, seq 5 handled for
+    MODEL; busy: an update of model "other" from a directive with that same seq)."""
 
     last_seq: int = 5
     floors: dict = field(default_factory=lambda: {MODEL: 3})
@@ -52,15 +53,21 @@ class Known:
                 "counter": 3}})
     busy: bool = False
 
+    def seqs(self) -> dict[str, int]:
+        """Per model, the seq handled last (agent.journal's `seqs`)."""
+        if not self.last_seq:
+            return {}
+        return {MODEL: self.last_seq, **({"other": self.last_seq} if self.busy else {})}
+
     def view(self) -> DeviceView:
-        return DeviceView(device_id=DEVICE, hardware=HARDWARE, last_seq=self.last_seq, floors=self.floors,
+        return DeviceView(device_id=DEVICE, hardware=HARDWARE, seqs=self.seqs(), floors=self.floors,
                           denylist=self.denylist,
                           active={m: (r.get("current"), bool(r.get("committed"))) for m, r in self.models.items()},
                           busy=self.busy)
 
     def journal(self) -> dict:
-        data = {**empty_journal(), "last_seq": self.last_seq, "floors": self.floors, "denylist": self.denylist,
-                "models": self.models}
+        data = {**empty_journal(), "last_seq": self.last_seq, "seqs": self.seqs(), "floors": self.floors,
+                "denylist": self.denylist, "models": self.models}
         if self.busy:
             data["update"] = {"phase": "trial", "seq": self.last_seq, "model": "other", "sha": "0" * 64,
                               "file_name": "o.onnx", "transitions": 6, "trial_restarts": 0}

@@ -275,7 +275,7 @@ class DirectiveRecorder:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *args: subscribed.set()
         connect_blocking(self.client, self.settings)
-        self.client.subscribe(f"{self.topic_root}/devices/+/directive", qos=1)
+        self.client.subscribe(f"{self.topic_root}/devices/+/models/+/directive", qos=1)
         if not subscribed.wait(10):
             raise TimeoutError("directive recorder: no SUBACK")
         return self
@@ -294,7 +294,9 @@ class DirectiveRecorder:
     def _on_message(self, _client, _userdata, message) -> None:
         import base64
 
-        device_id = message.topic.split("/")[-2]
+        from agent.protocol import Topics
+
+        device_id, _kind = Topics(self.topic_root).parse(message.topic)
         record = {"device": device_id, "retained": bool(message.retain), "raw": message.payload}
         if message.payload:
             envelope = json.loads(message.payload)
@@ -377,17 +379,18 @@ class ProtocolResponder:
         return self
 
     def come_online(self, device_ids) -> None:
+        from agent.protocol import client_id
         from ota.transport.mqtt import BrokerSettings, connect_blocking, new_client
 
         for device_id in device_ids:
             creds = BrokerSettings(host="127.0.0.1", port=self.broker.port, username=device_id,
                                    password=self.passwords[device_id], topic_root=self.topic_root)
             subscribed = threading.Event()
-            client = new_client(creds, client_id=f"sim-{device_id}")
+            client = new_client(creds, client_id=client_id(device_id))  # the broker pins it
             client.on_message = self._on_message
             client.on_subscribe = lambda *args, ev=subscribed: ev.set()
             connect_blocking(client, creds)
-            client.subscribe(f"{self.topic_root}/devices/{device_id}/directive", qos=1)
+            client.subscribe(f"{self.topic_root}/devices/{device_id}/models/+/directive", qos=1)
             if not subscribed.wait(10):
                 raise TimeoutError(f"responder {device_id}: no SUBACK")
             self.clients[device_id] = client
