@@ -185,6 +185,12 @@ MQTT_PUBLIC_TLS = env_bool("MQTT_PUBLIC_TLS", MQTT_TLS)
 # dynsec: per-device credentials through Mosquitto's dynamic-security plugin (deploy/mosquitto/);
 # none: an anonymous development broker, enrollment registers nothing with it.
 MQTT_BROKER_AUTH = env_str("MQTT_BROKER_AUTH", "dynsec", choices=("dynsec", "none"))
+# Ingest's MQTT session (ota/transport/subscriber.py). A fixed client id, so the broker keeps
+# queueing device messages for the process while it restarts; each process side by side needs its
+# own (`mqtt_ingest --instance N` appends -N). Empty: modelfleet-ingest-<hostname>.
+MQTT_INGEST_CLIENT_ID = env_str("MQTT_INGEST_CLIENT_ID", "")
+# Seconds the broker keeps that session, queueing for it, after the process disconnects or dies.
+MQTT_INGEST_SESSION_EXPIRY = env_int("MQTT_INGEST_SESSION_EXPIRY", 86400, min_value=0, max_value=4294967295)
 
 # Base URL devices use to reach this server (artifact downloads, enrollment).
 PUBLIC_URL = env_str("PUBLIC_URL", f"http://127.0.0.1:{env_int('WEB_PORT', 8000)}").rstrip("/")

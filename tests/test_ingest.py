@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 from unittest import mock
 
@@ -17,7 +19,7 @@ from django.conf import settings as django_settings
 
 from agent.protocol import Event, Topics, encode_json, format_time, presence_payload, utcnow
 from ota.fleet.broker import BrokerAdmin
-from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState
+from ota.models import ActiveRelease, DeadLetter, Device, DeviceEvent, DeviceModelState
 from ota.transport import hooks
 from ota.transport.ingest import Ingestor, Message
 from ota.transport.mqtt import BrokerSettings
@@ -39,22 +41,36 @@ def update_events(device_id: str, *, seq: int, first_no: int, old: str, new: str
     return events
 
 
+def device_probe(broker, device_id: str, password: str) -> MqttProbe:
+    """A real MQTT client for one device, with the agent's client id (the broker may pin it)."""
+    return MqttProbe(broker.port, device_id, password, client_id=f"fleet-agent-{device_id}")
+
+
+def ingest_env(broker) -> dict[str, str]:
+    db = django_settings.DATABASES["default"]
+    return {
+        **os.environ,
+        **broker.env,
+        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "SECRET_KEY": "test-only",
+        "CELERY_BROKER_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/3"),
+        "LOG_LEVEL": "INFO",
+    }
+
+
+def run_ingest(broker, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`manage.py mqtt_ingest ARGS` to its end (--retire, or a refusal)."""
+    return subprocess.run([sys.executable, str(ROOT / "manage.py"), "mqtt_ingest", *args], env=ingest_env(broker),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+
+
 class IngestProcess:
     def __init__(self, broker, workdir: Path, *extra: str):
-        db = django_settings.DATABASES["default"]
-        env = {
-            **os.environ,
-            **broker.env,
-            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-            "SECRET_KEY": "test-only",
-            "CELERY_BROKER_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/3"),
-            "LOG_LEVEL": "INFO",
-        }
         self.log = workdir / f"ingest-{time.monotonic_ns()}.log"
         self.out = workdir / f"ingest-{time.monotonic_ns()}.out"
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "manage.py"), "mqtt_ingest", "--stats-interval", "3600", *extra],
-            env=env, stdout=self.out.open("w"), stderr=self.log.open("w"), cwd=ROOT,
+            env=ingest_env(broker), stdout=self.out.open("w"), stderr=self.log.open("w"), cwd=ROOT,
         )
         wait_for(lambda: "ingest: subscribed" in self.log.read_text() or self.process.poll() is not None,
                  timeout=20, what="ingest to subscribe")
@@ -92,7 +108,7 @@ def test_it_ingests_a_real_device_update_and_drops_repeats_and_forgeries(secure_
     enrolled = enroll_device()
     device_id = enrolled.device.id
     ingest = ingest_processes()
-    device = MqttProbe(secure_broker.port, device_id, enrolled.mqtt_password)
+    device = device_probe(secure_broker, device_id, enrolled.mqtt_password)
     assert device.connect()
     try:
         device.publish(T.presence(device_id), presence_payload(online=True, agent_version="0.3.1",
@@ -136,7 +152,7 @@ def test_it_ingests_a_real_device_update_and_drops_repeats_and_forgeries(secure_
 @pytest.mark.django_db(transaction=True)
 def test_it_counts_unknown_devices_and_shares_the_load_between_two_processes(secure_broker, ingest_processes):
     release_rows(version="1.0", counter=1)
-    first, second = ingest_processes(), ingest_processes()
+    first, second = ingest_processes(), ingest_processes("--instance", "2")  # one session each
     enrolled = [enroll_device() for _ in range(4)]
     # Broker credentials for a device the database has never heard of.
     with BrokerAdmin(BrokerSettings.from_settings()) as admin:
@@ -144,10 +160,10 @@ def test_it_counts_unknown_devices_and_shares_the_load_between_two_processes(sec
     clients = []
     try:
         for e in enrolled:
-            probe = MqttProbe(secure_broker.port, e.device.id, e.mqtt_password)
+            probe = device_probe(secure_broker, e.device.id, e.mqtt_password)
             assert probe.connect()
             clients.append((e.device.id, probe))
-        ghost = MqttProbe(secure_broker.port, "dev-ghost", "ghost-pw")
+        ghost = device_probe(secure_broker, "dev-ghost", "ghost-pw")
         assert ghost.connect()
         clients.append(("dev-ghost", ghost))
         for device_id, probe in clients:
@@ -257,3 +273,270 @@ def test_it_counts_garbage_and_revoked_devices_without_crashing(db, settings):
     assert stats["events_stored"] == 1  # an unknown model's event is still kept, with no model state
     assert DeviceEvent.objects.get().model == "unregistered-model"
     assert not DeviceModelState.objects.exists()
+
+
+# --- durable sessions: nothing the broker accepted is lost when ingest dies --------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_loses_no_event_when_ingest_is_killed_while_devices_publish(secure_broker, tmp_path):
+    """SIGKILL the real `manage.py mqtt_ingest`, started as the end-to-end platform starts it (no
+    client id given: the default), while devices go on publishing QoS 1 events, and a wave's
+    worth more arrives while it is down; start it again: every event the broker acknowledged is
+    stored. A clean session (what ingest used by default) loses whatever the broker received while
+    it was down and whatever it had handed over unacknowledged; Mosquitto's old per-client queue
+    limit (10,000) dropped the rest of a 12,000-event burst."""
+    from tests.support.platform import Platform
+
+    enrolled = [enroll_device() for _ in range(5)]
+    probes = {}
+    for e in enrolled:
+        probes[e.device.id] = device_probe(secure_broker, e.device.id, e.mqtt_password)
+        probes[e.device.id].client.max_inflight_messages_set(1000)  # the burst below: one round trip, not 600
+        assert probes[e.device.id].connect()
+    steady, (burst_id,) = list(probes)[:4], list(probes)[4:]
+    acknowledged: dict[str, int] = defaultdict(int)  # per device: events 0..n-1 acknowledged by the broker
+    stop = threading.Event()
+
+    def keep_publishing(device_id: str) -> None:
+        n = 0
+        while not stop.is_set():
+            probes[device_id].publish(T.events(device_id), Event(
+                device_id=device_id, event_no=n, seq=1, model="detector", state="downloading").to_payload())
+            n += 1
+            acknowledged[device_id] = n
+            time.sleep(0.005)
+
+    publishers = [threading.Thread(target=keep_publishing, args=(d,), daemon=True) for d in steady]
+    try:
+        with Platform(tmp_path, broker=secure_broker) as platform:
+            ingest = platform.start_ingest()
+            platform.wait_for_log(ingest, "ingest: subscribed")
+            for thread in publishers:
+                thread.start()
+            wait_for(lambda: DeviceEvent.objects.count() >= 100, timeout=20, what="ingest storing events")
+
+            platform.kill(ingest)  # SIGKILL: no DISCONNECT, received-but-unacknowledged messages in hand
+            at_kill = sum(acknowledged.values())
+            burst = probes[burst_id].client
+            infos = [burst.publish(T.events(burst_id), Event(device_id=burst_id, event_no=n, seq=1, model="detector",
+                                                             state="received").to_payload(), qos=1)
+                     for n in range(12_000)]
+            for info in infos:
+                info.wait_for_publish(60)
+            assert all(info.is_published() for info in infos)
+            acknowledged[burst_id] = len(infos)
+            time.sleep(0.5)
+            while_down = sum(acknowledged.values()) - at_kill
+            assert while_down > 12_000
+
+            ingest = platform.start_ingest()
+            platform.wait_for_log(ingest, "ingest: subscribed")
+            time.sleep(1)  # the devices go on publishing while it catches up
+            stop.set()
+            for thread in publishers:
+                thread.join(10)
+            expected = {(d, n) for d, count in acknowledged.items() for n in range(count)}
+            wait_for(lambda: DeviceEvent.objects.count() >= len(expected), timeout=90,
+                     what=f"all {len(expected)} acknowledged events stored",
+                     diagnostics=lambda: f"stored {DeviceEvent.objects.count()}\n{platform.logs()}")
+            stored = set(DeviceEvent.objects.values_list("device_id", "event_no"))
+            assert stored == expected, f"missing {len(expected - stored)}, e.g. {sorted(expected - stored)[:5]}"
+            log = ingest.log_path.read_text()
+            assert "session resumed" in log, log[-3000:]
+            assert "being dropped" not in secure_broker.broker.log_text()
+    finally:
+        stop.set()
+        for probe in probes.values():
+            probe.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_refuses_a_second_ingest_process_with_the_same_client_id(secure_broker, ingest_processes):
+    # Two clients with one id would take the session from each other in turn, forever.
+    ingest_processes()
+    second = run_ingest(secure_broker, timeout=30)
+    assert second.returncode == 1
+    assert "another ingest process on this host" in second.stderr and "--instance" in second.stderr
+    ingest_processes("--instance", "2")  # its own id: welcome
+
+
+# --- poisoned messages: isolated, dead-lettered, never stalling the rest -----------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_poisoned_message_goes_to_the_dead_letter_table_without_delaying_other_devices(
+    secure_broker, ingest_processes
+):
+    """NUL (U+0000) is legal in JSON but PostgreSQL stores it in neither text nor jsonb: one such
+    message used to make every batch it was in fail, retried every second forever, while every
+    other device's reports froze (and a retained one did it again after each restart)."""
+    release_rows(version="1.0", counter=1)
+    healthy = [enroll_device() for _ in range(2)]
+    bad = enroll_device()
+    bad_id = bad.device.id
+    ingest = ingest_processes()
+    clients = {}
+    for e in [*healthy, bad]:
+        clients[e.device.id] = device_probe(secure_broker, e.device.id, e.mqtt_password)
+        assert clients[e.device.id].connect()
+    next_no: dict[str, int] = defaultdict(int)
+
+    def healthy_reports_arrive(what: str) -> float:
+        sent = []
+        for e in healthy:
+            device_id = e.device.id
+            next_no[device_id] += 1
+            sent.append((device_id, next_no[device_id]))
+            clients[device_id].publish(T.events(device_id), Event(
+                device_id=device_id, event_no=next_no[device_id], seq=1, model="detector", state="received").to_payload())
+        started = time.monotonic()
+        wait_for(lambda: all(DeviceEvent.objects.filter(device_id=d, event_no=n).exists() for d, n in sent),
+                 timeout=3, what=f"the other devices' events, {what}",
+                 diagnostics=lambda: "\n".join(p.log.read_text()[-3000:] for p in started_processes))
+        return time.monotonic() - started
+
+    started_processes = [ingest]
+    poisons = [  # (kind, payload, retain, what happens)
+        ("events", Event(device_id=bad_id, event_no=1, seq=1, model="detector", state="failed",
+                         error_code="PRECHECK_FAILED", detail="onnxruntime: bad\x00input").to_payload(), False, "repaired"),
+        ("telemetry", encode_json({"cpu_percent": 10.0, "sensor": "cpu\x00temp"}), False, "repaired"),
+        ("presence", presence_payload(online=True, agent_version="0.3.1\x00evil"), True, "repaired"),
+        ("events", Event(device_id=bad_id, event_no=2, seq=1, model="detector", state="received",
+                         rollout_id="r1\x00").to_payload(), False, "dropped"),
+        # Not a NUL, but refused by PostgreSQL all the same (bigint out of range): isolated in the batch.
+        ("events", Event(device_id=bad_id, event_no=2**63, seq=1, model="detector", state="received").to_payload(),
+         False, "dropped"),
+    ]
+    waits = []
+    for kind, payload, retain, _outcome in poisons:
+        clients[bad_id].publish(T.device(bad_id, kind), payload, retain=retain)
+        waits.append(healthy_reports_arrive(f"after a poisoned {kind} message"))
+    assert max(waits) < 3, waits
+
+    wait_for(lambda: DeadLetter.objects.count() == len(poisons), timeout=5, what="five dead letters")
+    letters = list(DeadLetter.objects.order_by("id"))
+    assert [(r.device_id, r.kind, r.outcome) for r in letters] == [(bad_id, k, o) for k, _p, _r, o in poisons]
+    assert [bytes(r.payload) for r in letters] == [p for _k, p, _r, _o in poisons]
+    assert all(b"\\u0000" in bytes(r.payload) for r in letters[:4])
+    assert "rollout_id" in letters[3].error and "out of range" in letters[4].error
+    assert not DeadLetter.objects.exclude(device_id=bad_id).exists()
+    # What could be repaired is stored, without the NUL.
+    assert DeviceEvent.objects.get(device_id=bad_id).detail == "onnxruntime: badinput"
+    device = Device.objects.get(pk=bad_id)
+    assert (device.agent_version, device.last_telemetry) == ("0.3.1evil", {"cpu_percent": 10.0, "sensor": "cputemp"})
+
+    stats = ingest.stop()
+    assert (stats["repaired"], stats["dead_lettered"]) == (3, 2), stats
+    assert "dead_lettered" in ingest.log.read_text()  # the stats log line counts them
+
+    # Restarted under its own id: its session resumes, the retained presence is not replayed.
+    started_processes.append(ingest := ingest_processes())
+    healthy_reports_arrive("after a restart")
+    assert not DeadLetter.objects.filter(retained=True).exists()
+    ingest.stop()
+    # Gone for good: --retire takes what is queued for it and ends its session. A new session
+    # (another id) is sent every retained presence, the poisoned one included: it does not stall.
+    retired = run_ingest(secure_broker, "--retire")
+    assert retired.returncode == 0 and "retired: session" in retired.stderr, retired.stderr
+    started_processes.append(ingest_processes("--instance", "2"))
+    wait_for(lambda: DeadLetter.objects.filter(device_id=bad_id, kind="presence", retained=True).exists(),
+             timeout=5, what="the retained poisoned presence, replayed and repaired again")
+    healthy_reports_arrive("with the poisoned presence replayed to a new session")
+    for client in clients.values():
+        client.close()
+
+
+# --- the dead-letter policy on the real database (no broker needed) ----------------------------
+
+
+def test_it_repairs_free_text_and_dead_letters_identifiers_holding_a_nul(db, settings):
+    settings.MQTT_BROKER_AUTH = "none"
+    release_rows(version="1.0", counter=1)
+    device_id = enroll_device().device.id
+
+    def event(n: int, **fields) -> bytes:
+        return Event(**{"device_id": device_id, "event_no": n, "seq": 1, "model": "detector", "state": "received",
+                        **fields}).to_payload()
+
+    ingestor = Ingestor()
+    ingestor.store([
+        _msg(device_id, "events", event(1, detail="a\x00b\ud800", ts="2026-01-01T00:00:00Z\x00",
+                                        health={"latency\x00ms": "x\x00", "runs": [1, "\x00"]})),
+        _msg(device_id, "events", event(2, rollout_id="r\x001")),
+        _msg(device_id, "events", event(3, model="detec\x00tor")),
+        _msg(device_id, "events", event(4, state="failed", error_code="E\x00")),
+        _msg(device_id, "telemetry", encode_json({"cpu_percent": 1.0, "disks": {"sd\x00a": ["ok\x00"]}})),
+        _msg(device_id, "presence", presence_payload(online=True, agent_version="0.1\x00",
+                                                     active={"detector\x00": "a" * 64, "other": "b" * 64})),
+        _msg(device_id, "events", event(5)),
+    ])
+    stored = {e.event_no: e for e in DeviceEvent.objects.filter(device_id=device_id)}
+    assert sorted(stored) == [1, 5]
+    assert (stored[1].detail, stored[1].device_ts) == ("ab", "2026-01-01T00:00:00Z")
+    assert stored[1].health == {"latencyms": "x", "runs": [1, ""]}
+    device = Device.objects.get(pk=device_id)
+    assert device.last_telemetry == {"cpu_percent": 1.0, "disks": {"sda": ["ok"]}}
+    assert device.agent_version == "0.1"
+    letters = list(DeadLetter.objects.order_by("id"))
+    assert sorted((r.outcome, r.kind) for r in letters) == [
+        ("dropped", "events"), ("dropped", "events"), ("dropped", "events"),
+        ("repaired", "events"), ("repaired", "presence"), ("repaired", "telemetry")]
+    assert {r.device_id for r in letters} == {device_id}
+    dropped = " ".join(r.error for r in letters if r.outcome == "dropped")
+    assert "event.rollout_id" in dropped and "event.model" in dropped and "event.error_code" in dropped
+    assert (ingestor.stats.repaired, ingestor.stats.dead_lettered, ingestor.stats.events_stored) == (3, 3, 2)
+
+
+def test_it_stores_a_batch_without_the_one_message_the_database_refuses(db, settings):
+    settings.MQTT_BROKER_AUTH = "none"
+    release_rows(version="1.0", counter=1)
+    good, bad = enroll_device().device.id, enroll_device().device.id
+
+    def event(device_id: str, n: int) -> Message:
+        return _msg(device_id, "events", Event(device_id=device_id, event_no=n, seq=1, model="detector",
+                                               state="received").to_payload())
+
+    batch = [_msg(good, "presence", presence_payload(online=True, agent_version="1"))]
+    batch += [event(good, n) for n in range(10)] + [event(bad, 2**63)] + [event(good, n) for n in range(10, 20)]
+    batch += [_msg(good, "presence", presence_payload(online=False, agent_version="1"))]
+    ingestor = Ingestor()
+    new_ids = ingestor.store(batch)
+
+    assert sorted(DeviceEvent.objects.filter(device_id=good).values_list("event_no", flat=True)) == list(range(20))
+    assert len(new_ids) == 20 and not DeviceEvent.objects.filter(device_id=bad).exists()
+    assert Device.objects.get(pk=good).online is False  # arrival order kept across the halves
+    letter = DeadLetter.objects.get()
+    assert (letter.device_id, letter.outcome, bytes(letter.payload)) == (bad, "dropped", batch[11].payload)
+    assert "DataError" in letter.error and "out of range" in letter.error
+    assert (ingestor.stats.events_stored, ingestor.stats.dead_lettered, ingestor.stats.received) == (20, 1, 23)
+
+
+def test_it_never_dead_letters_what_fails_because_the_database_is_unavailable(db, settings):
+    from django.db import OperationalError
+
+    settings.MQTT_BROKER_AUTH = "none"
+    release_rows(version="1.0", counter=1)
+    device_id = enroll_device().device.id
+    batch = [_msg(device_id, "events", Event(device_id=device_id, event_no=n, seq=1, model="detector",
+                                              state="received").to_payload()) for n in range(3)]
+    ingestor = Ingestor()
+    unavailable = mock.patch.object(hooks, "on_device_events", side_effect=OperationalError("terminating connection"))
+    with unavailable, pytest.raises(OperationalError):
+        ingestor.store(batch)  # the caller retries the whole batch, unacknowledged
+    assert not DeadLetter.objects.exists() and not DeviceEvent.objects.exists()
+    assert ingestor.stats.dead_lettered == 0
+
+
+def test_the_dead_letter_table_is_read_only_in_the_admin(admin_client):
+    row = DeadLetter.objects.create(
+        topic="fleet/devices/dev-1/events", kind="events", device_id="dev-1", payload=b'{"detail": "a\x00b"}\xff',
+        payload_size=21, outcome="dropped", error="DataError: PostgreSQL text fields cannot contain NUL (0x00) bytes")
+    listing = admin_client.get("/admin/ota/deadletter/")
+    assert listing.status_code == 200 and "dev-1" in listing.content.decode()
+    page = admin_client.get(f"/admin/ota/deadletter/{row.pk}/change/")
+    body = page.content.decode()
+    assert page.status_code == 200 and "a\\x00b" in body and "\\xff" in body and 'name="_save"' not in body
+    assert admin_client.get("/admin/ota/deadletter/add/").status_code == 403
+    assert admin_client.post(f"/admin/ota/deadletter/{row.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert DeadLetter.objects.filter(pk=row.pk).exists()

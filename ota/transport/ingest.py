@@ -1,21 +1,29 @@
 """Ingest: device → server messages (events, telemetry, presence) into the database. The MQTT
-side, a shared subscription, is ota.transport.subscriber.
+side, a shared subscription on a persistent session, is ota.transport.subscriber.
 
 Several ingest processes can share `$share/modelfleet-ingest/...`; the broker hands each
 message to one of them. Correctness never relies on that: events are deduplicated by
 (device, seq, event_no) in the database, device state only moves forward by event_no, and
 MQTT acknowledgements are sent only after the batch has committed (at-least-once delivery
 with idempotent writes).
+
+A message that fails on its own never holds up the others (`Ingestor.store`): a batch the
+database refuses for any reason but its own unavailability is retried in halves until the
+message that fails alone is found; that one goes to the dead-letter table (ota.models.DeadLetter)
+and is acknowledged like the rest. Before that, characters PostgreSQL cannot store are dealt
+with field by field (`UNSTORABLE`, below): removed from free text, the message dropped to the
+dead-letter table when they sit in an identifier.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from agent.protocol import (
@@ -29,7 +37,7 @@ from agent.protocol import (
     parse_time,
 )
 from ota.db import bulk_set
-from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState
+from ota.models import ActiveRelease, DeadLetter, Device, DeviceEvent, DeviceModelState
 from ota.transport import hooks
 from registry.models import Artifact, Model
 
@@ -37,6 +45,60 @@ logger = logging.getLogger(__name__)
 
 # Clock skew we tolerate in device timestamps before falling back to our receive time.
 MAX_FUTURE_SKEW = timedelta(minutes=1)
+
+# Errors that say the database itself is unavailable (connection lost, server restarting,
+# deadlock, lock timeout, disk full, SQLite busy): no message is to blame, so the whole batch
+# is retried later, unacknowledged. Any other error is taken to be caused by a message.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError)
+
+# Characters PostgreSQL stores in neither text nor jsonb: NUL (U+0000; legal in JSON as \u0000)
+# and lone UTF-16 surrogates (legal JSON escapes, but not UTF-8). What ingest does when a field
+# holds one, field by field:
+#
+#   events     detail, ts, health (keys and strings inside)   removed, event stored: free text or
+#                                                             figures; the state transition it
+#                                                             reports is what rollouts wait for
+#              model, rollout_id, error_code                  message dropped to the dead-letter
+#                                                             table: an identifier repaired could
+#                                                             name another model or rollout
+#              device_id, state, sha256, active_sha256        cannot hold one (checked against the
+#                                                             topic, the list of states, hex)
+#   telemetry  every key and string                           removed: stored whole, informational
+#   presence   agent_version                                  removed
+#              an `active` entry whose model name holds one   left out: no model has that name
+#
+# A repaired message is stored and its original kept in the dead-letter table (outcome
+# "repaired"), so a device sending garbage is visible without losing what it reported.
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+EVENT_TEXT_FIELDS = ("detail", "ts")
+EVENT_IDENTIFIER_FIELDS = ("model", "rollout_id", "error_code")
+
+
+def _clean(value):
+    """(value without UNSTORABLE characters in any string or key, how many were removed)."""
+    if isinstance(value, str):
+        cleaned, count = UNSTORABLE.subn("", value)
+        return cleaned, count
+    if isinstance(value, dict):
+        out, total = {}, 0
+        for key, item in value.items():
+            key, n = _clean(key)
+            item, m = _clean(item)
+            out[key] = item
+            total += n + m
+        return out, total
+    if isinstance(value, list):
+        out, total = [], 0
+        for item in value:
+            item, n = _clean(item)
+            out.append(item)
+            total += n
+        return out, total
+    return value, 0
+
+
+def _storable_text(text: str, limit: int) -> str:
+    return UNSTORABLE.sub("", text)[:limit]
 
 
 @dataclass
@@ -46,6 +108,7 @@ class Message:
     received_at: datetime = field(default_factory=timezone.now)
     mid: int = 0
     qos: int = 0
+    retain: bool = False
 
 
 @dataclass
@@ -60,7 +123,8 @@ class IngestStats:
     revoked_device: int = 0
     wrong_device: int = 0
     ignored: int = 0
-    failed: int = 0
+    repaired: int = 0  # stored after removing unstorable characters (original in the dead-letter table)
+    dead_lettered: int = 0  # not stored: kept in the dead-letter table, acknowledged
     batches: int = 0
 
     def as_dict(self) -> dict:
@@ -72,8 +136,30 @@ class _Parsed:
     device_id: str
     kind: str
     received_at: datetime
+    message: Message
     event: Event | None = None
     data: dict | None = None
+
+
+def dead_letter(message: Message, outcome: str, error: str) -> DeadLetter:
+    """An unsaved DeadLetter row for `message`; the device id and kind come from the topic when
+    it has the shape of a device topic (the message may have failed before it was parsed)."""
+    parts = message.topic.split("/")
+    device_id, kind = "", ""
+    if len(parts) >= 4 and parts[-3] == "devices":
+        device_id, kind = parts[-2], parts[-1]
+    payload = bytes(message.payload or b"")
+    return DeadLetter(
+        received_at=message.received_at,
+        topic=_storable_text(message.topic, 512),
+        kind=_storable_text(kind, 16),
+        device_id=_storable_text(device_id, 64),
+        retained=bool(message.retain),
+        payload=payload[: DeadLetter.MAX_PAYLOAD_BYTES],
+        payload_size=len(payload),
+        outcome=outcome,
+        error=_storable_text(error, 4000),
+    )
 
 
 class Ingestor:
@@ -99,24 +185,125 @@ class Ingestor:
                 if event.device_id != device_id:
                     self._drop("wrong_device", message, f"event claims device {event.device_id!r}")
                     return None
-                return _Parsed(device_id, kind, message.received_at, event=event)
+                return _Parsed(device_id, kind, message.received_at, message, event=event)
             if kind == "presence":
                 if not message.payload:  # a cleared retained presence
                     self.stats.ignored += 1
                     return None
-                return _Parsed(device_id, kind, message.received_at, data=parse_presence(message.payload))
+                return _Parsed(device_id, kind, message.received_at, message, data=parse_presence(message.payload))
             if kind == "telemetry":
                 data = parse_telemetry(message.payload)
                 claimed = data.get("device_id")
                 if claimed is not None and claimed != device_id:
                     self._drop("wrong_device", message, f"telemetry claims device {claimed!r}")
                     return None
-                return _Parsed(device_id, kind, message.received_at, data=data)
+                return _Parsed(device_id, kind, message.received_at, message, data=data)
         except ProtocolError as exc:
             self._drop("malformed", message, f"{exc} [{exc.code}]")
             return None
         self.stats.ignored += 1  # directives: our own output, never subscribed on purpose
         return None
+
+    def _make_storable(self, item: _Parsed, letters: list[DeadLetter]) -> _Parsed | None:
+        """Apply the UNSTORABLE policy to one accepted message: the item to store (repaired or
+        as it was), or None when it goes to the dead-letter table instead."""
+        repaired: list[str] = []
+        if item.kind == "events":
+            event = item.event
+            for name in EVENT_IDENTIFIER_FIELDS:
+                value = getattr(event, name)
+                if isinstance(value, str) and UNSTORABLE.search(value):
+                    error = (f"event.{name} holds a character PostgreSQL cannot store (NUL or a lone "
+                             f"surrogate): {value!r}; an identifier is never altered, so the event is not stored")
+                    self._to_dead_letter(item.message, letters, error)
+                    return None
+            changes = {}
+            for name in (*EVENT_TEXT_FIELDS, "health"):
+                value, count = _clean(getattr(event, name))
+                if count:
+                    changes[name] = value
+                    repaired.append(f"event.{name}")
+            if changes:
+                item = replace(item, event=replace(event, **changes))
+        elif item.kind == "telemetry":
+            data, count = _clean(item.data)
+            if count:
+                item = replace(item, data=data)
+                repaired.append("telemetry")
+        elif item.kind == "presence":
+            data = dict(item.data)
+            version = data.get("agent_version")
+            if isinstance(version, str) and UNSTORABLE.search(version):
+                data["agent_version"] = UNSTORABLE.sub("", version)
+                repaired.append("presence.agent_version")
+            active = data.get("active") or {}
+            if any(isinstance(name, str) and UNSTORABLE.search(name) for name in active):
+                data["active"] = {k: v for k, v in active.items() if not (isinstance(k, str) and UNSTORABLE.search(k))}
+                repaired.append("presence.active (entries left out)")
+            if repaired:
+                item = replace(item, data=data)
+        if repaired:
+            self.stats.repaired += 1
+            error = ("stored after removing characters PostgreSQL cannot store (NUL or lone surrogates) from "
+                     + ", ".join(repaired))
+            letters.append(dead_letter(item.message, DeadLetter.Outcome.REPAIRED, error))
+            logger.warning("ingest: repaired a message on %s: %s", item.message.topic, error)
+        return item
+
+    def _to_dead_letter(self, message: Message, letters: list[DeadLetter], error: str) -> None:
+        self.stats.dead_lettered += 1
+        letters.append(dead_letter(message, DeadLetter.Outcome.DROPPED, error))
+        logger.error("ingest: dead-lettered a message on %s: %s", message.topic, error)
+
+    def store(self, messages: list[Message]) -> list[int]:
+        """Store a batch, isolating any message that fails on its own; return new event ids.
+
+        Raises only what says the database is unavailable (TRANSIENT_ERRORS), or when even the
+        dead-letter table cannot be written: nothing of the batch may then be acknowledged, and
+        the caller retries it whole. Otherwise every message of the batch is accounted for
+        (stored, counted as dropped, or in the dead-letter table) and may be acknowledged.
+        """
+        try:
+            return self.process(messages)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as exc:
+            logger.warning(
+                "ingest: a batch of %d was refused (%s: %s); retrying it without the message that fails on its own",
+                len(messages), type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            )
+            if len(messages) == 1:
+                return self._isolate(messages)
+            half = len(messages) // 2
+            return self._isolate(messages[:half]) + self._isolate(messages[half:])
+
+    def _isolate(self, messages: list[Message]) -> list[int]:
+        """Halve a refused batch until the message that fails alone is found (log2(n) levels;
+        arrival order kept: each left half is done before its right half)."""
+        try:
+            return self.process(messages)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as exc:
+            if len(messages) > 1:
+                half = len(messages) // 2
+                return self._isolate(messages[:half]) + self._isolate(messages[half:])
+            error = exc
+        try:  # once more alone: a refusal that was a race with another ingest process goes through now
+            return self.process(messages)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as exc:
+            error = exc
+        (message,) = messages
+        row = dead_letter(message, DeadLetter.Outcome.DROPPED, f"{type(error).__name__}: {error}".strip())
+        with transaction.atomic():
+            row.save()
+        self.stats.received += 1
+        self.stats.dead_lettered += 1
+        logger.error("ingest: dead-lettered a message on %s that the database refuses on its own: %s: %s",
+                     message.topic, type(error).__name__, error)
+        return []
 
     def process(self, messages: list[Message]) -> list[int]:
         """Store a batch; return the ids of newly stored DeviceEvents (already handed to hooks).
@@ -142,6 +329,7 @@ class Ingestor:
             for d in Device.objects.filter(id__in={p.device_id for p in parsed}).only("id", "state", "hardware_id", "last_event_no")
         }
         accepted = []
+        letters: list[DeadLetter] = []
         for item in parsed:
             device = devices.get(item.device_id)
             if device is None:
@@ -151,10 +339,14 @@ class Ingestor:
                 self.stats.revoked_device += 1
                 logger.warning("ingest: dropped %s from revoked device %s", item.kind, item.device_id)
             else:
-                accepted.append(item)
-        if not accepted:
+                storable = self._make_storable(item, letters)
+                if storable is not None:
+                    accepted.append(storable)
+        if not accepted and not letters:
             return []
         with transaction.atomic():
+            if letters:
+                DeadLetter.objects.bulk_create(letters)
             new_events = self._store_events([p for p in accepted if p.kind == "events"])
             self._apply_model_states(accepted, new_events, devices)
             self._update_devices(accepted, devices)

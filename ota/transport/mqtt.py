@@ -49,14 +49,22 @@ class BrokerSettings:
 
 
 def new_client(
-    broker: BrokerSettings, *, client_id: str | None = None, clean_session: bool = True, **kwargs
+    broker: BrokerSettings,
+    *,
+    client_id: str | None = None,
+    clean_session: bool = True,
+    protocol: int = mqtt.MQTTv311,
+    **kwargs,
 ) -> mqtt.Client:
-    """A paho client (MQTT 3.1.1, callback API v2) configured from broker settings, not yet connected."""
+    """A paho client (callback API v2; MQTT 3.1.1 unless `protocol` says otherwise) configured from
+    broker settings, not yet connected. MQTT 5 has no clean-session flag: clean start and the
+    session expiry interval go to connect() (see ota.transport.subscriber)."""
+    session = {} if protocol == mqtt.MQTTv5 else {"clean_session": clean_session}
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id or f"modelfleet-{uuid.uuid4().hex[:12]}",
-        protocol=mqtt.MQTTv311,
-        clean_session=clean_session,
+        protocol=protocol,
+        **session,
         **kwargs,
     )
     if broker.username:
