@@ -110,6 +110,8 @@ def build_definition(args) -> dict:
         body["abort_policy"] = args.abort_policy
     if args.requires_approval:
         body["requires_approval"] = True
+    if args.follow:
+        body["follow_target"] = True
     if args.name:
         body["name"] = args.name
     for required in ("model", "version"):
@@ -151,6 +153,7 @@ def render(rollout: dict) -> list[str]:
             f"  {number:>2} {name[:12]:<12} {what:>8} {wave['state']:<8} "
             f"{_bar(committed, failed, in_flight, wave['size'])} "
             f"{committed}/{wave['size']} ok  {failed} failed  {in_flight} updating"
+            + (f"  {wave['unreachable']} unreachable" if wave.get("unreachable") else "")
         )
     incompatible = rollout.get("incompatible") or []
     if incompatible:
@@ -302,6 +305,8 @@ def add_parser(subparsers) -> None:
     create.add_argument("--gates", metavar="JSON", help="gates as JSON (merged under the flags above)")
     create.add_argument("--abort-policy", choices=("pause", "abort", "revert"))
     create.add_argument("--requires-approval", action="store_true")
+    create.add_argument("--follow", action="store_true",
+                        help="after the last wave, keep giving the release to devices that start matching the target")
     create.add_argument("--name")
     create.add_argument("--file", metavar="JSON_FILE", help="the whole definition as JSON; flags override it")
     create.add_argument("--start", action="store_true", help="start it right away")

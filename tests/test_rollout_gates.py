@@ -381,3 +381,59 @@ def test_it_advances_now_past_a_wave_whose_gate_is_not_met(setup):
     assert fleet.evaluate(rollout) == "completed"
     with pytest.raises(Conflict, match="cannot advance rollout .*: it is completed"):
         rollout_advance(rollout_id=rollout.pk, actor="token:op")
+
+
+def test_it_lets_a_wave_pass_without_a_device_that_never_picks_up_its_directive(setup, recorder):
+    # One offline box used to hold a 100 % success gate forever; now it is unreachable after the
+    # delivery timeout: left out of the count, its directive left in place.
+    fleet = setup["fleet"]
+    rollout = start(waves=[{"devices": ["dev-0000", "dev-0001", "dev-0002"]}, {"percent": 100}],
+                    gates={"timeouts": {"delivery_seconds": 60}})
+    fleet.evaluate(rollout)
+    fleet.report(["dev-0000", "dev-0001"], "committed")
+    assert fleet.evaluate(rollout) == "idle"  # dev-0002 silent, still inside the delivery timeout
+    RolloutDevice.objects.filter(rollout=rollout, device_id="dev-0002").update(
+        directed_at=timezone.now() - timedelta(seconds=61))
+
+    fleet.evaluate(rollout)
+    assert Wave.objects.get(rollout=rollout, index=0).state == "passed"
+    silent = RolloutDevice.objects.get(rollout=rollout, device_id="dev-0002")
+    assert silent.state == "unreachable" and "did not pick up its directive" in silent.detail
+    passed = AuditEntry.objects.filter(object_id=str(rollout.pk), action="wave.gate_met").first()
+    assert "100.0 % of the 2 reachable devices healthy" in passed.reason
+    assert AuditEntry.objects.filter(object_id=str(rollout.pk), action="devices.unreachable").exists()
+    # Never withdrawn (an empty retained message): it is still there for when the box returns.
+    assert not [m for m in recorder.snapshot() if m["device"] == "dev-0002" and not m["raw"]]
+    assert "dev-0002" in recorder.devices()
+
+    # It comes back and installs: its outcome is recorded, after the rollout moved on.
+    fleet.report(["dev-0002"], "received")
+    fleet.report(["dev-0002"], "committed")
+    assert RolloutDevice.objects.get(rollout=rollout, device_id="dev-0002").state == "committed"
+
+
+def test_it_pauses_a_wave_with_too_few_reachable_devices_saying_why(setup):
+    fleet = setup["fleet"]
+    rollout = start(waves=[{"devices": ["dev-0000", "dev-0001", "dev-0002", "dev-0003"]}, {"percent": 100}],
+                    gates={"timeouts": {"delivery_seconds": 60}, "success": {"min_reachable_percent": 75}})
+    fleet.evaluate(rollout)
+    fleet.report(["dev-0000"], "committed")
+    RolloutDevice.objects.filter(rollout=rollout, device_id__in=["dev-0001", "dev-0002", "dev-0003"]).update(
+        directed_at=timezone.now() - timedelta(seconds=61))
+
+    assert fleet.evaluate(rollout) == "paused-unreachable"
+    rollout.refresh_from_db()
+    assert rollout.state == "paused"
+    assert rollout.state_reason.startswith("Wave 1 cannot pass: only 1 of 4 devices reachable (25.0 % < "
+                                           "min_reachable_percent 75 %)")
+
+
+def test_it_never_counts_a_device_revoked_before_its_turn_against_the_gate(setup):
+    fleet = setup["fleet"]
+    rollout = start(waves=[{"devices": ["dev-0000", "dev-0001", "dev-0002"]}, {"percent": 100}])
+    Device.objects.filter(pk="dev-0002").update(state="revoked")  # before its directive went out
+    fleet.evaluate(rollout)
+    assert RolloutDevice.objects.get(rollout=rollout, device_id="dev-0002").state == "skipped"
+    fleet.report(["dev-0000", "dev-0001"], "committed")
+    fleet.evaluate(rollout)
+    assert Wave.objects.get(rollout=rollout, index=0).state == "passed"

@@ -38,6 +38,12 @@ class Rollout(models.Model):
     gates = models.JSONField(default=dict)
     abort_policy = models.CharField(max_length=8, choices=AbortPolicy.choices, default=AbortPolicy.PAUSE)
     requires_approval = models.BooleanField(default=False)
+    # Keep following the target: devices that start matching it (enrolled, relabelled) after the
+    # last wave passed get the release in a catch-up wave (continuous deployment to a label).
+    follow_target = models.BooleanField(default=False)
+    # When late joiners were last looked for (ota.rollouts.joiners): the target is resolved again
+    # at most every JOIN_CHECK_SECONDS.
+    target_checked_at = models.DateTimeField(null=True, blank=True)
     # Target devices that match labels/hardware but have no artifact for their hardware.
     incompatible = models.JSONField(default=list, blank=True)
     current_wave = models.PositiveIntegerField(default=0)
@@ -101,6 +107,10 @@ class RolloutDevice(models.Model):
         PLANNED = "planned"  # in a wave that has not started
         QUEUED = "queued"  # its wave started; waiting for the rate cap
         DIRECTED = "directed"  # directive signed and published, nothing heard yet
+        # Never picked up its directive within the delivery timeout (typically offline). Neither
+        # healthy nor failed: left out of the success gate's count; its directive stays, so it
+        # still converges when it comes back, and what it reports then is recorded.
+        UNREACHABLE = "unreachable"
         RECEIVED = "received"
         DOWNLOADING = "downloading"
         VERIFYING = "verifying"
@@ -132,8 +142,11 @@ class RolloutDevice(models.Model):
     PROBLEMS = (*FAILURES, State.REVERT_FAILED)
     # May be running the new release (or about to): a revert sends these back.
     TOUCHED = (*IN_FLIGHT, State.COMMITTED, State.TIMED_OUT, State.UNHEALTHY)
-    # A report from the device is awaited: its update or its revert is under way.
-    EXPECTING_REPORTS = (*IN_FLIGHT, State.REVERTING)
+    # A report from the device is awaited: its update or its revert is under way, or it may still
+    # pick up its directive.
+    EXPECTING_REPORTS = (*IN_FLIGHT, State.UNREACHABLE, State.REVERTING)
+    # Its directive is out but not picked up: withdrawn when the rollout stops.
+    NOT_PICKED_UP = (State.DIRECTED, State.UNREACHABLE)
     # Nothing more is expected from the device for this rollout (late reports never flip these).
     FINISHED = (State.COMMITTED, *FAILURES, State.SKIPPED, State.REVERTED, State.REVERT_FAILED)
     # Progress buckets, in pipeline order: (key, label, states). The rollout page shows these;
@@ -146,6 +159,7 @@ class RolloutDevice(models.Model):
         ("healthy", "healthy", (State.COMMITTED,)),
         ("failed", "failed", (State.FAILED, State.REJECTED, State.UNHEALTHY, State.REVERT_FAILED)),
         ("timed_out", "timed out", (State.TIMED_OUT,)),
+        ("unreachable", "unreachable", (State.UNREACHABLE,)),
         ("reverting", "reverting", (State.REVERTING,)),
         ("rolled_back", "rolled back", (State.ROLLED_BACK, State.REVERTED)),
         ("skipped", "skipped", (State.SKIPPED,)),
@@ -166,12 +180,15 @@ class RolloutDevice(models.Model):
 
     @classmethod
     def group_counts(cls, counts) -> dict[str, int]:
-        """Per-state counts ({state: n}) summed by group: committed, failed, in_flight, waiting."""
+        """Per-state counts ({state: n}) summed by group: committed, failed, in_flight, waiting,
+        unreachable, skipped."""
         return {
             "committed": counts.get(cls.State.COMMITTED, 0),
             "failed": sum(counts.get(s, 0) for s in cls.FAILURES),
             "in_flight": sum(counts.get(s, 0) for s in cls.IN_FLIGHT),
             "waiting": sum(counts.get(s, 0) for s in cls.WAITING),
+            "unreachable": counts.get(cls.State.UNREACHABLE, 0),
+            "skipped": counts.get(cls.State.SKIPPED, 0),
         }
 
     rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="assignments")

@@ -20,6 +20,7 @@ def rollout_create(
     gates: dict | None = None,
     abort_policy: str = Rollout.AbortPolicy.PAUSE,
     requires_approval: bool = False,
+    follow_target: bool = False,
     name: str = "",
     actor: str,
 ) -> Rollout:
@@ -43,6 +44,7 @@ def rollout_create(
             gates=planned.gates,
             abort_policy=abort_policy,
             requires_approval=requires_approval,
+            follow_target=follow_target,
             incompatible=plan.incompatible,
             created_by=actor,
         )

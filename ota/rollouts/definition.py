@@ -9,11 +9,14 @@ import re
 from django.core.exceptions import ValidationError
 
 DEFAULT_GATES = {
-    "success": {"min_healthy_percent": 100},
+    # min_healthy_percent of the reachable devices committed, and at least min_reachable_percent
+    # of the wave reachable (a device that never picks up its directive within
+    # timeouts.delivery_seconds is unreachable: not counted either way).
+    "success": {"min_healthy_percent": 100, "min_reachable_percent": 50},
     "failure": {"min_reports": 1, "max_failed_percent": 20, "max_failures": None},
     "soak_seconds": 0,
     "rate_per_minute": None,
-    "timeouts": {"download_seconds": 1800, "activate_seconds": 600, "trial_seconds": 900},
+    "timeouts": {"delivery_seconds": 3600, "download_seconds": 1800, "activate_seconds": 600, "trial_seconds": 900},
     # Fleet-side model health: a device whose trial figures break these counts as failed even
     # though its own (looser or unset) limits let it commit. Off unless given.
     "health": {"max_error_rate": None, "max_latency_ms_p95": None},
@@ -53,9 +56,10 @@ def gates_normalise(raw, *, where: str = "gates", base: dict | None = None) -> d
         "health": dict(base.get("health") or DEFAULT_GATES["health"]),
     }
     for section, fields in (
-        ("success", {"min_healthy_percent": (0, 100, False)}),
+        ("success", {"min_healthy_percent": (0, 100, False), "min_reachable_percent": (0, 100, False)}),
         ("failure", {"min_reports": (1, None, True), "max_failed_percent": (0, 100, False), "max_failures": (1, None, True)}),
-        ("timeouts", {"download_seconds": (1, None, True), "activate_seconds": (1, None, True), "trial_seconds": (1, None, True)}),
+        ("timeouts", {"delivery_seconds": (1, None, True), "download_seconds": (1, None, True),
+                      "activate_seconds": (1, None, True), "trial_seconds": (1, None, True)}),
         ("health", {"max_error_rate": (0, 1, False), "max_latency_ms_p95": (0, None, False)}),
     ):
         given = raw.get(section)
@@ -180,6 +184,18 @@ def wave_describe(spec: dict) -> str:
     else:
         body = f"{spec['count']} more devices"
     return f"{spec['name']}: {body}" if spec.get("name") else body
+
+
+def gates_with_defaults(gates: dict) -> dict:
+    """A wave's stored gates with every setting present: a rollout created before a setting
+    existed runs with that setting's default."""
+    out = {key: (dict(value) if isinstance(value, dict) else value) for key, value in DEFAULT_GATES.items()}
+    for key, value in (gates or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
 
 
 def waves_validate(raw) -> list[dict]:

@@ -9,9 +9,9 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from ota.models import Rollout, Wave
+from ota.models import Rollout, RolloutDevice, Wave
 from ota.rollouts.dispatch import wave_dispatch
-from ota.rollouts.gates import failure_gate_tripped, success_gate_met, wave_figures
+from ota.rollouts.gates import failure_gate_tripped, success_gate_met, too_few_reachable, wave_figures
 from ota.rollouts.timeouts import timeouts_apply
 from ota.rollouts.transitions import (
     rollout_halt,
@@ -53,13 +53,24 @@ def rollout_evaluate(*, rollout_id: int) -> str:
                 _gate_trip(rollout, wave, tripped, figures)
                 outcome = "gate-tripped"
                 break
+            unreachable = too_few_reachable(wave.gates, figures)
+            if unreachable and wave.state == Wave.State.RUNNING:
+                # Not a failure of the release: an operator decides (advance, or resume once the
+                # boxes are back; what they report meanwhile is recorded).
+                why = f"Wave {wave.number} cannot pass: {unreachable}."
+                rollout_set_state(rollout, Rollout.State.PAUSED, why)
+                audit_record(actor=SYSTEM, action="rollout.auto_pause", obj=rollout, reason=why,
+                             detail={"wave": wave.index, **figures})
+                outcome = "paused-unreachable"
+                break
             if wave.state == Wave.State.RUNNING and success_gate_met(wave.gates, figures):
                 wave.state, wave.gate_met_at = Wave.State.SOAKING, timezone.now()
                 wave.save(update_fields=["state", "gate_met_at"])
                 audit_record(
                     actor=SYSTEM, action="wave.gate_met", obj=rollout,
-                    reason=f"Wave {wave.number} met its success gate: {figures['healthy_percent']} % healthy, "
-                    f"{wave.gates['success']['min_healthy_percent']} % needed; soaking {wave.gates['soak_seconds']} s.",
+                    reason=f"Wave {wave.number} met its success gate: {figures['healthy_percent']} % of the "
+                    f"{figures['reachable']} reachable devices healthy, {wave.gates['success']['min_healthy_percent']} % "
+                    f"needed; soaking {wave.gates['soak_seconds']} s.",
                     detail={"wave": wave.index, **figures},
                 )
             elif wave.state == Wave.State.SOAKING and not success_gate_met(wave.gates, figures):
@@ -96,3 +107,14 @@ def _gate_trip(rollout: Rollout, wave: Wave, reason: str, figures: dict) -> None
 
 def rollouts_due() -> list[int]:
     return list(Rollout.objects.filter(state=Rollout.State.RUNNING).values_list("pk", flat=True))
+
+
+def rollouts_awaiting_late_reports() -> list[int]:
+    """Rollouts no longer running with unreachable devices: what those report when they return
+    is still recorded (the engine does not evaluate them; their outcomes only fill in)."""
+    return list(
+        RolloutDevice.objects.filter(state=RolloutDevice.State.UNREACHABLE)
+        .exclude(rollout__state=Rollout.State.RUNNING)
+        .values_list("rollout_id", flat=True)
+        .distinct()
+    )

@@ -124,7 +124,7 @@ def rollout_catch_up_events(*, rollout_id: int) -> set[int]:
     a task lost): every device report reaches the gates, if only on the next tick."""
     waiting = list(
         RolloutDevice.objects.filter(rollout_id=rollout_id)
-        .filter(Q(state__in=RolloutDevice.IN_FLIGHT, seq__isnull=False) | Q(state=RD.REVERTING))
+        .filter(Q(state__in=(*RolloutDevice.IN_FLIGHT, RD.UNREACHABLE), seq__isnull=False) | Q(state=RD.REVERTING))
         .values_list("device_id", "seq", "revert_seq", "last_event_no")
     )
     if not waiting:

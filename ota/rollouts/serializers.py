@@ -19,6 +19,9 @@ class RolloutCreateSerializer(serializers.Serializer):
     gates = serializers.JSONField(required=False, default=dict)
     abort_policy = serializers.ChoiceField(choices=Rollout.AbortPolicy.choices, default=Rollout.AbortPolicy.PAUSE)
     requires_approval = serializers.BooleanField(default=False)
+    follow_target = serializers.BooleanField(
+        default=False, help_text="after the last wave, keep taking in devices that start matching the target"
+    )
 
 
 class RolloutReasonSerializer(serializers.Serializer):
@@ -32,7 +35,7 @@ class RolloutSerializer(serializers.ModelSerializer):
     class Meta:
         model = Rollout
         fields = [
-            "id", "name", "model", "version", "state", "state_reason", "abort_policy", "requires_approval",
+            "id", "name", "model", "version", "state", "state_reason", "abort_policy", "requires_approval", "follow_target",
             "current_wave", "created_at", "created_by", "approved_at", "approved_by", "started_at",
             "started_by", "finished_at", "reverted_at",
         ]

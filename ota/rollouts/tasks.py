@@ -19,8 +19,9 @@ from django.db import OperationalError
 
 from ota.housekeeping import housekeeping_run
 from ota.rollouts.directives import directives_publish_stale
-from ota.rollouts.engine import rollout_evaluate, rollouts_due
+from ota.rollouts.engine import rollout_evaluate, rollouts_awaiting_late_reports, rollouts_due
 from ota.rollouts.events import events_concern_rollouts, rollout_apply_events, rollout_catch_up_events
+from ota.rollouts.joiners import rollout_take_in_joiners, rollouts_taking_joiners
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +43,24 @@ def apply_device_events(event_ids: list[int]) -> list[int]:
 
 @shared_task(name="ota.tasks.rollout_tick")
 def rollout_tick() -> dict:
-    """The beat: re-publish directives a dead worker left unpublished, then evaluate every
-    running rollout (soak timers and phase timeouts need a clock, not only events)."""
+    """The beat: re-publish directives a dead worker left unpublished, take in late joiners,
+    then evaluate every running rollout (soak timers and phase timeouts need a clock, not only
+    events). Finished rollouts with devices still expected to report (unreachable ones that may
+    come back) get their stored events caught up too."""
     republished = directives_publish_stale()
+    joined = {rid: n for rid in rollouts_taking_joiners() if (n := rollout_take_in_joiners(rollout_id=rid))}
     due = rollouts_due()
     for rollout_id in due:
         evaluate_rollout.delay(rollout_id, catch_up=True)
-    return {"republished": republished, "evaluated": due}
+    for rollout_id in rollouts_awaiting_late_reports():
+        catch_up_events.delay(rollout_id)
+    return {"republished": republished, "evaluated": due, "joined": joined}
+
+
+@shared_task(name="ota.tasks.catch_up_events", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)
+def catch_up_events(rollout_id: int) -> int:
+    """Fold stored events of a finished rollout's late devices into their assignments."""
+    return len(rollout_catch_up_events(rollout_id=rollout_id))
 
 
 @shared_task(name="ota.tasks.housekeeping")

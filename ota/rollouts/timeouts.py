@@ -1,4 +1,6 @@
-"""Phase timeouts: a device that makes no progress past a phase in time counts as failed."""
+"""Phase timeouts: a device that makes no progress past a phase in time counts as failed; one
+that never picks up its directive within the delivery timeout is unreachable (not failed: its
+directive stays, and what it reports when it returns is recorded)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,16 @@ from django.db.models import Q
 from django.utils import timezone
 
 from ota.models import Rollout, RolloutDevice, Wave
+from ota.rollouts.definition import gates_with_defaults
 from registry.audit import SYSTEM, audit_record
 
 RD = RolloutDevice.State
 
 
 def timeouts_apply(rollout: Rollout, wave: Wave) -> None:
-    timeouts = wave.gates["timeouts"]
+    timeouts = gates_with_defaults(wave.gates)["timeouts"]
     now = timezone.now()
+    _unreachable_mark(rollout, wave, timeouts["delivery_seconds"], now)
     rules = (
         ("download", Q(state__in=(RD.RECEIVED, RD.DOWNLOADING)), "received_at", timeouts["download_seconds"]),
         ("activate", Q(state__in=(RD.VERIFYING, RD.PRECHECKING, RD.ACTIVATING)), "verify_started_at", timeouts["activate_seconds"]),
@@ -40,3 +44,22 @@ def timeouts_apply(rollout: Rollout, wave: Wave) -> None:
             + ".",
             detail={"wave": wave.index, **{k: v[:100] for k, v in expired_total.items()}},
         )
+
+
+def _unreachable_mark(rollout: Rollout, wave: Wave, seconds: int, now) -> None:
+    qs = RolloutDevice.objects.filter(
+        rollout=rollout, state=RD.DIRECTED, directed_at__lt=now - timedelta(seconds=seconds)
+    )
+    ids = list(qs.values_list("device_id", flat=True)[:1000])
+    if not ids:
+        return
+    qs.filter(device_id__in=ids).update(
+        state=RD.UNREACHABLE, updated_at=now,
+        detail=f"did not pick up its directive within {seconds}s; it stays, for when the device returns",
+    )
+    audit_record(
+        actor=SYSTEM, action="devices.unreachable", obj=rollout,
+        reason=f"{len(ids)} devices did not pick up their directive within the delivery timeout ({seconds} s); "
+        "they count as unreachable, and converge when they return.",
+        detail={"wave": wave.index, "devices": ids[:100]},
+    )

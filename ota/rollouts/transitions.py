@@ -53,7 +53,10 @@ def rollout_halt(rollout: Rollout, *, reason: str) -> None:
     # Directed but silent (typically offline): take the directive back so they never install a
     # release the rollout gave up on. A revert, if any, then publishes over the cleared topic.
     directives_withdraw(
-        device_ids=list(RolloutDevice.objects.filter(rollout=rollout, state=RD.DIRECTED).values_list("device_id", flat=True)),
+        device_ids=list(
+            RolloutDevice.objects.filter(rollout=rollout, state__in=RolloutDevice.NOT_PICKED_UP)
+            .values_list("device_id", flat=True)
+        ),
         model=rollout.model.name,
     )
     RolloutDevice.objects.filter(rollout=rollout, state__in=(RD.PLANNED, RD.QUEUED)).update(

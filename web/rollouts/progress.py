@@ -16,7 +16,7 @@ PROGRESS_BUCKETS = [
     *(b for b in RolloutDevice.PROGRESS_BUCKETS if b[0] == "skipped"),
 ]
 # Shown only when some device is in them.
-OPTIONAL_BUCKETS = {"reverting", "skipped"}
+OPTIONAL_BUCKETS = {"reverting", "skipped", "unreachable"}
 BUCKET_OF = {state: key for key, _, states in PROGRESS_BUCKETS for state in states}
 
 
@@ -25,7 +25,7 @@ def empty_counts() -> dict[str, int]:
 
 
 def bucket_for(state: str, online: bool) -> str:
-    if not online and state not in RolloutDevice.FINISHED and state not in RolloutDevice.WAITING:
+    if not online and state not in (*RolloutDevice.FINISHED, *RolloutDevice.WAITING, RolloutDevice.State.UNREACHABLE):
         return "offline"
     return BUCKET_OF[state]
 
