@@ -52,6 +52,7 @@ class ErrorCode:
     ARTIFACT_MISMATCH = "ARTIFACT_MISMATCH"  # directive.artifact differs from the signed release artifact
     ROLLBACK_FAILED = "ROLLBACK_FAILED"  # `previous` failed re-verification; the new model stays active
     LOCAL_ROLLBACK = "LOCAL_ROLLBACK"  # an operator ran `fleet-agent rollback MODEL` on the box
+    SUPERSEDED = "SUPERSEDED"  # a newer directive for the same model cancelled this update before activation
 
 
 class State:
@@ -341,6 +342,9 @@ class Directive:
     model: str
     release: dict  # the release DSSE envelope, verified separately with the release key
     artifact: DirectiveArtifact
+    # An operator's explicit retry: the artifact may be tried again even if it is on this device's
+    # denylist (it failed a trial here before); the agent lifts the entry. Absent: false.
+    retry_denied: bool = False
 
 
 def build_directive_payload(
@@ -353,7 +357,11 @@ def build_directive_payload(
     model: str,
     release_envelope: dict,
     artifact: dict,
+    retry_denied: bool = False,
 ) -> bytes:
+    """The signed body of a directive. retry_denied=True (an operator retrying a device that rolled
+    back) lets the device try the artifact again although it deny-listed it; the key is left out
+    when false, so such a payload is byte for byte what earlier servers built."""
     body = {
         "_type": "directive",
         "spec_version": SPEC_VERSION,
@@ -366,6 +374,8 @@ def build_directive_payload(
         "release": release_envelope,
         "artifact": artifact,
     }
+    if retry_denied:
+        body["retry_denied"] = True
     payload = encode_json(body)
     parse_directive(payload)
     return payload
@@ -389,6 +399,7 @@ def parse_directive(payload: bytes) -> Directive:
     rollout_id = data.get("rollout_id")
     if rollout_id is not None and not isinstance(rollout_id, (str, int)):
         raise ProtocolError("directive.rollout_id must be a string or null")
+    retry_denied = _opt(data, "retry_denied", bool, where, False)
     return Directive(
         device_id=_req(data, "device_id", str, where),
         seq=seq,
@@ -403,6 +414,7 @@ def parse_directive(payload: bytes) -> Directive:
             length=_nonneg_int(raw_artifact, "length", w),
             url=url,
         ),
+        retry_denied=retry_denied,
     )
 
 
@@ -463,16 +475,59 @@ def parse_event(payload: bytes) -> Event:
     )
 
 
-def presence_payload(*, online: bool, agent_version: str, active: Mapping[str, str] | None = None) -> bytes:
-    return encode_json(
-        {"_type": "presence", "online": online, "agent_version": agent_version, "active": dict(active or {})}
-    )
+def presence_payload(
+    *,
+    online: bool,
+    agent_version: str,
+    active: Mapping[str, str] | None = None,
+    models: Mapping[str, Mapping[str, Any]] | None = None,
+    update: Mapping[str, Any] | None = None,
+) -> bytes:
+    """The retained presence of a device (agent/README.md, "Presence").
+
+    active: model -> the sha256 `current` points at (every agent sends it).
+    models: model -> {"sha256": running sha or None, "version": its release version or None,
+    "committed": bool, "seq": the last directive seq handled for that model}, for a server-side
+    reconciler: what the device runs and which directive it has seen. update: the update in flight
+    as {"model", "seq", "phase"}, or None. Both are left out when not given (earlier agents
+    sent neither), so the old shape stays byte for byte what it was.
+    """
+    body: dict[str, Any] = {
+        "_type": "presence", "online": online, "agent_version": agent_version, "active": dict(active or {}),
+    }
+    if models is not None:
+        body["models"] = {name: dict(entry) for name, entry in models.items()}
+        body["update"] = dict(update) if update else None
+    payload = encode_json(body)
+    if models is not None:
+        parse_presence(payload)  # never send what our own server would refuse
+    return payload
 
 
 def parse_presence(payload: bytes) -> dict:
+    """The presence as sent. `models` and `update` are absent from an older agent's presence (its
+    shape: online, agent_version, active); when present, they are checked field by field."""
     data = decode_json(payload, "presence")
-    _req(data, "online", bool, "presence")
-    _opt(data, "active", dict, "presence", {})
+    where = "presence"
+    _req(data, "online", bool, where)
+    _opt(data, "active", dict, where, {})
+    models = _opt(data, "models", dict, where)
+    for name, entry in (models or {}).items():
+        w = f"presence.models[{name!r}]"
+        if not isinstance(entry, Mapping):
+            raise ProtocolError(f"{w} must be an object")
+        if entry.get("sha256") is not None:
+            _sha(entry, "sha256", w)
+        _opt(entry, "version", str, w)
+        _opt(entry, "committed", bool, w)
+        if entry.get("seq") is not None:
+            _nonneg_int(entry, "seq", w)
+    update = _opt(data, "update", dict, where)
+    if update is not None:
+        w = "presence.update"
+        _req(update, "model", str, w)
+        _nonneg_int(update, "seq", w)
+        _req(update, "phase", str, w)
     return data
 
 
