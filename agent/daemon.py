@@ -40,6 +40,18 @@ from agent.steps import Steps
 log = logging.getLogger("fleet_agent")
 
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux): a hook marker from another boot was cut short by a reboot or power
+    loss, not by the hook."""
+    try:
+        return BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
 class AgentLocked(Exception):
     """Another agent process owns this state directory."""
 
@@ -77,7 +89,7 @@ class Agent:
         self.directives = DirectiveHandler(cfg=cfg, journal=self.journal, requeue=self.inbox.put,
                                            report=self._report, start=self._start)
         self.steps = Steps(cfg=cfg, store=self.store, journal=self.journal, stop=self.stop,
-                           transition=self._transition, finish=self._finish)
+                           transition=self._transition, finish=self._finish, hook=self._hook)
         self.link = None
         if link_factory is not None:
             self.link = link_factory(
@@ -132,7 +144,16 @@ class Agent:
         identity.rebind(self.journal, self.outbox, self.cfg.device_id)
 
     def recover(self) -> None:
-        """After a (re)start: re-queue the last transition's events, count trial restarts."""
+        """After a (re)start: re-queue the last transition's events; count the restart, and judge it.
+
+        A restart is not by itself a verdict on the model: a box that loses power during a trial
+        restarts the agent as surely as a bad model could. What counts against the model is the
+        agent dying while one of the model's hooks ran (the reload or health command; the journal
+        marks each run, with the boot it ran in): more than update.max_trial_restarts such deaths
+        for one update, in activating or trial, and it rolls back (ACTIVATE_FAILED, TRIAL_FAILED).
+        Any other restart only starts the step again (a trial from its beginning); the loop guard
+        in drive() (ROLLBACK_LOOP, update.max_transitions) still bounds them all.
+        """
         for item in self.journal.data.get("last_events") or []:
             self.outbox.put(item["event_no"], item["payload"].encode("utf-8"))
         upd = self.journal.update
@@ -140,11 +161,24 @@ class Agent:
             return
         u = upd.evolve(transitions=upd.transitions + 1)  # a crash loop counts too
         if u.phase is Phase.TRIAL:
-            u = u.evolve(trial_restarts=u.trial_restarts + 1)
-            if u.trial_restarts > self.cfg.update.max_trial_restarts:
-                check(u.phase, Phase.ROLLING_BACK)
-                u = u.evolve(phase=Phase.ROLLING_BACK, error_code=ErrorCode.TRIAL_FAILED,
-                             detail=f"agent restarted {u.trial_restarts} times during the trial")
+            u = u.evolve(trial_restarts=u.trial_restarts + 1)  # reported with the commit
+        if upd.hook:
+            command = upd.hook.get("command", "?")
+            if upd.hook.get("boot_id") not in (None, boot_id()):
+                log.info("the box rebooted while the %s command ran: not counted against the model", command)
+                u = u.evolve(hook=None)
+            else:
+                u = u.evolve(hook_deaths=u.hook_deaths + 1)
+                log.warning("the agent died while the %s command ran (%d time(s) for directive %d)", command,
+                            u.hook_deaths, u.seq)
+                if u.phase is not Phase.ROLLING_BACK:
+                    u = u.evolve(hook=None)  # in rolling_back it stays: the step then skips the reload
+                if u.phase in (Phase.ACTIVATING, Phase.TRIAL) and u.hook_deaths > self.cfg.update.max_trial_restarts:
+                    check(u.phase, Phase.ROLLING_BACK)
+                    code = ErrorCode.ACTIVATE_FAILED if u.phase is Phase.ACTIVATING else ErrorCode.TRIAL_FAILED
+                    u = u.evolve(phase=Phase.ROLLING_BACK, error_code=code,
+                                 detail=f"the agent died {u.hook_deaths} times while the model's {command} command "
+                                        "ran")
         data = self.journal.snapshot()
         data["update"] = u.to_json()
         data["last_events"] = []
@@ -220,6 +254,14 @@ class Agent:
             events.append(self._event(data, state=upd.phase.value, seq=upd.seq, model=upd.model, sha=upd.sha,
                                       rollout_id=upd.rollout_id))
         self._commit(data, upd.phase, events)
+
+    def _hook(self, command: str | None) -> None:
+        """Journal that one of the model's hooks (`command`: "reload" or "health") is about to run, or
+        (None) that it returned: a restart that finds the mark was caused by the model (recover())."""
+        data = self.journal.snapshot()
+        upd = InFlightUpdate.from_json(data["update"])
+        data["update"] = upd.evolve(hook={"command": command, "boot_id": boot_id()} if command else None).to_json()
+        self.journal.commit(data, "model-hook" if command else "model-hook-done")
 
     def _transition(self, phase: Phase, *, event: bool, mutate=None, **changes) -> None:
         """Move the in-flight update to another phase; `event`: report the phase (same name)."""

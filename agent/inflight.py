@@ -47,7 +47,12 @@ class InFlightUpdate:
     refetched: bool = False  # verifying sent a bad resumed download back once for a clean one
     previous_model: dict | None = None  # the journal's models[model] entry before activation
     precheck_latency_ms: float | None = None
-    trial_restarts: int = 0
+    trial_restarts: int = 0  # agent restarts during the trial, whatever the cause (reported, not judged)
+    # A model hook (the reload or health command) running now: {"command": "reload"|"health",
+    # "boot_id": ...}, journalled before it starts and cleared once it returns. Found set after a
+    # restart in the same boot, the agent died while the hook ran: a restart caused by the model.
+    hook: dict | None = None
+    hook_deaths: int = 0  # restarts found with `hook` set in the same boot (agent.daemon.Agent.recover)
     error_code: str | None = None  # why rolling_back (or ROLLBACK_LOOP) was entered
     detail: str = ""
     local: bool = False  # started by `fleet-agent rollback`, not by a directive

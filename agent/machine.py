@@ -11,9 +11,11 @@
                                      staged copy vanished in a crash between move and rename
     verifying ─► failed              HASH_MISMATCH; ROLLBACK_LOOP
     prechecking ─► failed            PRECHECK_FAILED; ROLLBACK_LOOP
-    activating ─► rolling_back       ACTIVATE_FAILED (the reload command failed); ROLLBACK_LOOP
-    trial ─► rolling_back            TRIAL_FAILED (a health check failed, or the agent restarted more
-                                     than update.max_trial_restarts times); ROLLBACK_LOOP
+    activating ─► rolling_back       ACTIVATE_FAILED (the reload command failed, or the agent died
+                                     while it ran more than update.max_trial_restarts times); ROLLBACK_LOOP
+    trial ─► rolling_back            TRIAL_FAILED (a health check failed, or the agent died while the
+                                     health command ran more than update.max_trial_restarts times);
+                                     ROLLBACK_LOOP
     rolling_back ─► rolled_back      previous model active again (or none), the new sha deny-listed
     rolling_back ─► failed           ROLLBACK_FAILED: previous failed re-verification, new model kept
 

@@ -5,6 +5,10 @@ Agent.drive() calls the one TABLE names for the journalled phase. A step ends by
 on through `transition` or ending it through `finish` (both Agent's journal writes, checked against
 the table), or by raising agent.download.Interrupted when the agent is told to stop.
 
+The model's hooks (the reload and health commands) run between two journal writes, `hook(name)`
+and `hook(None)` (or the transition that follows): a restart that finds the mark in the journal
+was a death during the hook, which counts against the model (Agent.recover).
+
 Each step is safe to run twice: the journal write comes before the side effects of the next step,
 so after a SIGKILL the restarted agent runs the journalled phase's step again. The crash points
 (agent.journal.crash_point) between the side effects are here: download-chunk, staged, swapped,
@@ -37,18 +41,21 @@ log = logging.getLogger("fleet_agent")
 class Steps:
     """The steps of one agent, with what they need of it.
 
-    transition(phase, *, event, mutate=None, **changes) and finish(outcome, code, detail="", *,
-    health=None, mutate=None) are Agent._transition and Agent._finish.
+    transition(phase, *, event, mutate=None, **changes), finish(outcome, code, detail="", *,
+    health=None, mutate=None) and hook(command | None) are Agent._transition, Agent._finish and
+    Agent._hook.
     """
 
     def __init__(self, *, cfg: Config, store: Store, journal: Journal, stop: threading.Event,
-                 transition: Callable[..., None], finish: Callable[..., None]):
+                 transition: Callable[..., None], finish: Callable[..., None],
+                 hook: Callable[[str | None], None] | None = None):
         self.cfg = cfg
         self.store = store
         self.journal = journal
         self.stop = stop
         self.transition = transition
         self.finish = finish
+        self.hook = hook or (lambda _command: None)
         self.digests: dict[str, str] = {}  # sha -> digest computed while downloading (this process)
 
     def received(self, upd: InFlightUpdate) -> None:
@@ -159,13 +166,14 @@ class Steps:
         def mutate(data):
             data["models"][model] = record
 
-        ok, detail = _run_reload(self.cfg)
+        ok, detail = self._reload()
+        cleared = {"hook": None} if self.cfg.update.reload_command else {}
         if not ok:
             self.transition(Phase.ROLLING_BACK, event=False, mutate=mutate, error_code=ErrorCode.ACTIVATE_FAILED,
-                            detail=detail)
+                            detail=detail, **cleared)
             return
         crash_point("reloaded")
-        self.transition(Phase.TRIAL, event=True, mutate=mutate, trial_restarts=0)
+        self.transition(Phase.TRIAL, event=True, mutate=mutate, trial_restarts=0, **cleared)
 
     def trial(self, upd: InFlightUpdate) -> None:
         """Run the health command every health_interval_seconds for trial_seconds; commit if all pass."""
@@ -176,6 +184,7 @@ class Steps:
         app_path = str(self.store.app_path(upd.model, upd.file_name))
         while True:
             if u.health_command:
+                self.hook("health")
                 result = run_health(
                     u.health_command, model=upd.model, model_path=app_path, expected_sha256=upd.sha,
                     timeout=u.command_timeout_seconds, max_error_rate=u.max_error_rate,
@@ -184,8 +193,9 @@ class Steps:
                 checks += 1
                 if not result.ok:
                     self.transition(Phase.ROLLING_BACK, event=False, error_code=ErrorCode.TRIAL_FAILED,
-                                    detail=result.detail, health=result.figures)
+                                    detail=result.detail, health=result.figures, hook=None)
                     return
+                self.hook(None)
                 figures = result.figures
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -232,11 +242,15 @@ class Steps:
             self.store.point(model, "current", None)
             self.store.point(model, "previous", None)
         crash_point("swapped-back")
-        if upd.transitions > self.cfg.update.max_transitions + 3:
+        if upd.hook:
+            # The agent died while this rollback's reload ran (Agent.recover keeps the mark in
+            # rolling_back): the switch back is done, so do not call it again.
+            detail = f"{detail}; reload command skipped: the agent died while it ran"
+        elif upd.transitions > self.cfg.update.max_transitions + 3:
             # The reload hook itself keeps killing us: the switch back is done, so stop calling it.
             detail = f"{detail}; reload command skipped after repeated restarts"
         else:
-            ok, reload_detail = _run_reload(self.cfg)
+            ok, reload_detail = self._reload()
             if not ok:
                 detail = f"{detail}; {reload_detail}"
 
@@ -249,6 +263,13 @@ class Steps:
                 data["denylist"].append(sha)
 
         self.finish(Outcome.ROLLED_BACK, code, detail, health=upd.health or None, mutate=mutate)
+
+    def _reload(self) -> tuple[bool, str]:
+        """Run the reload command (if any), marked in the journal as a model hook while it runs."""
+        if not self.cfg.update.reload_command:
+            return True, ""
+        self.hook("reload")
+        return _run_reload(self.cfg)
 
 
 def _ssl_context(cfg: Config):

@@ -3,7 +3,11 @@ transition and at the side-effect points between them, each twice (once; and onc
 hook still armed on the restart, so points passed again on resume are killed again). In every run
 the app-facing model is old or new and byte-identical to its signed sha at the moment of death,
 the restarted agent converges to the directive, and a subscriber sees exactly one outcome event
-for the directive seq."""
+for the directive seq.
+
+Then restarts judged: power loss during a trial (kill -9 between the model's hooks) is no verdict on
+the model; an agent killed by the model's own hooks (reload or health command) rolls back after
+update.max_trial_restarts such deaths, and the loop guard (ROLLBACK_LOOP) still ends any loop."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import pytest
 from tests.support.agent_fixtures import MODEL, close_rig, install_template, make_rig
 from tests.support.agent_harness import (
     HEALTH_FAILS,
+    HEALTH_OK,
     Artifact,
     active_file,
     clone_state,
@@ -40,6 +45,7 @@ POINTS = [
     "swapped",
     "reloaded",
     "trial",
+    "model-hook",
     "committed",
 ]
 
@@ -154,35 +160,75 @@ def _fresh(inst, device: str, update: dict):
     return rig, state, rig.agent(device)
 
 
-def test_it_rolls_back_when_the_agent_restarts_too_often_during_trial(installed):
-    rig, state, agent = _fresh(installed, "c-trial-restarts", {"trial_seconds": 60, "max_trial_restarts": 1})
-    for kills in range(2):  # two restarts during the trial: one more than allowed
+@pytest.mark.parametrize("health", ["app-probe", "none"])
+def test_a_healthy_model_survives_power_loss_during_its_trial(installed, health):
+    # Four power cuts during the trial, one more than update.max_trial_restarts (3): the agent used
+    # to count each as a failed trial and roll back a model nothing had found wrong. With the
+    # default configuration (no health command) nothing probes the app at all.
+    device = f"c-power-{health}"
+    update = {"trial_seconds": 4, "health_interval_seconds": 1.0, "reload_command": "true",
+              "health_command": HEALTH_OK if health == "app-probe" else ""}
+    rig, state, agent = _fresh(installed, device, update)
+    for kills in range(4):
         agent.start()
-        wait_for(lambda: (journal(state).get("update") or {}).get("trial_restarts") == kills and agent.ready(), 60,
+        # Between two health checks (not while the hook runs: that would be the model's doing).
+        wait_for(lambda k=kills: (u := journal(state).get("update") or {}).get("phase") == "trial"
+                 and u.get("trial_restarts") == k and not u.get("hook") and agent.ready(), 60,
                  "the trial", agent=agent)
         agent.proc.kill()
         agent.wait(10)
+        _check_active(state, {installed.v1.sha256: b"", installed.v2.sha256: b""})
     agent.start()
-    outcome = rig.subscriber.wait_outcome("c-trial-restarts", 2, agent=agent)
-    assert (outcome["state"], outcome["error_code"]) == ("rolled_back", "TRIAL_FAILED"), outcome
-    assert "restarted 2 times" in outcome["detail"]
-    assert _check_active(state, {installed.v1.sha256: b""}) == installed.v1.sha256
-    assert installed.v2.sha256 in journal(state)["denylist"]
+    outcome = rig.subscriber.wait_outcome(device, 2, agent=agent)
+    assert (outcome["state"], outcome["error_code"]) == ("committed", None), outcome
+    assert outcome["health"]["trial_restarts"] == 4
+    assert outcome["health"]["checks"] >= (4 if health == "app-probe" else 0)
+    assert _check_active(state, {installed.v2.sha256: b""}) == installed.v2.sha256
+    assert installed.v2.sha256 not in journal(state)["denylist"]
+    assert len(rig.subscriber.outcomes(device, 2)) == 1
+    wait_for(agent.ready, 30, "agent ready", agent=agent)
+    assert agent.stop() == 0
 
 
-def test_it_breaks_a_crash_loop_with_rollback_loop(installed):
-    # The reload hook kills the agent every time it runs: without a cap this never ends.
-    rig, state, agent = _fresh(installed, "c-loop", {"reload_command": "kill -9 $PPID", "max_transitions": 10})
+def _until_outcome(rig, device: str, agent, limit: int) -> int:
+    """Start the agent again each time it dies, until the directive has an outcome; the restarts."""
     restarts = 0
-    while not rig.subscriber.outcomes("c-loop", 2):
-        assert restarts < 15, f"no way out of the crash loop\n{agent.log_text()[-3000:]}"
+    while not rig.subscriber.outcomes(device, 2):
+        assert restarts < limit, f"no way out of the crash loop\n{agent.log_text()[-3000:]}"
         agent.start()
-        wait_for(lambda: not agent.alive() or rig.subscriber.outcomes("c-loop", 2), 60, "death or outcome",
+        wait_for(lambda: not agent.alive() or rig.subscriber.outcomes(device, 2), 60, "death or outcome",
                  agent=agent)
         restarts += 1
-        _check_active(state, {installed.v1.sha256: b"", installed.v2.sha256: b""})
-    outcome = rig.subscriber.outcomes("c-loop", 2)[0]
-    assert (outcome["state"], outcome["error_code"]) == ("rolled_back", "ROLLBACK_LOOP"), outcome
+    return restarts
+
+
+def test_it_rolls_back_when_the_health_command_kills_the_agent(installed):
+    # The model's own probe takes the agent down at every check: that is the model's doing.
+    rig, state, agent = _fresh(installed, "c-health-kills", {"health_command": "kill -9 $PPID",
+                                                            "reload_command": "true", "trial_seconds": 30})
+    _until_outcome(rig, "c-health-kills", agent, 8)
+    outcome = rig.subscriber.outcomes("c-health-kills", 2)[0]
+    assert (outcome["state"], outcome["error_code"]) == ("rolled_back", "TRIAL_FAILED"), outcome
+    assert "the agent died 4 times while the model's health command ran" in outcome["detail"]
+    assert _check_active(state, {installed.v1.sha256: b""}) == installed.v1.sha256
+    assert installed.v2.sha256 in journal(state)["denylist"]
+    wait_for(agent.ready, 30, "agent ready", agent=agent)
+    assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("tolerated,code", [(3, "ACTIVATE_FAILED"), (50, "ROLLBACK_LOOP")])
+def test_it_breaks_a_crash_loop(installed, tolerated, code):
+    # The reload hook kills the agent every time it runs, at every start of the trial: without a
+    # cap this never ends. The deaths are the model's (they happen inside its hook): past
+    # max_trial_restarts it rolls back; tolerate more, and the loop guard ends it (ROLLBACK_LOOP).
+    device = f"c-loop-{tolerated}"
+    rig, state, agent = _fresh(installed, device, {"reload_command": "kill -9 $PPID", "max_transitions": 10,
+                                                   "max_trial_restarts": tolerated})
+    _until_outcome(rig, device, agent, 15)
+    outcome = rig.subscriber.outcomes(device, 2)[0]
+    assert (outcome["state"], outcome["error_code"]) == ("rolled_back", code), outcome
+    # The way back does not run the hook that killed it again and again.
+    assert "reload command skipped" in outcome["detail"]
     assert _check_active(state, {installed.v1.sha256: b""}) == installed.v1.sha256
     agent.stop()
 

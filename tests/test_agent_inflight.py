@@ -112,14 +112,40 @@ def test_it_drives_an_update_from_an_old_journal(tmp_path):
     assert (event["seq"], event["event_no"], event["state"]) == (1, 7, "failed")
 
 
-def test_it_rewrites_an_old_trial_journal_on_restart_as_the_old_agent_did(tmp_path):
+def test_it_resumes_an_old_trial_journal_after_a_restart_without_judging_the_restart(tmp_path):
+    # An old journal has no hook mark: nothing says the model caused the restart (a power cut
+    # looks the same), so even with no restart tolerated the trial goes on; the restart is counted.
     models = {"detector": {"current": V2, "previous": V1, "file_name": "model.onnx", "committed": False,
                            "version": "2.0", "counter": 2}}
     state = _old_journal(tmp_path, json.loads(TRIAL), models=models)
     agent = Agent(Config(device_id="box-1", hardware="test-hw", state_dir=state,
                          update=UpdateConfig(max_trial_restarts=0)))
     agent.recover()
-    # The old agent's recover(): transitions + 1, trial_restarts + 1, then rolling_back with why.
-    expected = {**json.loads(TRIAL), "transitions": 7, "trial_restarts": 1, "phase": "rolling_back",
-                "error_code": "TRIAL_FAILED", "detail": "agent restarted 1 times during the trial"}
+    expected = {**json.loads(TRIAL), "transitions": 7, "trial_restarts": 1}
     assert json.loads((state / "journal.json").read_text())["update"] == expected
+
+
+@pytest.mark.parametrize("command,phase,code", [("health", "trial", "TRIAL_FAILED"),
+                                                ("reload", "activating", "ACTIVATE_FAILED")])
+def test_it_rolls_back_when_the_agent_died_in_a_model_hook_too_often(tmp_path, command, phase, code):
+    from agent.daemon import boot_id
+
+    models = {"detector": {"current": V2, "previous": V1, "file_name": "model.onnx", "committed": False,
+                           "version": "2.0", "counter": 2}}
+    marked = {**json.loads(TRIAL), "phase": phase, "hook": {"command": command, "boot_id": boot_id()},
+              "hook_deaths": 1}
+    state = _old_journal(tmp_path, marked, models=models)
+    Agent(Config(device_id="box-1", hardware="test-hw", state_dir=state,
+                 update=UpdateConfig(max_trial_restarts=1))).recover()
+    upd = json.loads((state / "journal.json").read_text())["update"]
+    assert (upd["phase"], upd["error_code"], upd["hook_deaths"], upd["hook"]) == ("rolling_back", code, 2, None)
+    assert upd["detail"] == f"the agent died 2 times while the model's {command} command ran"
+
+
+def test_it_does_not_count_a_hook_cut_short_by_a_reboot(tmp_path):
+    marked = {**json.loads(TRIAL), "hook": {"command": "health", "boot_id": "another-boot"}, "hook_deaths": 3}
+    state = _old_journal(tmp_path, marked)
+    Agent(Config(device_id="box-1", hardware="test-hw", state_dir=state,
+                 update=UpdateConfig(max_trial_restarts=0))).recover()
+    upd = json.loads((state / "journal.json").read_text())["update"]
+    assert (upd["phase"], upd["hook_deaths"], upd["hook"], upd["trial_restarts"]) == ("trial", 3, None, 1)
