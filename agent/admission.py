@@ -1,7 +1,7 @@
 """Directive admission: what a device does with one directive payload, decided without side effects.
 
-`admit()` holds every rule a directive must pass before it may become an update, in the order the
-agent applies them. The agent (agent.directives, behind Agent.handle_payload) turns its decision
+`admit()` holds every rule a directive must pass before it may become an update (or cancel the one
+in flight), in the order the agent applies them. The agent (agent.directives, behind Agent.handle_payload) turns its decision
 into journal writes and events; the server's fleet simulator calls the same function for
 thousands of simulated devices, so the rules are written once. It does no I/O and keeps no state:
 everything the device knows comes in as a DeviceView, and `now` is passed in.
@@ -15,7 +15,9 @@ The checks, in order (the first that fails decides):
  4. addressed to this device                       WRONG_DEVICE       seq 0
  5. seq == the model's last seq                    Ignore: the retained directive re-delivered
  6. seq < the model's last seq                     REPLAYED           its seq, not recorded
- 7. an update is in progress                       Defer: one update at a time
+ 7. an update is in progress, of another model,    Defer: one update at a time
+    or of this model past prechecking (activating,
+    trial, rolling_back: those finish or roll back)
  8. directive expired                              EXPIRED
  9. release envelope (release key) and schema      UNKNOWN_KEY, SIGNATURE_INVALID,
                                                    WRONG_PAYLOAD_TYPE, MALFORMED
@@ -26,15 +28,25 @@ The checks, in order (the first that fails decides):
 14. directive.artifact == that signed artifact     ARTIFACT_MISMATCH
     (hardware, sha256, length)
 15. its file_name is a plain, non-hidden name      MALFORMED
-16. its sha256 is not deny-listed here             DENYLISTED
+16. its sha256 is not deny-listed here, unless    DENYLISTED
+    the directive says retry_denied (an operator's
+    explicit retry: Accept lifts the entry)
 17. already the active, committed model            AlreadyActive: report committed
     otherwise                                      Accept: start the update
+18. an update of this model is in flight, still    Preempt: it ends `failed` SUPERSEDED and
+    before activation (agent.machine.PREEMPTIBLE)  step 17's decision is carried out at once
 
 A refusal from step 8 on carries `record_seq=True`: the directive is authentic and fresh, so the
 device remembers its seq as handled and reports under it. Before that the seq is either unknown
 or untrusted (seq 0, another device's directive) or must not move the model's seq back (REPLAYED).
 Seqs are judged per model: each model's directive is its own retained message, so after a
 reconnect an older seq of one model can follow a newer seq of another.
+
+A newer directive for the model being updated is judged in full while that update is still
+preemptible (steps 8-17), so a refusal is reported at once and the update in flight goes on; only
+a directive that would start (or confirm) something supersedes it. An emergency revert to the
+model already running is Preempt(then=AlreadyActive): the download of the release being reverted
+stops, and the revert is confirmed without any work.
 """
 
 from __future__ import annotations
@@ -46,12 +58,13 @@ from datetime import datetime
 from typing import Any
 
 from agent.inflight import InFlightUpdate
-from agent.machine import Phase
+from agent.machine import Phase, preemptible
 from agent.protocol import (
     MAX_PAYLOAD_BYTES,
     Directive,
     ErrorCode,
     ProtocolError,
+    ReleaseArtifact,
     ReleaseManifest,
     format_time,
     verify_directive,
@@ -71,6 +84,8 @@ class DeviceView:
     denylist: artifact sha256s that failed a trial here (any collection supporting `in`).
     active: model -> (sha256 `current` points at, whether that model is committed).
     busy: an update is in progress (the agent's journal has an in-flight update).
+    busy_model, busy_seq, busy_phase: that update's model, directive seq and phase (an
+    agent.machine.Phase value). Unknown (None) means it cannot be preempted: Defer.
     """
 
     device_id: str
@@ -81,6 +96,13 @@ class DeviceView:
     denylist: Collection[str] = frozenset()
     active: Mapping[str, tuple[str | None, bool]] = field(default_factory=dict)
     busy: bool = False
+    busy_model: str | None = None
+    busy_seq: int = 0
+    busy_phase: str | None = None
+
+    def preemptible_by(self, model: str) -> bool:
+        """Whether a newer directive for `model` may cancel the update in flight."""
+        return self.busy and self.busy_model == model and preemptible(self.busy_phase)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,9 +160,32 @@ class Accept:
     update: InFlightUpdate
     directive: Directive
     release: ReleaseManifest
+    # The directive says retry_denied and its artifact is on the denylist: this sha256 comes off
+    # it in the journal write that starts the update; `detail` (the received event's) says so.
+    lifted: str | None = None
+    detail: str = ""
 
 
-Decision = Refuse | Ignore | Defer | AlreadyActive | Accept
+@dataclass(frozen=True, kw_only=True)
+class Preempt:
+    """A newer directive for the model whose update is in flight, before activation: end that update
+    `failed` with SUPERSEDED (`message` is the event's detail) and carry out `then` (start the new
+    update, or confirm the model already running) in the same journal write."""
+
+    superseded: int  # the seq of the update in flight
+    then: Accept | AlreadyActive
+    message: str
+
+    @property
+    def seq(self) -> int:
+        return self.then.seq if isinstance(self.then, AlreadyActive) else self.then.update.seq
+
+    @property
+    def model(self) -> str:
+        return self.then.model if isinstance(self.then, AlreadyActive) else self.then.update.model
+
+
+Decision = Refuse | Ignore | Defer | AlreadyActive | Accept | Preempt
 
 
 def admit(
@@ -190,7 +235,8 @@ def admit(
     if seq < last:
         return Refuse(code=ErrorCode.REPLAYED,
                       message=f"directive seq {seq} is not greater than the last accepted {last}", **context)
-    if device.busy:
+    preempting = device.preemptible_by(directive.model)
+    if device.busy and not preempting:
         return Defer(seq=seq)
 
     def refuse(code: str, message: str) -> Refuse:
@@ -221,8 +267,22 @@ def admit(
                       "directive.artifact does not match the signed release artifact for this hardware")
     if not safe_file_name(artifact.file_name):
         return refuse(ErrorCode.MALFORMED, f"release file_name {artifact.file_name!r} is not a plain file name")
+    lifted = None
     if artifact.sha256 in device.denylist:
-        return refuse(ErrorCode.DENYLISTED, f"artifact {artifact.sha256} failed a trial on this device before")
+        if not directive.retry_denied:
+            return refuse(ErrorCode.DENYLISTED, f"artifact {artifact.sha256} failed a trial on this device before")
+        lifted = artifact.sha256
+    decision = _start(directive, release, artifact, seq=seq, lifted=lifted, device=device, now=now)
+    if not preempting:
+        return decision
+    return Preempt(superseded=device.busy_seq, then=decision,
+                   message=f"superseded by directive {seq} while {device.busy_phase}, before activation")
+
+
+def _start(directive: Directive, release: ReleaseManifest, artifact: ReleaseArtifact, *, seq: int, lifted: str | None,
+           device: DeviceView, now: datetime) -> AlreadyActive | Accept:
+    """Steps 17 on: confirm the model already running, or start the update."""
+    d = directive.artifact
     active_sha, committed = device.active.get(release.model, (None, False))
     if active_sha == artifact.sha256 and committed:
         return AlreadyActive(seq=seq, model=release.model, sha=artifact.sha256, rollout_id=directive.rollout_id)
@@ -242,7 +302,9 @@ def admit(
         transitions=1,
         started=format_time(now),
     )
-    return Accept(update=update, directive=directive, release=release)
+    detail = (f"artifact {lifted} was deny-listed here; allowed again by an operator's retry (retry_denied)"
+              if lifted else "")
+    return Accept(update=update, directive=directive, release=release, lifted=lifted, detail=detail)
 
 
 def could_not_process(exc: BaseException) -> Refuse:

@@ -26,13 +26,14 @@ from pathlib import Path
 
 from agent import __version__ as AGENT_VERSION
 from agent import identity, local_rollback, publish
+from agent.admission import Accept, Preempt
 from agent.config import Config
 from agent.directives import DirectiveHandler
 from agent.download import Interrupted
 from agent.inflight import InFlightUpdate
 from agent.install import Store
 from agent.journal import Journal, record_handled_seq
-from agent.machine import TABLE, Entry, IllegalTransition, Outcome, Phase, check
+from agent.machine import TABLE, Entry, IllegalTransition, Outcome, Phase, check, check_preempt, preemptible
 from agent.outbox import Outbox
 from agent.protocol import ErrorCode, Event, format_time, utcnow
 from agent.steps import Steps
@@ -86,14 +87,17 @@ class Agent:
         self.requests_dir.mkdir(exist_ok=True)
         self.inbox: queue.Queue[bytes] = queue.Queue()
         self.stop = threading.Event()
+        # Set by the broker thread when a payload supersedes the update in flight (receive()): the
+        # step running stops (download, precheck) and the run loop judges the inbox before going on.
+        self.preempt = threading.Event()
         self.directives = DirectiveHandler(cfg=cfg, journal=self.journal, requeue=self.inbox.put,
-                                           report=self._report, start=self._start)
-        self.steps = Steps(cfg=cfg, store=self.store, journal=self.journal, stop=self.stop,
+                                           report=self._report, start=self._start, preempt=self._preempt)
+        self.steps = Steps(cfg=cfg, store=self.store, journal=self.journal, stop=self.stop, preempt=self.preempt,
                            transition=self._transition, finish=self._finish, hook=self._hook)
         self.link = None
         if link_factory is not None:
             self.link = link_factory(
-                cfg.mqtt, device_id=cfg.device_id, on_directive=self.inbox.put,
+                cfg.mqtt, device_id=cfg.device_id, on_directive=self.receive,
                 presence=functools.partial(publish.presence, journal=self.journal),
             )
 
@@ -119,6 +123,9 @@ class Agent:
             log.info("fleet-agent %s running for %s (%s), pid %d", AGENT_VERSION, self.cfg.device_id,
                      self.cfg.hardware, os.getpid())
             while not self.stop.is_set():
+                if self.preempt.is_set():
+                    self.preempt.clear()
+                    self.judge_waiting()
                 if self.journal.update:
                     self.drive()
                     publish.publish_presence(self.link, journal=self.journal)
@@ -188,6 +195,8 @@ class Agent:
         """Run the step machine.TABLE names for the journalled phase (a method of agent.steps.Steps)
         until the update reaches an outcome (or we are told to stop)."""
         while not self.stop.is_set() and (upd := self.journal.update):
+            if self.preempt.is_set() and preemptible(upd.phase):
+                return  # a newer directive may supersede this update: the run loop judges it first
             if upd.transitions > self.cfg.update.max_transitions and upd.phase is not Phase.ROLLING_BACK:
                 detail = f"more than {self.cfg.update.max_transitions} transitions for directive {upd.seq}"
                 if upd.phase in (Phase.ACTIVATING, Phase.TRIAL):
@@ -207,6 +216,26 @@ class Agent:
     def handle_payload(self, payload: bytes) -> None:
         """Judge one directive payload (agent.admission) and act on the decision (agent.directives)."""
         self.directives.handle(payload)
+
+    def receive(self, payload: bytes) -> None:
+        """A directive payload from the broker (its network thread): into the inbox, and if it
+        supersedes the update in flight, stop that update's step (`preempt`)."""
+        self.inbox.put(payload)
+        if self.directives.would_preempt(payload):
+            log.info("a newer directive supersedes the update in flight; stopping its step")
+            self.preempt.set()
+
+    def judge_waiting(self) -> None:
+        """Judge every payload in the inbox now, an update in flight or not: one that supersedes it
+        preempts it; Defer puts the others back to wait for it."""
+        waiting = []
+        while True:
+            try:
+                waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        for payload in waiting:
+            self.handle_payload(payload)
 
     def start_local_rollback(self, model: str) -> None:
         """Queue a rollback of `model` to its `previous` (re-verified) as a journalled update."""
@@ -241,19 +270,49 @@ class Agent:
         for item in events:
             self.outbox.put(item["event_no"], item["payload"].encode("utf-8"))
 
-    def _start(self, entry: Entry, upd: InFlightUpdate) -> None:
-        """Journal a new in-flight update; a directive's also records its seq and reports `received`."""
+    def _start(self, entry: Entry, upd: InFlightUpdate, *, lift: str | None = None, detail: str = "") -> None:
+        """Journal a new in-flight update; a directive's also records its seq and reports `received`
+        (lifting `lift` off the denylist: an operator's retry)."""
         data = self.journal.snapshot()
+        events = self._begin(data, entry, upd, lift=lift, detail=detail)
+        self._commit(data, upd.phase, events)
+
+    def _begin(self, data: dict, entry: Entry, upd: InFlightUpdate, *, lift: str | None, detail: str) -> list[dict]:
         if data.get("update"):
             raise IllegalTransition(f"{entry} → {upd.phase} while an update of {data['update']['model']} is in flight")
         check(entry, upd.phase)
         data["update"] = upd.to_json()
         events = []
+        if lift and lift in data["denylist"]:
+            data["denylist"].remove(lift)
+            log.warning("artifact %s comes off the denylist: directive %d is an operator's retry", lift[:12], upd.seq)
         if entry is Entry.DIRECTIVE:
             record_handled_seq(data, model=upd.model, seq=upd.seq)
             events.append(self._event(data, state=upd.phase.value, seq=upd.seq, model=upd.model, sha=upd.sha,
-                                      rollout_id=upd.rollout_id))
-        self._commit(data, upd.phase, events)
+                                      rollout_id=upd.rollout_id, detail=detail))
+        return events
+
+    def _preempt(self, decision: Preempt) -> None:
+        """End the update in flight `failed` (SUPERSEDED) and carry out the newer directive (start
+        its update, or confirm the model already running), in one journal write: after a SIGKILL
+        the journal holds either the old update or the new state, never half of it."""
+        data = self.journal.snapshot()
+        old = InFlightUpdate.from_json(data["update"])
+        if (old.model, old.seq) != (decision.model, decision.superseded):
+            raise IllegalTransition(f"directive {decision.seq} supersedes {decision.model} seq {decision.superseded}, "
+                                    f"but {old.model} seq {old.seq} is in flight")
+        check_preempt(old.phase)
+        events = [self._end(data, old, Outcome.FAILED, ErrorCode.SUPERSEDED, decision.message)]
+        then = decision.then
+        if isinstance(then, Accept):
+            events += self._begin(data, Entry.DIRECTIVE, then.update, lift=then.lifted, detail=then.detail)
+        else:
+            events.append(self._reported(data, Outcome.COMMITTED, seq=then.seq, model=then.model, sha=then.sha,
+                                         rollout_id=then.rollout_id, code=None, detail=then.message,
+                                         record_seq=True, health=data.get("last_health")))
+        log.info("directive %d supersedes directive %d of %s (%s)", decision.seq, old.seq, old.model, old.phase)
+        self._commit(data, "superseded", events)
+        self._gc()
 
     def _hook(self, command: str | None) -> None:
         """Journal that one of the model's hooks (`command`: "reload" or "health") is about to run, or
@@ -284,6 +343,12 @@ class Agent:
         data = self.journal.snapshot()
         upd = InFlightUpdate.from_json(data["update"])
         check(upd.phase, state)
+        event = self._end(data, upd, state, code, detail, health=health, mutate=mutate)
+        self._commit(data, state, [event])
+        self._gc()
+
+    def _end(self, data: dict, upd: InFlightUpdate, state: Outcome, code: str | None, detail: str, *,
+             health: dict | None = None, mutate=None) -> dict:
         if mutate:
             mutate(data)
         data["update"] = None
@@ -291,17 +356,22 @@ class Agent:
             "seq": upd.seq, "model": upd.model, "sha256": upd.sha, "state": state.value,
             "error_code": code, "detail": detail[:500], "ts": format_time(utcnow()),
         }
-        event = self._event(data, state=state.value, seq=upd.seq, model=upd.model, sha=upd.sha,
-                            rollout_id=upd.rollout_id, code=code, detail=detail, health=health)
-        self._commit(data, state, [event])
-        self._gc()
+        return self._event(data, state=state.value, seq=upd.seq, model=upd.model, sha=upd.sha,
+                           rollout_id=upd.rollout_id, code=code, detail=detail, health=health)
 
     def _report(self, state: Outcome, *, seq: int, model: str, sha: str | None, rollout_id: str | None,
                 code: str | None, detail: str, record_seq: bool, health: dict | None = None,
                 refused: str | None = None) -> None:
         """A terminal event for a directive that never became an update (refused or already there)."""
-        check(Entry.DIRECTIVE, state)
         data = self.journal.snapshot()
+        event = self._reported(data, state, seq=seq, model=model, sha=sha, rollout_id=rollout_id, code=code,
+                               detail=detail, record_seq=record_seq, health=health, refused=refused)
+        self._commit(data, state, [event])
+
+    def _reported(self, data: dict, state: Outcome, *, seq: int, model: str, sha: str | None,
+                  rollout_id: str | None, code: str | None, detail: str, record_seq: bool,
+                  health: dict | None = None, refused: str | None = None) -> dict:
+        check(Entry.DIRECTIVE, state)
         if refused:
             data["refused"] = (data.get("refused") or [])[-31:] + [refused]
         if record_seq:
@@ -310,9 +380,8 @@ class Agent:
                 "seq": seq, "model": model, "sha256": sha, "state": state.value, "error_code": code,
                 "detail": detail[:500], "ts": format_time(utcnow()),
             }
-        event = self._event(data, state=state.value, seq=seq, model=model, sha=sha, rollout_id=rollout_id, code=code,
-                            detail=detail, health=health)
-        self._commit(data, state, [event])
+        return self._event(data, state=state.value, seq=seq, model=model, sha=sha, rollout_id=rollout_id, code=code,
+                           detail=detail, health=health)
 
     def _gc(self) -> None:
         keep = set()

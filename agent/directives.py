@@ -4,8 +4,11 @@ agent.admission.admit() decides (pure, shared with the server's fleet simulator)
 on the decision through the agent's journal writes: Accept starts an update (TABLE's `directive`
 entry, into received), AlreadyActive reports `committed` under the new seq, Refuse reports
 `rejected` (an unauthenticated payload only the first time), Defer puts the payload back in the
-inbox until the update in flight ends, Ignore does nothing. Agent.handle_payload calls
-`DirectiveHandler.handle` for each payload the run loop takes from the inbox.
+inbox until the update in flight ends, Ignore does nothing, Preempt ends the update in flight
+`failed` (SUPERSEDED) and carries out its Accept or AlreadyActive in the same journal write.
+Agent.handle_payload calls `DirectiveHandler.handle` for each payload the run loop takes from the
+inbox; `would_preempt` is the early look the broker thread takes at a payload arriving during an
+update, so that a download or precheck it supersedes stops at once instead of running to its end.
 """
 
 from __future__ import annotations
@@ -14,11 +17,20 @@ import logging
 from collections.abc import Callable
 from hashlib import sha256
 
-from agent.admission import Accept, AlreadyActive, Defer, DeviceView, Ignore, Refuse, admit, could_not_process
+from agent.admission import (
+    Accept,
+    AlreadyActive,
+    Defer,
+    DeviceView,
+    Ignore,
+    Preempt,
+    Refuse,
+    admit,
+    could_not_process,
+)
 from agent.config import Config
-from agent.inflight import InFlightUpdate
 from agent.journal import Journal
-from agent.machine import Entry, IllegalTransition, Outcome
+from agent.machine import Entry, IllegalTransition, Outcome, preemptible
 from agent.protocol import utcnow
 from agent.signing import Keyring
 
@@ -29,17 +41,19 @@ class DirectiveHandler:
     """Directive handling for one agent.
 
     report(outcome, *, seq, model, sha, rollout_id, code, detail, record_seq, health=None,
-    refused=None) and start(entry, update) are Agent._report and Agent._start; requeue(payload)
-    puts a payload back in the agent's inbox.
+    refused=None), start(entry, update, *, lift=None, detail="") and preempt(decision) are
+    Agent._report, Agent._start and Agent._preempt; requeue(payload) puts a payload back in the
+    agent's inbox.
     """
 
     def __init__(self, *, cfg: Config, journal: Journal, requeue: Callable[[bytes], None],
-                 report: Callable[..., None], start: Callable[[Entry, InFlightUpdate], None]):
+                 report: Callable[..., None], start: Callable[..., None], preempt: Callable[[Preempt], None]):
         self.cfg = cfg
         self.journal = journal
         self.requeue = requeue
         self.report = report
         self.start = start
+        self.preempt = preempt
         self.release_keys = Keyring.from_pems(*cfg.keys.release)
         self.rollout_keys = Keyring.from_pems(*cfg.keys.rollout)
 
@@ -66,9 +80,24 @@ class DirectiveHandler:
                     rollout_id=decision.rollout_id, code=decision.code, detail=decision.message,
                     record_seq=decision.record_seq, refused=None if decision.record_seq else digest)
 
+    def would_preempt(self, payload: bytes) -> bool:
+        """Whether `payload` supersedes the update in flight, judged now (any thread: admission is
+        pure and the journal's data is replaced whole, never changed in place). Only a hint to stop
+        the step early: the run loop judges the payload again before anything is journalled."""
+        upd = self.journal.data.get("update")
+        if not upd or not preemptible(upd.get("phase")):
+            return False
+        try:
+            decision = admit(payload=payload, device=self.device_view(), release_keys=self.release_keys,
+                             rollout_keys=self.rollout_keys, now=utcnow())
+        except Exception:  # noqa: BLE001  (the run loop refuses it, could_not_process, when it judges it)
+            return False
+        return isinstance(decision, Preempt)
+
     def device_view(self) -> DeviceView:
         """What admission may know of this device: its identity and the journal's bookkeeping."""
         data = self.journal.data
+        upd = data.get("update") or {}
         return DeviceView(
             device_id=self.cfg.device_id,
             hardware=self.cfg.hardware,
@@ -77,10 +106,13 @@ class DirectiveHandler:
             floors=data["floors"],
             denylist=data["denylist"],
             active={name: (m.get("current"), bool(m.get("committed"))) for name, m in data["models"].items()},
-            busy=bool(data.get("update")),
+            busy=bool(upd),
+            busy_model=upd.get("model"),
+            busy_seq=upd.get("seq", 0),
+            busy_phase=upd.get("phase"),
         )
 
-    def _act(self, decision: Ignore | Defer | AlreadyActive | Accept, payload: bytes) -> None:
+    def _act(self, decision: Ignore | Defer | AlreadyActive | Accept | Preempt, payload: bytes) -> None:
         if isinstance(decision, Ignore):
             return  # already handled (or in flight)
         if isinstance(decision, Defer):
@@ -93,4 +125,7 @@ class DirectiveHandler:
                         rollout_id=decision.rollout_id, code=None, detail=decision.message,
                         record_seq=True, health=self.journal.data.get("last_health"))
             return
-        self.start(Entry.DIRECTIVE, decision.update)
+        if isinstance(decision, Preempt):
+            self.preempt(decision)
+            return
+        self.start(Entry.DIRECTIVE, decision.update, lift=decision.lifted, detail=decision.detail)

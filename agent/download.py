@@ -13,8 +13,10 @@ import http.client
 import logging
 import os
 import random
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,29 @@ class DownloadError(Exception):
 
 
 class Interrupted(Exception):
-    """The agent is stopping; the .part file stays for the next run."""
+    """The agent is stopping (or the update may be superseded); the .part file stays for the next run."""
+
+
+class AnyEvent:
+    """Set while any of `events` is (threading.Event has no "or"): what fetch() and the precheck
+    stop on is the agent stopping or a newer directive superseding the update. wait() polls."""
+
+    POLL = 0.05
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self.events)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            remaining = self.POLL if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.events[0].wait(min(self.POLL, remaining))
+        return True
 
 
 class _Retryable(Exception):
@@ -51,6 +75,43 @@ class DownloadResult:
     resumed_from: int
 
 
+class _Watcher:
+    """Shuts down the socket of the request in progress once `stop` is set: a read blocked on a slow
+    or silent server returns at once, instead of after its chunk or the socket timeout."""
+
+    def __init__(self, stop):
+        self.stop = stop
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.conn = None
+        self.thread = threading.Thread(target=self._run, name="download-watcher", daemon=True)
+        self.thread.start()
+
+    def attach(self, conn) -> None:
+        with self.lock:
+            self.conn = conn
+        if self.stop.is_set():
+            self._cut()
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            if self.stop.wait(0.1):
+                self._cut()
+                return
+
+    def _cut(self) -> None:
+        with self.lock:
+            sock = getattr(self.conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.done.set()
+
+
 @dataclass
 class _Progress:
     fd: int
@@ -58,6 +119,7 @@ class _Progress:
     offset: int = 0
     received: int = 0
     hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    watcher: _Watcher | None = None
 
     def restart(self) -> None:
         os.ftruncate(self.fd, 0)
@@ -122,15 +184,18 @@ def fetch(
 ) -> DownloadResult:
     """Download `url` into `part_path` until it holds exactly `length` bytes; return its sha256.
 
-    Raises DownloadError (NOT_FOUND, TOO_LARGE, DOWNLOAD_FAILED) or Interrupted.
+    Raises DownloadError (NOT_FOUND, TOO_LARGE, DOWNLOAD_FAILED) or Interrupted. `stop` (anything
+    with is_set() and wait(timeout)) is noticed within a fraction of a second even while a read
+    waits on a slow or silent server: a watcher thread shuts the connection's socket down.
     """
     stop = stop or threading.Event()
     budget = int(byte_budget_factor * length) + CHUNK
     failures = 0
     view = memoryview(bytearray(CHUNK))
     fd = os.open(part_path, os.O_RDWR | os.O_CREAT, 0o600)
+    watcher = _Watcher(stop)
     try:
-        progress = _Progress(fd=fd, length=length)
+        progress = _Progress(fd=fd, length=length, watcher=watcher)
         _hash_existing(progress)
         resumed_from = progress.offset
         while progress.offset < length:
@@ -144,6 +209,8 @@ def fetch(
                 reason = str(exc)
             if progress.offset >= length:
                 break
+            if stop.is_set():
+                raise Interrupted()  # the watcher cut the connection: not a failure of the server
             if progress.received > budget:
                 raise DownloadError(
                     ErrorCode.DOWNLOAD_FAILED,
@@ -161,6 +228,7 @@ def fetch(
                 raise Interrupted()
         os.fsync(fd)
     finally:
+        watcher.close()
         os.close(fd)
     return DownloadResult(
         sha256=progress.hasher.hexdigest(),
@@ -185,8 +253,12 @@ def _attempt(url, progress: _Progress, view, token, timeout, ssl_context, stop, 
         if progress.offset:
             headers["Range"] = f"bytes={progress.offset}-"
         try:
+            if stop.is_set():
+                raise Interrupted()
             try:
                 conn.request("GET", path, headers=headers)
+                if progress.watcher:
+                    progress.watcher.attach(conn)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 raise _Retryable(f"request failed: {exc}") from None

@@ -5,12 +5,12 @@
     directive ─► rejected            agent.admission refused it; no update starts
     directive ─► committed           already active and committed: confirmed under the new seq
     request ─► rolling_back          `fleet-agent rollback MODEL` (LOCAL_ROLLBACK, seq 0)
-    received ─► failed               DISK_FULL; ROLLBACK_LOOP
-    downloading ─► failed            NOT_FOUND, DOWNLOAD_FAILED, TOO_LARGE, DISK_FULL; ROLLBACK_LOOP
+    received ─► failed               DISK_FULL; ROLLBACK_LOOP; SUPERSEDED
+    downloading ─► failed            NOT_FOUND, DOWNLOAD_FAILED, TOO_LARGE, DISK_FULL; ROLLBACK_LOOP; SUPERSEDED
     verifying ─► downloading         a resumed .part fails its sha256 (once, then from zero), or the
                                      staged copy vanished in a crash between move and rename
-    verifying ─► failed              HASH_MISMATCH; ROLLBACK_LOOP
-    prechecking ─► failed            PRECHECK_FAILED; ROLLBACK_LOOP
+    verifying ─► failed              HASH_MISMATCH; ROLLBACK_LOOP; SUPERSEDED
+    prechecking ─► failed            PRECHECK_FAILED; ROLLBACK_LOOP; SUPERSEDED
     activating ─► rolling_back       ACTIVATE_FAILED (the reload command failed, or the agent died
                                      while it ran more than update.max_trial_restarts times); ROLLBACK_LOOP
     trial ─► rolling_back            TRIAL_FAILED (a health check failed, or the agent died while the
@@ -25,6 +25,12 @@ rollback request file); they are never journalled. The seven phases in between a
 one event per directive seq reports one of them, and the in-flight update is gone afterwards.
 ROLLBACK_LOOP is the loop guard in Agent.drive(): past update.max_transitions journal writes
 for one directive, every phase but rolling_back leaves along its arrow above.
+
+SUPERSEDED is preemption: a newer directive for the same model, admitted while the update is in
+one of the PREEMPTIBLE phases (before activation, `current` untouched), ends it along its arrow
+to failed, and the newer one enters at `directive` in the same journal write
+(Agent._preempt, crash point `superseded`). Activating, trial and rolling_back are never
+preempted: they finish or roll back, and the newer directive waits (agent.admission: Defer).
 
 Each arrow is a journal write made *before* the side effects of the next step, and every step is
 safe to run twice, so a SIGKILL anywhere resumes at the journalled phase. `current` is touched
@@ -103,6 +109,16 @@ TABLE: Mapping[Entry | Phase, Row] = {
 }
 
 
+# The phases a newer directive for the same model may cancel (ending the update `failed`,
+# SUPERSEDED): everything before activation. Each has an edge to Outcome.FAILED in TABLE.
+PREEMPTIBLE: frozenset[Phase] = frozenset({Phase.RECEIVED, Phase.DOWNLOADING, Phase.VERIFYING, Phase.PRECHECKING})
+
+
+def preemptible(phase: Phase | str | None) -> bool:
+    """Whether an update in `phase` may be cancelled by a newer directive for its model."""
+    return phase in PREEMPTIBLE
+
+
 def edges() -> set[tuple[str, str]]:
     """Every (source, target) pair TABLE allows, as plain strings."""
     return {(str(source), str(target)) for source, row in TABLE.items() for target in row.to}
@@ -118,3 +134,11 @@ def check(source: Entry | Phase | str, target: Phase | Outcome | str) -> None:
     row = TABLE.get(source)  # type: ignore[call-overload]  # a str looks up its StrEnum member
     if row is None or target not in row.to:
         raise IllegalTransition(f"{source} → {target} is not in the agent's transition table")
+
+
+def check_preempt(source: Phase | str) -> None:
+    """Raise IllegalTransition unless an update in `source` may be superseded (→ failed)."""
+    if not preemptible(source):
+        raise IllegalTransition(f"{source} → {Outcome.FAILED} (SUPERSEDED): only {', '.join(sorted(PREEMPTIBLE))} "
+                                "may be preempted")
+    check(source, Outcome.FAILED)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,14 @@ class PrecheckResult:
     ok: bool
     detail: str
     latency_ms: float | None = None
+    interrupted: bool = False  # `stop` was set: the child was killed, no verdict on the model
 
 
-def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, memory_mb: int) -> PrecheckResult:
+def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, memory_mb: int,
+                 stop=None) -> PrecheckResult:
+    """Run the precheck child on `model_path`; `stop` (anything with is_set()), once set, kills the
+    child within a fraction of a second (the agent stopping, or a newer directive superseding
+    the update) and the result says `interrupted`."""
     request = json.dumps(
         {
             "model": str(model_path),
@@ -60,18 +66,32 @@ def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, mem
         }
     )
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "agent.precheck"],
-            input=request.encode(),
-            capture_output=True,
-            timeout=timeout,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=child_env(OMP_NUM_THREADS="1"),
             close_fds=True,
         )
-    except subprocess.TimeoutExpired:
-        return PrecheckResult(False, f"precheck timed out after {timeout:g}s")
     except OSError as exc:
         return PrecheckResult(False, f"precheck child could not start: {exc}")
+    deadline = time.monotonic() + timeout
+    pending: bytes | None = request.encode()
+    while True:
+        try:
+            out, err = proc.communicate(pending, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+            break
+        except subprocess.TimeoutExpired:
+            pending = None  # sent with the first call; communicate() keeps what was read so far
+            interrupted = stop is not None and stop.is_set()
+            if interrupted or time.monotonic() >= deadline:
+                proc.kill()
+                proc.communicate()
+                if interrupted:
+                    return PrecheckResult(False, "precheck interrupted", interrupted=True)
+                return PrecheckResult(False, f"precheck timed out after {timeout:g}s")
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
     try:
         answer = json.loads(lines[-1]) if lines else None

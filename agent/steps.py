@@ -3,7 +3,9 @@
 One method of `Steps` per phase, named after it (`Steps.downloading` is the download step);
 Agent.drive() calls the one TABLE names for the journalled phase. A step ends by moving the update
 on through `transition` or ending it through `finish` (both Agent's journal writes, checked against
-the table), or by raising agent.download.Interrupted when the agent is told to stop.
+the table), or by raising agent.download.Interrupted when the agent is told to stop, or (download
+and precheck, the long steps before activation) when a newer directive may supersede the update:
+then the run loop judges it, and either ends this update (SUPERSEDED) or runs the step again.
 
 The model's hooks (the reload and health commands) run between two journal writes, `hook(name)`
 and `hook(None)` (or the transition that follows): a restart that finds the mark in the journal
@@ -26,7 +28,7 @@ import time
 from collections.abc import Callable
 
 from agent.config import Config
-from agent.download import DownloadError, Interrupted, fetch
+from agent.download import AnyEvent, DownloadError, Interrupted, fetch
 from agent.health import run_health, run_shell
 from agent.inflight import InFlightUpdate
 from agent.install import Store, StoreError, sha256_file
@@ -43,16 +45,18 @@ class Steps:
 
     transition(phase, *, event, mutate=None, **changes), finish(outcome, code, detail="", *,
     health=None, mutate=None) and hook(command | None) are Agent._transition, Agent._finish and
-    Agent._hook.
+    Agent._hook. stop: the agent is stopping; preempt: a newer directive may supersede the update
+    (only the steps before activation heed it: `halt` is either).
     """
 
     def __init__(self, *, cfg: Config, store: Store, journal: Journal, stop: threading.Event,
                  transition: Callable[..., None], finish: Callable[..., None],
-                 hook: Callable[[str | None], None] | None = None):
+                 preempt: threading.Event | None = None, hook: Callable[[str | None], None] | None = None):
         self.cfg = cfg
         self.store = store
         self.journal = journal
         self.stop = stop
+        self.halt = AnyEvent(stop, preempt) if preempt is not None else stop
         self.transition = transition
         self.finish = finish
         self.hook = hook or (lambda _command: None)
@@ -82,7 +86,7 @@ class Steps:
                     upd.url, self.store.part_path(sha), length=upd.length, token=self.cfg.server.token,
                     timeout=u.download_timeout_seconds, retries=u.download_retries, backoff=u.download_backoff_seconds,
                     backoff_max=u.download_backoff_max_seconds, byte_budget_factor=u.download_byte_budget_factor,
-                    stop=self.stop, on_chunk=lambda _pos: crash_point("download-chunk"),
+                    stop=self.halt, on_chunk=lambda _pos: crash_point("download-chunk"),
                     ssl_context=_ssl_context(self.cfg),
                 )
             except DownloadError as exc:
@@ -142,7 +146,10 @@ class Steps:
         """Load the model in a child process and check it against the release's health contract."""
         path = self.store.stored_file(upd.sha, upd.file_name)
         u = self.cfg.update
-        result = run_precheck(path, upd.health, timeout=u.precheck_timeout_seconds, memory_mb=u.precheck_memory_mb)
+        result = run_precheck(path, upd.health, timeout=u.precheck_timeout_seconds, memory_mb=u.precheck_memory_mb,
+                              stop=self.halt)
+        if result.interrupted:
+            raise Interrupted()
         if not result.ok:
             self.finish(Outcome.FAILED, ErrorCode.PRECHECK_FAILED, result.detail)
             return

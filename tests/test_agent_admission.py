@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.admission import Accept, AlreadyActive, Defer, Ignore, Refuse, admit
+from agent.admission import Accept, AlreadyActive, Defer, Ignore, Preempt, Refuse, admit
 from agent.daemon import Agent
 from agent.machine import Phase
 from agent.protocol import parse_time, utcnow
 from agent.signing import Keyring
 from tests.support.directives import (
     CASES,
+    DENIED,
+    IN_FLIGHT,
     MODEL,
     RELEASE_PEM,
     ROLLOUT_PEM,
@@ -30,8 +32,11 @@ from tests.support.directives import (
     V2,
     Known,
     agent_for,
+    busy,
     directive,
+    entry,
     events,
+    release,
 )
 
 
@@ -41,11 +46,24 @@ def decide(payload: bytes, known: Known):
 
 
 def what_the_agent_did(agent: Agent, payload: bytes) -> tuple[type, str | None, int, str]:
-    """Handle the payload and read the decision back from the journal, the outbox and the inbox."""
+    """Handle the payload and read the decision back from the journal, the outbox and the inbox.
+    Preempt: the type is (Preempt, what it carried out), the code and detail the superseded update's."""
     before = json.loads((agent.state_dir / "journal.json").read_text())
     agent.handle_payload(payload)
     after = json.loads((agent.state_dir / "journal.json").read_text())
     sent = events(agent)
+    if sent and sent[0]["error_code"] == "SUPERSEDED":
+        superseded, then = sent
+        assert (superseded["state"], superseded["seq"], superseded["model"]) == ("failed", before["update"]["seq"],
+                                                                               before["update"]["model"])
+        assert after["seqs"][then["model"]] == then["seq"]
+        if then["state"] == "received":
+            assert after["update"]["phase"] == "received" and after["update"]["seq"] == then["seq"]
+            assert (after["last_outcome"]["seq"], after["last_outcome"]["error_code"]) == (superseded["seq"], "SUPERSEDED")
+            return (Preempt, Accept), "SUPERSEDED", then["seq"], superseded["detail"]
+        assert then["state"] == "committed" and after["update"] is None
+        assert after["last_outcome"]["seq"] == then["seq"]
+        return (Preempt, AlreadyActive), "SUPERSEDED", then["seq"], superseded["detail"]
     if not sent:
         assert after == before, "no event, yet the journal changed"
         if agent.inbox.empty():
@@ -71,6 +89,11 @@ def test_it_decides_the_same_as_the_agent(tmp_path, name):
     assert type(decision) is case.decision, decision
     agent = agent_for(tmp_path, case.known)
     kind, code, seq, detail = what_the_agent_did(agent, payload)
+    if isinstance(decision, Preempt):
+        assert kind == (Preempt, case.then) and type(decision.then) is case.then
+        assert (decision.seq, decision.superseded, decision.model) == (case.seq, 5, MODEL) == (seq, 5, MODEL)
+        assert decision.message == detail and "superseded by directive 6" in detail
+        return
     assert kind is case.decision
 
     if isinstance(decision, Refuse):
@@ -99,6 +122,38 @@ def test_it_records_the_update_the_agent_starts():
     assert set(upd.to_json()) == {"phase", "seq", "model", "version", "counter", "rollback_floor", "rollout_id",
                                   "sha", "length", "file_name", "url", "health", "transitions", "started"}
     assert decision.release.model == MODEL and decision.directive.seq == 6
+
+
+def test_it_lifts_the_denylist_entry_an_operators_retry_names(tmp_path):
+    denied = sha256(DENIED).hexdigest()
+    payload = directive(rel=release(artifacts=[entry(DENIED)]), artifact=entry(DENIED), retry_denied=True)
+    decision = decide(payload, Known())
+    assert isinstance(decision, Accept) and decision.lifted == denied and "retry_denied" in decision.detail
+    agent = agent_for(tmp_path, Known())
+    agent.handle_payload(payload)
+    journal = json.loads((agent.state_dir / "journal.json").read_text())
+    assert denied not in journal["denylist"] and journal["update"]["sha"] == denied  # in the same write
+    [received] = events(agent)
+    assert received["state"] == "received" and received["detail"] == decision.detail
+    # Without the field, as before: refused.
+    plain = decide(directive(seq=7, rel=release(artifacts=[entry(DENIED)]), artifact=entry(DENIED)), Known())
+    assert isinstance(plain, Refuse) and plain.code == "DENYLISTED"
+    # Another artifact's retry lifts nothing.
+    other = decide(directive(retry_denied=True), Known())
+    assert isinstance(other, Accept) and other.lifted is None and other.detail == ""
+
+
+def test_it_supersedes_the_update_in_flight_and_drops_its_download(tmp_path):
+    agent = agent_for(tmp_path, busy(MODEL, "downloading"))
+    part = agent.store.part_path(sha256(IN_FLIGHT).hexdigest())
+    part.write_bytes(b"half of it")
+    agent.handle_payload(directive())
+    journal = json.loads((agent.state_dir / "journal.json").read_text())
+    assert (journal["update"]["seq"], journal["update"]["sha"]) == (6, sha256(V2).hexdigest())
+    assert journal["seqs"][MODEL] == 6 and journal["last_outcome"]["error_code"] == "SUPERSEDED"
+    assert [(e["state"], e["error_code"], e["seq"]) for e in events(agent)] == [
+        ("failed", "SUPERSEDED", 5), ("received", None, 6)]
+    assert not part.exists(), "the superseded download's partial file is cleaned up"
 
 
 def test_it_takes_an_envelope_already_decoded():

@@ -7,13 +7,15 @@ for the directive seq.
 
 Then restarts judged: power loss during a trial (kill -9 between the model's hooks) is no verdict on
 the model; an agent killed by the model's own hooks (reload or health command) rolls back after
-update.max_trial_restarts such deaths, and the loop guard (ROLLBACK_LOOP) still ends any loop."""
+update.max_trial_restarts such deaths, and the loop guard (ROLLBACK_LOOP) still ends any loop. And
+a preemption killed right after it was journalled resumes on the newer directive."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 from hashlib import sha256
 
 import pytest
@@ -22,6 +24,7 @@ from tests.support.agent_fixtures import MODEL, close_rig, install_template, mak
 from tests.support.agent_harness import (
     HEALTH_FAILS,
     HEALTH_OK,
+    PROGRESS,
     Artifact,
     active_file,
     clone_state,
@@ -231,6 +234,44 @@ def test_it_breaks_a_crash_loop(installed, tolerated, code):
     assert "reload command skipped" in outcome["detail"]
     assert _check_active(state, {installed.v1.sha256: b""}) == installed.v1.sha256
     agent.stop()
+
+
+def test_it_resumes_a_preemption_killed_right_after_it_was_journalled(installed):
+    rig = installed.rig
+    device = "c-superseded"
+    state = clone_state(installed.template, rig.tmp / device / "state")
+    rig.config(device, state_dir=state, update={"reload_command": "true"})
+    slow = f"/slow-crash/{installed.v2.sha256}"
+    rig.server.rates[slow] = 64 * 1024
+    v3 = Artifact(linear_model(scale=4.0, bias=0.25, padding_bytes=100_000))
+    rel3 = release_envelope(rig.keys, model=MODEL, version="3.0", counter=3, artifacts=[v3.entry()],
+                            health=linear_contract(scale=4.0, bias=0.25))
+    rig.publish_directive(device, rig.directive(device, 2, MODEL, installed.rel2, installed.v2,
+                                                url=rig.server.add(slow, installed.v2.data)))
+    agent = rig.agent(device).start(env={"FLEET_AGENT_CRASH_AT": "superseded"})
+    wait_for(lambda: (journal(state)["update"] or {}).get("phase") == "downloading", 30, "downloading", agent=agent)
+    time.sleep(1)
+    rig.publish_directive(device, rig.directive(device, 3, MODEL, rel3, v3))
+    assert agent.wait(30) == -signal.SIGKILL, agent.log_text()[-3000:]
+    j = journal(state)
+    assert (j["update"]["seq"], j["update"]["phase"], j["last_outcome"]["error_code"]) == (3, "received", "SUPERSEDED")
+    _check_active(state, {installed.v1.sha256: b""})
+
+    agent.start(env={"FLEET_AGENT_CRASH_AT": ""})
+    outcome = rig.subscriber.wait_outcome(device, 3, agent=agent)
+    assert outcome["state"] == "committed", outcome
+    assert [(e["state"], e["error_code"]) for e in rig.subscriber.outcomes(device, 2)] == [("failed", "SUPERSEDED")]
+    assert [e["state"] for e in rig.subscriber.events_for(device, 3)] == PROGRESS
+    wait_for(agent.ready, 30, "agent ready", agent=agent)
+    assert agent.stop() == 0
+    assert _check_active(state, {v3.sha256: b""}) == v3.sha256
+    assert not (state / "store" / installed.v2.sha256).exists()
+    with rig.subscriber.lock:
+        raw = [e for e in rig.subscriber.events if e["device_id"] == device]
+    by_no: dict[int, set] = {}
+    for e in raw:
+        by_no.setdefault(e["event_no"], set()).add((e["state"], e["seq"], e["error_code"]))
+    assert all(len(v) == 1 for v in by_no.values()), by_no
 
 
 def test_it_keeps_the_new_model_when_previous_fails_re_verification(installed):

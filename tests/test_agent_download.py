@@ -1,14 +1,17 @@
 """agent.download.fetch against a real HTTP server: Range resume, servers that ignore Range or
-fail transiently, the byte budget, and giving up on an unreachable host."""
+fail transiently, the byte budget, giving up on an unreachable host, and stopping at once when
+told to (the agent stopping, or a newer directive superseding the update)."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from hashlib import sha256
 
 import pytest
 
-from agent.download import DownloadError, fetch
+from agent.download import AnyEvent, DownloadError, Interrupted, fetch
 from tests.support.agent_harness import ArtifactServer
 from tests.support.net import free_port
 
@@ -75,3 +78,29 @@ def test_it_reports_not_found_without_retrying(server, tmp_path):
     with pytest.raises(DownloadError) as err:
         fetch(server.url("/missing"), tmp_path / "a.part", length=10, retries=5, **FAST)
     assert err.value.code == "NOT_FOUND" and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("retries", [0, 8])
+def test_it_stops_at_once_while_a_read_waits_on_a_slow_server(server, tmp_path, retries):
+    # 64 KiB, then a minute's pause: the read blocks well past the socket timeout. A newer
+    # directive (or a stopping agent) must not wait for it, nor be taken for a server failure.
+    server.rates["/a"] = 1024
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        fetch(server.url("/a"), tmp_path / "a.part", length=len(DATA), stop=stop, retries=retries,
+              **{**FAST, "timeout": 30})
+    assert time.monotonic() - started < 2
+    assert (tmp_path / "a.part").stat().st_size <= 64 * 1024  # kept for a resume
+
+
+def test_it_stops_on_either_event(server, tmp_path):
+    stopping, superseded = threading.Event(), threading.Event()
+    halt = AnyEvent(stopping, superseded)
+    assert not halt.is_set() and halt.wait(0.1) is False
+    server.rates["/a"] = 256 * 1024
+    threading.Timer(0.3, superseded.set).start()
+    with pytest.raises(Interrupted):
+        fetch(server.url("/a"), tmp_path / "a.part", length=len(DATA), stop=halt, **FAST)
+    assert halt.is_set() and halt.wait(5) is True

@@ -9,13 +9,16 @@ import re
 import pytest
 
 from agent import machine
+from agent.admission import Preempt, admit
 from agent.config import Config
 from agent.daemon import Agent
 from agent.inflight import InFlightUpdate
 from agent.journal import atomic_write_json, empty_journal
 from agent.machine import TABLE, Entry, IllegalTransition, Outcome, Phase
-from agent.protocol import State
+from agent.protocol import State, utcnow
+from agent.signing import Keyring
 from agent.steps import Steps
+from tests.support.directives import RELEASE_PEM, ROLLOUT_PEM, Known, directive
 
 ARROW = re.compile(r"(\w+) ─► (?=(\w+))")
 
@@ -128,3 +131,49 @@ def test_it_refuses_to_start_an_update_while_one_is_in_flight(tmp_path):
     with pytest.raises(IllegalTransition, match="in flight"):
         agent._start(Entry.REQUEST, InFlightUpdate.new(phase=Phase.ROLLING_BACK, seq=0, model="detector",
                                                        sha="cd" * 32, local=True))
+
+
+def test_it_lets_a_newer_directive_supersede_an_update_only_before_activation():
+    assert machine.PREEMPTIBLE == {Phase.RECEIVED, Phase.DOWNLOADING, Phase.VERIFYING, Phase.PRECHECKING}
+    for phase in machine.PREEMPTIBLE:
+        machine.check_preempt(phase)  # each has its arrow to failed (SUPERSEDED) in TABLE
+        machine.check_preempt(phase.value)
+        assert "SUPERSEDED" in next(line for line in machine.__doc__.splitlines()
+                                    if line.strip().startswith(f"{phase.value} ─► failed"))
+    for phase in (Phase.ACTIVATING, Phase.TRIAL, Phase.ROLLING_BACK):
+        with pytest.raises(IllegalTransition, match="may be preempted"):
+            machine.check_preempt(phase)
+
+
+def test_it_refuses_to_supersede_a_trial_and_journals_nothing(tmp_path):
+    accepted = admit(payload=directive(seq=5, model="detector"), device=Known(last_seq=4).view(),
+                     release_keys=Keyring.from_pems(RELEASE_PEM), rollout_keys=Keyring.from_pems(ROLLOUT_PEM),
+                     now=utcnow())
+    agent = _agent(tmp_path, Phase.TRIAL)
+    before = (agent.state_dir / "journal.json").read_bytes()
+    with pytest.raises(IllegalTransition, match="may be preempted"):
+        agent._preempt(Preempt(superseded=4, then=accepted, message="superseded"))
+    assert (agent.state_dir / "journal.json").read_bytes() == before
+    assert agent.outbox.pending() == []
+
+
+def test_it_leaves_drive_to_judge_a_superseding_directive_before_the_next_step(tmp_path, monkeypatch):
+    agent = _agent(tmp_path, Phase.DOWNLOADING)
+    ran = []
+    monkeypatch.setattr(agent.steps, "downloading", lambda upd: ran.append(upd.phase))
+    agent.preempt.set()
+    agent.drive()  # returns at once: the run loop judges the inbox first
+    assert ran == []
+    agent.preempt.clear()
+    monkeypatch.setattr(agent.steps, "downloading", lambda upd: (ran.append(upd.phase), agent.stop.set()))
+    agent.drive()
+    assert ran == [Phase.DOWNLOADING]
+
+
+def test_it_does_not_leave_an_activation_for_a_superseding_directive(tmp_path, monkeypatch):
+    agent = _agent(tmp_path, Phase.ACTIVATING)
+    ran = []
+    monkeypatch.setattr(agent.steps, "activating", lambda upd: (ran.append(upd.phase), agent.stop.set()))
+    agent.preempt.set()
+    agent.drive()
+    assert ran == [Phase.ACTIVATING]

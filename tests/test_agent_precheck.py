@@ -6,6 +6,9 @@ tests/test_agent_refusals.py.)"""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from agent.precheck import generated_inputs, run_precheck
@@ -90,3 +93,18 @@ def test_it_applies_a_latency_budget_that_comes_without_golden_inputs(tmp_path):
     assert run_precheck(model, {"latency_budget_ms": 1000}, timeout=60, memory_mb=2048).ok
     over = run_precheck(model, {"latency_budget_ms": 0.000001}, timeout=60, memory_mb=2048)
     assert not over.ok and "over the budget" in over.detail, over.detail
+
+
+def test_it_kills_the_child_when_told_to_stop(tmp_path):
+    # A newer directive superseding the update (or the agent stopping) must not wait for a precheck
+    # that may run for minutes: the child is killed, and the result is no verdict on the model.
+    model = tmp_path / "model.onnx"
+    model.write_bytes(linear_model())
+    stop = threading.Event()
+    threading.Timer(0.05, stop.set).start()
+    started = time.monotonic()
+    result = run_precheck(model, None, timeout=60, memory_mb=2048, stop=stop)
+    assert result.interrupted and not result.ok, result
+    assert time.monotonic() - started < 1.5
+    # Not set: the precheck runs to its verdict as before.
+    assert run_precheck(model, None, timeout=60, memory_mb=2048, stop=threading.Event()).ok

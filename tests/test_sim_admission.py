@@ -15,12 +15,13 @@ from hashlib import sha256
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.admission import Accept, AlreadyActive, Defer, Refuse
+from agent.admission import Accept, AlreadyActive, Defer, Preempt, Refuse
 from agent.protocol import ErrorCode, Topics
 from ota.sim.enroll import SimCredentials
 from ota.sim.fleet import FleetSimulator, SimDevice
 from tests.support.directives import (
     CASES,
+    DENIED,
     DEVICE,
     HARDWARE,
     MODEL,
@@ -29,6 +30,7 @@ from tests.support.directives import (
     V2,
     Known,
     agent_for,
+    busy,
     directive,
     entry,
     events,
@@ -51,10 +53,12 @@ def sim_device(known: Known, *, behaviour: str = "healthy") -> SimDevice:
     device.denylist = set(known.denylist)
     device.models = {m: (r["current"], bool(r.get("committed"))) for m, r in known.models.items()}
     if known.busy:
-        # Busy the way a device gets busy: an update (of another model, as in Known.journal())
-        # accepted from the directive with the seq it has handled last.
-        device.handle_directive(directive(seq=known.last_seq, model="other", rel=release(model="other")))
+        # Busy the way a device gets busy: an update (of Known.busy_model, as in Known.journal())
+        # accepted from the directive with the seq it has handled last, stepped on to busy_phase.
+        device.handle_directive(known.in_flight())
         assert device.update is not None and sim_events(device)[0]["state"] == "received"
+        while device.update.phase != known.busy_phase:
+            device.step()
         device.outbox.clear()
     device.seqs = known.seqs()
     return device
@@ -81,6 +85,9 @@ def expected(case) -> tuple[list[tuple], int]:
         return [("committed", None, case.seq)], case.seq
     if case.decision is Accept:
         return [("received", None, case.seq)], case.seq
+    if case.decision is Preempt:
+        then = ("received", None, case.seq) if case.then is Accept else ("committed", None, case.seq)
+        return [("failed", "SUPERSEDED", case.known.last_seq), then], case.seq
     return [], case.known.last_seq  # Ignore, Defer
 
 
@@ -136,6 +143,37 @@ def test_it_judges_directives_that_came_during_an_update_once_it_ends():
     assert [(e["state"], e["seq"]) for e in sim_events(device)][-2:] == [("committed", 6), ("committed", 7)]
     assert sim_events(device)[-1]["detail"] == "already active and committed"
     assert device.pending == [] and device.seqs[MODEL] == 7
+
+
+def test_it_supersedes_a_download_and_never_steps_the_old_update_again():
+    device = sim_device(busy(MODEL, "downloading"))
+    old = device.update
+    device.handle_directive(directive(seq=6))
+    assert [(e["state"], e["error_code"], e["seq"]) for e in sim_events(device)] == [
+        ("failed", "SUPERSEDED", 5), ("received", None, 6)]
+    new = device.update
+    device.step(old)  # the superseded update's timer fires: it must not move the new one
+    assert device.update is new and new.phase == "received" and len(sim_events(device)) == 2
+    finish_update(device)
+    assert [(e["state"], e["seq"]) for e in sim_events(device)][-1] == ("committed", 6)
+    assert device.models[MODEL] == (sha256(V2).hexdigest(), True)
+
+
+def test_it_waits_for_a_trial_of_the_same_model():
+    device = sim_device(busy(MODEL, "trial"))
+    device.handle_directive(directive(seq=6))
+    assert sim_events(device) == [] and len(device.pending) == 1
+    finish_update(device)  # 5 commits; 6 starts then
+    assert [(e["state"], e["seq"]) for e in sim_events(device)][-2:] == [("committed", 5), ("received", 6)]
+
+
+def test_it_lifts_the_denylist_on_an_operators_retry():
+    device = sim_device(Known())
+    denied = sha256(DENIED).hexdigest()
+    device.handle_directive(directive(rel=release(artifacts=[entry(DENIED)]), artifact=entry(DENIED),
+                                      retry_denied=True))
+    assert denied not in device.denylist and device.update.sha == denied
+    assert "retry_denied" in sim_events(device)[0]["detail"]
 
 
 def test_it_raises_the_rollback_floor_when_an_update_commits():

@@ -8,6 +8,9 @@ event sequence. It skips the download, precheck and trial work itself, so one pr
 in for thousands of boxes. All sockets share one selector loop (paho's external-loop API)
 instead of a thread per device.
 
+A newer directive for the model being updated, arriving before activation, supersedes the update
+(admission's Preempt: failed SUPERSEDED, then the newer one starts at once), as on the agent.
+
 Behaviours: healthy; fail-precheck (failed PRECHECK_FAILED, active model untouched);
 fail-trial (activates, then rolled_back TRIAL_FAILED); slow (long steps); flapping (drops
 offline now and then, converging from the retained directive after reconnecting).
@@ -18,6 +21,7 @@ one selector loop that drives thousands of them (FleetSimulator) share their tim
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import random
@@ -29,7 +33,17 @@ from hashlib import sha256
 
 import paho.mqtt.client as mqtt
 
-from agent.admission import Accept, AlreadyActive, Defer, DeviceView, Ignore, Refuse, admit, could_not_process
+from agent.admission import (
+    Accept,
+    AlreadyActive,
+    Defer,
+    DeviceView,
+    Ignore,
+    Preempt,
+    Refuse,
+    admit,
+    could_not_process,
+)
 from agent.protocol import (
     ErrorCode,
     Event,
@@ -84,6 +98,7 @@ class _Update:
     rollback_floor: int
     steps: list[tuple[str, str | None]] = field(default_factory=list)  # (state, error code), in order
     previous: str | None = None  # the sha `current` pointed at before activation, restored by a rollback
+    phase: str = State.RECEIVED  # the last state reported (agent.machine.Phase values)
 
 
 class SimDevice:
@@ -198,9 +213,11 @@ class SimDevice:
         self.handle_directive(bytes(message.payload))
 
     def device_view(self) -> DeviceView:
+        upd = self.update
         return DeviceView(device_id=self.id, hardware=self.creds.hardware, seqs=self.seqs,
                           floors=self.floors, denylist=self.denylist, active=self.models,
-                          busy=self.update is not None)
+                          busy=upd is not None, busy_model=upd.model if upd else None,
+                          busy_seq=upd.seq if upd else 0, busy_phase=upd.phase if upd else None)
 
     def handle_directive(self, payload: bytes) -> None:
         """Judge one directive payload with the agent's admit() and act on the decision as
@@ -222,12 +239,27 @@ class SimDevice:
             if payload not in self.pending:
                 self.pending.append(payload)
         elif isinstance(decision, AlreadyActive):
-            self._handled(decision.model, decision.seq)
-            self.sim.stats.committed += 1
-            self._emit(State.COMMITTED, seq=decision.seq, model=decision.model, sha=decision.sha,
-                       rollout_id=decision.rollout_id, detail=decision.message, health=self.last_health)
+            self._confirm(decision)
         elif isinstance(decision, Accept):
             self._start(decision)
+        elif isinstance(decision, Preempt):
+            # The agent's Agent._preempt: the update before activation ends failed (SUPERSEDED),
+            # and the newer directive is carried out at once.
+            old = self.update
+            self.update = None
+            self.sim.stats.failed += 1
+            self._emit(State.FAILED, seq=old.seq, model=old.model, sha=old.sha, rollout_id=old.rollout_id,
+                       code=ErrorCode.SUPERSEDED, detail=decision.message)
+            if isinstance(decision.then, Accept):
+                self._start(decision.then)
+            else:
+                self._confirm(decision.then)
+
+    def _confirm(self, decision: AlreadyActive) -> None:
+        self._handled(decision.model, decision.seq)
+        self.sim.stats.committed += 1
+        self._emit(State.COMMITTED, seq=decision.seq, model=decision.model, sha=decision.sha,
+                   rollout_id=decision.rollout_id, detail=decision.message, health=self.last_health)
 
     def _handled(self, model: str, seq: int) -> None:
         self.seqs[model] = max(self.seqs.get(model, 0), seq)
@@ -250,10 +282,13 @@ class SimDevice:
         upd = decision.update
         self.sim.stats.updates_started += 1
         self._handled(upd.model, upd.seq)
+        if decision.lifted:
+            self.denylist.discard(decision.lifted)  # an operator's retry (retry_denied)
         self.update = _Update(seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id,
                               rollback_floor=upd.rollback_floor, steps=self._plan(upd.sha))
-        self._emit(State.RECEIVED, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id)
-        self.sim.schedule(self.sim.step_delay(self.behaviour), self.step)
+        self._emit(State.RECEIVED, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id,
+                   detail=decision.detail)
+        self.sim.schedule(self.sim.step_delay(self.behaviour), functools.partial(self.step, self.update))
 
     def _plan(self, sha: str) -> list[tuple[str, str | None]]:
         fails_precheck = self.behaviour == "fail-precheck" or sha in self.sim.fail_shas
@@ -266,9 +301,11 @@ class SimDevice:
             return steps + [(State.ROLLED_BACK, ErrorCode.TRIAL_FAILED)]
         return steps + [(State.COMMITTED, None)]
 
-    def step(self) -> None:
+    def step(self, update: _Update | None = None) -> None:
+        """The next state of the update in flight; `update`: the one this timer was set for (a
+        superseded update's timer must not step its successor)."""
         upd = self.update
-        if upd is None:
+        if upd is None or (update is not None and update is not upd):
             return
         state, code = upd.steps.pop(0)
         health = None
@@ -295,11 +332,13 @@ class SimDevice:
                 self.models[upd.model] = (upd.previous, True)
             else:
                 self.models.pop(upd.model, None)
+
             detail = "simulated trial failure"
         self._emit(state, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id, code=code,
                    detail=detail, health=health)
         if state not in State.TERMINAL:
-            self.sim.schedule(self.sim.step_delay(self.behaviour), self.step)
+            upd.phase = state
+            self.sim.schedule(self.sim.step_delay(self.behaviour), functools.partial(self.step, upd))
             return
         self.update = None
         if self.online:

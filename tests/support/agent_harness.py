@@ -142,6 +142,7 @@ def directive_envelope(
     issued_ago: timedelta = timedelta(0),
     rollout_id: str | None = "r-1",
     key=None,
+    retry_denied: bool = False,
 ) -> bytes:
     now = utcnow()
     payload = build_directive_payload(
@@ -153,6 +154,7 @@ def directive_envelope(
         model=model,
         release_envelope=release,
         artifact={"hardware": artifact["hardware"], "sha256": artifact["sha256"], "length": artifact["length"], "url": url},
+        **({"retry_denied": True} if retry_denied else {}),
     )
     envelope = signing.sign_envelope(payload, signing.DIRECTIVE_PAYLOAD_TYPE, key or keys.rollout)
     return json.dumps(envelope).encode()
@@ -164,7 +166,8 @@ def directive_envelope(
 class ArtifactServer:
     """Serves bytes (or files, via sendfile) with Range support. Test controls:
     `cuts` (absolute offsets where the next transfer crossing them is cut, each used once),
-    `rate` (bytes/s throttle), `redirects` (path -> URL for a 302), byte and request accounting."""
+    `rate` (bytes/s throttle), `rates` (path -> bytes/s, for that path only, over `rate`),
+    `redirects` (path -> URL for a 302), byte and request accounting."""
 
     CHUNK = 64 * 1024
 
@@ -177,6 +180,7 @@ class ArtifactServer:
         self.fail_next: list[int] = []  # statuses to answer the next requests with (e.g. 503)
         self.cuts: list[int] = []
         self.rate: float | None = None
+        self.rates: dict[str, float] = {}
         self.bytes_served = 0
         self.requests: list[dict] = []
         self.lock = threading.Lock()
@@ -239,7 +243,8 @@ class ArtifactServer:
                 else:
                     self.send_header("Content-Length", str(size - start))
                 self.end_headers()
-                if isinstance(source, Path) and not server.cuts and not server.rate:
+                rate = server.rates.get(path, server.rate)
+                if isinstance(source, Path) and not server.cuts and not rate:
                     self.wfile.flush()
                     with open(source, "rb") as f:
                         sent = self.connection.sendfile(f, offset=start, count=size - start)
@@ -270,8 +275,8 @@ class ArtifactServer:
                         except OSError:
                             pass
                         return
-                    if server.rate:
-                        time.sleep(server.CHUNK / server.rate)
+                    if rate:
+                        time.sleep(server.CHUNK / rate)
 
         self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True

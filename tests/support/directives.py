@@ -17,7 +17,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from agent import signing
-from agent.admission import Accept, AlreadyActive, Defer, DeviceView, Ignore, Refuse
+from agent.admission import Accept, AlreadyActive, Defer, DeviceView, Ignore, Preempt, Refuse
 from agent.config import Config, KeysConfig
 from agent.daemon import Agent
 from agent.journal import atomic_write_json, empty_journal
@@ -29,6 +29,7 @@ MODEL = "detector"
 V1 = sha256(b"v1 bytes").hexdigest()  # active and committed
 V2 = b"v2 bytes"
 DENIED = b"failed a trial here"
+IN_FLIGHT = b"being installed"  # the artifact of the update in flight, when Known is busy
 
 
 def _key():
@@ -43,7 +44,8 @@ ROLLOUT_PEM = signing.public_key_pem(ROLLOUT_KEY.public_key())
 @dataclass
 class Known:
     """The device's state before the directive arrives (baseline: v1 active, seq 5 handled for
-    MODEL; busy: an update of model "other" from a directive with that same seq)."""
+    MODEL; busy: an update of `busy_model` (another model by default) in `busy_phase`, started by
+    the directive with that same seq 5, for the artifact IN_FLIGHT)."""
 
     last_seq: int = 5
     floors: dict = field(default_factory=lambda: {MODEL: 3})
@@ -52,25 +54,43 @@ class Known:
         MODEL: {"current": V1, "previous": None, "file_name": "model.onnx", "committed": True, "version": "1",
                 "counter": 3}})
     busy: bool = False
+    busy_model: str = "other"
+    busy_phase: str = "trial"
 
     def seqs(self) -> dict[str, int]:
         """Per model, the seq handled last (agent.journal's `seqs`)."""
         if not self.last_seq:
             return {}
-        return {MODEL: self.last_seq, **({"other": self.last_seq} if self.busy else {})}
+        return {MODEL: self.last_seq, **({self.busy_model: self.last_seq} if self.busy else {})}
 
     def view(self) -> DeviceView:
         return DeviceView(device_id=DEVICE, hardware=HARDWARE, seqs=self.seqs(), floors=self.floors,
                           denylist=self.denylist,
-                          active={m: (r.get("current"), bool(r.get("committed"))) for m, r in self.models.items()},
-                          busy=self.busy)
+                          active={m: (r.get("current"), bool(r.get("committed"))) for m, r in self.journal_models().items()},
+                          busy=self.busy, busy_model=self.busy_model if self.busy else None,
+                          busy_seq=self.last_seq if self.busy else 0, busy_phase=self.busy_phase if self.busy else None)
+
+    def journal_models(self) -> dict:
+        """`models` as the journal has them: from the trial on, the update's own model is `current`."""
+        if not (self.busy and self.busy_phase == "trial"):
+            return self.models
+        previous = self.models.get(self.busy_model)
+        return {**self.models, self.busy_model: {
+            "current": sha256(IN_FLIGHT).hexdigest(), "previous": previous["current"] if previous else None,
+            "file_name": "model.onnx", "committed": False, "version": "4.0", "counter": 4}}
+
+    def in_flight(self) -> bytes:
+        """The directive that started the update in flight (the simulator is made busy with it)."""
+        return directive(seq=self.last_seq, model=self.busy_model, rel=release(model=self.busy_model,
+                         artifacts=[entry(IN_FLIGHT)]), artifact=entry(IN_FLIGHT))
 
     def journal(self) -> dict:
         data = {**empty_journal(), "last_seq": self.last_seq, "seqs": self.seqs(), "floors": self.floors,
-                "denylist": self.denylist, "models": self.models}
+                "denylist": self.denylist, "models": self.journal_models()}
         if self.busy:
-            data["update"] = {"phase": "trial", "seq": self.last_seq, "model": "other", "sha": "0" * 64,
-                              "file_name": "o.onnx", "transitions": 6, "trial_restarts": 0}
+            data["update"] = {"phase": self.busy_phase, "seq": self.last_seq, "model": self.busy_model,
+                              "sha": sha256(IN_FLIGHT).hexdigest(), "file_name": "model.onnx", "version": "4.0",
+                              "rollout_id": "r-9", "transitions": 6, "trial_restarts": 0}
         return data
 
 
@@ -97,14 +117,14 @@ def release(*, counter: int = 4, artifacts: list | None = None, model: str = MOD
 
 def directive(*, seq: int = 6, device_id: str = DEVICE, model: str = MODEL, rel: dict | None = None,
               artifact: dict | None = None, expires_in=timedelta(hours=1), key=ROLLOUT_KEY,
-              payload_type: str = signing.DIRECTIVE_PAYLOAD_TYPE) -> bytes:
+              payload_type: str = signing.DIRECTIVE_PAYLOAD_TYPE, retry_denied: bool = False) -> bytes:
     now = utcnow()
     art = artifact or entry()
     payload = build_directive_payload(
         device_id=device_id, seq=seq, issued=now - timedelta(hours=2), expires=now + expires_in, rollout_id="r-9",
         model=model, release_envelope=rel or release(),
         artifact={"hardware": art["hardware"], "sha256": art["sha256"], "length": art["length"],
-                  "url": "http://127.0.0.1:9/a/v2"})
+                  "url": "http://127.0.0.1:9/a/v2"}, retry_denied=retry_denied)
     return json.dumps(signing.sign_envelope(payload, payload_type, key)).encode()
 
 
@@ -133,6 +153,12 @@ class Case:
     seq: int = 0
     known: Known = field(default_factory=Known)
     message: str = ""  # a phrase the refusal message must contain
+    then: type | None = None  # Preempt: what it carries out (Accept or AlreadyActive)
+
+
+def busy(model: str = MODEL, phase: str = "downloading", **known) -> Known:
+    """A device updating `model` (by directive 5), now in `phase`."""
+    return Known(busy=True, busy_model=model, busy_phase=phase, **known)
 
 
 CASES = {
@@ -164,6 +190,26 @@ CASES = {
     "busy": Case(lambda: directive(), Defer, seq=6, known=Known(busy=True)),
     "busy_even_if_expired": Case(lambda: directive(expires_in=-timedelta(minutes=1)), Defer, seq=6,
                                  known=Known(busy=True)),
+    # 7 and 18: a newer directive for the model being updated supersedes it before activation; one for
+    # another model, or arriving from activation on, waits.
+    "another_models_download": Case(lambda: directive(), Defer, seq=6, known=busy("other", "downloading")),
+    "same_model_activating": Case(lambda: directive(), Defer, seq=6, known=busy(MODEL, "activating")),
+    "same_model_in_trial": Case(lambda: directive(), Defer, seq=6, known=busy(MODEL, "trial")),
+    "preempts_received": Case(lambda: directive(), Preempt, seq=6, known=busy(MODEL, "received"), then=Accept),
+    "preempts_a_download": Case(lambda: directive(), Preempt, seq=6, known=busy(MODEL, "downloading"), then=Accept),
+    "preempts_verifying": Case(lambda: directive(), Preempt, seq=6, known=busy(MODEL, "verifying"), then=Accept),
+    "preempts_a_precheck": Case(lambda: directive(), Preempt, seq=6, known=busy(MODEL, "prechecking"), then=Accept),
+    "revert_preempts_a_download": Case(
+        lambda: directive(rel=release(artifacts=[entry(b"v1 bytes")]), artifact=entry(b"v1 bytes")), Preempt,
+        seq=6, known=busy(MODEL, "downloading"), then=AlreadyActive),
+    "in_flight_directive_again": Case(lambda: directive(seq=5), Ignore, seq=5, known=busy(MODEL, "downloading")),
+    "replayed_during_a_download": Case(lambda: directive(seq=4), Refuse, "REPLAYED", 4,
+                                       known=busy(MODEL, "downloading")),
+    "expired_during_a_download": Case(lambda: directive(expires_in=-timedelta(minutes=1)), Refuse, "EXPIRED", 6,
+                                      known=busy(MODEL, "downloading")),
+    "denylisted_during_a_download": Case(
+        lambda: directive(rel=release(artifacts=[entry(DENIED)]), artifact=entry(DENIED)), Refuse, "DENYLISTED", 6,
+        known=busy(MODEL, "downloading")),
     # 8-16: authentic and fresh; recorded under the directive's seq.
     "expired": Case(lambda: directive(expires_in=-timedelta(minutes=1)), Refuse, "EXPIRED", 6),
     "expired_before_release_checks": Case(
@@ -200,6 +246,16 @@ CASES = {
                              "MALFORMED", 6, message="is not a plain file name"),
     "denylisted": Case(lambda: directive(rel=release(artifacts=[entry(DENIED)]), artifact=entry(DENIED)), Refuse,
                        "DENYLISTED", 6),
+    "denylisted_retried_by_an_operator": Case(
+        lambda: directive(rel=release(artifacts=[entry(DENIED)]), artifact=entry(DENIED), retry_denied=True), Accept,
+        seq=6),
+    "denylisted_retried_during_a_download": Case(
+        lambda: directive(rel=release(artifacts=[entry(DENIED)]), artifact=entry(DENIED), retry_denied=True),
+        Preempt, seq=6, known=busy(MODEL, "downloading"), then=Accept),
+    "retry_of_an_artifact_not_denied": Case(lambda: directive(retry_denied=True), Accept, seq=6),
+    "retry_below_rollback_floor": Case(
+        lambda: directive(rel=release(counter=2, artifacts=[entry(DENIED)]), artifact=entry(DENIED),
+                          retry_denied=True), Refuse, "BELOW_ROLLBACK_FLOOR", 6),
     "floor_before_denylist": Case(
         lambda: directive(rel=release(counter=2, artifacts=[entry(DENIED)]), artifact=entry(DENIED)), Refuse,
         "BELOW_ROLLBACK_FLOOR", 6),
