@@ -128,7 +128,6 @@ class Agent:
                     self.judge_waiting()
                 if self.journal.update:
                     self.drive()
-                    publish.publish_presence(self.link, journal=self.journal)
                     continue
                 local_rollback.handle_requests(self.requests_dir, start=self.start_local_rollback)
                 try:
@@ -269,6 +268,7 @@ class Agent:
         self.journal.commit(data, point)
         for item in events:
             self.outbox.put(item["event_no"], item["payload"].encode("utf-8"))
+        publish.publish_presence(self.link, journal=self.journal)
 
     def _start(self, entry: Entry, upd: InFlightUpdate, *, lift: str | None = None, detail: str = "") -> None:
         """Journal a new in-flight update; a directive's also records its seq and reports `received`

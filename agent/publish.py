@@ -1,8 +1,10 @@
 """What the agent publishes over MQTT (through agent.mqtt.MqttLink, on `{root}/devices/{id}/...`).
 
-- presence (retained, QoS 1): `presence()`, agent.protocol.presence_payload with the active models.
-  The link sends it on every connect and leaves online=false as its last will; the run loop sends
-  it again after each update (`publish_presence`).
+- presence (retained, QoS 1): `presence()`, agent.protocol.presence_payload: the active models,
+  and for a server-side reconciler, per model the release running and the last directive seq
+  handled, and the update in flight (model, seq, phase). The link sends it on every connect and
+  leaves online=false as its last will; every journal write that moves an update or reports a
+  directive sends it again (`publish_presence`, from Agent._commit).
 - events (QoS 1): agent.protocol.Event payloads, written to the on-disk outbox with the journal
   write that caused them (Agent._commit); the outbox's sender thread hands them to
   `publish_event` in order and drops each once the broker acknowledged it.
@@ -33,8 +35,35 @@ def active_models(journal: Journal) -> dict[str, str]:
     return {name: m["current"] for name, m in journal.data["models"].items() if m.get("current")}
 
 
+def reported_models(journal: Journal) -> dict[str, dict]:
+    """model -> {sha256, version, committed, seq}: what runs (sha256 None: nothing installed) and the
+    last directive seq handled for the model (a journal from before per-model seqs bounds every
+    model by its one last_seq, `seq_floor`, as admission does)."""
+    data = journal.data
+    seqs = data.get("seqs") or {}
+    floor = data.get("seq_floor", 0)
+    models = data["models"]
+    out = {}
+    for name in sorted(set(models) | set(seqs)):
+        m = models.get(name) or {}
+        out[name] = {"sha256": m.get("current"), "version": m.get("version"), "committed": bool(m.get("committed")),
+                     "seq": max(seqs.get(name, 0), floor)}
+    return out
+
+
+def in_flight(journal: Journal) -> dict | None:
+    """The update in flight as {model, seq, phase} (seq 0: a local rollback), or None."""
+    upd = journal.data.get("update")
+    return {"model": upd["model"], "seq": upd["seq"], "phase": upd["phase"]} if upd else None
+
+
 def presence(online: bool, *, journal: Journal) -> bytes:
-    return presence_payload(online=online, agent_version=AGENT_VERSION, active=active_models(journal))
+    """The presence payload. models and update only when online: the offline one is also the last
+    will, fixed when the link is made, so it would carry stale figures (agent/README.md)."""
+    if not online:
+        return presence_payload(online=False, agent_version=AGENT_VERSION, active=active_models(journal))
+    return presence_payload(online=True, agent_version=AGENT_VERSION, active=active_models(journal),
+                            models=reported_models(journal), update=in_flight(journal))
 
 
 def publish_presence(link: MqttLink | None, *, journal: Journal) -> None:

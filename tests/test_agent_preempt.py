@@ -156,3 +156,36 @@ def test_a_directive_for_another_model_still_waits(installed):
     assert active_fingerprint(state, MODEL)[1] == inst.v2.sha256
     assert agent.stop() == 0
 
+
+def test_the_retained_presence_reports_models_seqs_and_the_update_in_flight(installed):
+    inst = installed
+    rig, state = _device(inst, "p-presence")
+    agent = rig.agent("p-presence").start()
+
+    def presence():
+        return rig.subscriber.presence.get("p-presence") or {}
+
+    wait_for(lambda: presence().get("online"), 15, "online presence", agent=agent)
+    # seq 0: the cloned state was the template device's, whose seqs a new device id does not inherit.
+    assert presence()["models"] == {MODEL: {"sha256": inst.v1.sha256, "version": "1.0", "committed": True,
+                                            "seq": 0}}
+    assert presence()["update"] is None and presence()["active"] == {MODEL: inst.v1.sha256}
+    _slow_download_under_way(inst, "p-presence", agent, state)
+    wait_for(lambda: presence().get("update") == {"model": MODEL, "seq": 2, "phase": "downloading"}, 10,
+             "the update in flight in the presence", agent=agent)
+    assert presence()["models"][MODEL]["seq"] == 2  # handled: it is the update in flight
+
+    # A reconnect (a restart here) sends it again, from the journal.
+    agent.proc.kill()
+    agent.wait(10)
+    wait_for(lambda: presence().get("online") is False, 25, "the last will")
+    assert "models" not in presence()  # the will is fixed at connect time: it carries no figures
+    agent.start()
+    wait_for(lambda: presence().get("online") and presence().get("update", {}).get("seq") == 2, 20,
+             "presence after the restart", agent=agent)
+    rig.publish_directive("p-presence", rig.directive("p-presence", 3, MODEL, inst.rel3, inst.v3))
+    assert rig.subscriber.wait_outcome("p-presence", 3, agent=agent)["state"] == "committed"
+    wait_for(lambda: presence().get("update") is None and presence()["models"][MODEL]["seq"] == 3, 10,
+             "presence after the update", agent=agent)
+    assert presence()["models"][MODEL] == {"sha256": inst.v3.sha256, "version": "3.0", "committed": True, "seq": 3}
+    assert agent.stop() == 0

@@ -176,6 +176,20 @@ def test_it_lifts_the_denylist_on_an_operators_retry():
     assert "retry_denied" in sim_events(device)[0]["detail"]
 
 
+def test_it_reports_models_seqs_and_the_update_in_flight_in_its_presence():
+    from agent.protocol import parse_presence
+
+    device = sim_device(busy(MODEL, "downloading"))
+    online = parse_presence(device._presence(True))
+    assert online["models"][MODEL] == {"sha256": Known().models[MODEL]["current"], "version": None,
+                                       "committed": True, "seq": 5}
+    assert online["update"] == {"model": MODEL, "seq": 5, "phase": "downloading"}
+    finish_update(device)
+    after = parse_presence(device._presence(True))
+    assert after["update"] is None and after["models"][MODEL]["version"] == "4.0"
+    assert set(parse_presence(device._presence(False))) == {"_type", "online", "agent_version", "active"}
+
+
 def test_it_raises_the_rollback_floor_when_an_update_commits():
     device = sim_device(Known(last_seq=0, floors={}, models={}))
     floor_5 = release(counter=5, edit=lambda body: body.update(rollback_floor=5))

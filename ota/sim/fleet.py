@@ -96,6 +96,7 @@ class _Update:
     sha: str
     rollout_id: str | None
     rollback_floor: int
+    version: str | None = None
     steps: list[tuple[str, str | None]] = field(default_factory=list)  # (state, error code), in order
     previous: str | None = None  # the sha `current` pointed at before activation, restored by a rollback
     phase: str = State.RECEIVED  # the last state reported (agent.machine.Phase values)
@@ -117,6 +118,7 @@ class SimDevice:
         # model -> (sha `current` points at, committed); what the server saw active counts as committed.
         self.models: dict[str, tuple[str, bool]] = {
             model: (sha, True) for model, sha in resume.get("active", {}).items()}
+        self.versions: dict[str, str | None] = {}  # model -> release version of what runs, when known
         self.last_health: dict | None = None
         self.refused: list[bytes] = []  # digests of payloads refused without their seq (reported once)
         self.update: _Update | None = None
@@ -153,7 +155,20 @@ class SimDevice:
         return {model: sha for model, (sha, _committed) in self.models.items()}
 
     def _presence(self, online: bool) -> bytes:
-        return presence_payload(online=online, agent_version=SIM_AGENT_VERSION, active=self.active)
+        """As the agent's (agent.publish.presence): models and the update in flight only when online."""
+        if not online:
+            return presence_payload(online=False, agent_version=SIM_AGENT_VERSION, active=self.active)
+        models = {
+            name: {"sha256": self.models[name][0] if name in self.models else None,
+                   "version": self.versions.get(name) if name in self.models else None,
+                   "committed": self.models[name][1] if name in self.models else False,
+                   "seq": self.seqs.get(name, 0)}
+            for name in sorted(set(self.models) | set(self.seqs))
+        }
+        upd = self.update
+        update = {"model": upd.model, "seq": upd.seq, "phase": upd.phase} if upd else None
+        return presence_payload(online=True, agent_version=SIM_AGENT_VERSION, active=self.active, models=models,
+                                update=update)
 
     def connect(self) -> None:
         try:
@@ -285,7 +300,7 @@ class SimDevice:
         if decision.lifted:
             self.denylist.discard(decision.lifted)  # an operator's retry (retry_denied)
         self.update = _Update(seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id,
-                              rollback_floor=upd.rollback_floor, steps=self._plan(upd.sha))
+                              rollback_floor=upd.rollback_floor, version=upd.version, steps=self._plan(upd.sha))
         self._emit(State.RECEIVED, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id,
                    detail=decision.detail)
         self.sim.schedule(self.sim.step_delay(self.behaviour), functools.partial(self.step, self.update))
@@ -315,6 +330,7 @@ class SimDevice:
             old = self.models.get(upd.model)
             upd.previous = old[0] if old and old[0] != upd.sha else None
             self.models[upd.model] = (upd.sha, False)
+            self.versions[upd.model] = upd.version
         elif state == State.COMMITTED:
             self.sim.stats.committed += 1
             health = {"error_rate": 0.0, "latency_ms_p95": 4.2, "checks": 1, "simulated": True}
@@ -332,7 +348,7 @@ class SimDevice:
                 self.models[upd.model] = (upd.previous, True)
             else:
                 self.models.pop(upd.model, None)
-
+            self.versions.pop(upd.model, None)  # the previous one's is not known here
             detail = "simulated trial failure"
         self._emit(state, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id, code=code,
                    detail=detail, health=health)
