@@ -7,9 +7,9 @@ journal *before* each side effect, and every step is safe to run twice.
 Crash hook (test-only, compiled in): FLEET_AGENT_CRASH_AT=<point>[:<n>] makes the agent
 SIGKILL itself the n-th time (default 1st) it passes <point>. Points are the journalled
 transitions (received, downloading, verifying, prechecking, activating, trial, trial-restart,
-resume, rolling_back, committed, failed, rolled_back, rejected) plus side-effect points between
-them (download-chunk, staged, swapped, reloaded, swapped-back, event-queued). Leave it unset in
-production.
+resume, rolling_back, committed, failed, rolled_back, rejected, superseded), the model-hook marks
+(model-hook, model-hook-done), plus side-effect points between them (download-chunk, staged,
+swapped, reloaded, swapped-back, event-queued). Leave it unset in production.
 """
 
 from __future__ import annotations

@@ -86,3 +86,11 @@ def test_it_refuses_malformed_new_fields(change, message):
     with pytest.raises(ProtocolError, match=message):
         parse_presence(encode_json(body))
 
+
+def test_it_documents_every_error_code_in_the_agents_readme():
+    from pathlib import Path
+
+    from agent.protocol import ErrorCode
+
+    readme = (Path(__file__).resolve().parents[1] / "agent" / "README.md").read_text()
+    assert [code for code in vars(ErrorCode) if code.isupper() and code not in readme] == []
