@@ -1,4 +1,4 @@
-.PHONY: run test bootstrap bench bench-rollout clean
+.PHONY: run test bootstrap bench bench-rollout bench-chaos clean
 
 run:
 	@scripts/run.sh
@@ -18,6 +18,11 @@ bench-rollout:
 	@scripts/bootstrap.sh --test
 	@scripts/ensure_services.sh --postgres
 	.venv/bin/python benchmarks/rollout_fleet.py
+
+bench-chaos:
+	@scripts/bootstrap.sh --test
+	@scripts/ensure_services.sh --postgres
+	.venv/bin/python benchmarks/chaos.py
 
 clean:
 	rm -rf var .pytest_cache

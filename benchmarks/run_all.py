@@ -16,6 +16,7 @@ BENCHMARKS = [
     "agent_footprint.py",
     "device_list.py",
     "rollout_fleet.py",
+    "chaos.py",
 ]
 
 

@@ -204,6 +204,27 @@ def test_it_never_moves_state_backwards_for_late_events(db, settings):
     assert DeviceEvent.objects.filter(device_id=device_id).count() == 7
 
 
+def test_it_keeps_what_a_device_reports_per_model_in_its_presence(db, settings):
+    settings.MQTT_BROKER_AUTH = "none"
+    v1, a1 = release_rows(version="1.0", counter=1)
+    device_id = enroll_device().device.id
+    online = presence_payload(online=True, agent_version="1.2", active={"detector": a1.sha256},
+                              models={"detector": {"sha256": a1.sha256, "version": "1.0", "committed": True, "seq": 7}},
+                              update={"model": "detector", "seq": 8, "phase": "downloading"})
+    ingestor = Ingestor()
+    ingestor.process([_msg(device_id, "presence", online)])
+    state = DeviceModelState.objects.get(device_id=device_id)
+    assert (state.reported_seq, state.reported_committed, state.reported_update_seq) == (7, True, 8)
+    assert (state.active_version_id, state.reported_at is not None) == (v1.pk, True)
+    assert Device.objects.get(pk=device_id).reported_at == state.reported_at
+    # The last will (online=false) carries no per-model figures: what the device said last stands.
+    ingestor.process([_msg(device_id, "presence", presence_payload(online=False, agent_version="1.2",
+                                                                   active={"detector": a1.sha256}))])
+    state.refresh_from_db()
+    assert (state.reported_seq, state.reported_update_seq) == (7, 8)
+    assert Device.objects.get(pk=device_id).online is False
+
+
 def test_it_hands_only_new_event_ids_to_the_engine_hook(db, settings):
     settings.MQTT_BROKER_AUTH = "none"
     release_rows(version="1.0", counter=1)

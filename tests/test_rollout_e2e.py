@@ -11,93 +11,25 @@ beat, mqtt_ingest, live web server) over a secured Mosquitto, with real ONNX rel
 
 from __future__ import annotations
 
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from ota.models import DeviceModelState, Directive, Rollout, RolloutDevice
 from registry.models import Artifact, AuditEntry
-from tests.support.agent_harness import HEALTH_OK, toml_value
-from tests.support.platform import REPO, DirectiveRecorder
+from tests.support.fleet_agents import Agents, wait_until
+from tests.support.platform import DirectiveRecorder
 from tests.support.rollout_data import act, create_rollout, health_for, release
-from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 API = "/api/v1"
 FLEET_SIZE = 20
-FLEET_AGENT = str(REPO / ".venv" / "bin" / "fleet-agent")
-AGENT_UPDATE = {
-    "disk_reserve_mb": 1,
-    "trial_seconds": 1,
-    "health_interval_seconds": 0.4,
-    "health_command": HEALTH_OK,
-    "precheck_timeout_seconds": 60,
-    "download_backoff_seconds": 0.2,
-    "download_backoff_max_seconds": 1,
-}
 GATES = {
     "success": {"min_healthy_percent": 100},
     "failure": {"min_reports": 2, "max_failed_percent": 50},
     "timeouts": {"download_seconds": 120, "activate_seconds": 120, "trial_seconds": 60},
 }
-
-
-class Agents:
-    def __init__(self, workdir: Path, env: dict):
-        self.workdir = workdir
-        self.env = {k: v for k, v in env.items() if k != "DJANGO_SETTINGS_MODULE"}
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.configs: dict[str, Path] = {}
-
-    def enroll(self, server: str, token: str, count: int) -> list[str]:
-        pending = []
-        for i in range(count):
-            state_dir = self.workdir / f"box-{i:02d}"
-            pending.append((state_dir, subprocess.Popen(
-                [FLEET_AGENT, "enroll", "--server", server, "--token", token, "--hardware", "rpi4",
-                 "--label", "site=berlin", "--label", f"box={i}", "--state-dir", str(state_dir)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env)))
-        for state_dir, proc in pending:
-            out, _ = proc.communicate(180)  # 20 interpreters starting at once on a busy 2-core box
-            assert proc.returncode == 0, out.decode()
-            config = state_dir / "agent.toml"
-            assert config.stat().st_mode & 0o777 == 0o600
-            device_id = out.decode().split("enrolled as ", 1)[1].split(";", 1)[0]
-            # Test pacing: a one-second trial instead of production's minutes.
-            with config.open("a") as handle:
-                handle.write("\n[update]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in AGENT_UPDATE.items()))
-            self.configs[device_id] = config
-        return sorted(self.configs)
-
-    def start(self, device_id: str) -> None:
-        log = open(self.configs[device_id].parent / "agent.log", "ab")
-        self.procs[device_id] = subprocess.Popen(
-            [FLEET_AGENT, "run", "--config", str(self.configs[device_id])],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        log.close()
-
-    def stop(self, device_id: str) -> None:
-        proc = self.procs.pop(device_id, None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def stop_all(self) -> None:
-        for device_id in list(self.procs):
-            self.stop(device_id)
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"===== agent {d} =====\n{(c.parent / 'agent.log').read_text(errors='replace')[-1500:]}"
-            for d, c in self.configs.items() if (c.parent / "agent.log").exists()
-        )
 
 
 @pytest.fixture
@@ -110,14 +42,6 @@ def agents(platform, tmp_path):
     fleet = Agents(tmp_path / "agents", platform.env)
     yield fleet
     fleet.stop_all()
-
-
-def wait_until(predicate, timeout, what, platform, agents):
-    """`wait_for` with the server's and the agents' logs on a timeout; prints how long each phase took."""
-    start = time.monotonic()
-    wait_for(predicate, timeout=timeout, what=what, interval=0.5,
-             diagnostics=lambda: f"{platform.logs()}\n{agents.logs()}")
-    print(f"{time.strftime('%H:%M:%S')} {what}: {time.monotonic() - start:.1f}s")
 
 
 def rollout_state(rid):

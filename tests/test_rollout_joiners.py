@@ -99,3 +99,24 @@ def test_it_leaves_a_completed_rollout_alone_unless_it_follows_its_target(fleet)
         assert rollout.pk not in rollouts_taking_joiners()
         assert rollout_take_in_joiners(rollout_id=rollout.pk, now=later()) == 0
     assert Rollout.objects.get(pk=rollout.pk).state == "completed"
+
+
+def test_it_takes_in_a_device_enrolled_just_before_the_last_wave_passes(fleet):
+    with fleet(execute=True):
+        rollout = rollout_create(model="detector", version="1.0", target={"labels": {"site": "berlin"}},
+                                 waves=[{"percent": 100}], actor="user:x")
+        rollout_start(rollout_id=rollout.pk, actor="user:x")
+        rollout_evaluate(rollout_id=rollout.pk)
+        assert rollout_take_in_joiners(rollout_id=rollout.pk) == 0  # the periodic check just ran
+        make_devices(1, labels={"site": "berlin"}, prefix="new")
+        commit_all(rollout)
+        # The last wave passes before the next periodic check: the device joins a catch-up
+        # wave instead of being left out by completion.
+        rollout_evaluate(rollout_id=rollout.pk)
+        assert Rollout.objects.get(pk=rollout.pk).state == "running"
+        commit_all(rollout)
+        rollout_evaluate(rollout_id=rollout.pk)
+
+    joined = RolloutDevice.objects.get(rollout=rollout, device_id="new-0000")
+    assert (joined.state, joined.wave.index, joined.wave.spec["name"]) == ("committed", 1, "catch-up")
+    assert Rollout.objects.get(pk=rollout.pk).state == "completed"

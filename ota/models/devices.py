@@ -37,6 +37,9 @@ class Device(models.Model):
     )
     last_seen = models.DateTimeField(null=True, blank=True)
     online = models.BooleanField(default=False, db_index=True)
+    # When the device last sent a presence with per-model reports (DeviceModelState.reported_*):
+    # a model missing from such a presence is one the device has had no directive for.
+    reported_at = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=64, blank=True)
     last_telemetry = models.JSONField(default=dict, blank=True)
     last_telemetry_at = models.DateTimeField(null=True, blank=True)
@@ -79,6 +82,14 @@ class DeviceModelState(models.Model):
     last_error_code = models.CharField(max_length=32, blank=True)
     last_rollout_id = models.CharField(max_length=64, blank=True)
     last_event_no = models.BigIntegerField(default=-1)
+    # What the device itself last said in its retained presence (agents that send `models`): the
+    # seq of the last directive it handled for this model, whether what runs is committed, and the
+    # seq of an update still in flight. The reconciler (ota/rollouts/reconcile.py) compares these
+    # with the desired state to repair lost events and lost directives.
+    reported_seq = models.PositiveBigIntegerField(null=True, blank=True)
+    reported_committed = models.BooleanField(null=True, blank=True)
+    reported_update_seq = models.PositiveBigIntegerField(null=True, blank=True)
+    reported_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

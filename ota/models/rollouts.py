@@ -216,6 +216,12 @@ class RolloutDevice(models.Model):
     trial_started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     revert_directed_at = models.DateTimeField(null=True, blank=True)
+    # A failed revert is tried again with backoff (ota.rollouts.reconcile) a few times.
+    revert_attempts = models.PositiveIntegerField(default=0)
+    # An operator's retry of a device that rolled back (or refused a deny-listed artifact): its
+    # next directive says, signed, that the artifact may be tried again.
+    lift_denylist = models.BooleanField(default=False)
+    revert_retry_at = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
     last_event_no = models.BigIntegerField(default=-1)
     updated_at = models.DateTimeField(default=timezone.now)
@@ -248,7 +254,10 @@ class Directive(models.Model):
     # commit and publish) goes out later byte for byte, with the same seq.
     envelope = models.JSONField()
     created_at = models.DateTimeField(default=timezone.now)
+    # When it last went out (NULL: to publish, or publish again). A withdrawn directive goes out
+    # as an empty retained message, clearing its topic; the beat tick retries both until they stick.
     published_at = models.DateTimeField(null=True, blank=True)
+    withdrawn_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]

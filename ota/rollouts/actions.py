@@ -5,10 +5,13 @@ changes it and audits who did it and why. Entry points run them by name through 
 from __future__ import annotations
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
-from ota.models import Rollout, RolloutDevice, Wave
+from agent.protocol import ErrorCode
+from ota.models import Directive, Rollout, RolloutDevice, Wave
 from ota.rollouts.catalogue import BY_NAME
+from ota.rollouts.directives import directives_publish
 from ota.rollouts.gates import wave_figures
 from ota.rollouts.planning import conflicts_find, raise_conflicts
 from ota.rollouts.transitions import (
@@ -95,14 +98,18 @@ def rollout_advance(*, rollout_id: int, actor: str, reason: str = "") -> Rollout
 
 
 def rollout_retry_failed(*, rollout_id: int, actor: str, reason: str = "") -> int:
-    """Queue every failed device of the started waves again (a fresh directive, new seq)."""
+    """Queue every failed device of the started waves again (a fresh directive, new seq; one
+    that rolled back or refused a deny-listed artifact gets it with the deny-list entry lifted,
+    signed in the directive), and send devices listed unreachable the same directive again
+    (same seq), restarting their delivery timeout."""
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
         rollout_require_state(rollout, BY_NAME["retry"])
         now = timezone.now()
-        count = RolloutDevice.objects.filter(rollout=rollout, state__in=RolloutDevice.FAILURES).update(
-            state=RD.QUEUED, queued_at=now, error_code="", detail="", updated_at=now
-        )
+        failed = RolloutDevice.objects.filter(rollout=rollout, state__in=RolloutDevice.FAILURES)
+        failed.filter(Q(state=RD.ROLLED_BACK) | Q(error_code=ErrorCode.DENYLISTED)).update(lift_denylist=True)
+        count = failed.update(state=RD.QUEUED, queued_at=now, error_code="", detail="", updated_at=now)
+        count += _resend_unreachable(rollout, now=now)
         if count:
             # A tripped gate would trip again at once on the old failures; start the count afresh.
             Wave.objects.filter(rollout=rollout, index=rollout.current_wave, state=Wave.State.HALTED).update(
@@ -114,6 +121,21 @@ def rollout_retry_failed(*, rollout_id: int, actor: str, reason: str = "") -> in
         )
         rollout_wake(rollout.pk)
     return count
+
+
+def _resend_unreachable(rollout: Rollout, *, now) -> int:
+    # A device still DIRECTED is inside its delivery window; the reconciler republishes for it.
+    stuck = RolloutDevice.objects.filter(rollout=rollout, state=RD.UNREACHABLE, seq__isnull=False)
+    pairs = list(stuck.values_list("device_id", "seq"))
+    if not pairs:
+        return 0
+    ids = [pk for pk, device_id, seq in Directive.objects.filter(
+        rollout=rollout, device_id__in=[d for d, _ in pairs]).values_list("pk", "device_id", "seq")
+        if (device_id, seq) in set(pairs)]
+    Directive.objects.filter(pk__in=ids).update(published_at=None)
+    stuck.update(state=RD.DIRECTED, directed_at=now, detail="", updated_at=now)
+    transaction.on_commit(lambda: directives_publish(directive_ids=ids))
+    return len(pairs)
 
 
 def rollout_abort(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:

@@ -19,7 +19,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Max
+from django.db.models import Exists, Max, OuterRef
 from django.utils import timezone
 
 from agent.protocol import Topics, build_directive_payload, encode_json
@@ -43,6 +43,7 @@ class DirectiveRequest:
     device_id: str
     hardware: str
     version: ModelVersion
+    retry_denied: bool = False  # an operator's retry: the device may try a deny-listed artifact again
 
 
 def allocate_seqs(device_ids: list[str]) -> dict[str, int]:
@@ -99,6 +100,7 @@ def directives_issue(
                 "length": art.length,
                 "url": artifact_download_url(artifact=art),
             },
+            retry_denied=req.retry_denied,
         )
         records.append(
             Directive(
@@ -134,8 +136,9 @@ def directives_publish(*, directive_ids: list[int]) -> int:
     Only the newest directive of a (device, model) goes out: a retained message replaces the one
     before it, so publishing a late copy of an older directive (its worker died between commit and
     publish) after a newer one would roll the device's desired state back. Superseded ones are
-    marked published without being sent. Returns how many went out. A broker outage is logged, not
-    raised: the rows stay unpublished and the beat tick tries again.
+    marked published without being sent. A withdrawn directive goes out as an empty retained
+    message (the topic cleared). Returns how many went out. A broker outage is logged, not raised:
+    the rows stay unpublished and the beat tick tries again.
     """
     topics = Topics(settings.MQTT_TOPIC_ROOT)
     published = 0
@@ -144,15 +147,15 @@ def directives_publish(*, directive_ids: list[int]) -> int:
         chunk = directive_ids[start : start + PUBLISH_CHUNK]
         rows = list(
             Directive.objects.filter(pk__in=chunk, published_at__isnull=True).values_list(
-                "pk", "device_id", "version__model__name", "seq", "envelope"
+                "pk", "device_id", "version__model__name", "seq", "envelope", "withdrawn_at"
             )
         )
         if not rows:
             continue
-        newest = _newest_seqs({(device_id, model) for _, device_id, model, _, _ in rows})
+        newest = _newest_seqs({(r[1], r[2]) for r in rows})
         sending = [r for r in rows if r[3] >= newest[(r[1], r[2])]]
-        messages = [(topics.directive(device_id, model), encode_json(envelope))
-                    for _, device_id, model, _, envelope in sending]
+        messages = [(topics.directive(device_id, model), b"" if withdrawn else encode_json(envelope))
+                    for _, device_id, model, _, envelope, withdrawn in sending]
         try:
             mqtt.publish_many(messages, qos=1, retain=True)
         except Exception:  # any transport failure leaves the rows for the tick
@@ -178,22 +181,24 @@ def _newest_seqs(pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
 
 
 def directives_withdraw(*, device_ids: list[str], model: str) -> None:
-    """After commit, clear the retained directive for `model` of devices that have not picked
-    theirs up yet, so an offline box that reconnects after an abort finds nothing to install. A
-    device that already has the message is unaffected (it reports on, and the engine keeps
-    listening). Other models' directives of the same devices are left alone."""
+    """Take back the newest `model` directive of each of these devices (those that have not
+    picked it up): after commit its topic is cleared with an empty retained message, so an
+    offline box that reconnects after an abort finds nothing to install. A device that already
+    has the message is unaffected (it reports on, and the engine keeps listening). Other models'
+    directives are left alone. Marked in the database first, so a broker outage only delays it:
+    the beat tick publishes the withdrawal until it sticks."""
     if not device_ids:
         return
-    topics = Topics(settings.MQTT_TOPIC_ROOT)
-    ids = list(device_ids)
-
-    def clear():
-        try:
-            mqtt.publish_many([(topics.directive(d, model), b"") for d in ids], qos=1, retain=True)
-        except Exception:  # a broker outage leaves the directive retained: logged for the operator
-            logger.exception("could not withdraw the retained %s directives of %d devices", model, len(ids))
-
-    transaction.on_commit(clear)
+    newer = Directive.objects.filter(device_id=OuterRef("device_id"), version__model_id=OuterRef("version__model_id"),
+                                     seq__gt=OuterRef("seq"))
+    newest = (
+        Directive.objects.filter(device_id__in=list(device_ids), version__model__name=model)
+        .exclude(Exists(newer))
+        .values_list("pk", flat=True)
+    )
+    ids = list(newest)
+    Directive.objects.filter(pk__in=ids).update(withdrawn_at=timezone.now(), published_at=None)
+    transaction.on_commit(lambda: directives_publish(directive_ids=ids))
 
 
 def directives_publish_stale(*, older_than: timedelta = timedelta(seconds=10)) -> int:

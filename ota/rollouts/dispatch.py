@@ -36,7 +36,8 @@ def wave_dispatch(rollout: Rollout, wave: Wave) -> int:
         for s in DeviceModelState.objects.filter(device_id__in=[a.device_id for a in batch], model_id=rollout.model_id)
     }
     previous_by_sha = _versions_by_sha(rollout.model_id, {s.active_sha256 for s in states.values() if s.active_sha256})
-    requests = [DirectiveRequest(device_id=a.device_id, hardware=a.device.hardware_id, version=release) for a in batch]
+    requests = [DirectiveRequest(device_id=a.device_id, hardware=a.device.hardware_id, version=release,
+                                 retry_denied=a.lift_denylist) for a in batch]
     issued = directives_issue(requests=requests, rollout_id=rollout.pk, kind=Directive.Kind.UPDATE)
     for a in batch:
         directive = issued.get(a.device_id)
@@ -49,13 +50,14 @@ def wave_dispatch(rollout: Rollout, wave: Wave) -> int:
         else:
             a.state, a.seq = RD.DIRECTED, directive.seq
             a.attempts += 1
+            a.lift_denylist = False  # signed into this directive
             a.received_at = a.download_started_at = a.verify_started_at = None
             a.activate_started_at = a.trial_started_at = a.finished_at = None
         a.directed_at = a.updated_at = now
     bulk_set(
         batch,
         [
-            "state", "seq", "attempts", "previous_version", "previous_sha256", "directed_at", "updated_at", "detail",
+            "state", "seq", "attempts", "lift_denylist", "previous_version", "previous_sha256", "directed_at", "updated_at", "detail",
             "received_at", "download_started_at", "verify_started_at", "activate_started_at",
             "trial_started_at", "finished_at",
         ],

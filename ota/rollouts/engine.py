@@ -12,6 +12,7 @@ from django.utils import timezone
 from ota.models import Rollout, RolloutDevice, Wave
 from ota.rollouts.dispatch import wave_dispatch
 from ota.rollouts.gates import failure_gate_tripped, success_gate_met, too_few_reachable, wave_figures
+from ota.rollouts.joiners import rollout_take_in_joiners_before_completing
 from ota.rollouts.timeouts import timeouts_apply
 from ota.rollouts.transitions import (
     rollout_halt,
@@ -37,6 +38,8 @@ def rollout_evaluate(*, rollout_id: int) -> str:
         for _ in range(64):  # bounded: each pass either stops or moves to the next wave
             wave = rollout.waves.filter(index=rollout.current_wave).first()
             if wave is None:
+                if rollout_take_in_joiners_before_completing(rollout):
+                    continue  # they are in a catch-up wave, which the next pass starts
                 rollout_set_state(rollout, Rollout.State.COMPLETED, "Every wave passed its gates.")
                 audit_record(actor=SYSTEM, action="rollout.complete", obj=rollout, reason="Every wave passed its gates.")
                 outcome = "completed"

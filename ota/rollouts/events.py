@@ -26,6 +26,21 @@ _PHASE_FIELD = {
 _REVERT_OUTCOME = {"committed": RD.REVERTED, "failed": RD.REVERT_FAILED, "rolled_back": RD.REVERT_FAILED, "rejected": RD.REVERT_FAILED}
 
 
+def assignment_move(a: RolloutDevice, new_state: str, *, at, error_code: str = "", detail: str = "",
+                    health: dict | None = None) -> None:
+    """Move an assignment (locked by the caller) to the state a device reported: a commit is
+    judged by the wave's health gate, the phase's time is stamped once, an outcome is final."""
+    if new_state == RD.COMMITTED:
+        broken = health_gate_broken(a.wave.gates, health)
+        if broken:
+            new_state, error_code, detail = RD.UNHEALTHY, "HEALTH_GATE", broken
+    a.state = new_state
+    stamp = _PHASE_FIELD.get(new_state)
+    if stamp and getattr(a, stamp) is None:
+        setattr(a, stamp, at)
+    if new_state in RolloutDevice.FINISHED:
+        a.finished_at = at
+        a.error_code, a.detail = error_code or "", (detail or "")[:2000]
 
 
 def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
@@ -84,18 +99,8 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
                 # Late news about a device already decided (timed out, reverted) is kept as
                 # detail but never flips the outcome the gates already counted.
                 continue
-            if new_state == RD.COMMITTED:
-                broken = health_gate_broken(a.wave.gates, e["health"])
-                if broken:
-                    new_state = RD.UNHEALTHY
-                    e = {**e, "error_code": "HEALTH_GATE", "detail": broken}
-            a.state = new_state
-            stamp = _PHASE_FIELD.get(new_state)
-            if stamp and getattr(a, stamp) is None:
-                setattr(a, stamp, e["received_at"])
-            if new_state in RolloutDevice.FINISHED:
-                a.finished_at = e["received_at"]
-                a.error_code, a.detail = e["error_code"] or "", (e["detail"] or "")[:2000]
+            assignment_move(a, new_state, at=e["received_at"], error_code=e["error_code"], detail=e["detail"],
+                            health=e["health"])
         now = timezone.now()
         for a in changed.values():
             a.updated_at = now

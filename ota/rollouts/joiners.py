@@ -48,42 +48,53 @@ def rollout_take_in_joiners(*, rollout_id: int, now=None) -> int:
             return 0
         if rollout.target_checked_at and now - rollout.target_checked_at < timedelta(seconds=JOIN_CHECK_SECONDS):
             return 0
-        rollout.target_checked_at = now
-        rollout.save(update_fields=["target_checked_at"])
-        try:
-            plan = target_resolve(target=rollout.target, release=rollout.release)
-        except ValidationError:
-            return 0  # nothing matches (any more): nobody to take in
-        assigned = set(rollout.assignments.values_list("device_id", flat=True))
-        new = [d for d in plan.compatible if d not in assigned]
-        busy = {d for devices in conflicts_find(model_id=rollout.model_id, device_ids=new,
-                                               exclude_rollout=rollout.pk).values() for d in devices}
-        joining = [d for d in new if d not in busy]
-        if not joining:
-            return 0
-        wave = _wave_for_joiners(rollout, count=len(joining), now=now)
-        rank = (rollout.assignments.aggregate(top=Max("rank"))["top"] or 0) + 1
-        started = wave.state != Wave.State.PENDING
-        RolloutDevice.objects.bulk_create(
-            [
-                RolloutDevice(rollout=rollout, wave=wave, device_id=device_id, rank=rank + i,
-                              state=RD.QUEUED if started else RD.PLANNED, queued_at=now if started else None)
-                for i, device_id in enumerate(joining)
-            ],
-            batch_size=2000,
-        )
-        Wave.objects.filter(pk=wave.pk).update(size=wave.size + len(joining))
-        if following:
-            rollout.state, rollout.state_reason, rollout.finished_at = Rollout.State.RUNNING, "", None
-            rollout.save(update_fields=["state", "state_reason", "finished_at"])
-        audit_record(
-            actor=SYSTEM, action="rollout.join", obj=rollout,
-            reason=f"{len(joining)} devices started matching the target and joined wave {wave.number}"
-            + (" (the rollout follows its target)." if following else "."),
-            detail={"wave": wave.index, "devices": joining[:100], "waiting_busy": sorted(busy)[:100]},
-        )
-        rollout_wake(rollout.pk)
-        return len(joining)
+        return _take_in(rollout, now=now, following=following)
+
+
+def rollout_take_in_joiners_before_completing(rollout: Rollout, *, now=None) -> int:
+    """The engine calls this with the rollout locked, once its last wave passed: devices that
+    started matching since the last check join a catch-up wave instead of being left out by a
+    rollout that completes between two checks. Returns how many joined."""
+    return _take_in(rollout, now=now or timezone.now(), following=False)
+
+
+def _take_in(rollout: Rollout, *, now, following: bool) -> int:
+    rollout.target_checked_at = now
+    rollout.save(update_fields=["target_checked_at"])
+    try:
+        plan = target_resolve(target=rollout.target, release=rollout.release)
+    except ValidationError:
+        return 0  # nothing matches (any more): nobody to take in
+    assigned = set(rollout.assignments.values_list("device_id", flat=True))
+    new = [d for d in plan.compatible if d not in assigned]
+    busy = {d for devices in conflicts_find(model_id=rollout.model_id, device_ids=new,
+                                           exclude_rollout=rollout.pk).values() for d in devices}
+    joining = [d for d in new if d not in busy]
+    if not joining:
+        return 0
+    wave = _wave_for_joiners(rollout, count=len(joining), now=now)
+    rank = (rollout.assignments.aggregate(top=Max("rank"))["top"] or 0) + 1
+    started = wave.state != Wave.State.PENDING
+    RolloutDevice.objects.bulk_create(
+        [
+            RolloutDevice(rollout=rollout, wave=wave, device_id=device_id, rank=rank + i,
+                          state=RD.QUEUED if started else RD.PLANNED, queued_at=now if started else None)
+            for i, device_id in enumerate(joining)
+        ],
+        batch_size=2000,
+    )
+    Wave.objects.filter(pk=wave.pk).update(size=wave.size + len(joining))
+    if following:
+        rollout.state, rollout.state_reason, rollout.finished_at = Rollout.State.RUNNING, "", None
+        rollout.save(update_fields=["state", "state_reason", "finished_at"])
+    audit_record(
+        actor=SYSTEM, action="rollout.join", obj=rollout,
+        reason=f"{len(joining)} devices started matching the target and joined wave {wave.number}"
+        + (" (the rollout follows its target)." if following else "."),
+        detail={"wave": wave.index, "devices": joining[:100], "waiting_busy": sorted(busy)[:100]},
+    )
+    rollout_wake(rollout.pk)
+    return len(joining)
 
 
 def _wave_for_joiners(rollout: Rollout, *, count: int, now) -> Wave:

@@ -22,6 +22,7 @@ from ota.rollouts.directives import directives_publish_stale
 from ota.rollouts.engine import rollout_evaluate, rollouts_awaiting_late_reports, rollouts_due
 from ota.rollouts.events import events_concern_rollouts, rollout_apply_events, rollout_catch_up_events
 from ota.rollouts.joiners import rollout_take_in_joiners, rollouts_taking_joiners
+from ota.rollouts.reconcile import assignments_reconcile_reported, directives_republish_unacknowledged, reverts_retry
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +44,23 @@ def apply_device_events(event_ids: list[int]) -> list[int]:
 
 @shared_task(name="ota.tasks.rollout_tick")
 def rollout_tick() -> dict:
-    """The beat: re-publish directives a dead worker left unpublished, take in late joiners,
+    """The beat: re-publish directives a dead worker left unpublished or the broker lost, retry
+    failed reverts, record outcomes devices report in their presence but whose events were lost
+    (ota/rollouts/reconcile.py), take in late joiners,
     then evaluate every running rollout (soak timers and phase timeouts need a clock, not only
     events). Finished rollouts with devices still expected to report (unreachable ones that may
     come back) get their stored events caught up too."""
-    republished = directives_publish_stale()
+    republished = directives_publish_stale() + directives_republish_unacknowledged()
+    reverts = reverts_retry()
+    recorded = assignments_reconcile_reported()
     joined = {rid: n for rid in rollouts_taking_joiners() if (n := rollout_take_in_joiners(rollout_id=rid))}
-    due = rollouts_due()
+    due = sorted(set(rollouts_due()) | recorded)
     for rollout_id in due:
         evaluate_rollout.delay(rollout_id, catch_up=True)
     for rollout_id in rollouts_awaiting_late_reports():
         catch_up_events.delay(rollout_id)
-    return {"republished": republished, "evaluated": due, "joined": joined}
+    return {"republished": republished, "evaluated": due, "joined": joined, "reverts_retried": reverts,
+            "outcomes_from_presence": sorted(recorded)}
 
 
 @shared_task(name="ota.tasks.catch_up_events", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)

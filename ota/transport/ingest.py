@@ -162,6 +162,30 @@ def dead_letter(message: Message, outcome: str, error: str) -> DeadLetter:
     )
 
 
+def _presence_steps(item: _Parsed) -> list[tuple]:
+    """Model-state steps from one presence: the active sha of every model, and, from an agent that
+    reports them, per model the last directive seq handled, whether it is committed and the seq
+    of an update in flight (parse_presence has checked their types)."""
+    data = item.data
+    at = item.received_at
+    reported = data.get("models")
+    if reported is None:  # an agent from before per-model reports
+        return [(item.device_id, name, None, sha, at, None) for name, sha in (data.get("active") or {}).items()
+                if isinstance(name, str) and isinstance(sha, str) and SHA256_RE.match(sha)]
+    update = data.get("update") or {}
+    steps = []
+    for name, entry in reported.items():
+        sha = entry.get("sha256") or (data.get("active") or {}).get(name) or ""
+        if not (isinstance(sha, str) and (not sha or SHA256_RE.match(sha))):
+            sha = ""
+        steps.append((item.device_id, name, None, sha, at, {
+            "seq": entry.get("seq"),
+            "committed": entry.get("committed"),
+            "update_seq": update.get("seq") if update.get("model") == name else None,
+        }))
+    return steps
+
+
 class Ingestor:
     """Turns batches of raw MQTT messages into database rows. No MQTT in here (testable alone)."""
 
@@ -478,17 +502,16 @@ class Ingestor:
         """Walk events and presence in arrival order: what arrived last wins, except that an
         event never moves a model's state behind one with a higher event_no."""
         by_key = {(e.device_id, e.seq, e.event_no): e for e in stored}
-        steps: list[tuple[str, str, DeviceEvent | None, str, datetime]] = []  # device, model, event, sha, at
+        # device, model, event, sha, at, what the presence reported for the model (or None)
+        steps: list[tuple[str, str, DeviceEvent | None, str, datetime, dict | None]] = []
         for item in accepted:
             if item.kind == "events":
                 e = item.event
                 row = by_key.get((e.device_id, e.seq, e.event_no))
                 if row is not None:
-                    steps.append((row.device_id, row.model, row, row.active_sha256, self._event_time(row)))
+                    steps.append((row.device_id, row.model, row, row.active_sha256, self._event_time(row), None))
             elif item.kind == "presence":
-                for name, sha in (item.data.get("active") or {}).items():
-                    if isinstance(name, str) and isinstance(sha, str) and SHA256_RE.match(sha):
-                        steps.append((item.device_id, name, None, sha, item.received_at))
+                steps.extend(_presence_steps(item))
         if not steps:
             return
         models = {m.name: m.pk for m in Model.objects.filter(name__in={s[1] for s in steps})}
@@ -501,8 +524,13 @@ class Ingestor:
         versions = self._versions(set(models.values()), {s[3] for s in steps if s[3]})
         now = timezone.now()
         touched: set[int] = set()
-        for device_id, model_name, event, sha, at in steps:
+        for device_id, model_name, event, sha, at, reported in steps:
             state = states[(device_id, models[model_name])]
+            if reported is not None:
+                state.reported_seq = reported["seq"]
+                state.reported_committed = reported["committed"]
+                state.reported_update_seq = reported["update_seq"]
+                state.reported_at = at
             if event is not None:
                 if event.event_no <= state.last_event_no:
                     continue  # an older report arriving late never moves state backwards
@@ -522,7 +550,8 @@ class Ingestor:
         bulk_set(
             [state for state in states.values() if state.pk in touched],
             ["last_event_no", "last_seq", "last_state", "last_error_code", "last_rollout_id", "updated_at",
-             "active_sha256", "active_version"],
+             "active_sha256", "active_version", "reported_seq", "reported_committed", "reported_update_seq",
+             "reported_at"],
         )
         history.save()
 
@@ -536,6 +565,8 @@ class Ingestor:
             if item.kind == "presence":
                 self.stats.presence += 1
                 fields["online"] = bool(item.data["online"])
+                if item.data.get("models") is not None:
+                    fields["reported_at"] = item.received_at
                 version = item.data.get("agent_version")
                 if isinstance(version, str) and version:
                     fields["agent_version"] = version[:64]

@@ -87,15 +87,18 @@ class SecureBroker:
     def start(self) -> None:
         self.broker.start()
 
+    def kill(self) -> None:
+        self.broker.kill()
 
-def start_secure_broker(workdir: Path, *, topic_root: str = "fleet") -> SecureBroker:
+
+def start_secure_broker(workdir: Path, *, topic_root: str = "fleet", persistent: bool = False) -> SecureBroker:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dynsec_path = workdir / "dynamic-security.json"
     username = "modelfleet-server"
     password = secrets.token_urlsafe(24)
     write_initial_config(dynsec_path, service_username=username, service_password=password, topic_root=topic_root)
-    broker = Mosquitto(workdir, config=deploy_config_for(dynsec_path)).start()
+    broker = Mosquitto(workdir, config=deploy_config_for(dynsec_path), persistent=persistent).start()
     return SecureBroker(broker=broker, username=username, password=password, topic_root=topic_root, dynsec_path=dynsec_path)
 
 

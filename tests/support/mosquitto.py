@@ -15,13 +15,16 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path, config: str = "", port: int | None = None):
+    def __init__(self, workdir: Path, config: str = "", port: int | None = None, *, persistent: bool = False):
         """`config` is extra mosquitto.conf text (auth, ACL, plugins); the listener is added here.
-        Without it the broker allows anonymous clients, which suits agent-only tests."""
+        Without it the broker allows anonymous clients, which suits agent-only tests. `persistent`
+        keeps sessions and retained messages in the workdir as `make run` does (saved at the
+        default autosave interval and at a clean stop: kill() loses what came since)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.extra_config = config
+        self.persistent = persistent
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "mosquitto.log"
 
@@ -31,9 +34,11 @@ class Mosquitto:
 
     def write_config(self) -> None:
         extra = self.extra_config or "allow_anonymous true\n"
+        persistence = (f"persistence true\npersistence_location {self.workdir}/\n" if self.persistent
+                       else "persistence false\n")
         self.conf_path.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "persistence false\n"
+            f"{persistence}"
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             "max_packet_size 1048576\n"
@@ -64,6 +69,13 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """kill -9: a crash, so nothing since the last autosave reaches the persistence file."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
         self.process = None
 
     def restart(self) -> None:
