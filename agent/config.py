@@ -39,6 +39,10 @@ class MqttConfig:
     # While the broker cannot be reached: the first failed attempt is logged at once, then at most
     # one line (with the count of attempts since) per this many seconds (agent.mqtt.ConnectLog).
     failure_log_interval_seconds: float = 60.0
+    # Events the broker acknowledged this recently are sent again after each (re)connect: a broker
+    # that crashed may have lost them before the server took them (Mosquitto saves its queues every
+    # autosave_interval, 30 minutes by default). The server keeps one copy. 0 turns it off.
+    resend_window_seconds: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,9 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
         _get(m, "failure_log_interval_seconds", w, "number", MqttConfig.failure_log_interval_seconds),
         "mqtt.failure_log_interval_seconds",
     )
+    resend_window = _get(m, "resend_window_seconds", w, "number", MqttConfig.resend_window_seconds)
+    if not 0 <= resend_window <= 604800:
+        raise ConfigError(f"mqtt.resend_window_seconds must be 0-604800 (0: off), got {resend_window}")
     mqtt = MqttConfig(
         host=_get(m, "host", w, "str", MqttConfig.host) or MqttConfig.host,
         port=port,
@@ -239,6 +246,7 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
         reconnect_min_seconds=rmin,
         reconnect_max_seconds=rmax,
         failure_log_interval_seconds=failure_log_interval,
+        resend_window_seconds=float(resend_window),
     )
 
     s = _table(data, "server")

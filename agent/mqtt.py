@@ -147,12 +147,14 @@ class MqttLink:
         device_id: str,
         on_directive: Callable[[bytes], None],
         presence: Callable[[bool], bytes],
+        on_connected: Callable[[], None] | None = None,
     ):
         self.cfg = cfg
         self.device_id = device_id
         self.topics = Topics(cfg.topic_root)
         self.on_directive = on_directive
         self.presence = presence
+        self.on_connected = on_connected
         self.connected = threading.Event()
         self.connect_log = ConnectLog(broker_address(cfg), cfg.failure_log_interval_seconds)
         self._attempting = False  # a connection attempt is under way (no outcome yet)
@@ -209,6 +211,8 @@ class MqttLink:
         client.subscribe(self.topics.directives(self.device_id), qos=1)
         client.publish(self.topics.presence(self.device_id), self.presence(True), qos=1, retain=True)
         self.connected.set()
+        if self.on_connected is not None:
+            self.on_connected()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._stopping:

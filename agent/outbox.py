@@ -4,6 +4,12 @@ Files are named by event number, so they go out in order and survive restarts an
 outages. `sent` records the highest acknowledged number, so re-queueing the journal's last
 events after a crash never produces a second copy of something already delivered.
 
+An acknowledged event moves to acked/ and is kept for `mqtt.resend_window_seconds`: a PUBACK
+means the broker has it, not that the server does. A broker that crashes loses what it queued
+for ingest since its last save (Mosquitto saves every autosave_interval, 30 minutes by
+default), so after each (re)connect `requeue_acked` sends those events again; the server
+stores each (device, seq, event_no) once.
+
 Events made for another device id (the state directory was re-enrolled, agent.identity) are
 never sent: `retire_foreign` moves them to retired/<their device id>/.
 """
@@ -14,11 +20,13 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from agent.journal import atomic_write_bytes, crash_point, fsync_dir
 
 log = logging.getLogger("fleet_agent.outbox")
+ACKED_KEEP = 1000  # at most this many acknowledged events are kept for sending again
 
 
 class Outbox:
@@ -71,17 +79,55 @@ class Outbox:
                 moved += 1
             if moved:
                 fsync_dir(self.dir)
+            # Acknowledged events of an earlier identity are never sent again.
+            for path in self.acked_dir.glob("*.json") if self.acked_dir.is_dir() else ():
+                try:
+                    if json.loads(path.read_bytes()).get("device_id") != device_id:
+                        path.unlink()
+                except (FileNotFoundError, ValueError, AttributeError):
+                    path.unlink(missing_ok=True)
         return moved
 
     def count(self) -> int:
         return len(self.pending())
+
+    @property
+    def acked_dir(self) -> Path:
+        return self.dir / "acked"
 
     def mark_sent(self, path: Path) -> None:
         with self._lock:
             number = int(path.stem)
             if number > self.sent_watermark:
                 atomic_write_bytes(self.dir / "sent", str(number).encode())
-            path.unlink(missing_ok=True)
+            self.acked_dir.mkdir(exist_ok=True)
+            try:
+                os.replace(path, self.acked_dir / path.name)
+                os.utime(self.acked_dir / path.name)  # when the broker took it, not when it was made
+            except FileNotFoundError:
+                pass
+
+    def requeue_acked(self, window_seconds: float, *, keep: int = ACKED_KEEP) -> int:
+        """Queue again the events the broker acknowledged in the last `window_seconds` (see the
+        module docstring); drop older ones, and all but the newest `keep`. Returns how many."""
+        now = time.time()
+        requeued = 0
+        with self._lock:
+            files = sorted(self.acked_dir.glob("*.json")) if self.acked_dir.is_dir() else []
+            for i, path in enumerate(files):
+                try:
+                    fresh = window_seconds > 0 and now - path.stat().st_mtime <= window_seconds
+                except FileNotFoundError:
+                    continue
+                if fresh and i >= len(files) - keep:
+                    os.replace(path, self.dir / path.name)
+                    requeued += 1
+                else:
+                    path.unlink(missing_ok=True)
+        if requeued:
+            log.info("sending again %d events the broker acknowledged in the last %.0f s", requeued, window_seconds)
+            self.wake.set()
+        return requeued
 
     def drain(self, publish, stop: threading.Event) -> None:
         """Sender thread body: publish pending events in order while `publish` succeeds."""

@@ -1,10 +1,15 @@
 """Offline: the broker goes away in the middle of an update. The agent still finishes and commits
 locally (it never waits for the server), keeps its events in the on-disk outbox, and delivers
-them in order once the broker is back."""
+them in order once the broker is back; after a broker crash it sends again what the broker had
+acknowledged recently, since the crash may have lost it."""
 
 from __future__ import annotations
 
+import json
+import os
+import time
 
+from agent.outbox import Outbox
 from tests.support.agent_harness import (
     PROGRESS,
     Artifact,
@@ -54,3 +59,48 @@ def test_it_commits_while_the_broker_is_down_and_delivers_the_outbox_later(rig, 
         wait_for(lambda: late.presence.get("dev-off", {}).get("online") is True, 10, "presence after reconnect")
     finally:
         late.stop()
+
+
+def test_it_sends_again_after_a_reconnect_what_a_crashed_broker_may_have_lost(rig, mosquitto):
+    # A PUBACK means the broker has the event, not that the server does: Mosquitto killed -9
+    # loses what it queued since its last save. After the reconnect the agent sends again what
+    # the broker acknowledged within mqtt.resend_window_seconds; the server keeps one copy.
+    v1 = Artifact(linear_model(scale=2.0, bias=1.0))
+    rel1 = release_envelope(rig.keys, model="detector", version="1", counter=1, artifacts=[v1.entry()])
+    state = rig.tmp / "dev-crash" / "state"
+    rig.config("dev-crash")
+    agent = rig.agent("dev-crash").start()
+    rig.publish_directive("dev-crash", rig.directive("dev-crash", 1, "detector", rel1, v1))
+    assert rig.subscriber.wait_outcome("dev-crash", 1, agent=agent)["state"] == "committed"
+    wait_for(lambda: not list((state / "outbox").glob("*.json")), 15, "every event acknowledged", agent=agent)
+    first = [e["event_no"] for e in rig.subscriber.events_for("dev-crash", 1)]
+
+    mosquitto.kill()
+    mosquitto.start()
+    late = Subscriber(mosquitto.port).start()  # the server, reconnected to a broker that lost its queue
+    try:
+        wait_for(lambda: late.outcomes("dev-crash", 1), 30, "the events again", agent=agent)
+        wait_for(lambda: len(late.events_for("dev-crash", 1)) == len(first), 10, "every one of them", agent=agent)
+        assert [e["event_no"] for e in late.events_for("dev-crash", 1)] == first
+        assert [e["state"] for e in late.events_for("dev-crash", 1)] == PROGRESS
+    finally:
+        late.stop()
+
+
+def test_it_keeps_acknowledged_events_only_within_the_resend_window(tmp_path):
+    outbox = Outbox(tmp_path / "outbox")
+    for n in range(1, 6):
+        outbox.put(n, json.dumps({"device_id": "dev-a", "event_no": n}).encode())
+    for path in outbox.pending():
+        outbox.mark_sent(path)
+    assert outbox.count() == 0 and outbox.sent_watermark == 5
+    old = time.time() - 3600
+    for n in (1, 2):
+        os.utime(outbox.acked_dir / f"{n:012d}.json", (old, old))
+
+    assert outbox.requeue_acked(1800, keep=2) == 2  # 1 and 2 too old; of 3, 4, 5 the newest two
+    assert [p.name for p in outbox.pending()] == ["000000000004.json", "000000000005.json"]
+    assert not list(outbox.acked_dir.glob("*.json"))
+    outbox.put(3, b"{}")  # the journal replaying an event already delivered: never queued again
+    assert outbox.count() == 2
+    assert outbox.requeue_acked(0) == 0  # off

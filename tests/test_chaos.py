@@ -12,7 +12,7 @@ import pytest
 
 from ota.models import Device, Rollout, RolloutDevice
 from registry.models import Artifact
-from tests.support.chaos import KILL_ORDER, Storm, directives_per_wave, event_gaps
+from tests.support.chaos import KILL_ORDER, Storm, directives_per_wave, event_gaps, events_missing
 from tests.support.fleet_agents import Agents, wait_until
 from tests.support.platform import Platform
 from tests.support.redis_server import RedisServer
@@ -86,6 +86,7 @@ def test_it_completes_a_rollout_while_every_server_process_is_killed_in_turn(
             assert twice == {}, "a device was signed two directives for one wave"
             assert len(directives_per_wave(rid)) == REAL_AGENTS + SIMULATED
             assert event_gaps(Device.objects.values_list("id", flat=True)) == {}
+            assert events_missing(rid) == {}
             assert {d: agents.model_sha(d, "detector") for d in real} == {d: sha for d in real}
         finally:
             agents.stop_all()

@@ -9,7 +9,9 @@ that persists as `make run` configures it:
    directives and queued events since the last autosave gone) while one agent is offline: every
    device ends on the release's exact bytes, every outcome is recorded, none timed out;
 3. a kill -9 storm on the agents during a rollout (a power cut as far as they can tell), with
-   the default agent configuration: the rollout completes, every box runs the new bytes.
+   the default agent configuration: the rollout completes, every box runs the new bytes; then
+   the next release is aborted and reverted mid-install under the same storm: every box ends
+   on the release it ran before.
 """
 
 from __future__ import annotations
@@ -155,12 +157,29 @@ def test_it_converges_when_ingest_and_then_the_broker_are_killed_mid_rollout(
     assert not RolloutDevice.objects.filter(rollout_id=rid, state="timed_out").exists()
 
 
-def test_it_completes_a_rollout_through_a_kill_9_storm_on_the_agents(
-    client, admin_token, ci_token, platform, agents, live_server
+def power_cuts(agents, devices, rid, *, seconds: float, rng: random.Random, until=None) -> dict[str, list[str]]:
+    """kill -9 random agents and start them again for `seconds` (or until `until()`); returns,
+    per device, the state its assignment was in at each cut."""
+    cut: dict[str, list[str]] = {d: [] for d in devices}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and until()):
+        victim = rng.choice(devices)
+        if agents.running(victim):
+            agents.kill(victim)
+            cut[victim].append(states(rid)[victim])
+            time.sleep(rng.uniform(0.1, 0.5))  # the power comes back
+            agents.start(victim)
+        time.sleep(rng.uniform(0.05, 0.4))
+    return cut
+
+
+def test_it_completes_a_rollout_and_a_revert_through_kill_9_storms_on_the_agents(
+    client, admin_token, ci_token, operator_token, platform, agents, live_server
 ):
     release(client, admin_token, "detector", "1.0", scale=2.0, bias=1.0, health=health_for(2.0, 1.0))
     release(client, admin_token, "detector", "2.0", scale=0.5, bias=0.0, health=health_for(0.5, 0.0))
-    sha = {v: Artifact.objects.get(version__version=v).sha256 for v in ("1.0", "2.0")}
+    release(client, admin_token, "detector", "3.0", scale=1.5, bias=0.5, health=health_for(1.5, 0.5))
+    sha = {v: Artifact.objects.get(version__version=v).sha256 for v in ("1.0", "2.0", "3.0")}
     # A 4 s trial (pacing only) leaves the storm time to cut the power in every phase.
     devices = agents.enroll(live_server.url, enrollment_token(client, admin_token, 6), 6, update={"trial_seconds": 4})
     for device_id in devices:
@@ -171,16 +190,7 @@ def test_it_completes_a_rollout_through_a_kill_9_storm_on_the_agents(
     rid = started(client, ci_token, model="detector", version="2.0", waves=[{"percent": 100}], gates=gates(600),
                   abort_policy="revert")
     rng = random.Random(10)
-    cut: dict[str, list[str]] = {d: [] for d in devices}  # device -> its update's state at each power cut
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and rollout_state(rid) == "running":
-        victim = rng.choice(devices)
-        if agents.running(victim):
-            agents.kill(victim)
-            cut[victim].append(states(rid)[victim])
-            time.sleep(rng.uniform(0.1, 0.5))  # the power comes back
-            agents.start(victim)
-        time.sleep(rng.uniform(0.05, 0.4))
+    cut = power_cuts(agents, devices, rid, seconds=90, rng=rng, until=lambda: rollout_state(rid) != "running")
     mid_update = {d: [s for s in c if s in RolloutDevice.IN_FLIGHT] for d, c in cut.items()}
     print(f"power cuts per device, by the state its update was in: {cut}")
     assert sum(map(len, mid_update.values())) >= len(devices), "the storm must hit updates in flight"
@@ -189,3 +199,23 @@ def test_it_completes_a_rollout_through_a_kill_9_storm_on_the_agents(
     assert rollout_state(rid) == "completed", Rollout.objects.get(pk=rid).state_reason
     assert states(rid) == {d: "committed" for d in devices}
     assert {d: agents.model_sha(d, "detector") for d in devices} == {d: sha["2.0"] for d in devices}
+
+    # 3.0 goes out and is aborted and reverted while it installs, under the same storm: every box
+    # ends on 2.0, the release it ran before, or is listed with the reason.
+    bad = started(client, ci_token, model="detector", version="3.0", waves=[{"percent": 100}], gates=gates(600))
+    wait_until(lambda: sum(s in RolloutDevice.IN_FLIGHT[1:] for s in states(bad).values()) >= 3, 120,
+               "3.0 to be installing on half the fleet", platform, agents)
+    assert act(client, operator_token, bad, "rollback", reason="storm test").status_code == 200
+    cut = power_cuts(agents, devices, bad, seconds=20, rng=rng)
+    print(f"power cuts during the revert: {cut}")
+    for device_id in devices:
+        if not agents.running(device_id):
+            agents.start(device_id)
+    settled = {"reverted", "revert_failed", "skipped", "failed", "rejected", "rolled_back"}
+    wait_until(lambda: set(states(bad).values()) <= settled, 240, "every revert to settle", platform, agents)
+    outcome = {d: (a.state, a.error_code) for d, a in
+               ((a.device_id, a) for a in RolloutDevice.objects.filter(rollout_id=bad))}
+    on_previous = {d for d in devices if agents.model_sha(d, "detector") == sha["2.0"]}
+    listed = {d for d, (state, code) in outcome.items() if state == "revert_failed" and code}
+    assert on_previous | listed == set(devices), outcome
+    assert on_previous == set(devices), f"a failed revert is retried until it sticks: {outcome}"

@@ -28,6 +28,7 @@ import random
 import selectors
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from hashlib import sha256
 
@@ -124,6 +125,10 @@ class SimDevice:
         self.update: _Update | None = None
         self.pending: list[bytes] = []  # directives deferred while an update runs, oldest first
         self.outbox: list[bytes] = []
+        # Events handed to the broker, newest last, sent again after a reconnect as the agent's
+        # outbox does with acked/ (a crashed broker may have lost them before ingest took them).
+        self.sent: deque[tuple[float, bytes]] = deque(maxlen=64)
+        self.connected_before = False
         self.online = False
         self.dead = False  # refused by the broker (revoked): stop trying
         topics = sim.topics
@@ -188,6 +193,13 @@ class SimDevice:
         self.sim.stats.connected += 1
         client.subscribe(self.t_directives, qos=1)
         client.publish(self.t_presence, self._presence(True), qos=1, retain=True)
+        if self.connected_before:
+            horizon = time.monotonic() - self.sim.resend_window_seconds
+            again = [payload for at, payload in self.sent if at >= horizon]
+            self.sent.clear()
+            for payload in again:
+                self._send_event(payload)
+        self.connected_before = True
         outbox, self.outbox = self.outbox, []
         for payload in outbox:
             self._send_event(payload)
@@ -381,6 +393,7 @@ class SimDevice:
             self.outbox.append(payload)  # the agent's on-disk outbox, in memory
             return
         self.client.publish(self.t_events, payload, qos=1)
+        self.sent.append((time.monotonic(), payload))
         self.sim.stats.events_sent += 1
 
     def send_telemetry(self) -> None:
@@ -411,6 +424,7 @@ class FleetSimulator:
         telemetry_seconds: float = 0.0,
         keepalive: int = 60,
         resume: dict[str, dict] | None = None,
+        resend_window_seconds: float = 1800.0,
     ):
         if isinstance(behaviour, str) and behaviour not in BEHAVIOURS:
             raise ValueError(f"behaviour {behaviour!r} is not one of {', '.join(BEHAVIOURS)}")
@@ -425,6 +439,7 @@ class FleetSimulator:
         self.fail_shas = set(fail_shas or ())
         self.telemetry_seconds = telemetry_seconds
         self.keepalive = keepalive
+        self.resend_window_seconds = resend_window_seconds  # agent: mqtt.resend_window_seconds
         self.stats = SimStats()
         self.stopping = False
         self._selector = selectors.DefaultSelector()

@@ -534,6 +534,7 @@ def clone_state(template: Path, dest: Path) -> Path:
     shutil.copytree(template, dest, symlinks=True)
     for leftover in (dest / "outbox").glob("*.json"):
         leftover.unlink()
+    shutil.rmtree(dest / "outbox" / "acked", ignore_errors=True)  # the template's events, not the clone's
     (dest / "lock").unlink(missing_ok=True)
     return dest
 

@@ -83,3 +83,22 @@ def event_gaps(device_ids) -> dict[str, list[int]]:
         numbers[device_id].add(n)
     return {d: sorted(set(range(min(ns), max(ns) + 1)) - ns) for d, ns in numbers.items()
             if len(ns) != max(ns) - min(ns) + 1}
+
+
+# What a healthy update reports, in order (agent.protocol.State; the simulator sends the same).
+UPDATE_STATES = ("received", "downloading", "verifying", "prechecking", "activating", "trial", "committed")
+
+
+def events_missing(rollout_id: int) -> dict[str, list[str]]:
+    """Per device of the rollout, the states of its update (UPDATE_STATES) with no stored event:
+    unlike event_gaps, this sees a lost last event too."""
+    from ota.models import DeviceEvent, RolloutDevice
+
+    assignments = dict(RolloutDevice.objects.filter(rollout_id=rollout_id).values_list("device_id", "seq"))
+    seen: dict[str, set[str]] = defaultdict(set)
+    for device_id, seq, state in DeviceEvent.objects.filter(device_id__in=list(assignments)).values_list(
+            "device_id", "seq", "state"):
+        if assignments.get(device_id) == seq:
+            seen[device_id].add(state)
+    return {d: [s for s in UPDATE_STATES if s not in seen[d]] for d in assignments
+            if not set(UPDATE_STATES) <= seen[d]}
