@@ -39,9 +39,10 @@ class MqttConfig:
     # While the broker cannot be reached: the first failed attempt is logged at once, then at most
     # one line (with the count of attempts since) per this many seconds (agent.mqtt.ConnectLog).
     failure_log_interval_seconds: float = 60.0
-    # Events the broker acknowledged this recently are sent again after each (re)connect: a broker
-    # that crashed may have lost them before the server took them (Mosquitto saves its queues every
-    # autosave_interval, 30 minutes by default). The server keeps one copy. 0 turns it off.
+    # Events the broker acknowledged this recently are sent again when the server's ingest starts a
+    # new broker session (a broker crash, say): the broker may have lost them before the server
+    # took them (Mosquitto saves its queues every autosave_interval, 30 minutes by default). The
+    # server keeps one copy. 0 turns it off.
     resend_window_seconds: float = 1800.0
 
 

@@ -99,7 +99,7 @@ class Agent:
             self.link = link_factory(
                 cfg.mqtt, device_id=cfg.device_id, on_directive=self.receive,
                 presence=functools.partial(publish.presence, journal=self.journal),
-                on_connected=functools.partial(self.outbox.requeue_acked, cfg.mqtt.resend_window_seconds),
+                on_ingest_reset=functools.partial(self.outbox.requeue_acked, cfg.mqtt.resend_window_seconds),
             )
 
     # --- running --------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 paho runs its own network thread (loop_start) and reconnects with its own backoff
 (reconnect_delay_set); we subscribe in on_connect so a reconnect always re-receives the
-retained directive. The presence topic carries a retained last will (online=false).
+retained directive. The presence topic carries a retained last will (online=false). It also
+subscribes to the server's retained ingest status: a new ingest session means the broker may
+have lost events it acknowledged, and `on_ingest_reset` has the outbox send its recent ones again.
 
 Every failed connection attempt (refused, DNS, TLS, a CONNACK refusal, the broker hanging up
 before its CONNACK) goes to `ConnectLog`, which logs the first one of an outage at once and then
@@ -23,7 +25,7 @@ from collections.abc import Callable
 import paho.mqtt.client as paho
 
 from agent.config import MqttConfig
-from agent.protocol import Topics, client_id
+from agent.protocol import ProtocolError, Topics, client_id, parse_ingest_status
 
 log = logging.getLogger("fleet_agent.mqtt")
 
@@ -147,14 +149,15 @@ class MqttLink:
         device_id: str,
         on_directive: Callable[[bytes], None],
         presence: Callable[[bool], bytes],
-        on_connected: Callable[[], None] | None = None,
+        on_ingest_reset: Callable[[], None] | None = None,
     ):
         self.cfg = cfg
         self.device_id = device_id
         self.topics = Topics(cfg.topic_root)
         self.on_directive = on_directive
         self.presence = presence
-        self.on_connected = on_connected
+        self.on_ingest_reset = on_ingest_reset
+        self.ingest_epoch: str | None = None  # the server's ingest session last seen (Topics.ingest_status)
         self.connected = threading.Event()
         self.connect_log = ConnectLog(broker_address(cfg), cfg.failure_log_interval_seconds)
         self._attempting = False  # a connection attempt is under way (no outcome yet)
@@ -208,11 +211,9 @@ class MqttLink:
             return
         self._attempting = False
         self.connect_log.connected()
-        client.subscribe(self.topics.directives(self.device_id), qos=1)
+        client.subscribe([(self.topics.directives(self.device_id), 1), (self.topics.ingest_status(), 1)])
         client.publish(self.topics.presence(self.device_id), self.presence(True), qos=1, retain=True)
         self.connected.set()
-        if self.on_connected is not None:
-            self.on_connected()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._stopping:
@@ -227,9 +228,26 @@ class MqttLink:
             self._failed(f"the broker closed the connection before answering CONNECT{hint}")
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.topic == self.topics.ingest_status():
+            self._ingest_status(bytes(message.payload))
+            return
         if not paho.topic_matches_sub(self.topics.directives(self.device_id), message.topic) or not message.payload:
             return  # an empty retained payload only clears the topic
         self.on_directive(bytes(message.payload))
+
+    def _ingest_status(self, payload: bytes) -> None:
+        """A new ingest session (the first seen since this agent started, too): the broker may have
+        lost events it acknowledged, so the outbox sends its recent ones again (agent.outbox)."""
+        try:
+            epoch = parse_ingest_status(payload)
+        except ProtocolError as exc:
+            log.debug("ignoring an ingest status message: %s", exc)
+            return
+        if epoch == self.ingest_epoch:
+            return
+        self.ingest_epoch = epoch
+        if self.on_ingest_reset is not None:
+            self.on_ingest_reset()
 
     def publish(self, kind: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 10) -> bool:
         """Publish on this device's `kind` topic; with qos 1 wait for the PUBACK. False if offline."""

@@ -7,8 +7,9 @@ events after a crash never produces a second copy of something already delivered
 An acknowledged event moves to acked/ and is kept for `mqtt.resend_window_seconds`: a PUBACK
 means the broker has it, not that the server does. A broker that crashes loses what it queued
 for ingest since its last save (Mosquitto saves every autosave_interval, 30 minutes by
-default), so after each (re)connect `requeue_acked` sends those events again; the server
-stores each (device, seq, event_no) once.
+default), and ingest's subscription with it; so when the server's ingest announces a new
+session (agent.mqtt, Topics.ingest_status), `requeue_acked` sends those events again. The
+server stores each (device, seq, event_no) once.
 
 Events made for another device id (the state directory was re-enrolled, agent.identity) are
 never sent: `retire_foreign` moves them to retired/<their device id>/.

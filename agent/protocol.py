@@ -112,6 +112,12 @@ class Topics:
     def presence(self, device_id: str) -> str:
         return self.device(device_id, "presence")
 
+    def ingest_status(self) -> str:
+        """Retained by the server's ingest each time it starts a new broker session (first start,
+        broker crash, session expired): what the broker had queued for it may be gone, so every
+        device sends again the events the broker acknowledged recently (`ingest_status_payload`)."""
+        return f"{self.root}/server/ingest"
+
     def parse(self, topic: str) -> tuple[str, str]:
         """Return (device_id, kind) for a device topic, else raise ProtocolError; kind is
         "directive" for any model's directive topic."""
@@ -473,6 +479,23 @@ def parse_event(payload: bytes) -> Event:
         health=_opt(data, "health", dict, where),
         ts=_opt(data, "ts", str, where, ""),
     )
+
+
+def ingest_status_payload(*, epoch: str) -> bytes:
+    """Topics.ingest_status: `epoch` names the ingest session; a device that sees a new one sends
+    its recently acknowledged events again (agent/README.md, "Outbox")."""
+    return encode_json({"_type": "ingest_status", "epoch": epoch, "since": format_time(utcnow())})
+
+
+def parse_ingest_status(payload: bytes) -> str:
+    """The epoch of an ingest status message (ProtocolError if it is not one)."""
+    data = decode_json(payload, "ingest status")
+    if data.get("_type") != "ingest_status":
+        raise ProtocolError("not an ingest status message")
+    epoch = _req(data, "epoch", str, "ingest status")
+    if not epoch or len(epoch) > 200:
+        raise ProtocolError("ingest status epoch must be 1-200 characters")
+    return epoch
 
 
 def presence_payload(

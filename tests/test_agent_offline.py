@@ -10,6 +10,7 @@ import os
 import time
 
 from agent.outbox import Outbox
+from agent.protocol import Topics, ingest_status_payload
 from tests.support.agent_harness import (
     PROGRESS,
     Artifact,
@@ -17,6 +18,7 @@ from tests.support.agent_harness import (
     active_file,
     journal,
     linear_contract,
+    publish_retained,
     release_envelope,
     wait_for,
 )
@@ -61,10 +63,11 @@ def test_it_commits_while_the_broker_is_down_and_delivers_the_outbox_later(rig, 
         late.stop()
 
 
-def test_it_sends_again_after_a_reconnect_what_a_crashed_broker_may_have_lost(rig, mosquitto):
+def test_it_sends_again_what_a_crashed_broker_may_have_lost_when_ingest_starts_a_new_session(rig, mosquitto):
     # A PUBACK means the broker has the event, not that the server does: Mosquitto killed -9
-    # loses what it queued since its last save. After the reconnect the agent sends again what
-    # the broker acknowledged within mqtt.resend_window_seconds; the server keeps one copy.
+    # loses what it queued since its last save, and ingest's subscription. Ingest, subscribed
+    # again, announces a new session; the agent then sends again what the broker acknowledged
+    # within mqtt.resend_window_seconds. The server keeps one copy.
     v1 = Artifact(linear_model(scale=2.0, bias=1.0))
     rel1 = release_envelope(rig.keys, model="detector", version="1", counter=1, artifacts=[v1.entry()])
     state = rig.tmp / "dev-crash" / "state"
@@ -79,6 +82,10 @@ def test_it_sends_again_after_a_reconnect_what_a_crashed_broker_may_have_lost(ri
     mosquitto.start()
     late = Subscriber(mosquitto.port).start()  # the server, reconnected to a broker that lost its queue
     try:
+        wait_for(lambda: late.presence.get("dev-crash", {}).get("online") is True, 30, "the agent back", agent=agent)
+        time.sleep(1)
+        assert late.events_for("dev-crash", 1) == []  # a reconnect alone sends nothing again
+        publish_retained(mosquitto.port, Topics("fleet").ingest_status(), ingest_status_payload(epoch="ingest-1:b"))
         wait_for(lambda: late.outcomes("dev-crash", 1), 30, "the events again", agent=agent)
         wait_for(lambda: len(late.events_for("dev-crash", 1)) == len(first), 10, "every one of them", agent=agent)
         assert [e["event_no"] for e in late.events_for("dev-crash", 1)] == first

@@ -121,3 +121,16 @@ def test_it_disconnects_a_revoked_device_and_refuses_it_afterwards(secure_broker
     assert watcher.connect()
     watcher.subscribe(T.directives(a.device.id))
     assert watcher.received(wait=1.0) == [], "every model's retained directive must be cleared"
+
+
+def test_it_lets_devices_read_but_never_write_the_ingest_status(secure_broker, probes):
+    device = enroll_device()
+    service = probes(secure_broker.port, secure_broker.username, secure_broker.password)
+    assert service.connect()
+    probe = device_probe(probes, secure_broker.port, device)
+    assert probe.connect()
+    probe.subscribe(T.ingest_status())
+    probe.publish(T.ingest_status(), b"forged-epoch", retain=True)  # would have every box resend
+    service.publish(T.ingest_status(), b"server-epoch", retain=True)
+    got = probe.received(wait=1.5)
+    assert [(t, p) for t, p, _ in got] == [(T.ingest_status(), b"server-epoch")]

@@ -134,14 +134,14 @@ def test_it_converges_when_ingest_and_then_the_broker_are_killed_mid_rollout(
     ingest = next(p for p in platform.procs if p.name == "ingest")
 
     rid = started(client, ci_token, model="detector", version="1.0", waves=[{"devices": [first]}, {"percent": 100}],
-                  gates=gates(delivery_seconds=45))
+                  gates=gates(delivery_seconds=25))
     # The busiest wave: the second (five devices). Kill ingest as its directives go out.
     wait_until(lambda: RolloutDevice.objects.filter(rollout_id=rid, wave__index=1, state="directed").exists(), 120,
                "the second wave to start", platform, agents)
     platform.kill(ingest)
     time.sleep(5)
     platform.start_ingest("ingest-after-sigkill")
-    # The offline box holds the wave open (45 s delivery timeout): the broker dies mid-rollout.
+    # The offline box holds the wave open (25 s delivery timeout): the broker dies mid-rollout.
     wait_until(lambda: sum(s == "committed" for s in states(rid).values()) >= 2, 120,
                "some devices of the second wave to commit", platform, agents)
     assert rollout_state(rid) == "running"

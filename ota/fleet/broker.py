@@ -52,6 +52,9 @@ def device_acls(device_id: str, topic_root: str) -> list[dict]:
         # Every model's directive of this device: the agent subscribes to this one filter.
         {"acltype": "subscribeLiteral", "topic": topics.directives(device_id), "allow": True},
         {"acltype": "publishClientReceive", "topic": topics.directives(device_id), "allow": True},
+        # The server's ingest status: a new epoch has the agent send recent events again.
+        {"acltype": "subscribeLiteral", "topic": topics.ingest_status(), "allow": True},
+        {"acltype": "publishClientReceive", "topic": topics.ingest_status(), "allow": True},
     ]
     for topic in (topics.events(device_id), topics.telemetry(device_id), topics.presence(device_id)):
         acls.append({"acltype": "publishClientSend", "topic": topic, "allow": True})
@@ -64,6 +67,7 @@ def service_acls(topic_root: str) -> list[dict]:
 
     return [
         allow("publishClientSend", f"{topic_root}/devices/+/models/+/directive"),
+        allow("publishClientSend", Topics(topic_root).ingest_status()),
         allow("publishClientReceive", f"{topic_root}/#"),
         allow("subscribePattern", f"{topic_root}/#"),
         # Mosquitto checks a shared subscription against its full "$share/<group>/..." filter.

@@ -48,11 +48,13 @@ from agent.admission import (
 from agent.protocol import (
     ErrorCode,
     Event,
+    ProtocolError,
     State,
     Topics,
     client_id,
     encode_json,
     format_time,
+    parse_ingest_status,
     presence_payload,
     utcnow,
 )
@@ -125,10 +127,10 @@ class SimDevice:
         self.update: _Update | None = None
         self.pending: list[bytes] = []  # directives deferred while an update runs, oldest first
         self.outbox: list[bytes] = []
-        # Events handed to the broker, newest last, sent again after a reconnect as the agent's
-        # outbox does with acked/ (a crashed broker may have lost them before ingest took them).
+        # Events handed to the broker, newest last, sent again when ingest announces a new session,
+        # as the agent's outbox does with acked/ (a crashed broker may have lost them).
         self.sent: deque[tuple[float, bytes]] = deque(maxlen=64)
-        self.connected_before = False
+        self.ingest_epoch: str | None = None
         self.online = False
         self.dead = False  # refused by the broker (revoked): stop trying
         topics = sim.topics
@@ -191,15 +193,8 @@ class SimDevice:
         self.online = True
         self.sim.stats.connects += 1
         self.sim.stats.connected += 1
-        client.subscribe(self.t_directives, qos=1)
+        client.subscribe([(self.t_directives, 1), (self.sim.topics.ingest_status(), 1)])
         client.publish(self.t_presence, self._presence(True), qos=1, retain=True)
-        if self.connected_before:
-            horizon = time.monotonic() - self.sim.resend_window_seconds
-            again = [payload for at, payload in self.sent if at >= horizon]
-            self.sent.clear()
-            for payload in again:
-                self._send_event(payload)
-        self.connected_before = True
         outbox, self.outbox = self.outbox, []
         for payload in outbox:
             self._send_event(payload)
@@ -234,10 +229,27 @@ class SimDevice:
     # directives ---------------------------------------------------------------------------------
 
     def _on_message(self, _client, _userdata, message) -> None:
+        if message.topic == self.sim.topics.ingest_status():
+            self._ingest_status(bytes(message.payload))
+            return
         if not mqtt.topic_matches_sub(self.t_directives, message.topic) or not message.payload:
             return  # an empty retained payload only clears the topic
         self.sim.stats.directives += 1
         self.handle_directive(bytes(message.payload))
+
+    def _ingest_status(self, payload: bytes) -> None:
+        """As agent.mqtt.MqttLink: a new ingest session has the recently sent events go out again."""
+        try:
+            epoch = parse_ingest_status(payload)
+        except ProtocolError:
+            return
+        if epoch == self.ingest_epoch:
+            return
+        self.ingest_epoch = epoch
+        horizon = time.monotonic() - self.sim.resend_window_seconds
+        for at, event in list(self.sent):
+            if at >= horizon and self.online:
+                self.client.publish(self.t_events, event, qos=1)
 
     def device_view(self) -> DeviceView:
         upd = self.update

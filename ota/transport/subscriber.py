@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 
 import paho.mqtt.client as mqtt
 from django.conf import settings
@@ -33,7 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.protocol import Topics
+from agent.protocol import Topics, ingest_status_payload
 from ota.transport.ingest import Ingestor, IngestStats, Message
 from ota.transport.mqtt import BrokerSettings, new_client
 
@@ -122,6 +123,7 @@ class IngestRunner:
         self.ingestor = Ingestor(self.broker.topic_root)
         self.queue: queue.Queue[Message] = queue.Queue()
         self.subscribed = threading.Event()
+        self._new_session = False
         self.unsubscribed = threading.Event()
         self.retiring = False
         self.fatal: str | None = None  # set when this process must stop (its session was taken over)
@@ -160,6 +162,7 @@ class IngestRunner:
             logger.error("ingest: broker refused the connection as %s: %s", self.client_id, reason_code)
             return
         self._connected_at = time.monotonic()
+        self._new_session = not flags.session_present
         logger.info(
             "ingest: connected as %s (%s; the broker keeps it %ss after a disconnect)",
             self.client_id,
@@ -182,7 +185,18 @@ class IngestRunner:
             logger.error("ingest: broker refused the subscriptions: %s", refused)
         else:
             logger.info("ingest: subscribed to %s", ", ".join(self.subscriptions()))
+            if self._new_session:
+                self._announce_session()
             self.subscribed.set()
+
+    def _announce_session(self) -> None:
+        """A new session: whatever the broker queued for an earlier one (and events devices sent
+        while nothing was subscribed) may be gone. Devices that see this new epoch on the
+        retained ingest status send their recently acknowledged events again; duplicates are
+        dropped on (device, seq, event_no). Published only now that the subscription exists."""
+        epoch = f"{self.client_id}:{uuid.uuid4().hex}"
+        self.client.publish(self.topics.ingest_status(), ingest_status_payload(epoch=epoch), qos=1, retain=True)
+        logger.info("ingest: new broker session; asked devices to send recent events again (epoch %s)", epoch)
 
     def _on_unsubscribe(self, _client, _userdata, _mid, _reason_codes, _properties):
         logger.info("ingest: unsubscribed; taking what is left in session %s", self.client_id)
