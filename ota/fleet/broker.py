@@ -238,6 +238,18 @@ def dynsec_enabled() -> bool:
     return settings.MQTT_BROKER_AUTH == "dynsec"
 
 
+def broker_service_role_update() -> list[str]:
+    """Give the service role every ACL service_acls() names (a broker set up by an older
+    version lacks the newer ones); ACLs it has already are left alone. Returns the topics added."""
+    if not dynsec_enabled():
+        return []
+    acls = service_acls(settings.MQTT_TOPIC_ROOT)
+    with BrokerAdmin() as admin:
+        results = admin.check([{"command": "addRoleACL", "rolename": SERVICE_ROLE, **acl} for acl in acls],
+                              tolerate=("already exists",))
+    return [acl["topic"] for acl, result in zip(acls, results) if not result.error]
+
+
 def broker_device_add(*, device_id: str, password: str) -> None:
     if not dynsec_enabled():
         return

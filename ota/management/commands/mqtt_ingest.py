@@ -9,6 +9,8 @@ import threading
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from ota.fleet.broker import BrokerError, broker_service_role_update
+from ota.transport.mqtt import MqttError
 from ota.transport.subscriber import INGEST_SHARE_GROUP, ClientIdInUse, IngestRunner, ingest_client_id
 
 
@@ -63,6 +65,14 @@ class Command(BaseCommand):
             raise CommandError("--session-expiry must be between 0 and 4294967295 seconds")
         if options["retire"] and expiry == 0:
             raise CommandError("--retire takes what queued in a persistent session; --session-expiry 0 has none")
+        try:
+            # A broker set up by an older version may not let the service account announce new
+            # ingest sessions (fleet/server/ingest); without that, nothing else breaks.
+            added = broker_service_role_update()
+            if added:
+                self.stderr.write(f"mqtt_ingest: gave the broker's service role {', '.join(added)}")
+        except (BrokerError, MqttError) as exc:
+            self.stderr.write(f"mqtt_ingest: could not check the broker's service role ACLs: {exc}")
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
