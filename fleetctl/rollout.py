@@ -42,7 +42,8 @@ ACTIONS = {
     "pause": "stop sending directives; devices already updating finish",
     "resume": "continue a paused rollout",
     "advance": "pass the current wave now, whatever its gates say",
-    "retry": "send failed devices of the started waves a fresh directive",
+    "retry": "send failed devices of the started waves a fresh directive, and devices that never picked "
+    "theirs up the same one again",
     "abort": "stop the rollout; devices not yet directed are skipped",
     "rollback": "send every device this rollout touched back to its previous release",
 }
@@ -200,7 +201,7 @@ def cmd_action(args) -> int:
         print_json(rollout)
     else:
         _print(render(rollout))
-        extra = f", {rollout['retried']} devices queued again" if "retried" in rollout else ""
+        extra = f", {rollout['retried']} devices queued or sent their directive again" if "retried" in rollout else ""
         print(f"rollout {args.id}: {args.rollout_command} done, now {rollout['state']}{extra}", file=sys.stderr)
     return 0
 

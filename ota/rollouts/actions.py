@@ -100,8 +100,8 @@ def rollout_advance(*, rollout_id: int, actor: str, reason: str = "") -> Rollout
 def rollout_retry_failed(*, rollout_id: int, actor: str, reason: str = "") -> int:
     """Queue every failed device of the started waves again (a fresh directive, new seq; one
     that rolled back or refused a deny-listed artifact gets it with the deny-list entry lifted,
-    signed in the directive), and send devices listed unreachable the same directive again
-    (same seq), restarting their delivery timeout."""
+    signed in the directive), and send devices stuck before `received` (directed, unreachable)
+    the same directive again (same seq), restarting their delivery timeout. Returns how many."""
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
         rollout_require_state(rollout, BY_NAME["retry"])
@@ -109,7 +109,7 @@ def rollout_retry_failed(*, rollout_id: int, actor: str, reason: str = "") -> in
         failed = RolloutDevice.objects.filter(rollout=rollout, state__in=RolloutDevice.FAILURES)
         failed.filter(Q(state=RD.ROLLED_BACK) | Q(error_code=ErrorCode.DENYLISTED)).update(lift_denylist=True)
         count = failed.update(state=RD.QUEUED, queued_at=now, error_code="", detail="", updated_at=now)
-        count += _resend_unreachable(rollout, now=now)
+        count += _resend_not_picked_up(rollout, now=now)
         if count:
             # A tripped gate would trip again at once on the old failures; start the count afresh.
             Wave.objects.filter(rollout=rollout, index=rollout.current_wave, state=Wave.State.HALTED).update(
@@ -123,9 +123,8 @@ def rollout_retry_failed(*, rollout_id: int, actor: str, reason: str = "") -> in
     return count
 
 
-def _resend_unreachable(rollout: Rollout, *, now) -> int:
-    # A device still DIRECTED is inside its delivery window; the reconciler republishes for it.
-    stuck = RolloutDevice.objects.filter(rollout=rollout, state=RD.UNREACHABLE, seq__isnull=False)
+def _resend_not_picked_up(rollout: Rollout, *, now) -> int:
+    stuck = RolloutDevice.objects.filter(rollout=rollout, state__in=RolloutDevice.NOT_PICKED_UP, seq__isnull=False)
     pairs = list(stuck.values_list("device_id", "seq"))
     if not pairs:
         return 0

@@ -89,10 +89,11 @@ ACTIONS: tuple[RolloutAction, ...] = (
         name="retry", function="rollout_retry_failed",
         scopes=("operator",), states=ACTIVE,
         verb="retry failed devices of", past="queued again",
-        summary="send failed devices of the started waves a fresh directive",
+        summary="send failed devices of the started waves a fresh directive, and devices that never "
+        "picked theirs up the same one again",
         label="Retry failed", style="secondary",
         confirm="Retry failed devices of rollout #{rollout}? About {failed} failed or timed-out devices get a "
-        "fresh directive for {release}.",
+        "fresh directive for {release}; devices that never picked theirs up get it again.",
     ),
     RolloutAction(
         name="abort", function="rollout_abort",

@@ -60,7 +60,7 @@ def rollout_action(request, pk, action):
     except ApiError as exc:
         note = ("error", f"{entry.label} refused: {exc.detail}")
     else:
-        done = f"{result} failed devices queued again." if entry.name == "retry" else f"{entry.label}: done."
+        done = f"{result} devices queued or sent their directive again." if entry.name == "retry" else f"{entry.label}: done."
         note = ("success", done)
     if is_htmx(request):
         context = rollout_context(request, pk)
