@@ -215,7 +215,11 @@ def test_it_restarts_what_dies_keeps_its_mqtt_port_and_serves_a_second_shell(run
             with urllib.request.urlopen(request, timeout=10) as response:
                 assert response.status == 200
 
-            # kill -9 the broker and the Celery worker: both come back, make run goes on.
+            # kill -9 the broker and the Celery worker: both come back, make run goes on. Only once
+            # supervisord counts them as running (startsecs): a death before that is a failed
+            # start, reported (and retried) as such.
+            run.until(lambda: re.search(r"mqtt started \(pid", run.text) and re.search(r"worker started \(pid", run.text),
+                      "supervisord to count the broker and the worker as running")
             broker, worker = run.program("mosquitto"), run.program("celery -A config worker")
             pool = [p.pid for p in worker.children()]
             ready_before = run.text.count("ready.")

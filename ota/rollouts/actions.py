@@ -108,8 +108,9 @@ def rollout_retry_failed(*, rollout_id: int, actor: str, reason: str = "") -> in
         now = timezone.now()
         failed = RolloutDevice.objects.filter(rollout=rollout, state__in=RolloutDevice.FAILURES)
         failed.filter(Q(state=RD.ROLLED_BACK) | Q(error_code=ErrorCode.DENYLISTED)).update(lift_denylist=True)
-        count = failed.update(state=RD.QUEUED, queued_at=now, error_code="", detail="", updated_at=now)
-        count += _resend_not_picked_up(rollout, now=now)
+        requeued = failed.update(state=RD.QUEUED, queued_at=now, error_code="", detail="", updated_at=now)
+        resent = _resend_not_picked_up(rollout, now=now)
+        count = requeued + resent
         if count:
             # A tripped gate would trip again at once on the old failures; start the count afresh.
             Wave.objects.filter(rollout=rollout, index=rollout.current_wave, state=Wave.State.HALTED).update(
@@ -117,7 +118,9 @@ def rollout_retry_failed(*, rollout_id: int, actor: str, reason: str = "") -> in
             )
         audit_record(
             actor=actor, action="rollout.retry", obj=rollout,
-            reason=f"{count} failed devices queued again" + (f": {reason}" if reason else "."), detail={"devices": count},
+            reason=f"{requeued} failed devices queued again, {resent} not yet reached sent again"
+            + (f": {reason}" if reason else "."),
+            detail={"devices": count, "requeued": requeued, "resent": resent},
         )
         rollout_wake(rollout.pk)
     return count
