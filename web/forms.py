@@ -8,9 +8,10 @@ import re
 from django import forms
 from django.core.exceptions import ValidationError
 
-from ota.fleet.parsing import parse_duration, parse_label_filter, parse_label_pairs
+from ota.fleet.parsing import parse_label_filter, parse_label_pairs
 from ota.rollouts.definition import wave_plan_parse
 from registry.models import HardwareTarget, ModelVersion
+from registry.limits import parse_duration
 
 
 def parse_labels(text: str) -> list[tuple[str, str | None]]:

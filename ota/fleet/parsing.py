@@ -1,26 +1,14 @@
-"""Parsing and checking what operators type about devices: labels and durations (API, CLI, UI)."""
+"""Parsing and checking what operators type about devices: labels (API, CLI, UI). Durations are
+registry.limits.parse_duration."""
 
 from __future__ import annotations
 
 import re
-from datetime import timedelta
 
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 128
 LABEL_KEY_RULE = "1-63 letters, digits, '.', '_', '/' or '-', starting with a letter or digit"
-_DURATION_RE = re.compile(r"^(\d+)([smhdw])$")
-_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_duration(text: str) -> timedelta:
-    """'90s', '30m', '12h', '1d', '2w' -> timedelta; ValueError with the accepted forms otherwise."""
-    match = _DURATION_RE.match(str(text).strip())
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"{text!r} is not a duration; use a positive number with s, m, h, d or w (e.g. 1d, 12h)")
-    return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
-
-
 def parse_label_pairs(pairs: list[str] | None) -> dict[str, str]:
     """['site=eu', 'tier=gold'] -> {'site': 'eu', 'tier': 'gold'}; ValueError names the bad pair."""
     labels: dict[str, str] = {}

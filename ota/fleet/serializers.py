@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from ota.fleet.parsing import parse_duration, validate_labels
+from ota.fleet.parsing import validate_labels
+from registry.limits import parse_duration
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState, EnrollmentToken
 
 

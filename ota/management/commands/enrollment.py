@@ -5,7 +5,8 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from ota.fleet.enrollment import enrollment_token_create, enrollment_token_revoke
-from ota.fleet.parsing import parse_duration, parse_label_pairs
+from ota.fleet.parsing import parse_label_pairs
+from registry.limits import parse_duration
 from ota.models import EnrollmentToken
 
 
