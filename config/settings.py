@@ -1,9 +1,11 @@
 """The one settings module. Every knob is an environment variable read through config.env,
 which refuses bad values at start-up. See the configuration table in README.md."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
 
 from config.env import ConfigError, env_bool, env_http_header, env_int, env_list, env_path, env_str
 
@@ -41,6 +43,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "axes",
     "registry",
     "ota",
     "web",
@@ -48,6 +51,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -55,6 +59,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a lockout raised during authentication into the response.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -204,7 +210,67 @@ _PROXY_SSL_HEADER = env_http_header("SECURE_PROXY_SSL_HEADER")
 if _PROXY_SSL_HEADER:
     SECURE_PROXY_SSL_HEADER = (_PROXY_SSL_HEADER, "https")
 # Session and CSRF cookies only over HTTPS; by default when the public URL is https.
-SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("SECURE_COOKIES", PUBLIC_URL.startswith("https://"))
+_PUBLIC_HTTPS = PUBLIC_URL.startswith("https://")
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("SECURE_COOKIES", _PUBLIC_HTTPS)
+# No script reads either cookie: htmx sends the CSRF token from the page (hx-headers in
+# web/templates/web/base.html), the admin from its forms, the Swagger UI from its init script, which
+# the server renders with the token in it. So the CSRF cookie can be HttpOnly too.
+SESSION_COOKIE_HTTPONLY = CSRF_COOKIE_HTTPONLY = True
+# Lax, not Strict: Strict would drop the session on every link into the UI from elsewhere (a chat,
+# a CI log, an alert mail), so the page would ask for a login although one is open. Lax still
+# withholds the cookies from cross-site POSTs, forms and fetches, which is what guards against CSRF.
+SESSION_COOKIE_SAMESITE = CSRF_COOKIE_SAMESITE = env_str("COOKIE_SAMESITE", "Lax", choices=("Lax", "Strict"))
+# HSTS: browsers that saw it once refuse plain http for this host for that long. Sent only on
+# https requests (behind a proxy: with SECURE_PROXY_SSL_HEADER set), by default when the public
+# URL is https. Subdomains and the preload list stay opt-in: both outlive a change of mind.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if _PUBLIC_HTTPS else 0, min_value=0,
+                              max_value=63_072_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+
+# Content-Security-Policy (django-csp): scripts, styles, images and requests from this origin only;
+# no inline script, no eval. Inline style *attributes* stay allowed (style-src-attr): the templates
+# use a few for layout (and the progress bars' widths); an attribute cannot select elements nor,
+# with img-src 'self', load anything, so it cannot leak the page. <style> elements are refused:
+# htmx's own indicator styles are switched off (htmx-config meta tag in base.html), and the API
+# docs page is served without its inline <style> and with its init script as a file
+# (config/urls.py, SpectacularSwaggerSplitView). data: images: the Swagger UI's and the admin's
+# icons are inline SVG in their stylesheets.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "style-src-attr": ["'unsafe-inline'"],
+        "img-src": [SELF, "data:"],
+        "font-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    }
+}
+
+# --- login throttling (django-axes) --------------------------------------------------------------
+# LOGIN_FAILURE_LIMIT wrong passwords for one username from one client address lock that pair out
+# of the web and the admin login for LOGIN_LOCKOUT_MINUTES (each further try restarts the wait).
+# Other users, and the same user from elsewhere, can still sign in. An admin lifts a lockout with
+# `manage.py axes_reset_username NAME` (or axes_reset_ip, axes_reset).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, min_value=1, max_value=1000)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, min_value=1, max_value=10080))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "web.login.lockout_response"
+AXES_CLIENT_IP_CALLABLE = "web.login.client_ip"
+# Behind the shipped nginx config the client's address is the last X-Forwarded-For entry (nginx
+# appends it); without this every login would come from the proxy's address. Only behind a proxy
+# that appends to that header: otherwise a client could name any address it likes.
+LOGIN_TRUST_X_FORWARDED_FOR = env_bool("LOGIN_TRUST_X_FORWARDED_FOR", False)
 
 # --- API ---------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -236,7 +302,15 @@ SPECTACULAR_SETTINGS = {
         "DeviceStateEnum": "ota.models.devices.Device.State",
         "RolloutStateEnum": "ota.models.rollouts.Rollout.State",
     },
+    # The refusals every operation shares (400, 401, 403, 404, 413, 415) are declared in one place.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "registry.schema.document_errors",
+    ],
 }
+
+# Require a login (a session, or a bearer token of any scope) for /api/schema/ and /api/docs/.
+API_DOCS_REQUIRE_LOGIN = env_bool("API_DOCS_REQUIRE_LOGIN", False)
 
 LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
@@ -247,5 +321,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    # axes.apps announces itself at every start (each manage.py command): only its warnings.
+    "loggers": {"django.db.backends": {"level": "WARNING"}, "axes.apps": {"level": "WARNING"}},
 }

@@ -3,12 +3,13 @@ from django.core.exceptions import DisallowedHost
 from django.http import JsonResponse
 from django.urls import include, path
 from django.views import defaults
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from registry.apidocs import DocsView, SchemaView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("api/schema/", SchemaView.as_view(), name="schema"),
+    path("api/docs/", DocsView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/v1/", include("registry.urls")),
     path("api/v1/", include("ota.urls")),
     path("healthz", lambda request: JsonResponse({"ok": True}), name="healthz"),

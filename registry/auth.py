@@ -105,7 +105,18 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         token = ApiToken.objects.filter(token_hash=ApiToken.hash_secret(secret), revoked_at__isnull=True).first()
         if token is None:
             raise exceptions.AuthenticationFailed("Invalid or revoked token.")
-        ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+        now = timezone.now()
+        if token.is_expired(now):
+            # Its own code, so a CI job can say "renew the token" instead of "wrong token".
+            raise exceptions.AuthenticationFailed(
+                f"Token '{token.name}' expired at {token.expires_at:%Y-%m-%d %H:%M:%S}Z; create a new one.",
+                code="token_expired",
+            )
+        # Imported here: this module loads while DRF reads its settings, from registry.errors'
+        # import of rest_framework, and registry.tokens needs registry.errors complete.
+        from registry.tokens import token_record_use
+
+        token_record_use(token=token, now=now)
         principal = TokenPrincipal(
             name=token.name, scope=token.scope, token_id=token.pk, scopes=SCOPE_GRANTS[token.scope]
         )

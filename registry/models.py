@@ -151,13 +151,19 @@ class ApiToken(models.Model):
     token_hash = models.CharField(max_length=64, unique=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
     created_by = models.CharField(max_length=150, blank=True)
+    # Recorded at most once a minute per token (registry.auth), so it is exact to a minute.
     last_used_at = models.DateTimeField(null=True, blank=True)
+    # None: never expires.
+    expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
     TOKEN_PREFIX = "mf_"
 
     def __str__(self) -> str:
         return f"{self.name} ({self.scope})"
+
+    def is_expired(self, now=None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())
 
     @staticmethod
     def hash_secret(secret: str) -> str:

@@ -263,11 +263,28 @@ class RolloutForm(forms.Form):
 # --- admin: credentials ----------------------------------------------------------------------
 
 
+def optional_duration(text: str):
+    """An expiry field: blank is None (never), else registry.limits.parse_duration's timedelta."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise forms.ValidationError(str(exc)) from None
+
+
 class ApiTokenForm(forms.Form):
     name = forms.CharField(max_length=100, help_text="Who uses it, e.g. github-actions.")
     scope = forms.ChoiceField(
         choices=[("read", "read"), ("ci", "ci"), ("operator", "operator"), ("admin", "admin")], initial="ci"
     )
+    expires_in = forms.CharField(
+        required=False, initial="90d", label="Expires in", help_text="e.g. 30d, 12w; blank: never."
+    )
+
+    def clean_expires_in(self):
+        return optional_duration(self.cleaned_data["expires_in"])
 
 
 class EnrollmentTokenForm(forms.Form):
@@ -281,13 +298,7 @@ class EnrollmentTokenForm(forms.Form):
     )
 
     def clean_expires_in(self):
-        text = self.cleaned_data["expires_in"].strip()
-        if not text:
-            return None
-        try:
-            return parse_duration(text)
-        except ValueError as exc:
-            raise forms.ValidationError(str(exc)) from None
+        return optional_duration(self.cleaned_data["expires_in"])
 
     def clean_labels(self):
         try:

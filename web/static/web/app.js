@@ -41,6 +41,17 @@
     document.addEventListener("DOMContentLoaded", function () { initCharts(document); });
   }
 
+  /* A <select data-fills="ID"> copies its choice into the field ID (the wizard's wave templates),
+     announced as input so the live preview follows. Here, not inline: the CSP refuses inline handlers. */
+  document.addEventListener("change", function (event) {
+    var select = event.target;
+    if (!select.dataset || !select.dataset.fills || !select.value) return;
+    var target = document.getElementById(select.dataset.fills);
+    if (!target) return;
+    target.value = select.value;
+    target.dispatchEvent(new Event("input", { bubbles: true }));
+  });
+
   /* Plain (non-htmx) forms that change something ask first, with the text the server wrote. */
   document.addEventListener("submit", function (event) {
     var form = event.target;
