@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib.auth.views import redirect_to_login
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework import exceptions, permissions
+from rest_framework.renderers import JSONRenderer
 
 
 class DocsAccess(permissions.BasePermission):
@@ -28,6 +29,12 @@ class DocsAccess(permissions.BasePermission):
 
 class SchemaView(SpectacularAPIView):
     permission_classes = [DocsAccess]
+
+    def handle_exception(self, exc):
+        # Errors as the API's JSON, not as an OpenAPI document's YAML.
+        response = super().handle_exception(exc)
+        self.request.accepted_renderer, self.request.accepted_media_type = JSONRenderer(), "application/json"
+        return response
 
 
 class DocsView(SpectacularSwaggerSplitView):

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def root(client, django_user_model, settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # speed only
-    django_user_model.objects.create_superuser("root", "root@example.com", "root-password-123")
-    client.login(username="root", password="root-password-123")
+    # force_login: client.login() calls authenticate() without a request, which django-axes refuses.
+    client.force_login(django_user_model.objects.create_superuser("root", "root@example.com", "root-password-123"))
     return client
 
 

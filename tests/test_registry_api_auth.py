@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from unittest import mock
 
 import pytest
@@ -142,3 +143,43 @@ def test_it_generates_the_registry_schema_without_warnings(capsys):
     ]
     assert registry_lines == []
     assert "Schema generation summary" in report or report == ""
+
+
+def test_it_answers_401_token_expired_for_an_expired_token(client, ci_token):
+    ApiToken.objects.update(expires_at=timezone.now() + timedelta(minutes=5))
+    assert client.get("/api/v1/models/", **ci_token.headers).status_code == 200
+    ApiToken.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    response = client.get("/api/v1/models/", **ci_token.headers)
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["code"] == "token_expired" and "Token 'test-ci' expired at" in error["message"]
+
+
+def test_it_records_a_tokens_last_use_at_most_once_a_minute(client, ci_token):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    assert ApiToken.objects.get().last_used_at is None
+    client.get("/api/v1/models/", **ci_token.headers)
+    first = ApiToken.objects.get().last_used_at
+    assert first is not None and timezone.now() - first < timedelta(seconds=30)
+
+    with CaptureQueriesContext(connection) as queries:
+        assert client.get("/api/v1/models/", **ci_token.headers).status_code == 200
+    assert not [q for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    assert ApiToken.objects.get().last_used_at == first
+
+    ApiToken.objects.update(last_used_at=first - timedelta(seconds=61))
+    client.get("/api/v1/models/", **ci_token.headers)
+    assert ApiToken.objects.get().last_used_at > first
+
+
+def test_it_writes_a_last_use_once_when_requests_race_past_the_loaded_time(ci_token):
+    from registry.tokens import token_record_use
+
+    stale = timezone.now() - timedelta(minutes=5)
+    ApiToken.objects.update(last_used_at=stale)
+    # Two requests that both loaded the stale row: the conditional UPDATE lets only one write.
+    first, second = ApiToken.objects.get(), ApiToken.objects.get()
+    assert token_record_use(token=first) is True
+    assert token_record_use(token=second) is False

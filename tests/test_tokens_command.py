@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.utils import timezone
 
 from registry.models import ApiToken
 
@@ -61,3 +64,38 @@ def test_it_refuses_unknown_names_scopes_and_duplicates(capsys):
     create(capsys, "dup", "read")
     with pytest.raises(CommandError, match="active token named 'dup' already exists"):
         call_command("tokens", "create", "--name", "dup", "--scope", "read")
+
+
+def test_it_creates_expiring_tokens_and_lists_expiry_and_last_use(capsys, client):
+    call_command("tokens", "create", "--name", "quarterly", "--scope", "read", "--expires-in", "90d")
+    captured = capsys.readouterr()
+    secret = captured.out.strip()
+    token = ApiToken.objects.get(name="quarterly")
+    assert timedelta(days=89, hours=23) < token.expires_at - timezone.now() <= timedelta(days=90)
+    assert f"expires {token.expires_at:%Y-%m-%d %H:%M:%S}" in captured.err
+    client.get("/api/v1/models/", HTTP_AUTHORIZATION=f"Bearer {secret}")
+    create(capsys, "forever", "read")
+
+    call_command("tokens", "list")
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    used = ApiToken.objects.get(name="quarterly").last_used_at
+    assert "EXPIRES" in lines["NAME"] and "LAST USED" in lines["NAME"]
+    assert f"{token.expires_at:%Y-%m-%d %H:%M:%S}" in lines["quarterly"]
+    assert f"{used:%Y-%m-%d %H:%M:%S}" in lines["quarterly"]
+    assert lines["forever"].split()[5:7] == ["-", "-"]  # never expires, never used
+
+    ApiToken.objects.filter(name="quarterly").update(expires_at=timezone.now() - timedelta(hours=1))
+    call_command("tokens", "list")
+    assert "(expired)" in capsys.readouterr().out
+    assert client.get("/api/v1/models/", HTTP_AUTHORIZATION=f"Bearer {secret}").json()["error"]["code"] == "token_expired"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("99999999d", "longer than the maximum of 3650 days"),
+    ("0d", "is not a duration"),
+    ("90 days", "is not a duration"),
+])
+def test_it_refuses_bad_expiry_durations(text, message):
+    with pytest.raises(CommandError, match=f"--expires-in: .*{message}"):
+        call_command("tokens", "create", "--name", "x", "--scope", "read", "--expires-in", text)
+    assert not ApiToken.objects.exists()
