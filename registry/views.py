@@ -6,7 +6,6 @@ from __future__ import annotations
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
-from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -19,7 +18,9 @@ from registry.errors import ApiError, not_found
 from registry.hardware import hardware_create
 from registry.lookups import artifact_get, model_get, version_get
 from registry.models import HardwareTarget, Model, ModelVersion
+from registry.parsers import FormParser, MultiPartParser
 from registry.releases import version_delete_draft, version_deprecate, version_release, version_revoke
+from registry.schema import ERROR
 from registry.serializers import (
     AliasSerializer,
     AliasSetSerializer,
@@ -37,8 +38,6 @@ from registry.serializers import (
     VersionSerializer,
 )
 from registry.versions import model_create, version_create
-
-ERROR = OpenApiResponse(description='{"error": {"code", "message", ...}}')
 
 
 class HardwareListCreate(generics.ListAPIView):

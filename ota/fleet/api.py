@@ -23,8 +23,8 @@ from ota.fleet.serializers import (
 from ota.models import Device, EnrollmentToken
 from registry.auth import actor_label
 from registry.errors import ApiError
+from registry.schema import ERROR
 
-ERROR = OpenApiResponse(description='{"error": {"code", "message", ...}}')
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import generics, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -22,8 +22,7 @@ from ota.rollouts.serializers import (
 from registry.auth import actor_label
 from registry.errors import ApiError
 from registry.models import AuditEntry
-
-ERROR = OpenApiResponse(description='{"error": {"code", "message", "fields"?, ...}}')
+from registry.schema import ERROR
 
 
 class RolloutListCreate(generics.ListCreateAPIView):
