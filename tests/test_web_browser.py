@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from django.contrib.auth.models import Group
 
 from agent.protocol import encode_json
 from ota.models import Device, DeviceModelState, Rollout, RolloutDevice
@@ -296,3 +297,63 @@ def test_it_shows_a_viewer_no_action_buttons_and_refuses_a_forged_post(live_serv
         assert response.status == 403 and "role" in response.text()
     rollout.refresh_from_db()
     assert rollout.state == "created"
+
+
+def test_it_locks_out_guessed_passwords_keeps_cookies_httponly_and_runs_every_page_under_the_csp(
+    live_server, settings, django_user_model
+):
+    settings.AXES_FAILURE_LIMIT = 3
+    django_user_model.objects.create_user("mallory-target", password="the-right-password-123")
+    admin = django_user_model.objects.create_superuser("ada-admin", "ada@example.com", "ada-admin-password-123")
+    admin.groups.add(Group.objects.get_or_create(name="admin")[0])
+    web_data.released("detector", "2.0.0")
+
+    with Browser(base_url=live_server.url) as browser:
+        page = browser.new_page()
+        violations: list[str] = []
+        page.on("console", lambda m: "Content Security Policy" in m.text and violations.append(f"{page.url}: {m.text}"))
+        page.on("pageerror", lambda e: violations.append(f"{page.url}: {e}"))
+
+        # Three wrong passwords, then the right one is refused with the lockout message.
+        page.goto("/login/")
+        for attempt in range(3):
+            page.fill("#id_username", "mallory-target")
+            page.fill("#id_password", f"guess-{attempt}")
+            page.click("button[type=submit]")
+            page.wait_for_load_state()
+        page.fill("#id_username", "mallory-target")
+        page.fill("#id_password", "the-right-password-123")
+        with page.expect_response(lambda r: r.url.endswith("/login/") and r.request.method == "POST") as answer:
+            page.click("button[type=submit]")
+        assert answer.value.status == 429
+        assert "signing in is locked for 15 minutes" in page.locator("#locked-out").inner_text()
+        assert not any(c["name"] == "sessionid" for c in browser.context.cookies())
+
+        login(page, "ada-admin", "ada-admin-password-123")
+        cookies = {c["name"]: c for c in browser.context.cookies()}
+        for name in ("sessionid", "csrftoken"):
+            assert cookies[name]["httpOnly"] and cookies[name]["sameSite"] == "Lax", cookies[name]
+        assert page.evaluate("() => document.cookie") == ""  # neither is readable from script
+
+        # The policy is enforced: a script injected inline does not run, and says so in the console.
+        assert page.evaluate("""() => { const s = document.createElement('script');
+            s.textContent = 'window.injected = 1'; document.head.appendChild(s); return window.injected; }""") is None
+        page.wait_for_timeout(100)
+        assert any("inline script" in v for v in violations), violations
+        violations.clear()
+
+        for url in ("/", "/devices/", "/rollouts/", "/registry/", "/registry/detector/", "/audit/", "/access/",
+                    "/admin/", "/admin/registry/apitoken/", "/admin/auth/user/1/change/"):
+            response = page.goto(url)
+            assert response.status == 200, url
+            assert "script-src 'self'" in response.headers["content-security-policy"], url
+            page.wait_for_load_state("load")
+        # The wizard's template picker (a script file now, no inline handler) still fills the waves.
+        page.goto("/rollouts/new/")
+        page.select_option("#id_template", index=1)
+        assert page.input_value("#id_waves") != ""
+        # The Swagger UI renders from its split-out init script, and loads the schema.
+        page.goto("/api/docs/")
+        page.wait_for_selector(".swagger-ui .opblock-tag", timeout=15_000)
+        page.wait_for_timeout(200)
+    assert violations == []
