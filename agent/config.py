@@ -86,6 +86,16 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Where the application that runs the model sends StatsD lines (agent/metrics/, README "Model
+    # metrics"). Empty: no listener. The socket is not authenticated: keep it on loopback.
+    statsd_listen: str = "127.0.0.1:8125"
+    # The trial judges the new release on the app's figures (update.max_error_rate,
+    # update.max_latency_ms_p95) once this many requests were reported; fewer say too little.
+    min_trial_requests: int = 20
+
+
+@dataclass(frozen=True)
 class Config:
     device_id: str
     hardware: str
@@ -95,6 +105,7 @@ class Config:
     keys: KeysConfig = field(default_factory=KeysConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log_level: str = "INFO"
     path: Path | None = None
 
@@ -180,13 +191,23 @@ def _optional_str(table: dict, key: str, where: str) -> str | None:
     return value or None
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """'127.0.0.1:8125' or '[::1]:8125' -> (host, port); ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:8125)")
+    return host, int(port)
+
+
 # --- loading ----------------------------------------------------------------------------------
 
 
 def parse_config(data: dict, *, path: Path | None = None) -> Config:
     _no_unknown(
         data,
-        {"device_id", "hardware", "state_dir", "log_level", "mqtt", "server", "keys", "update", "telemetry"},
+        {"device_id", "hardware", "state_dir", "log_level", "mqtt", "server", "keys", "update", "telemetry",
+         "metrics"},
         "",
     )
     device_id = _get(data, "device_id", "", "str")
@@ -309,6 +330,18 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
     telemetry = TelemetryConfig(
         interval_seconds=_positive(_get(t, "interval_seconds", "telemetry.", "number", 60.0), "telemetry.interval_seconds")
     )
+    mt = _table(data, "metrics")
+    _no_unknown(mt, {"statsd_listen", "min_trial_requests"}, "metrics.")
+    statsd_listen = _get(mt, "statsd_listen", "metrics.", "str", MetricsConfig.statsd_listen).strip()
+    if statsd_listen:
+        try:
+            parse_listen(statsd_listen)
+        except ValueError as exc:
+            raise ConfigError(f"metrics.statsd_listen: {exc}, or \"\" to turn the listener off") from None
+    min_trial_requests = _get(mt, "min_trial_requests", "metrics.", "int", MetricsConfig.min_trial_requests)
+    if min_trial_requests < 1:
+        raise ConfigError(f"metrics.min_trial_requests must be >= 1, got {min_trial_requests}")
+    metrics = MetricsConfig(statsd_listen=statsd_listen, min_trial_requests=min_trial_requests)
     return Config(
         device_id=device_id,
         hardware=hardware,
@@ -318,6 +351,7 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
         keys=keys,
         update=update,
         telemetry=telemetry,
+        metrics=metrics,
         log_level=log_level,
         path=path,
     )

@@ -33,6 +33,8 @@ from agent.download import Interrupted
 from agent.inflight import InFlightUpdate
 from agent.install import Store
 from agent.journal import Journal, record_handled_seq
+from agent.metrics import listener as metrics_listener
+from agent.metrics.book import MetricsBook
 from agent.machine import TABLE, Entry, IllegalTransition, Outcome, Phase, check, check_preempt, preemptible
 from agent.outbox import Outbox
 from agent.protocol import ErrorCode, Event, format_time, utcnow
@@ -92,8 +94,11 @@ class Agent:
         self.preempt = threading.Event()
         self.directives = DirectiveHandler(cfg=cfg, journal=self.journal, requeue=self.inbox.put,
                                            report=self._report, start=self._start, preempt=self._preempt)
+        # The app's own figures (agent/metrics): telemetry reports them, the trial judges on them.
+        self.metrics = MetricsBook(releases=functools.partial(publish.active_models, self.journal))
         self.steps = Steps(cfg=cfg, store=self.store, journal=self.journal, stop=self.stop, preempt=self.preempt,
-                           transition=self._transition, finish=self._finish, hook=self._hook)
+                           transition=self._transition, finish=self._finish, hook=self._hook,
+                           metrics=self.metrics)
         self.link = None
         if link_factory is not None:
             self.link = link_factory(
@@ -115,8 +120,13 @@ class Agent:
             threads = [
                 threading.Thread(target=self.outbox.drain, args=(send_event, self.stop), daemon=True),
                 threading.Thread(target=publish.telemetry_loop, args=(self.link,), daemon=True,
-                                 kwargs={"cfg": self.cfg, "journal": self.journal, "stop": self.stop}),
+                                 kwargs={"cfg": self.cfg, "journal": self.journal, "stop": self.stop,
+                                         "metrics": self.metrics}),
             ]
+            sock = metrics_listener.bind(self.cfg.metrics.statsd_listen) if self.cfg.metrics.statsd_listen else None
+            if sock is not None:
+                threads.append(threading.Thread(target=metrics_listener.serve, args=(sock, self.metrics, self.stop),
+                                                daemon=True, name="statsd"))
             if self.link:
                 self.link.start()
             for t in threads:

@@ -5,6 +5,8 @@ The configured health command runs through the shell with these variables set:
   FLEET_AGENT_MODEL_PATH        app-facing path of the model file (<state>/models/<name>/current/<file>)
   FLEET_AGENT_EXPECTED_SHA256   sha256 of the artifact the agent activated
 It must exit 0 and may print one JSON object: {"model_sha256", "error_rate", "latency_ms_p95"}.
+The same limits (judge_figures) apply to what the application reports as StatsD metrics
+(agent/metrics), once metrics.min_trial_requests requests were reported during the trial.
 """
 
 from __future__ import annotations
@@ -81,16 +83,25 @@ def run_health(
         return HealthResult(
             False, f"application reports model sha256 {str(reported)[:64]}, activated {expected_sha256}", figures
         )
+    verdict = judge_figures(figures, max_error_rate=max_error_rate, max_latency_ms_p95=max_latency_ms_p95)
+    if verdict is not None:
+        return HealthResult(False, verdict, figures)
+    return HealthResult(True, "health command passed", figures)
+
+
+def judge_figures(figures: dict, *, max_error_rate: float, max_latency_ms_p95: float) -> str | None:
+    """The trial's limits on what the application reports, whether through the health command's
+    JSON or its StatsD metrics: None when within them, else why not."""
     error_rate = figures.get("error_rate")
     if error_rate is not None:
         if not isinstance(error_rate, (int, float)) or isinstance(error_rate, bool):
-            return HealthResult(False, "health error_rate must be a number", figures)
+            return "health error_rate must be a number"
         if error_rate > max_error_rate:
-            return HealthResult(False, f"error rate {error_rate} is over the limit {max_error_rate}", figures)
+            return f"error rate {error_rate} is over the limit {max_error_rate}"
     latency = figures.get("latency_ms_p95")
     if latency is not None:
         if not isinstance(latency, (int, float)) or isinstance(latency, bool):
-            return HealthResult(False, "health latency_ms_p95 must be a number", figures)
+            return "health latency_ms_p95 must be a number"
         if max_latency_ms_p95 and latency > max_latency_ms_p95:
-            return HealthResult(False, f"p95 latency {latency} ms is over the limit {max_latency_ms_p95} ms", figures)
-    return HealthResult(True, "health command passed", figures)
+            return f"p95 latency {latency} ms is over the limit {max_latency_ms_p95} ms"
+    return None

@@ -25,6 +25,7 @@ from agent.journal import Journal
 from agent.protocol import presence_payload
 
 if TYPE_CHECKING:
+    from agent.metrics.book import MetricsBook
     from agent.mqtt import MqttLink
 
 log = logging.getLogger("fleet_agent")
@@ -76,8 +77,11 @@ def publish_event(link: MqttLink | None, payload: bytes) -> bool:
     return bool(link) and link.publish("events", payload, qos=1, timeout=10)
 
 
-def telemetry_loop(link: MqttLink | None, *, cfg: Config, journal: Journal, stop: threading.Event) -> None:
-    """Telemetry thread body: publish every interval while connected, until `stop` is set."""
+def telemetry_loop(link: MqttLink | None, *, cfg: Config, journal: Journal, stop: threading.Event,
+                   metrics: MetricsBook | None = None) -> None:
+    """Telemetry thread body: publish every interval while connected, until `stop` is set. The
+    model metrics window is taken only when the report can go out: an offline spell makes one long
+    window rather than lost ones."""
     from agent.telemetry import collect
 
     collect(device_id=cfg.device_id, state_dir=cfg.state_dir, active={}, health=None)  # primes cpu_percent
@@ -86,7 +90,8 @@ def telemetry_loop(link: MqttLink | None, *, cfg: Config, journal: Journal, stop
             continue
         try:
             payload = collect(device_id=cfg.device_id, state_dir=cfg.state_dir,
-                              active=active_models(journal), health=journal.data.get("last_health"))
+                              active=active_models(journal), health=journal.data.get("last_health"),
+                              model_metrics=metrics.take_window() if metrics else None)
             link.publish("telemetry", payload, qos=0)
         except Exception:  # telemetry must never take the agent down
             log.exception("telemetry failed")

@@ -26,16 +26,20 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from agent.config import Config
 from agent.download import AnyEvent, DownloadError, Interrupted, fetch
-from agent.health import run_health, run_shell
+from agent.health import judge_figures, run_health, run_shell
 from agent.inflight import InFlightUpdate
 from agent.install import Store, StoreError, sha256_file
 from agent.journal import Journal, child_env, crash_point
 from agent.machine import Outcome, Phase
 from agent.precheck import run_precheck
 from agent.protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from agent.metrics.book import MetricsBook
 
 log = logging.getLogger("fleet_agent")
 
@@ -51,7 +55,8 @@ class Steps:
 
     def __init__(self, *, cfg: Config, store: Store, journal: Journal, stop: threading.Event,
                  transition: Callable[..., None], finish: Callable[..., None],
-                 preempt: threading.Event | None = None, hook: Callable[[str | None], None] | None = None):
+                 preempt: threading.Event | None = None, hook: Callable[[str | None], None] | None = None,
+                 metrics: MetricsBook | None = None):
         self.cfg = cfg
         self.store = store
         self.journal = journal
@@ -60,6 +65,7 @@ class Steps:
         self.transition = transition
         self.finish = finish
         self.hook = hook or (lambda _command: None)
+        self.metrics = metrics
         self.digests: dict[str, str] = {}  # sha -> digest computed while downloading (this process)
 
     def received(self, upd: InFlightUpdate) -> None:
@@ -183,32 +189,54 @@ class Steps:
         self.transition(Phase.TRIAL, event=True, mutate=mutate, trial_restarts=0, **cleared)
 
     def trial(self, upd: InFlightUpdate) -> None:
-        """Run the health command every health_interval_seconds for trial_seconds; commit if all pass."""
+        """For trial_seconds, every health_interval_seconds: run the health command and judge what
+        the application reported as StatsD metrics for this release since the trial began (once
+        there are metrics.min_trial_requests requests); commit if every check passed.
+
+        The metrics window starts again when the agent restarts mid-trial: figures from before
+        a power loss cannot be told apart from the app's start-up."""
         u = self.cfg.update
         deadline = time.monotonic() + u.trial_seconds
         figures: dict = {}
+        app_figures: dict | None = None
         checks = 0
         app_path = str(self.store.app_path(upd.model, upd.file_name))
-        while True:
-            if u.health_command:
-                self.hook("health")
-                result = run_health(
-                    u.health_command, model=upd.model, model_path=app_path, expected_sha256=upd.sha,
-                    timeout=u.command_timeout_seconds, max_error_rate=u.max_error_rate,
-                    max_latency_ms_p95=u.max_latency_ms_p95,
-                )
-                checks += 1
-                if not result.ok:
-                    self.transition(Phase.ROLLING_BACK, event=False, error_code=ErrorCode.TRIAL_FAILED,
-                                    detail=result.detail, health=result.figures, hook=None)
-                    return
-                self.hook(None)
-                figures = result.figures
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if self.stop.wait(min(u.health_interval_seconds, remaining)):
-                raise Interrupted()
+        if self.metrics:
+            self.metrics.trial_begin(upd.model, upd.sha)
+        try:
+            while True:
+                if u.health_command:
+                    self.hook("health")
+                    result = run_health(
+                        u.health_command, model=upd.model, model_path=app_path, expected_sha256=upd.sha,
+                        timeout=u.command_timeout_seconds, max_error_rate=u.max_error_rate,
+                        max_latency_ms_p95=u.max_latency_ms_p95,
+                    )
+                    checks += 1
+                    if not result.ok:
+                        self.transition(Phase.ROLLING_BACK, event=False, error_code=ErrorCode.TRIAL_FAILED,
+                                        detail=result.detail, health=result.figures, hook=None)
+                        return
+                    self.hook(None)
+                    figures = result.figures
+                if self.metrics:
+                    app_figures = self.metrics.trial_figures(upd.model, upd.sha)
+                    if app_figures and app_figures["requests"] >= self.cfg.metrics.min_trial_requests:
+                        verdict = judge_figures(app_figures, max_error_rate=u.max_error_rate,
+                                                max_latency_ms_p95=u.max_latency_ms_p95)
+                        if verdict is not None:
+                            self.transition(Phase.ROLLING_BACK, event=False, error_code=ErrorCode.TRIAL_FAILED,
+                                            detail=f"the application's metrics: {verdict}",
+                                            health={"app_metrics": app_figures})
+                            return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self.stop.wait(min(u.health_interval_seconds, remaining)):
+                    raise Interrupted()
+        finally:
+            if self.metrics:
+                self.metrics.trial_end(upd.model, upd.sha)
         health = {
             **{k: v for k, v in figures.items() if k in ("model_sha256", "error_rate", "latency_ms_p95")},
             "checks": checks,
@@ -216,6 +244,9 @@ class Steps:
             "trial_restarts": upd.trial_restarts,
             "precheck_latency_ms": upd.precheck_latency_ms,
         }
+        if app_figures is not None:
+            health["app_metrics"] = {**app_figures,
+                                     "judged": app_figures["requests"] >= self.cfg.metrics.min_trial_requests}
         model = upd.model
 
         def mutate(data):

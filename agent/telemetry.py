@@ -21,7 +21,8 @@ def _temperature() -> float | None:
     return round(max(readings), 1) if readings else None
 
 
-def collect(*, device_id: str, state_dir: Path, active: dict, health: dict | None) -> bytes:
+def collect(*, device_id: str, state_dir: Path, active: dict, health: dict | None,
+            model_metrics: dict | None = None) -> bytes:
     data = {
         "_type": "telemetry",
         "device_id": device_id,
@@ -33,6 +34,8 @@ def collect(*, device_id: str, state_dir: Path, active: dict, health: dict | Non
         "active": active,
         "health": health,
     }
+    if model_metrics:
+        data["model_metrics"] = model_metrics
     temperature = _temperature()
     if temperature is not None:
         data["temperature_c"] = temperature

@@ -14,6 +14,7 @@ import pytest
 from agent.config import (
     Config,
     ConfigError,
+    MetricsConfig,
     MqttConfig,
     ServerConfig,
     TelemetryConfig,
@@ -39,6 +40,7 @@ def base() -> dict:
                    "health_interval_seconds": 5, "max_trial_restarts": 3, "max_error_rate": 0.05,
                    "max_latency_ms_p95": 0, "precheck_timeout_seconds": 60, "precheck_memory_mb": 2048},
         "telemetry": {"interval_seconds": 60},
+        "metrics": {"statsd_listen": "127.0.0.1:8125", "min_trial_requests": 20},
     }
 
 
@@ -49,6 +51,8 @@ def test_it_loads_the_enrollment_contract():
     assert cfg.server.token == "mfd_abc" and cfg.keys.release == (KEYS.release_pem,)
     assert cfg.update.trial_seconds == 30 and cfg.update.max_latency_ms_p95 == 0
     assert cfg.telemetry.interval_seconds == 60
+    assert cfg.metrics.statsd_listen == "127.0.0.1:8125" and cfg.metrics.min_trial_requests == 20
+    assert parse_config(_with("metrics.statsd_listen", "")).metrics.statsd_listen == ""
 
 
 def _with(path: str, value):
@@ -93,6 +97,10 @@ def _with(path: str, value):
         ("update.health_interval_seconds", float("inf"), "update.health_interval_seconds must be a finite number"),
         ("mqtt.reconnect_max_seconds", float("nan"), "mqtt.reconnect_max_seconds must be a finite number"),
         ("mqtt.failure_log_interval_seconds", 0, "mqtt.failure_log_interval_seconds must be > 0"),
+        ("metrics.statsd_listen", "8125", "metrics.statsd_listen: '8125' is not host:port"),
+        ("metrics.statsd_listen", "localhost:99999", "metrics.statsd_listen"),
+        ("metrics.min_trial_requests", 0, "metrics.min_trial_requests must be >= 1"),
+        ("metrics.port", 1, "unknown key metrics.port"),
     ],
 )
 def test_it_names_the_key_of_every_bad_value(path, value, message):
@@ -137,7 +145,8 @@ def test_it_documents_and_accepts_every_key_in_the_example_config():
     cfg = parse_config(data)
     assert isinstance(cfg, Config)
     for name in [*Config.__dataclass_fields__, *MqttConfig.__dataclass_fields__, *UpdateConfig.__dataclass_fields__,
-                 *ServerConfig.__dataclass_fields__, *TelemetryConfig.__dataclass_fields__]:
-        if name in ("mqtt", "server", "keys", "update", "telemetry", "path"):
+                 *ServerConfig.__dataclass_fields__, *TelemetryConfig.__dataclass_fields__,
+                 *MetricsConfig.__dataclass_fields__]:
+        if name in ("mqtt", "server", "keys", "update", "telemetry", "metrics", "path"):
             continue
         assert re.search(rf"^#?\s*{name}\s*=", text, re.MULTILINE), f"{name} missing from the example config"

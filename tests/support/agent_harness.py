@@ -413,6 +413,7 @@ def write_config(
     update: dict | None = None,
     telemetry_interval: float = 60,
     mqtt: dict | None = None,
+    metrics: dict | None = None,
 ) -> Path:
     upd = {
         "disk_reserve_mb": 1,
@@ -445,6 +446,9 @@ def write_config(
         *(f"{k} = {toml_value(v)}" for k, v in upd.items()),
         "[telemetry]",
         f"interval_seconds = {toml_value(telemetry_interval)}",
+        # No StatsD listener unless a test asks: many agents share this machine's 8125.
+        "[metrics]",
+        *(f"{k} = {toml_value(v)}" for k, v in (metrics or {"statsd_listen": ""}).items()),
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
