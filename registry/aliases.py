@@ -13,6 +13,7 @@ from django.utils.dateparse import parse_date, parse_datetime
 
 from registry.audit import audit_record
 from registry.errors import ApiError, Conflict, not_found
+from registry.limits import instant_check
 from registry.models import Alias, AliasMove, Model, ModelVersion
 
 SLUG_RE = re.compile(r"^[-a-zA-Z0-9_]{1,64}$")
@@ -64,12 +65,17 @@ def alias_set(*, model: Model, name: str, version_name: str, actor: str) -> Alia
 
 
 def parse_instant(value: str) -> datetime:
-    """ISO 8601 date-time; naive means UTC; a bare date means 00:00 UTC that day."""
+    """ISO 8601 date-time; naive means UTC; a bare date means 00:00 UTC that day. Within
+    registry.limits.MIN_INSTANT..MAX_INSTANT (400 invalid_at otherwise): year 0, or a date the
+    conversion to UTC would carry past year 9999, is a refusal, not an overflow."""
     value = (value or "").strip().replace(" ", "+")  # '+' arrives as a space from unencoded query strings
-    parsed = parse_datetime(value) if value else None
-    if parsed is None and value:
-        day = parse_date(value) if len(value) == 10 else None
-        parsed = datetime(day.year, day.month, day.day) if day else None
+    try:
+        parsed = parse_datetime(value) if value else None
+        if parsed is None and value:
+            day = parse_date(value) if len(value) == 10 else None
+            parsed = datetime(day.year, day.month, day.day) if day else None
+    except ValueError:  # well formed but no such date: month 13, day 0, year 0
+        parsed = None
     if parsed is None:
         raise ApiError(
             f"'at' must be an ISO 8601 date-time such as 2026-01-31T12:00:00Z; got {value!r}.",
@@ -77,7 +83,10 @@ def parse_instant(value: str) -> datetime:
         )
     if timezone.is_naive(parsed):
         parsed = parsed.replace(tzinfo=dt_timezone.utc)
-    return parsed
+    try:
+        return instant_check(parsed)
+    except ValueError as exc:
+        raise ApiError(f"'at': {exc}.", code="invalid_at") from None
 
 
 def aliases_list(*, model: Model, at: datetime | None = None) -> list[dict]:

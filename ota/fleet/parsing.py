@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import re
 
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+from registry.limits import text_check
+
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}\Z")  # \Z: "$" would let a trailing newline in
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 128
 LABEL_KEY_RULE = "1-63 letters, digits, '.', '_', '/' or '-', starting with a letter or digit"
+
+
 def parse_label_pairs(pairs: list[str] | None) -> dict[str, str]:
     """['site=eu', 'tier=gold'] -> {'site': 'eu', 'tier': 'gold'}; ValueError names the bad pair."""
     labels: dict[str, str] = {}
@@ -36,6 +40,7 @@ def validate_labels(labels: object) -> dict[str, str]:
             raise ValueError(f"label {key!r} must have a string value, got {type(value).__name__}")
         if len(value) > MAX_LABEL_VALUE:
             raise ValueError(f"label {key!r} value is longer than {MAX_LABEL_VALUE} characters")
+        text_check(value, where=f"label {key!r}", name=True)  # the CLI's way in; the API's parser refuses them too
     return dict(labels)
 
 
@@ -46,4 +51,7 @@ def parse_label_filter(text: str) -> tuple[str, str | None]:
     key = key.strip()
     if not LABEL_KEY_RE.match(key):
         raise ValueError(f"{text.strip()!r} is not key=value or key (a key is {LABEL_KEY_RULE})")
-    return key, value.strip() if sep else None
+    value = value.strip()
+    if sep:
+        text_check(value, where=f"the value of label filter {key!r}", name=True)
+    return key, value if sep else None

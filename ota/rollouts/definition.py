@@ -4,9 +4,35 @@ checked field by field so every entry point reports the same messages."""
 from __future__ import annotations
 
 import difflib
+import math
 import re
+from collections import Counter
 
 from django.core.exceptions import ValidationError
+
+from ota.fleet.parsing import validate_labels
+from registry.limits import bad_character, bad_character_message
+
+# The maxima of a rollout definition (README.md, "Limits on input"). Beyond them a definition is
+# refused at every entry (API, web wizard, CLI); the engine pauses a stored one that still breaks
+# them (ota/rollouts/engine.py).
+MAX_WAVES = 100
+MAX_WAVE_NAME = 64  # characters
+# Device ids listed explicitly: in one wave, and in the whole definition (target.devices and every
+# wave). A JSON body of DATA_UPLOAD_MAX_MEMORY_SIZE (2 MB) holds about 150,000 short ids.
+MAX_WAVE_DEVICES = 50_000
+MAX_LISTED_DEVICES = 100_000
+MAX_DEVICE_ID = 64  # ota.models.Device.id
+MAX_TARGET_HARDWARE = 100
+# Soak time and every phase timeout: 30 days. Beyond, a timestamp plus the duration leaves the
+# datetime range (10^11 s made every engine tick raise OverflowError).
+MAX_WAIT_SECONDS = 30 * 24 * 3600
+# Counts of devices (count waves, failure thresholds) and the dispatch rate.
+MAX_COUNT = 1_000_000
+MAX_RATE_PER_MINUTE = 1_000_000
+MAX_LATENCY_MS = 3_600_000
+# How many ids an error message lists before "... and N more".
+LISTED_IN_ERRORS = 20
 
 DEFAULT_GATES = {
     # min_healthy_percent of the reachable devices committed, and at least min_reachable_percent
@@ -23,14 +49,30 @@ DEFAULT_GATES = {
 }
 
 
-def _number(value, where: str, errors: dict, *, lo: float, hi: float | None, integer: bool = False):
+def ids_listing(ids, *, limit: int = LISTED_IN_ERRORS) -> str:
+    """'a, b, c' or, past `limit` ids, the first ones and '... and N more': a refusal of a
+    75,000-id list stays a short message."""
+    ids = list(ids)
+    shown = ", ".join(ids[:limit])
+    return shown if len(ids) <= limit else f"{shown} ... and {len(ids) - limit} more"
+
+
+def _number(value, where: str, errors: dict, *, lo: float, hi: float | None, integer: bool = False,
+            cap: float | None = None):
+    """`value` if a number (an integer) in lo..hi, else None with the message in `errors`. `cap`:
+    a maximum of the limits on input (README.md), said as such when broken."""
     kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, float) and not math.isfinite(value):
+        kind_ok = False
     if isinstance(value, bool) or not kind_ok:
         errors[where] = f"must be {'an integer' if integer else 'a number'}, got {value!r}"
         return None
     if value < lo or (hi is not None and value > hi):
         bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
         errors[where] = f"must be {bound}, got {value}"
+        return None
+    if cap is not None and value > cap:
+        errors[where] = f"must be at most {cap} (the limit on input), got {value}"
         return None
     return value
 
@@ -55,12 +97,13 @@ def gates_normalise(raw, *, where: str = "gates", base: dict | None = None) -> d
         "timeouts": dict(base["timeouts"]),
         "health": dict(base.get("health") or DEFAULT_GATES["health"]),
     }
+    wait = (1, None, True, MAX_WAIT_SECONDS)
     for section, fields in (
-        ("success", {"min_healthy_percent": (0, 100, False), "min_reachable_percent": (0, 100, False)}),
-        ("failure", {"min_reports": (1, None, True), "max_failed_percent": (0, 100, False), "max_failures": (1, None, True)}),
-        ("timeouts", {"delivery_seconds": (1, None, True), "download_seconds": (1, None, True),
-                      "activate_seconds": (1, None, True), "trial_seconds": (1, None, True)}),
-        ("health", {"max_error_rate": (0, 1, False), "max_latency_ms_p95": (0, None, False)}),
+        ("success", {"min_healthy_percent": (0, 100, False, None), "min_reachable_percent": (0, 100, False, None)}),
+        ("failure", {"min_reports": (1, None, True, MAX_COUNT), "max_failed_percent": (0, 100, False, None),
+                     "max_failures": (1, None, True, MAX_COUNT)}),
+        ("timeouts", {"delivery_seconds": wait, "download_seconds": wait, "activate_seconds": wait, "trial_seconds": wait}),
+        ("health", {"max_error_rate": (0, 1, False, None), "max_latency_ms_p95": (0, None, False, MAX_LATENCY_MS)}),
     ):
         given = raw.get(section)
         if given is None:
@@ -72,19 +115,21 @@ def gates_normalise(raw, *, where: str = "gates", base: dict | None = None) -> d
             if name not in fields:
                 errors[f"{where}.{section}.{name}"] = f"unknown setting; use one of {', '.join(fields)}"
                 continue
-            lo, hi, integer = fields[name]
+            lo, hi, integer, cap = fields[name]
             if value is None and name in ("max_failures", "max_error_rate", "max_latency_ms_p95"):
                 out[section][name] = None
                 continue
-            checked = _number(value, f"{where}.{section}.{name}", errors, lo=lo, hi=hi, integer=integer)
+            checked = _number(value, f"{where}.{section}.{name}", errors, lo=lo, hi=hi, integer=integer, cap=cap)
             if checked is not None:
                 out[section][name] = checked
     if "soak_seconds" in raw:
-        value = _number(raw["soak_seconds"], f"{where}.soak_seconds", errors, lo=0, hi=None, integer=True)
+        value = _number(raw["soak_seconds"], f"{where}.soak_seconds", errors, lo=0, hi=None, integer=True,
+                        cap=MAX_WAIT_SECONDS)
         if value is not None:
             out["soak_seconds"] = value
     if "rate_per_minute" in raw and raw["rate_per_minute"] is not None:
-        value = _number(raw["rate_per_minute"], f"{where}.rate_per_minute", errors, lo=1, hi=None, integer=True)
+        value = _number(raw["rate_per_minute"], f"{where}.rate_per_minute", errors, lo=1, hi=None, integer=True,
+                        cap=MAX_RATE_PER_MINUTE)
         if value is not None:
             out["rate_per_minute"] = value
     if errors:
@@ -159,6 +204,7 @@ def wave_plan_parse(plan) -> list:
             raise ValidationError({"waves": f"is empty; {WAVE_PLAN_HELP}"})
     if not isinstance(plan, list):
         return plan  # waves_validate says what is wrong with it
+    waves_count_check(plan)
     out, errors = [], []
     for number, item in enumerate(plan, start=1):
         if isinstance(item, str):
@@ -198,6 +244,41 @@ def gates_with_defaults(gates: dict) -> dict:
     return out
 
 
+def waves_count_check(plan: list) -> None:
+    if len(plan) > MAX_WAVES:
+        raise ValidationError({"waves": f"has {len(plan)} waves; at most {MAX_WAVES} are allowed"})
+
+
+def wave_name_check(name, *, where: str) -> str:
+    """A wave's name: a string of at most MAX_WAVE_NAME characters, no control characters."""
+    if name is None:
+        return ""
+    if not isinstance(name, str):
+        raise ValueError(f"{where} must be a string, got {type(name).__name__}")
+    if len(name) > MAX_WAVE_NAME:
+        raise ValueError(f"{where} is {len(name)} characters long; at most {MAX_WAVE_NAME} are allowed")
+    found = bad_character(name, name=True)
+    if found:
+        raise ValueError(bad_character_message(where, found))
+    return name
+
+
+def device_list_check(devices, *, maximum: int) -> list[str]:
+    """A list of device ids, in linear time (75,000 ids: milliseconds): ValueError saying what is
+    wrong, naming at most LISTED_IN_ERRORS ids. Empty lists pass; the caller decides on those."""
+    if not isinstance(devices, list):
+        raise ValueError("must be a list of device ids")
+    if len(devices) > maximum:
+        raise ValueError(f"lists {len(devices)} devices; at most {maximum} are allowed")
+    bad = [d for d in devices if not isinstance(d, str) or not d or len(d) > MAX_DEVICE_ID]
+    if bad:
+        raise ValueError(
+            f"must hold device ids (strings of 1 to {MAX_DEVICE_ID} characters), not "
+            f"{ids_listing([repr(d)[:MAX_DEVICE_ID + 2] for d in bad])}"
+        )
+    return devices
+
+
 def waves_validate(raw) -> list[dict]:
     """Check a wave plan (see wave_plan_parse for the accepted forms) and normalise each wave."""
     raw = wave_plan_parse(raw)
@@ -207,6 +288,11 @@ def waves_validate(raw) -> list[dict]:
     out = []
     last_percent = 0.0
     seen_devices: set[str] = set()
+    listed = sum(len(w["devices"]) for w in raw if isinstance(w, dict) and isinstance(w.get("devices"), list))
+    if listed > MAX_LISTED_DEVICES:
+        raise ValidationError(
+            {"waves": f"list {listed} devices in all; at most {MAX_LISTED_DEVICES} are allowed (use percent or count waves)"}
+        )
     for i, wave in enumerate(raw):
         where = f"waves[{i}]"
         if not isinstance(wave, dict):
@@ -221,15 +307,25 @@ def waves_validate(raw) -> list[dict]:
             errors[where] = "must have exactly one of: devices, percent, count"
             continue
         kind = kinds[0]
-        spec: dict = {"name": str(wave.get("name") or "")}
+        try:
+            spec: dict = {"name": wave_name_check(wave.get("name"), where="the name")}
+        except ValueError as exc:
+            errors[f"{where}.name"] = str(exc)
+            continue
         if kind == "devices":
             devices = wave["devices"]
-            if not isinstance(devices, list) or not devices or not all(isinstance(d, str) and d for d in devices):
+            try:
+                device_list_check(devices, maximum=MAX_WAVE_DEVICES)
+            except ValueError as exc:
+                errors[f"{where}.devices"] = str(exc)
+                continue
+            if not devices:
                 errors[f"{where}.devices"] = "must be a non-empty list of device ids"
                 continue
-            dupes = sorted(set(d for d in devices if d in seen_devices or devices.count(d) > 1))
+            # Counted once (a Counter), not devices.count(d) per id: that was quadratic.
+            dupes = sorted(d for d, n in Counter(devices).items() if n > 1 or d in seen_devices)
             if dupes:
-                errors[f"{where}.devices"] = f"devices listed twice: {', '.join(dupes)}"
+                errors[f"{where}.devices"] = f"devices listed twice: {ids_listing(dupes)}"
                 continue
             seen_devices.update(devices)
             spec["devices"] = list(devices)
@@ -249,7 +345,7 @@ def waves_validate(raw) -> list[dict]:
             last_percent = value
             spec["percent"] = value
         else:
-            value = _number(wave["count"], f"{where}.count", errors, lo=1, hi=None, integer=True)
+            value = _number(wave["count"], f"{where}.count", errors, lo=1, hi=None, integer=True, cap=MAX_COUNT)
             if value is None:
                 continue
             spec["count"] = value
@@ -273,10 +369,19 @@ def target_validate(raw) -> dict:
     errors = {}
     if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         errors["target.labels"] = "must be an object of string label values"
+    else:
+        try:
+            validate_labels(labels)  # the rule device labels are stored by: no other could match
+        except ValueError as exc:
+            errors["target.labels"] = str(exc)
     if not isinstance(hardware, list) or not all(isinstance(h, str) for h in hardware):
         errors["target.hardware"] = "must be a list of hardware ids"
-    if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
-        errors["target.devices"] = "must be a list of device ids"
+    elif len(hardware) > MAX_TARGET_HARDWARE:
+        errors["target.hardware"] = f"lists {len(hardware)} hardware ids; at most {MAX_TARGET_HARDWARE} are allowed"
+    try:
+        device_list_check(devices, maximum=MAX_LISTED_DEVICES)
+    except ValueError as exc:
+        errors["target.devices"] = str(exc)
     if errors:
         raise ValidationError(errors)
     if not labels and not hardware and not devices:

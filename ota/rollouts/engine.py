@@ -4,9 +4,10 @@ pauses, aborts or reverts by the rollout's policy when the failure gate trips.""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
-from django.db import transaction
+from django.db import OperationalError, transaction
 from django.utils import timezone
 
 from ota.models import Rollout, RolloutDevice, Wave
@@ -22,12 +23,53 @@ from ota.rollouts.transitions import (
 from ota.rollouts.waves import wave_pass, wave_start
 from registry.audit import SYSTEM, audit_record
 
+logger = logging.getLogger(__name__)
+
 
 def rollout_evaluate(*, rollout_id: int) -> str:
     """One engine step for one rollout. Safe to run any number of times, on any worker.
 
-    Returns a short word on what happened (for logs and tests).
+    Returns a short word on what happened (for logs and tests). A step that raises (a stored
+    definition no entry accepts today, a bug) rolls back and pauses the rollout with the error in
+    its audit log (rollout_pause_on_engine_error): "engine-error". A database that cannot be
+    reached (OperationalError) is raised for the task to retry: not a fault of the rollout.
     """
+    return rollout_step_guarded(_rollout_step, rollout_id=rollout_id, step="evaluation", on_error="engine-error")
+
+
+def rollout_pause_on_engine_error(*, rollout_id: int, exc: BaseException, step: str) -> bool:
+    """Pause a running rollout whose engine `step` raised `exc`, with the exception's class and
+    message in the state reason and the audit log (actor system, action rollout.engine_error),
+    so it never stays "running" with every tick failing. True when it paused it (False: it was
+    not running, or is gone)."""
+    logger.error("rollout %s: engine %s failed; pausing it", rollout_id, step, exc_info=exc)
+    message = str(exc)[:500]
+    why = f"The engine's {step} raised {type(exc).__name__}: {message}. Paused; fix the cause, then resume or abort."
+    with transaction.atomic():
+        rollout = Rollout.objects.select_for_update().filter(pk=rollout_id).first()
+        if rollout is None or rollout.state != Rollout.State.RUNNING:
+            return False
+        rollout_set_state(rollout, Rollout.State.PAUSED, why)
+        audit_record(
+            actor=SYSTEM, action="rollout.engine_error", obj=rollout, reason=why,
+            detail={"step": step, "error": type(exc).__name__, "message": message, "wave": rollout.current_wave},
+        )
+    return True
+
+
+def rollout_step_guarded(step_fn, *, rollout_id: int, step: str, on_error=None):
+    """`step_fn(rollout_id=...)`'s result; if it raises (but for OperationalError, which the
+    task retries), the rollout is paused as rollout_evaluate does and `on_error` returned."""
+    try:
+        return step_fn(rollout_id=rollout_id)
+    except OperationalError:
+        raise
+    except Exception as exc:
+        rollout_pause_on_engine_error(rollout_id=rollout_id, exc=exc, step=step)
+        return on_error
+
+
+def _rollout_step(*, rollout_id: int) -> str:
     with transaction.atomic():
         rollout = Rollout.objects.select_for_update(skip_locked=True).filter(pk=rollout_id).first()
         if rollout is None:

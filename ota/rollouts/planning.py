@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from django.core.exceptions import ValidationError
 
 from ota.models import Device, Rollout, RolloutDevice
-from ota.rollouts.definition import gates_normalise, target_validate, waves_validate
+from ota.rollouts.definition import gates_normalise, ids_listing, target_validate, waves_validate
 from registry.errors import Conflict
 from registry.models import ModelVersion
 
@@ -49,7 +49,7 @@ def target_resolve(*, target: dict, release: ModelVersion) -> Plan:
         explicit = dict(rows.filter(id__in=target["devices"]).values_list("id", "hardware_id"))
         unknown = sorted(set(target["devices"]) - set(explicit))
         if unknown:
-            raise ValidationError({"target.devices": f"unknown or revoked devices: {', '.join(unknown)}"})
+            raise ValidationError({"target.devices": f"unknown or revoked devices: {ids_listing(unknown)}"})
         targeted.update(explicit)
     if not targeted:
         raise ValidationError({"target": f"matches no active device (labels={target['labels']}, hardware={target['hardware']})"})
@@ -78,9 +78,7 @@ def plan_waves(*, plan: Plan, waves: list[dict], rollout_id: int) -> list[list[s
     for i, w in enumerate(waves):
         outside = [d for d in w.get("devices", []) if d not in compatible_set]
         if outside:
-            errors[f"waves[{i}].devices"] = (
-                f"not in the compatible target: {', '.join(outside)}"
-            )
+            errors[f"waves[{i}].devices"] = f"not in the compatible target: {ids_listing(outside)}"
     if errors:
         raise ValidationError(errors)
     order = sorted((d for d in compatible if d not in explicit), key=lambda d: stable_rank_key(rollout_id, d))
@@ -101,6 +99,13 @@ def plan_waves(*, plan: Plan, waves: list[dict], rollout_id: int) -> list[list[s
             cursor += len(members)
         assigned += len(members)
         out.append(members)
+    if not out[0]:
+        # A first wave (the canary) of no device would pass at once and start the next one:
+        # the rollout would skip the step meant to catch a bad release on a few devices.
+        raise ValidationError(
+            {"waves[0]": "selects no device: the waves after it list every device of the target explicitly; "
+             "give the first wave devices of its own"}
+        )
     return out
 
 

@@ -19,7 +19,12 @@ from django.db import OperationalError
 
 from ota.housekeeping import housekeeping_run
 from ota.rollouts.directives import directives_publish_stale
-from ota.rollouts.engine import rollout_evaluate, rollouts_awaiting_late_reports, rollouts_due
+from ota.rollouts.engine import (
+    rollout_evaluate,
+    rollout_step_guarded,
+    rollouts_awaiting_late_reports,
+    rollouts_due,
+)
 from ota.rollouts.events import events_concern_rollouts, rollout_apply_events, rollout_catch_up_events
 from ota.rollouts.joiners import rollout_take_in_joiners, rollouts_taking_joiners
 from ota.rollouts.reconcile import assignments_reconcile_reported, directives_republish_unacknowledged, reverts_retry
@@ -29,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 @shared_task(name="ota.tasks.evaluate_rollout", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)
 def evaluate_rollout(rollout_id: int, catch_up: bool = False) -> str:
-    if catch_up:
-        rollout_catch_up_events(rollout_id=rollout_id)
+    if catch_up and rollout_step_guarded(rollout_catch_up_events, rollout_id=rollout_id, step="event catch-up") is None:
+        return "engine-error"
     return rollout_evaluate(rollout_id=rollout_id)
 
 
@@ -53,7 +58,12 @@ def rollout_tick() -> dict:
     republished = directives_publish_stale() + directives_republish_unacknowledged()
     reverts = reverts_retry()
     recorded = assignments_reconcile_reported()
-    joined = {rid: n for rid in rollouts_taking_joiners() if (n := rollout_take_in_joiners(rollout_id=rid))}
+    # A rollout whose stored definition makes a step raise is paused (rollout_step_guarded); the
+    # others are still taken care of in this tick.
+    joined = {
+        rid: n for rid in rollouts_taking_joiners()
+        if (n := rollout_step_guarded(rollout_take_in_joiners, rollout_id=rid, step="late-joiner check", on_error=0))
+    }
     due = sorted(set(rollouts_due()) | recorded)
     for rollout_id in due:
         evaluate_rollout.delay(rollout_id, catch_up=True)
