@@ -8,7 +8,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from registry.downloads import artifact_download_path
-from registry.models import Artifact, HardwareTarget, Model, ModelVersion, identifier
+from registry.models import ApiToken, Artifact, HardwareTarget, Model, ModelVersion, identifier
 
 # --- requests --------------------------------------------------------------------------------
 
@@ -186,3 +186,17 @@ class PublicKeySerializer(serializers.Serializer):
     keyid = serializers.CharField()
     role = serializers.ChoiceField(choices=["release", "rollout"])
     public_key_pem = serializers.CharField()
+
+
+class ApiTokenSerializer(serializers.ModelSerializer):
+    """A token's metadata, never its secret (only its hash is stored)."""
+
+    expired = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ApiToken
+        fields = ["id", "name", "scope", "prefix", "created_at", "created_by", "expires_at", "expired",
+                  "last_used_at", "revoked_at"]
+
+    def get_expired(self, token) -> bool:
+        return token.is_expired()

@@ -25,4 +25,5 @@ urlpatterns = [
     path("models/<slug:name>/aliases/", views.AliasList.as_view(), name="alias-list"),
     path("models/<slug:name>/aliases/<slug:alias>", views.AliasDetail.as_view(), name="alias-detail"),
     path("keys/", views.KeyList.as_view(), name="key-list"),
+    path("tokens/", views.ApiTokenList.as_view(), name="token-list"),
 ]

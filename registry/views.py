@@ -17,13 +17,14 @@ from registry.downloads import artifact_response
 from registry.errors import ApiError, not_found
 from registry.hardware import hardware_create
 from registry.lookups import artifact_get, model_get, version_get
-from registry.models import HardwareTarget, Model, ModelVersion
+from registry.models import ApiToken, HardwareTarget, Model, ModelVersion
 from registry.parsers import FormParser, MultiPartParser
 from registry.releases import version_delete_draft, version_deprecate, version_release, version_revoke
 from registry.schema import ERROR
 from registry.serializers import (
     AliasSerializer,
     AliasSetSerializer,
+    ApiTokenSerializer,
     ArtifactSerializer,
     ArtifactUploadSerializer,
     EnvelopeSerializer,
@@ -278,6 +279,16 @@ class KeyList(APIView):
     @extend_schema(responses={200: PublicKeySerializer(many=True), 503: ERROR})
     def get(self, request):
         return Response([info.as_dict() for info in keys.public_keys()])
+
+
+class ApiTokenList(generics.ListAPIView):
+    """API tokens with their expiry and last use (admins), e.g. for a job that warns before a CI
+    token expires. Read-only on purpose: tokens are made and revoked with `manage.py tokens` or on
+    the web UI's Access page, so a leaked admin token cannot mint itself successors."""
+
+    read_scope = "admin"
+    serializer_class = ApiTokenSerializer
+    queryset = ApiToken.objects.order_by("-created_at", "-id")
 
 
 def _valid(serializer_class, request) -> dict:

@@ -183,3 +183,21 @@ def test_it_writes_a_last_use_once_when_requests_race_past_the_loaded_time(ci_to
     first, second = ApiToken.objects.get(), ApiToken.objects.get()
     assert token_record_use(token=first) is True
     assert token_record_use(token=second) is False
+
+
+def test_it_lists_tokens_with_expiry_and_last_use_to_admins_only(client, admin_token, read_token):
+    from registry.tokens import token_create
+
+    token, secret = token_create(name="nightly", scope="read", actor="test", expires_in=timedelta(days=30))
+    client.get("/api/v1/models/", HTTP_AUTHORIZATION=f"Bearer {secret}")
+    ApiToken.objects.filter(name="test-read").update(expires_at=timezone.now() - timedelta(days=1))
+
+    listed = client.get("/api/v1/tokens/", **admin_token.headers)
+    assert listed.status_code == 200
+    rows = {row["name"]: row for row in listed.json()["results"]}
+    assert rows["nightly"]["expires_at"] == token.expires_at.isoformat().replace("+00:00", "Z")
+    assert rows["nightly"]["last_used_at"] is not None and rows["nightly"]["expired"] is False
+    assert rows["test-read"]["expired"] is True and rows["test-admin"]["expires_at"] is None
+    assert all(secret not in json.dumps(row) and "token_hash" not in row for row in rows.values())
+    assert client.get("/api/v1/tokens/", HTTP_AUTHORIZATION=f"Bearer {secret}").status_code == 403
+    assert client.post("/api/v1/tokens/", {}, **admin_token.headers).status_code == 405
