@@ -180,7 +180,7 @@ class AliasMoveAdmin(ReadOnlyAdmin):
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
-    list_display = ("name", "scope", "prefix", "created_at", "last_used_at", "revoked_at")
+    list_display = ("name", "scope", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at")
     list_filter = ("scope",)
     readonly_fields = (
         "name",
@@ -189,6 +189,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
         "token_hash",
         "created_at",
         "created_by",
+        "expires_at",
         "last_used_at",
         "revoked_at",
     )

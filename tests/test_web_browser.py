@@ -343,7 +343,7 @@ def test_it_locks_out_guessed_passwords_keeps_cookies_httponly_and_runs_every_pa
         violations.clear()
 
         for url in ("/", "/devices/", "/rollouts/", "/registry/", "/registry/detector/", "/audit/", "/access/",
-                    "/admin/", "/admin/registry/apitoken/", "/admin/auth/user/1/change/"):
+                    "/admin/", "/admin/registry/apitoken/", f"/admin/auth/user/{admin.pk}/change/"):
             response = page.goto(url)
             assert response.status == 200, url
             assert "script-src 'self'" in response.headers["content-security-policy"], url
