@@ -164,6 +164,8 @@ RELEASE_VALIDITY_DAYS = env_int("RELEASE_VALIDITY_DAYS", 365, min_value=1)
 # (0: kept forever). The release history (ActiveRelease) and the audit log are never pruned.
 EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 90, min_value=0, max_value=36500)
 DIRECTIVE_RETENTION_DAYS = env_int("DIRECTIVE_RETENTION_DAYS", 90, min_value=0, max_value=36500)
+# Hours of model metrics (ModelMetricsHour: what the apps reported per device and release).
+METRICS_RETENTION_DAYS = env_int("METRICS_RETENTION_DAYS", 30, min_value=0, max_value=36500)
 # Rows per DELETE statement, and how long one run may keep deleting before it leaves the rest.
 HOUSEKEEPING_BATCH_SIZE = env_int("HOUSEKEEPING_BATCH_SIZE", 1000, min_value=1, max_value=100_000)
 HOUSEKEEPING_TIME_BUDGET_SECONDS = env_int("HOUSEKEEPING_TIME_BUDGET_SECONDS", 60, min_value=1,
@@ -236,8 +238,8 @@ SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
 # with img-src 'self', load anything, so it cannot leak the page. <style> elements are refused:
 # htmx's own indicator styles are switched off (htmx-config meta tag in base.html), and the API
 # docs page is served without its inline <style> and with its init script as a file
-# (config/urls.py, SpectacularSwaggerSplitView). data: images: the Swagger UI's and the admin's
-# icons are inline SVG in their stylesheets.
+# (registry/apidocs.py: drf-spectacular's SpectacularSwaggerSplitView). data: images: the Swagger
+# UI's and the admin's icons are inline SVG in their stylesheets.
 CONTENT_SECURITY_POLICY = {
     "DIRECTIVES": {
         "default-src": [SELF],
@@ -315,6 +317,8 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "registry.schema.document_errors",
     ],
+    # A field that refuses "" says so (minLength 1), so clients and the fuzz test know it.
+    "ENFORCE_NON_BLANK_FIELDS": True,
 }
 
 # Require a login (a session, or a bearer token of any scope) for /api/schema/ and /api/docs/.
