@@ -243,7 +243,10 @@ class AliasList(APIView):
             OpenApiParameter(
                 "at",
                 OpenApiTypes.DATETIME,
-                description="Show each alias as it stood at this instant (ISO 8601).",
+                description="Show each alias as it stood at this instant (ISO 8601), between 1970-01-01 "
+                "and 3000-01-01 UTC (registry.limits).",
+                # The years wholly inside that range, whatever the UTC offset.
+                pattern="^(197[1-9]|19[89][0-9]|2[0-8][0-9]{2}|29[0-8][0-9]|299[0-8])-",
             )
         ],
         responses={200: AliasSerializer(many=True), 400: ERROR},

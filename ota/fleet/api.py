@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from ota.fleet.enrollment import device_enroll, enrollment_token_create, enrollment_token_revoke
-from ota.fleet.parsing import parse_label_filter
+from ota.fleet.parsing import LABEL_KEY_RE, parse_label_filter
 from ota.fleet.revocation import device_revoke
 from ota.fleet.selectors import devices_filter, devices_with_states
 from ota.fleet.serializers import (
@@ -96,7 +96,8 @@ class DeviceList(generics.ListAPIView):
 
     @extend_schema(
         parameters=[
-            OpenApiParameter("label", OpenApiTypes.STR, many=True, description="key=value (repeat to AND), or key"),
+            OpenApiParameter("label", OpenApiTypes.STR, many=True, description="key=value (repeat to AND), or key",
+                             pattern=LABEL_KEY_RE.pattern.removesuffix(r"\Z") + "(=.*)?$"),
             OpenApiParameter("hardware", OpenApiTypes.STR),
             OpenApiParameter("model", OpenApiTypes.STR, description="devices that report this model"),
             OpenApiParameter("version", OpenApiTypes.STR, description="with model: devices running this version"),
