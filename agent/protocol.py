@@ -8,6 +8,7 @@ payload is counted and reported, never a crash.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -559,4 +560,62 @@ def parse_telemetry(payload: bytes) -> dict:
     for name in ("cpu_percent", "memory_percent", "disk_percent", "temperature_c"):
         if data.get(name) is not None:
             _req(data, name, (int, float), "telemetry")
+    metrics = _opt(data, "model_metrics", dict, "telemetry")
+    if metrics is not None:
+        _model_metrics(metrics)
     return data
+
+
+# The agent's windows (agent/metrics/aggregate.py) stay far below these; a report past them is
+# not the agent's and is refused whole rather than stored in part.
+MAX_METRIC_MODELS = 64
+MAX_METRIC_LABELS = 64
+MAX_SKETCH_BINS = 4096
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ProtocolError(f"{where} must be a finite number >= 0")
+    return float(value)
+
+
+def _sketch(value: Any, where: str) -> None:
+    if not isinstance(value, Mapping):
+        raise ProtocolError(f"{where} must be an object")
+    bins = value.get("bins") or {}
+    if not isinstance(bins, Mapping) or len(bins) > MAX_SKETCH_BINS:
+        raise ProtocolError(f"{where}.bins must be an object of at most {MAX_SKETCH_BINS} buckets")
+    for key, count in bins.items():
+        if not (isinstance(key, str) and key.lstrip("-").isdigit() and len(key) <= 6):
+            raise ProtocolError(f"{where}.bins has a bucket key {str(key)[:20]!r} that is not a small integer")
+        _number(count, f"{where}.bins[{key}]")
+    for name in ("zero", "count", "sum"):
+        if value.get(name) is not None:
+            _number(value[name], f"{where}.{name}")
+    for name in ("min", "max"):
+        if value.get(name) is not None:
+            _number(value[name], f"{where}.{name}")
+
+
+def _model_metrics(metrics: Mapping) -> None:
+    where = "telemetry.model_metrics"
+    entries = _req(metrics, "models", list, where)
+    if len(entries) > MAX_METRIC_MODELS:
+        raise ProtocolError(f"{where}.models lists more than {MAX_METRIC_MODELS} entries")
+    for i, entry in enumerate(entries):
+        w = f"{where}.models[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ProtocolError(f"{w} must be an object")
+        _path_part(entry, "model", w, ident=True)
+        _sha(entry, "release", w)
+        for name in ("requests", "errors"):
+            _number(entry.get(name, 0), f"{w}.{name}")
+        _sketch(entry.get("latency_ms") or {}, f"{w}.latency_ms")
+        for name, check in (("outputs", _number), ("output_values", _sketch)):
+            table = entry.get(name) or {}
+            if not isinstance(table, Mapping) or len(table) > MAX_METRIC_LABELS:
+                raise ProtocolError(f"{w}.{name} must be an object of at most {MAX_METRIC_LABELS} labels")
+            for label, value in table.items():
+                if not isinstance(label, str) or not 0 < len(label) <= 200:
+                    raise ProtocolError(f"{w}.{name} has a label that is not a 1-200 character string")
+                check(value, f"{w}.{name}[{label[:40]}]")

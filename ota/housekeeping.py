@@ -14,6 +14,10 @@ hour). What goes, once older than its retention (0 days: kept forever):
   it), nor the newest published one (what the broker retains until a newer one goes out), nor an
   unpublished one, nor any of a running or paused rollout.
 
+- model metrics (`ModelMetricsHour`, what the apps reported per device, release and hour) of
+  hours that began more than METRICS_RETENTION_DAYS ago: the control-group gates read only the
+  hours since a wave started.
+
 Never pruned: the release history (`ActiveRelease`: which release ran where, when), the audit
 log (`registry.AuditEntry`), devices and their telemetry (`Device.last_telemetry` is one value
 per device, overwritten by each report: there is no telemetry table to prune).
@@ -46,7 +50,7 @@ from django.db.models import CharField, Exists, Max, Model, OuterRef, Q
 from django.db.models.functions import Cast
 from django.utils import timezone
 
-from ota.models import DeviceEvent, Directive, Rollout, RolloutDevice
+from ota.models import DeviceEvent, Directive, ModelMetricsHour, Rollout, RolloutDevice
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ class HousekeepingResult:
     claimed: bool = True  # False: another run held the lock, this one did nothing
     events: int = 0  # device events deleted
     directives: int = 0  # directives deleted
+    metrics_hours: int = 0  # hourly model-metrics rows deleted
     finished: bool = True  # False: the time budget ran out with prunable rows left for the next run
     seconds: float = 0.0
 
@@ -153,16 +158,19 @@ def housekeeping_run(
     now: datetime | None = None,
     event_retention_days: int | None = None,
     directive_retention_days: int | None = None,
+    metrics_retention_days: int | None = None,
     batch_size: int | None = None,
     time_budget: float | None = None,
 ) -> HousekeepingResult:
     """One housekeeping run; arguments left out come from settings (EVENT_RETENTION_DAYS,
-    DIRECTIVE_RETENTION_DAYS, HOUSEKEEPING_BATCH_SIZE, HOUSEKEEPING_TIME_BUDGET_SECONDS)."""
+    DIRECTIVE_RETENTION_DAYS, METRICS_RETENTION_DAYS, HOUSEKEEPING_BATCH_SIZE,
+    HOUSEKEEPING_TIME_BUDGET_SECONDS)."""
     now = now or timezone.now()
     event_days = settings.EVENT_RETENTION_DAYS if event_retention_days is None else event_retention_days
     directive_days = (
         settings.DIRECTIVE_RETENTION_DAYS if directive_retention_days is None else directive_retention_days
     )
+    metrics_days = settings.METRICS_RETENTION_DAYS if metrics_retention_days is None else metrics_retention_days
     batch_size = batch_size or settings.HOUSEKEEPING_BATCH_SIZE
     budget = settings.HOUSEKEEPING_TIME_BUDGET_SECONDS if time_budget is None else time_budget
     started = time.monotonic()
@@ -176,6 +184,9 @@ def housekeeping_run(
     if event_days:
         cutoff = now - timedelta(days=event_days)
         tables.append(("events", DeviceEvent, prunable_events(cutoff), Q(received_at__lt=cutoff)))
+    if metrics_days:
+        cutoff = now - timedelta(days=metrics_days)
+        tables.append(("metrics_hours", ModelMetricsHour, Q(hour__lt=cutoff), Q(hour__lt=cutoff)))
     result = HousekeepingResult()
     with _claimed() as claimed:
         if not claimed:
@@ -191,6 +202,7 @@ def housekeeping_run(
     pruned = [f"{n} {what} older than {days} days" for n, what, days in (
         (result.events, "device events", event_days),
         (result.directives, "superseded directives", directive_days),
+        (result.metrics_hours, "hours of model metrics", metrics_days),
     ) if n]
     if pruned:
         logger.info("housekeeping: pruned %s in %.1f s%s", " and ".join(pruned), result.seconds,

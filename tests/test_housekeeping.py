@@ -27,6 +27,7 @@ RECENT = timedelta(days=10)
 def retention(settings):
     settings.EVENT_RETENTION_DAYS = 90
     settings.DIRECTIVE_RETENTION_DAYS = 90
+    settings.METRICS_RETENTION_DAYS = 30
     settings.HOUSEKEEPING_BATCH_SIZE = 1000
     settings.HOUSEKEEPING_TIME_BUDGET_SECONDS = 60
     return settings
@@ -382,3 +383,19 @@ def test_it_refuses_bad_housekeeping_settings_at_start_up(tmp_path, env, message
     result = settings_probe(tmp_path, **env)
     assert result.returncode != 0
     assert "ConfigError" in result.stderr and message in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.django_db
+def test_it_prunes_hours_of_model_metrics_past_their_retention(retention):
+    from ota.housekeeping import housekeeping_run
+    from ota.models import ModelMetricsHour
+
+    Fleet().device("box-1")
+    now = timezone.now().replace(minute=0, second=0, microsecond=0)
+    for days in (31, 40, 29, 0):
+        ModelMetricsHour.objects.create(device_id="box-1", model="detector", release_sha256="a" * 64,
+                                        hour=now - timedelta(days=days), requests=10)
+    result = housekeeping_run()
+    assert result.metrics_hours == 2
+    kept = sorted((now - h).days for h in ModelMetricsHour.objects.values_list("hour", flat=True))
+    assert kept == [0, 29]

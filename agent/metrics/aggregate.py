@@ -118,3 +118,37 @@ class Window:
             outputs={str(k): float(v) for k, v in (data.get("outputs") or {}).items()},
             output_values={str(k): sketch_from_json(v) for k, v in (data.get("output_values") or {}).items()},
         )
+
+
+def empty_sketch_json() -> dict:
+    return {"bins": {}, "zero": 0, "count": 0, "sum": 0.0, "min": None, "max": None}
+
+
+def sketch_json_merge(into: dict, other: dict) -> dict:
+    """Add `other`'s buckets into `into` (both in sketch_to_json's form) and return it: what
+    DDSketch.merge does, without decoding. Merging thousands of devices' windows this way costs a
+    dict update per bucket, not a sketch per window (the server's control-group gates do it)."""
+    bins = into.setdefault("bins", {})
+    for key, count in (other.get("bins") or {}).items():
+        bins[key] = bins.get(key, 0) + count
+    into["zero"] = into.get("zero", 0) + (other.get("zero") or 0)
+    into["count"] = into.get("count", 0) + (other.get("count") or 0)
+    into["sum"] = into.get("sum", 0.0) + (other.get("sum") or 0.0)
+    for name, pick in (("min", min), ("max", max)):
+        values = [v for v in (into.get(name), other.get(name)) if v is not None]
+        into[name] = pick(values) if values else None
+    return into
+
+
+def window_json_merge(into: dict, other: dict) -> dict:
+    """Window.to_json's form, merged in place (see sketch_json_merge)."""
+    into["requests"] = into.get("requests", 0) + (other.get("requests") or 0)
+    into["errors"] = into.get("errors", 0) + (other.get("errors") or 0)
+    sketch_json_merge(into.setdefault("latency_ms", empty_sketch_json()), other.get("latency_ms") or {})
+    outputs = into.setdefault("outputs", {})
+    for label, count in (other.get("outputs") or {}).items():
+        outputs[label] = outputs.get(label, 0) + count
+    values = into.setdefault("output_values", {})
+    for label, sketch in (other.get("output_values") or {}).items():
+        sketch_json_merge(values.setdefault(label, empty_sketch_json()), sketch)
+    return into

@@ -5,11 +5,12 @@ from __future__ import annotations
 from rest_framework import serializers
 
 from ota.fleet.parsing import validate_labels
-from registry.limits import parse_duration
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState, EnrollmentToken
+from registry.limits import parse_duration
+from registry.parsers import CheckedJSONField
 
 
-class LabelsField(serializers.JSONField):
+class LabelsField(CheckedJSONField):
     def to_internal_value(self, data):
         try:
             return validate_labels(super().to_internal_value(data))

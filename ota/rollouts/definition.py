@@ -112,8 +112,12 @@ def gates_normalise(raw, *, where: str = "gates", base: dict | None = None) -> d
             errors[f"{where}.{section}"] = "must be an object"
             continue
         for name, value in given.items():
+            if section == "health" and name == "control":
+                out["health"]["control"] = _control_normalise(value, f"{where}.health.control", errors)
+                continue
             if name not in fields:
-                errors[f"{where}.{section}.{name}"] = f"unknown setting; use one of {', '.join(fields)}"
+                names = [*fields, "control"] if section == "health" else fields
+                errors[f"{where}.{section}.{name}"] = f"unknown setting; use one of {', '.join(names)}"
                 continue
             lo, hi, integer, cap = fields[name]
             if value is None and name in ("max_failures", "max_error_rate", "max_latency_ms_p95"):
@@ -134,6 +138,56 @@ def gates_normalise(raw, *, where: str = "gates", base: dict | None = None) -> d
             out["rate_per_minute"] = value
     if errors:
         raise ValidationError(errors)
+    return out
+
+
+# gates.health.control: the control-group gates (ota/rollouts/comparison.py holds their defaults).
+# Each entry: (lo, hi, integer); a gate given as false is switched off.
+CONTROL_FIELDS = {
+    "min_devices": (2, MAX_COUNT, True),
+    "min_requests": (1, 1_000_000_000, True),
+    "wait_seconds": (1, MAX_WAIT_SECONDS, True),
+    "alpha": (0.0001, 0.5, False),
+}
+CONTROL_GATES = {
+    "latency": {"max_p50_ratio": (1, 100, False), "max_p95_ratio": (1, 100, False)},
+    "errors": {"max_increase": (0, 1, False)},
+    "drift": {"max_psi": (0, 100, False), "min_outputs": (1, 1_000_000_000, True)},
+}
+
+
+def _control_normalise(value, where: str, errors: dict):
+    """false (off), or an object of CONTROL_FIELDS and CONTROL_GATES settings, each checked."""
+    if value is False:
+        return False
+    if not isinstance(value, dict):
+        errors[where] = "must be false (off) or an object"
+        return None
+    out: dict = {}
+    for name, given in value.items():
+        if name in CONTROL_FIELDS:
+            lo, hi, integer = CONTROL_FIELDS[name]
+            checked = _number(given, f"{where}.{name}", errors, lo=lo, hi=hi, integer=integer)
+            if checked is not None:
+                out[name] = checked
+        elif name in CONTROL_GATES:
+            if given is False:
+                out[name] = False
+                continue
+            if not isinstance(given, dict):
+                errors[f"{where}.{name}"] = "must be false (off) or an object"
+                continue
+            out[name] = {}
+            for key, setting in given.items():
+                if key not in CONTROL_GATES[name]:
+                    errors[f"{where}.{name}.{key}"] = f"unknown setting; use one of {', '.join(CONTROL_GATES[name])}"
+                    continue
+                lo, hi, integer = CONTROL_GATES[name][key]
+                checked = _number(setting, f"{where}.{name}.{key}", errors, lo=lo, hi=hi, integer=integer)
+                if checked is not None:
+                    out[name][key] = checked
+        else:
+            errors[f"{where}.{name}"] = f"unknown setting; use one of {', '.join([*CONTROL_FIELDS, *CONTROL_GATES])}"
     return out
 
 

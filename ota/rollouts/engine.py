@@ -11,6 +11,7 @@ from django.db import OperationalError, transaction
 from django.utils import timezone
 
 from ota.models import Rollout, RolloutDevice, Wave
+from ota.rollouts.control_group import wave_control_check
 from ota.rollouts.dispatch import wave_dispatch
 from ota.rollouts.gates import failure_gate_tripped, success_gate_met, too_few_reachable, wave_figures
 from ota.rollouts.joiners import rollout_take_in_joiners_before_completing
@@ -124,6 +125,14 @@ def _rollout_step(*, rollout_id: int) -> str:
             if wave.state == Wave.State.SOAKING and timezone.now() >= wave.gate_met_at + timedelta(
                 seconds=wave.gates["soak_seconds"]
             ):
+                control, why, control_figures = wave_control_check(rollout, wave)
+                if control == "fail":
+                    _gate_trip(rollout, wave, why, {**figures, **control_figures}, gate="")
+                    outcome = "gate-tripped"
+                    break
+                if control == "wait":
+                    outcome = "waiting-for-figures"
+                    break
                 wave_pass(rollout, wave, actor=SYSTEM, reason="its success gate held through the soak time", figures=figures)
                 outcome = "advanced"
                 continue
@@ -133,10 +142,10 @@ def _rollout_step(*, rollout_id: int) -> str:
         return outcome
 
 
-def _gate_trip(rollout: Rollout, wave: Wave, reason: str, figures: dict) -> None:
+def _gate_trip(rollout: Rollout, wave: Wave, reason: str, figures: dict, *, gate: str = "its failure gate: ") -> None:
     policy = rollout.abort_policy
     detail = {"wave": wave.index, "policy": policy, **figures}
-    why = f"Wave {wave.number} tripped its failure gate: {reason}."
+    why = f"Wave {wave.number} tripped {gate}{reason}."
     if policy == Rollout.AbortPolicy.PAUSE:
         rollout_set_state(rollout, Rollout.State.PAUSED, why)
         audit_record(actor=SYSTEM, action="rollout.auto_pause", obj=rollout, reason=why, detail=detail)

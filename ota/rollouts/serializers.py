@@ -8,15 +8,16 @@ from rest_framework import serializers
 from ota.models import Rollout, RolloutDevice
 from ota.rollouts.selectors import rollout_summary
 from registry.models import AuditEntry
+from registry.parsers import CheckedJSONField
 
 
 class RolloutCreateSerializer(serializers.Serializer):
     model = serializers.CharField(max_length=64)
     version = serializers.CharField(max_length=64)
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    target = serializers.JSONField()
-    waves = serializers.JSONField()
-    gates = serializers.JSONField(required=False, default=dict)
+    target = CheckedJSONField()
+    waves = CheckedJSONField()
+    gates = CheckedJSONField(required=False, default=dict)
     abort_policy = serializers.ChoiceField(choices=Rollout.AbortPolicy.choices, default=Rollout.AbortPolicy.PAUSE)
     requires_approval = serializers.BooleanField(default=False)
     follow_target = serializers.BooleanField(
@@ -53,7 +54,7 @@ class RolloutDetailSerializer(RolloutSerializer):
 
 class RolloutDeviceSerializer(serializers.ModelSerializer):
     wave = serializers.IntegerField(source="wave.index")
-    previous_version = serializers.CharField(source="previous_version.version", default=None)
+    previous_version = serializers.CharField(source="previous_version.version", default=None, allow_null=True)
 
     class Meta:
         model = RolloutDevice

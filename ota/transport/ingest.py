@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
+from agent.metrics.aggregate import window_json_merge
 from agent.protocol import (
     SHA256_RE,
     Event,
@@ -37,7 +38,7 @@ from agent.protocol import (
     parse_time,
 )
 from ota.db import bulk_set
-from ota.models import ActiveRelease, DeadLetter, Device, DeviceEvent, DeviceModelState
+from ota.models import ActiveRelease, DeadLetter, Device, DeviceEvent, DeviceModelState, ModelMetricsHour
 from ota.transport import hooks
 from registry.models import Artifact, Model
 
@@ -70,6 +71,17 @@ TRANSIENT_ERRORS = (OperationalError, InterfaceError)
 # A repaired message is stored and its original kept in the dead-letter table (outcome
 # "repaired"), so a device sending garbage is visible without losing what it reported.
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _without_sketches(telemetry: dict) -> dict:
+    """The telemetry kept on the device row: model metrics as their readable summaries only (the
+    sketches go to ModelMetricsHour)."""
+    metrics = telemetry.get("model_metrics")
+    if not metrics:
+        return telemetry
+    summaries = [{"model": e["model"], "release": e["release"], **(e.get("summary") or {})}
+                 for e in metrics.get("models") or []]
+    return {**telemetry, "model_metrics": {**{k: v for k, v in metrics.items() if k != "models"}, "models": summaries}}
 EVENT_TEXT_FIELDS = ("detail", "ts")
 EVENT_IDENTIFIER_FIELDS = ("model", "rollout_id", "error_code")
 
@@ -118,6 +130,7 @@ class IngestStats:
     duplicates: int = 0
     presence: int = 0
     telemetry: int = 0
+    metrics_windows: int = 0  # model metrics windows merged into ModelMetricsHour rows
     malformed: int = 0
     unknown_device: int = 0
     revoked_device: int = 0
@@ -374,9 +387,60 @@ class Ingestor:
             new_events = self._store_events([p for p in accepted if p.kind == "events"])
             self._apply_model_states(accepted, new_events, devices)
             self._update_devices(accepted, devices)
+            self._store_model_metrics(accepted)
             new_ids = [e.pk for e in new_events]
             hooks.on_device_events(new_ids)
         return new_ids
+
+    # --- model metrics --------------------------------------------------------------------------
+
+    def _store_model_metrics(self, items: list[_Parsed]) -> None:
+        """Merge each telemetry's model metrics windows into the (device, model, release, hour)
+        row of the hour ingest received it in (the server's clock: a box's may be wrong)."""
+        merged: dict[tuple, dict] = {}
+        seen: dict[tuple, tuple[datetime, int]] = {}
+        for item in items:
+            metrics = item.data.get("model_metrics") if item.kind == "telemetry" else None
+            if not metrics:
+                continue
+            hour = item.received_at.replace(minute=0, second=0, microsecond=0)
+            for entry in metrics.get("models") or []:
+                key = (item.device_id, entry["model"], entry["release"], hour)
+                window_json_merge(merged.setdefault(key, {}), entry)
+                first, count = seen.get(key, (item.received_at, 0))
+                seen[key] = (min(first, item.received_at), count + 1)
+        if not merged:
+            return
+        rows = {
+            (r.device_id, r.model, r.release_sha256, r.hour): r
+            for r in ModelMetricsHour.objects.select_for_update().filter(
+                device_id__in={k[0] for k in merged}, hour__in={k[3] for k in merged},
+                model__in={k[1] for k in merged},
+            )
+        }
+        created, updated = [], []
+        for key, window in merged.items():
+            first, count = seen[key]
+            row = rows.get(key)
+            if row is None:
+                row = ModelMetricsHour(device_id=key[0], model=key[1], release_sha256=key[2], hour=key[3],
+                                       first_at=first, last_at=first, windows=0)
+                created.append(row)
+            else:
+                updated.append(row)
+            total = window_json_merge(row.as_window(), window)
+            row.requests, row.errors = total["requests"], total["errors"]
+            row.latency_ms, row.outputs, row.output_values = total["latency_ms"], total["outputs"], total["output_values"]
+            row.windows += count
+            row.last_at = max(row.last_at, first)
+        if created:
+            # Another ingest instance may have created one of these rows since the SELECT: the
+            # batch then fails as a whole and is retried, finding the row this time.
+            ModelMetricsHour.objects.bulk_create(created)
+        if updated:
+            ModelMetricsHour.objects.bulk_update(
+                updated, ["requests", "errors", "latency_ms", "outputs", "output_values", "windows", "last_at"])
+        self.stats.metrics_windows += sum(count for _, count in seen.values())
 
     # --- events ---------------------------------------------------------------------------------
 
@@ -574,7 +638,7 @@ class Ingestor:
                 fields["online"] = True
             if item.kind == "telemetry":
                 self.stats.telemetry += 1
-                fields["last_telemetry"] = item.data
+                fields["last_telemetry"] = _without_sketches(item.data)
                 fields["last_telemetry_at"] = item.received_at
             if item.kind == "events":
                 known = fields.get("last_event_no", devices[item.device_id].last_event_no)
