@@ -1,12 +1,14 @@
 """The API's body parsers (REST_FRAMEWORK's DEFAULT_PARSER_CLASSES): DRF's, with the limits every
 body is held to. A refusal is the house JSON error (registry/errors.py):
 
-- larger than DATA_UPLOAD_MAX_MEMORY_SIZE (non-file data): 413 `request_too_large`. Django
-  enforces it only when a body is read through request.body or request.POST; DRF's JSON and
-  form parsers read the stream themselves, so without this a JSON body had no size limit;
+- larger than DATA_UPLOAD_MAX_MEMORY_SIZE (non-file data): 413 `request_too_large`. DRF hands
+  JSON and form parsers request.body, where Django enforces it; the JSON parser also reads at
+  most that much of whatever stream it is given, so the limit does not hang on DRF's internals;
 - JSON nested deeper than registry.limits.MAX_JSON_DEPTH: 400 `too_deep` (not a RecursionError);
 - a control character in any string or key, at any depth, or in a form field: 400
   `invalid_characters` naming the field (registry.guards).
+
+CheckedJSONField holds a JSON field sent as text in a form (DRF parses it itself) to the same.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from rest_framework import parsers
+from rest_framework import parsers, serializers
 from rest_framework.exceptions import ParseError
 
 from registry.guards import InvalidInput, multi_pairs, fields_check, json_check, json_depth_check
@@ -63,7 +65,7 @@ class JSONParser(parsers.JSONParser):
 
 class FormParser(parsers.FormParser):
     def parse(self, stream, media_type=None, parser_context=None):
-        data = super().parse(_Capped(stream), media_type, parser_context)
+        data = super().parse(stream, media_type, parser_context)
         try:
             fields_check(multi_pairs(data), where="form field")
         except InvalidInput as exc:
@@ -84,11 +86,19 @@ class MultiPartParser(parsers.MultiPartParser):
         return parsed
 
 
-class _Capped:
-    """A stream whose read() refuses more than DATA_UPLOAD_MAX_MEMORY_SIZE (DRF's FormParser reads all)."""
+class CheckedJSONField(serializers.JSONField):
+    """DRF's JSONField, held to the JSON body's limits when its value arrives as text (a form or
+    multipart field, which DRF parses with json.loads itself): depth and control characters."""
 
-    def __init__(self, stream):
-        self._stream = stream
-
-    def read(self, *args):
-        return _read_capped(self._stream)
+    def to_internal_value(self, data):
+        if isinstance(data, str) and (self.binary or getattr(data, "is_json_string", False)):
+            try:
+                json_depth_check(data)
+                value = json.loads(data, parse_constant=_no_constant)
+                json_check(value, path=self.field_name or "")
+            except InvalidInput as exc:
+                raise _refuse(exc) from None
+            except (ValueError, RecursionError):
+                self.fail("invalid")
+            return value
+        return super().to_internal_value(data)

@@ -9,9 +9,9 @@ from django import forms
 from django.core.exceptions import ValidationError
 
 from ota.fleet.parsing import parse_label_filter, parse_label_pairs
-from ota.rollouts.definition import wave_plan_parse
-from registry.models import HardwareTarget, ModelVersion
+from ota.rollouts.definition import MAX_COUNT, MAX_RATE_PER_MINUTE, MAX_WAIT_SECONDS, wave_plan_parse
 from registry.limits import parse_duration
+from registry.models import HardwareTarget, ModelVersion
 
 
 def parse_labels(text: str) -> list[tuple[str, str | None]]:
@@ -121,23 +121,24 @@ class RolloutForm(forms.Form):
         help_text="A wave passes when this share of its devices is healthy after activation.",
     )
     failure_min_reports = forms.IntegerField(
-        min_value=1, initial=1, label="Failure gate: after reports", help_text="Judge failures once this many devices reported.",
+        min_value=1, max_value=MAX_COUNT, initial=1, label="Failure gate: after reports", help_text="Judge failures once this many devices reported.",
     )
     failure_percent = forms.FloatField(
         min_value=0, max_value=100, initial=10, label="Failure gate: failed %", help_text="Trip when this share of reports failed.",
     )
     failure_count = forms.IntegerField(
-        min_value=1, required=False, label="Failure gate: failures", help_text="Or trip at this many failures (blank: no count limit).",
+        min_value=1, max_value=MAX_COUNT, required=False, label="Failure gate: failures", help_text="Or trip at this many failures (blank: no count limit).",
     )
     soak_seconds = forms.IntegerField(
-        min_value=0, initial=600, label="Soak (s)", help_text="How long the success gate must hold before the next wave.",
+        min_value=0, max_value=MAX_WAIT_SECONDS, initial=600, label="Soak (s)", help_text="How long the success gate must hold before the next wave.",
     )
     rate_per_minute = forms.IntegerField(
-        min_value=1, required=False, initial=500, label="Rate cap (devices/min)", help_text="Blank: no cap.",
+        min_value=1, max_value=MAX_RATE_PER_MINUTE, required=False, initial=500, label="Rate cap (devices/min)", help_text="Blank: no cap.",
     )
-    download_seconds = forms.IntegerField(min_value=1, initial=1800, label="Download timeout (s)")
-    activate_seconds = forms.IntegerField(min_value=1, initial=600, label="Activate timeout (s)")
-    trial_seconds = forms.IntegerField(min_value=1, initial=900, label="Trial timeout (s)")
+    # The maxima are the definition's (ota.rollouts.definition), which checks them again for every entry.
+    download_seconds = forms.IntegerField(min_value=1, max_value=MAX_WAIT_SECONDS, initial=1800, label="Download timeout (s)")
+    activate_seconds = forms.IntegerField(min_value=1, max_value=MAX_WAIT_SECONDS, initial=600, label="Activate timeout (s)")
+    trial_seconds = forms.IntegerField(min_value=1, max_value=MAX_WAIT_SECONDS, initial=900, label="Trial timeout (s)")
     abort_policy = forms.ChoiceField(
         choices=ABORT_POLICIES, initial="pause", label="When the failure gate trips",
     )
