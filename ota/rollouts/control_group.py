@@ -2,9 +2,10 @@
 (ModelMetricsHour), and the verdict on them (ota/rollouts/comparison.py).
 
   new      the wave's committed devices, on the release's artifact for their hardware
-  control  comparable devices on another release of the same model over the same hours: not in
-           this wave, on a hardware target of the new group, sharing a label with it (key and
-           value; unlabelled boxes compare with unlabelled boxes)
+  control  comparable devices still on another release of the same model, over the same hours
+           (their figures for the release they run now): not in this wave, on a hardware target
+           of the new group, sharing a label with it (key and value; unlabelled boxes compare
+           with unlabelled boxes)
 
 Both are read from the hour the wave started in onwards: hourly rows make "the same time window"
 exact to the hour, which is what keeps 10,000 devices to a few rows each."""
@@ -16,7 +17,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from ota.models import ModelMetricsHour, Rollout, RolloutDevice, Wave
+from ota.models import DeviceModelState, ModelMetricsHour, Rollout, RolloutDevice, Wave
 from ota.rollouts.comparison import Verdict, compare_groups, settings_with_defaults, window_of
 from registry.audit import SYSTEM, audit_record
 from registry.models import Artifact
@@ -44,6 +45,9 @@ def wave_control_verdict(rollout: Rollout, wave: Wave) -> Verdict | None:
     target_shas = set(Artifact.objects.filter(version_id=rollout.release_id).values_list("sha256", flat=True))
     in_wave = dict(RolloutDevice.objects.filter(wave=wave).values_list("device_id", "state"))
     committed = {d for d, state in in_wave.items() if state == RD.COMMITTED}
+    # A control device counts with the release it runs now: a box that moved to the new release
+    # (in an earlier wave, or by hand) has older rows of the old one in these hours.
+    running = dict(DeviceModelState.objects.filter(model_id=rollout.model_id).values_list("device_id", "active_sha256"))
     rows = ModelMetricsHour.objects.filter(model=model, hour__gte=since).values_list(
         "device_id", "release_sha256", "requests", "errors", "latency_ms", "outputs",
         "device__hardware_id", "device__labels",
@@ -56,7 +60,7 @@ def wave_control_verdict(rollout: Rollout, wave: Wave) -> Verdict | None:
         if sha in target_shas:
             if device_id in committed:
                 new_windows[device_id].append(window)
-        elif device_id not in in_wave:
+        elif device_id not in in_wave and running.get(device_id) == sha:
             control_windows[device_id].append(window)
         profile[device_id] = (hardware_id, labels or {})
     if not new_windows:

@@ -61,6 +61,14 @@ class Agents:
             self.configs[device_id] = config
         return sorted(self.configs)
 
+    def add_table(self, device_id: str, table: str, values: dict) -> None:
+        """Append a TOML table the enrollment did not write (e.g. [metrics], [telemetry])."""
+        with self.configs[device_id].open("a") as handle:
+            handle.write(f"\n[{table}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+
+    def state_dir(self, device_id: str) -> Path:
+        return self.configs[device_id].parent
+
     def start(self, device_id: str) -> None:
         with open(self.configs[device_id].parent / "agent.log", "ab") as log:  # the child keeps its own copy
             self.procs[device_id] = subprocess.Popen(
