@@ -15,6 +15,12 @@ Behaviours: healthy; fail-precheck (failed PRECHECK_FAILED, active model untouch
 fail-trial (activates, then rolled_back TRIAL_FAILED); slow (long steps); flapping (drops
 offline now and then, converging from the retained directive after reconnecting).
 
+Model behaviours (`model_behaviours`, by release sha256): what the app on each box would report
+about the model it runs, sent with telemetry as the agent's `model_metrics` and folded by the
+agent's own aggregation code (agent.metrics.aggregate.Window): `slower` (latency factor),
+`error_rate`, `outputs` (label shares, for drift). A release not listed serves at 10 ms, 0.5 %
+errors, labels person/car half and half; each box has its own speed (~10 % apart), as real ones do.
+
 One topic at about 500 lines, kept in one file on purpose: a simulated device (SimDevice) and the
 one selector loop that drives thousands of them (FleetSimulator) share their timers and sockets.
 """
@@ -58,12 +64,14 @@ from agent.protocol import (
     presence_payload,
     utcnow,
 )
+from agent.metrics.aggregate import Window
 from agent.signing import Keyring
 from ota.sim.enroll import SimCredentials, resume_state
 
 logger = logging.getLogger(__name__)
 
 BEHAVIOURS = ("healthy", "fail-precheck", "fail-trial", "slow", "flapping")
+MODEL_BASELINE = {"latency_ms": 10.0, "slower": 1.0, "error_rate": 0.005, "outputs": {"person": 0.5, "car": 0.5}}
 SIM_AGENT_VERSION = "sim-1"
 # The agent's journal remembers this many refused unauthenticated payloads (reported once each).
 REFUSED_REMEMBERED = 32
@@ -133,6 +141,7 @@ class SimDevice:
         self.ingest_epoch: str | None = None
         self.online = False
         self.dead = False  # refused by the broker (revoked): stop trying
+        self.speed = sim.rng.lognormvariate(0, 0.1)  # this box's own speed, for model metrics
         topics = sim.topics
         self.t_directives = topics.directives(self.id)
         self.t_events = topics.events(self.id)
@@ -410,8 +419,31 @@ class SimDevice:
 
     def send_telemetry(self) -> None:
         if self.online:
-            self.client.publish(self.t_telemetry, encode_json({"cpu_percent": round(random.uniform(5, 60), 1),
-                                                               "memory_percent": 41.0, "simulated": True}), qos=0)
+            data = {"cpu_percent": round(random.uniform(5, 60), 1), "memory_percent": 41.0, "simulated": True}
+            metrics = self.model_metrics() if self.sim.metrics_requests else None
+            if metrics:
+                data["model_metrics"] = metrics
+            self.client.publish(self.t_telemetry, encode_json(data), qos=0)
+
+    def model_metrics(self) -> dict | None:
+        """One telemetry window of what the app would have reported for each model it runs."""
+        entries = []
+        rng = self.sim.rng
+        for model, (sha, _committed) in sorted(self.models.items()):
+            b = {**MODEL_BASELINE, **self.sim.model_behaviours.get(sha, {})}
+            labels, shares = list(b["outputs"]), list(b["outputs"].values())
+            w = Window()
+            for _ in range(self.sim.metrics_requests):
+                w.add("latency_ms", rng.lognormvariate(0, 0.2) * b["latency_ms"] * b["slower"] * self.speed, "timing")
+                w.add("requests", 1, "counter")
+                if rng.random() < b["error_rate"]:
+                    w.add("errors", 1, "counter")
+                w.add("output." + rng.choices(labels, weights=shares)[0], 1, "counter")
+            entries.append({"model": model, "release": sha, **w.to_json(), "summary": w.summary()})
+        if not entries:
+            return None
+        now = format_time(utcnow())
+        return {"window_start": now, "window_end": now, "models": entries, "stats": {"samples": len(entries)}}
 
 
 # --- the fleet --------------------------------------------------------------------------------
@@ -437,6 +469,9 @@ class FleetSimulator:
         keepalive: int = 60,
         resume: dict[str, dict] | None = None,
         resend_window_seconds: float = 1800.0,
+        model_behaviours: dict[str, dict] | None = None,
+        metrics_requests: int = 0,
+        seed: int | None = None,
     ):
         if isinstance(behaviour, str) and behaviour not in BEHAVIOURS:
             raise ValueError(f"behaviour {behaviour!r} is not one of {', '.join(BEHAVIOURS)}")
@@ -452,6 +487,10 @@ class FleetSimulator:
         self.telemetry_seconds = telemetry_seconds
         self.keepalive = keepalive
         self.resend_window_seconds = resend_window_seconds  # agent: mqtt.resend_window_seconds
+        # Model metrics: requests each box's app serves per telemetry window (0: no model_metrics).
+        self.model_behaviours = dict(model_behaviours or {})
+        self.metrics_requests = metrics_requests
+        self.rng = random.Random(seed)
         self.stats = SimStats()
         self.stopping = False
         self._selector = selectors.DefaultSelector()

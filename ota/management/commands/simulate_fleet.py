@@ -1,4 +1,5 @@
-"""`manage.py simulate_fleet --devices N [--behaviour healthy|fail-precheck|fail-trial|slow|flapping]`"""
+"""`manage.py simulate_fleet --devices N [--behaviour healthy|fail-precheck|fail-trial|slow|flapping]
+[--telemetry-seconds S --metrics-requests N --model-behaviour SHA:slower=1.4,...]`"""
 
 from __future__ import annotations
 
@@ -15,6 +16,30 @@ from ota.sim.enroll import enroll_simulated_devices, load_credentials, save_cred
 from ota.sim.fleet import BEHAVIOURS, FleetSimulator
 from registry.errors import ApiError
 from registry.models import HardwareTarget
+
+
+def parse_model_behaviour(text: str) -> tuple[str, dict]:
+    """'<sha256>:slower=1.4,error_rate=0.05,person=0.8,car=0.2' -> (sha, behaviour)."""
+    sha, sep, rest = text.partition(":")
+    if not sep or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ValueError(f"{text[:80]!r} must start with a release's 64-hex sha256 and a colon")
+    behaviour: dict = {}
+    outputs: dict[str, float] = {}
+    for pair in filter(None, rest.split(",")):
+        key, eq, value = pair.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not eq or not key or number < 0:
+            raise ValueError(f"{pair!r} must be key=number (>= 0)")
+        if key in ("slower", "error_rate"):
+            behaviour[key] = number
+        else:
+            outputs[key] = number
+    if outputs:
+        behaviour["outputs"] = outputs
+    return sha, behaviour
 
 
 class Command(BaseCommand):
@@ -38,10 +63,23 @@ class Command(BaseCommand):
         parser.add_argument("--fail-sha", action="append", default=[], help="artifact sha256 whose precheck fails")
         parser.add_argument("--telemetry-seconds", type=float, default=0.0, help="telemetry interval (0: off)")
         parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: on SIGTERM)")
+        parser.add_argument("--metrics-requests", type=int, default=0,
+                            help="model metrics: requests each box's app serves per telemetry window (0: none)")
+        parser.add_argument(
+            "--model-behaviour", action="append", default=[], metavar="SHA256:KEY=VALUE,...",
+            help="how the app fares on a release, e.g. <sha256>:slower=1.4,error_rate=0.05,person=0.8,car=0.2 "
+                 "(slower: latency factor; error_rate; any other key: an output label's share)",
+        )
 
     def handle(self, *args, **o):
         if o["devices"] < 1:
             raise CommandError("--devices must be at least 1")
+        if o["metrics_requests"] < 0:
+            raise CommandError("--metrics-requests must be >= 0")
+        try:
+            model_behaviours = dict(parse_model_behaviour(text) for text in o["model_behaviour"])
+        except ValueError as exc:
+            raise CommandError(f"--model-behaviour: {exc}") from None
         try:
             labels = parse_label_pairs(o["label"])
         except ValueError as exc:
@@ -78,6 +116,8 @@ class Command(BaseCommand):
             flap_down=o["flap_down"],
             fail_shas=set(o["fail_sha"]),
             telemetry_seconds=o["telemetry_seconds"],
+            metrics_requests=o["metrics_requests"],
+            model_behaviours=model_behaviours,
         )
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
