@@ -190,3 +190,48 @@ def test_it_shows_a_device_timeline_and_its_latest_telemetry(client, viewer, fle
     health = re.search(r'<script id="device-health" type="application/json">(.*?)</script>', html).group(1)
     assert '"latency_ms_p95"' in health and "[31.0, 29.0]" in health
     assert client.get("/devices/ghost/").status_code == 404
+
+
+def test_it_charts_a_devices_model_metrics_per_hour_with_its_release_changes(client, viewer, fleet):
+    from ota.models import ModelMetricsHour
+    from tests.support.model_metrics import ingest, metrics_message
+
+    v1, v2 = fleet["v1"], fleet["v2"]
+    old_sha, new_sha = (v.artifacts.get(hardware_id="jetson-orin").sha256 for v in (v1, v2))
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    ingest([
+        metrics_message("cam-000", old_sha, at=hour - timedelta(hours=3, minutes=-10), latency_ms=20, requests=200, errors=2),
+        metrics_message("cam-000", old_sha, at=hour - timedelta(hours=2, minutes=-10), latency_ms=20, requests=100, errors=0),
+        # The hour it updated: both releases report, then only the new one.
+        metrics_message("cam-000", new_sha, at=hour - timedelta(hours=2, minutes=-40), latency_ms=40, requests=50, errors=5),
+        metrics_message("cam-000", new_sha, at=hour - timedelta(hours=1, minutes=-10), latency_ms=40, requests=100, errors=10),
+    ])
+    assert ModelMetricsHour.objects.filter(device_id="cam-000").count() == 4
+    ActiveRelease.objects.create(device_id="cam-000", model=v1.model, version=v2, sha256=new_sha,
+                                 from_time=hour - timedelta(hours=2, minutes=-35))
+    client.force_login(viewer)
+
+    html = client.get("/devices/cam-000/").content.decode()
+
+    card = html[html.index('<section class="card model-metrics"'):]
+    card = card[:card.index("</section>")]
+    rows = re.findall(r'<tr data-release="([^"]+)"( class="release-change")?>\s*<td>([^<]+)</td>', card)
+    assert [(release, bool(changed)) for release, changed, _ in rows] == [
+        ("2.0.0", False), ("2.0.0", True), ("1.0.0", False), ("1.0.0", False)]
+    newest = card[card.index('<tr data-release="2.0.0">'):]
+    # 100 requests, 10 errors, latencies 36..43.2 ms: p50 ~ 40, p95 ~ 43 (DDSketch, 1 % accuracy).
+    cells = re.findall(r"<td>([^<]*)</td>", newest[:newest.index("</tr>")])
+    assert cells[2:5] == ["100", "10", "10.00 %"], cells
+    assert 39 <= float(cells[5]) <= 41 and 42 <= float(cells[6]) <= 44, cells
+    latency = json.loads(re.search(r'<script id="metrics-latency-detector" type="application/json">(.*?)</script>',
+                                   html).group(1))
+    labels = latency["data"]["labels"]
+    assert len(labels) == 4 and labels[1][1] == "▶ 2.0.0" and isinstance(labels[0], str)  # the change marked
+    sets = {d["label"]: d["data"] for d in latency["data"]["datasets"]}
+    assert sets["p50 · 1.0.0"][2] is None and 19 <= sets["p50 · 1.0.0"][0] <= 21
+    assert sets["p50 · 2.0.0"][:2] == [None, sets["p50 · 2.0.0"][1]] and 39 <= sets["p50 · 2.0.0"][1] <= 41
+    assert sets["p95 · 1.0.0"][3] is None  # no row that hour: a gap, not a zero
+    traffic = json.loads(re.search(r'<script id="metrics-traffic-detector" type="application/json">(.*?)</script>',
+                                   html).group(1))
+    requests, error_rate = (d["data"] for d in traffic["data"]["datasets"])
+    assert requests == [200, 150, 100, None] and error_rate == [1.0, round(500 / 150, 3), 10.0, None]

@@ -300,3 +300,117 @@ def test_it_works_without_javascript_and_lists_rollouts_and_the_audit_log(client
 
     audit = client.get(reverse("web:audit"), {"actor": "user:olivia-operator"}).content.decode()
     assert "rollout.start" in audit and "rollout.create" not in audit  # created by user:x
+
+
+def commit_canary(rollout, device_ids):
+    """The canary's devices report `committed`, through the engine's event path."""
+    from ota.models import DeviceEvent, Directive
+    from ota.rollouts.events import rollout_apply_events
+
+    events = []
+    for device_id in device_ids:
+        seq = Directive.objects.filter(device_id=device_id).order_by("-seq").first().seq
+        events.append(DeviceEvent.objects.create(device_id=device_id, event_no=1, seq=seq, model="detector",
+                                                 state="committed", rollout_id=str(rollout.pk)).pk)
+    rollout_apply_events(event_ids=events)
+
+
+def control_panel(html: str, wave: int) -> str:
+    block = html[html.index(f'data-wave="{wave}"'):]
+    return block[:block.index('<div class="wave"', 1)] if '<div class="wave"' in block[1:] else block
+
+
+def figure_cells(panel: str, key: str) -> list[str]:
+    row = re.search(rf'<tr data-figure="{key}"[^>]*>(.*?)</tr>', panel, re.DOTALL).group(1)
+    return [c.strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.DOTALL)]
+
+
+def test_it_shows_each_waves_new_vs_control_figures_live_then_as_judged(client, viewer, fleet):
+    import random
+    from datetime import timedelta
+
+    from ota.models import DeviceModelState, Wave
+    from ota.rollouts.actions import rollout_start
+    from ota.rollouts.create import rollout_create
+    from ota.rollouts.engine import rollout_evaluate
+    from tests.support.model_metrics import ingest, metrics_message
+
+    old = web_data.released("detector", "1.0.0", hardware_ids=("jetson-orin",), scale=3.0)
+    old_sha, new_sha = old.artifacts.get().sha256, fleet.artifacts.get().sha256
+    cams = [f"cam-{i:03d}" for i in range(10)]
+    DeviceModelState.objects.bulk_create([
+        DeviceModelState(device_id=d, model=old.model, active_version=old, active_sha256=old_sha) for d in cams])
+    Device.objects.update(online=True)
+    canary = cams[:3]
+    rollout = rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "berlin"}, "hardware": ["jetson-orin"]},
+        waves=[{"devices": canary}, {"percent": 100}],
+        gates={"soak_seconds": 600, "health": {"control": {"min_requests": 100}}}, abort_policy="pause", actor="user:x",
+    )
+    rollout_start(rollout_id=rollout.pk, actor="user:x")
+    rollout_evaluate(rollout_id=rollout.pk)
+    commit_canary(rollout, canary)
+    rng = random.Random(7)
+    ingest([metrics_message(d, old_sha, latency_ms=20, requests=150, errors=1, rng=rng) for d in cams[3:]]
+           + [metrics_message(d, new_sha, latency_ms=28, requests=150, errors=1, rng=rng,
+                              labels={"person": 0.7, "car": 0.3}) for d in canary])
+    rollout_evaluate(rollout_id=rollout.pk)
+    assert Wave.objects.get(rollout=rollout, index=0).state == "soaking"
+    client.force_login(viewer)
+
+    # Soaking: not judged yet, the figures are the gate's as of now, and reading them writes nothing.
+    html = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
+    live = control_panel(html, 0)
+    assert 'data-control="live" data-verdict="fail"' in live and "live, not judged yet" in live
+    assert figure_cells(live, "devices")[1:3] == ["3", "7"]
+    assert not AuditEntry.objects.filter(action__in=("wave.control_gate", "rollout.auto_pause")).exists()
+    # The page's one comparison is the gate's: no second, trial-health chart beside it.
+    assert "Model health: wave 1 vs control group" in html and "new release vs previous" not in html
+    assert 'id="control-latency-0"' in html and 'id="control-shares-0"' in html
+
+    Wave.objects.filter(rollout=rollout, index=0).update(gate_met_at=Wave.objects.get(
+        rollout=rollout, index=0).gate_met_at - timedelta(seconds=601))
+    assert rollout_evaluate(rollout_id=rollout.pk) == "gate-tripped"
+    # Paused with the wave still soaking: the page shows what was judged, not a fresh live figure.
+    entry = AuditEntry.objects.get(object_id=str(rollout.pk), action="rollout.auto_pause")
+    stored = entry.detail["control_gate"]
+
+    html = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
+    judged = control_panel(html, 0)
+    assert 'data-control="judged" data-verdict="fail"' in judged and "tripped its control-group gate" in judged
+    p50 = stored["latency"]["p50"]
+    assert figure_cells(judged, "latency-p50")[1:6] == [
+        f"{p50['new']:g}", f"{p50['control']:g}", f"×{p50['ratio']:g}", "≤ ×1.2", f"{stored['latency']['p_value']:.3g}"]
+    assert '<tr data-figure="latency-p50" class="gate fail">' in judged
+    errors = figure_cells(judged, "errors")
+    assert errors[3:5] == [f"{stored['errors']['difference'] * 100:+.2f} pp", "≤ +1 pp"]
+    assert figure_cells(judged, "drift")[3:5] == [f"{stored['drift']['psi']:g}", "≤ 0.2"]
+    person = re.search(r'<tr data-label="person"><td>person</td><td>([^<]+)</td><td>([^<]+)</td>', judged).groups()
+    assert person == (f"{stored['drift']['new_shares']['person'] * 100:.2f} %",
+                      f"{stored['drift']['control_shares']['person'] * 100:.2f} %")
+    assert "control-gate" not in control_panel(html, 1)  # the second wave never started
+
+
+def test_it_says_in_one_line_where_the_control_gate_is_off(client, viewer, fleet):
+    from ota.rollouts.actions import rollout_start
+    from ota.rollouts.create import rollout_create
+    from ota.rollouts.engine import rollout_evaluate
+
+    switched_off = rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "paris"}}, waves=[{"percent": 100}],
+        gates={"health": {"control": False}}, actor="user:x",
+    )
+    no_metrics = rollout_create(
+        model="detector", version="2.0.0", target={"labels": {"site": "berlin"}, "hardware": ["jetson-orin"]},
+        waves=[{"percent": 100}], actor="user:x",
+    )
+    for rollout in (switched_off, no_metrics):
+        rollout_start(rollout_id=rollout.pk, actor="user:x")
+        rollout_evaluate(rollout_id=rollout.pk)
+    client.force_login(viewer)
+
+    off = client.get(reverse("web:rollout_live", args=[switched_off.pk])).content.decode()
+    assert re.search(r'data-control="off">Control-group gate off: switched off by this rollout&#x27;s definition', off)
+    quiet = client.get(reverse("web:rollout_live", args=[no_metrics.pk])).content.decode()
+    assert "Control-group gate off: the wave&#x27;s devices report no model metrics." in quiet
+    assert "Model health: new release vs previous" in quiet  # the trial-health display, labelled as such

@@ -15,6 +15,7 @@ from registry.audit import audit_entries_for
 from registry.auth import actor_label
 from registry.errors import ApiError
 from web.devices import queries
+from web.devices.model_metrics import device_model_metrics
 from web.forms import DeviceFilterForm
 from web.pages import is_htmx, page
 from web.roles import scope_required
@@ -58,6 +59,7 @@ def device_detail(request, device_id):
         "history": history,
         "telemetry": queries.telemetry_figures(device),
         "health_chart": queries.device_health_chart(events),
+        "model_metrics": device_model_metrics(device, history=history),
         "audit": audit_entries_for(device)[:20],
     }
     return page(request, "web/devices/detail.html", context, section="devices")

@@ -1,6 +1,6 @@
-"""Read-only queries behind a rollout's page: each wave's progress and gates, the failures by
-error code, health figures of the new release next to the old, the audit trail, and the
-catalogue's confirmations filled in with this rollout's figures."""
+"""Read-only queries behind a rollout's page: each wave's progress and gates (its control-group
+comparison from web.rollouts.model_health), the failures by error code, the page's model health
+card, the audit trail, and the catalogue's confirmations filled in with this rollout's figures."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ota.rollouts.selectors import rollout_summary
 from registry.audit import audit_entries_for
 from registry.models import Artifact
 from web.devices.queries import health_numbers
+from web.rollouts.model_health import rollout_model_health
 from web.rollouts.progress import empty_counts, progress_rows, rollout_counts, summarise
 
 
@@ -40,6 +41,7 @@ def rollout_live(rollout) -> dict:
     counts = rollout_counts([rollout.pk]).get(rollout.pk, {})
     waves_by_index = {w.index: w for w in Wave.objects.filter(rollout=rollout)}
     now = timezone.now()
+    control = rollout_model_health(rollout, waves_by_index.values())
     waves = []
     for item in summary["waves"]:
         wave = waves_by_index[item["index"]]
@@ -74,6 +76,7 @@ def rollout_live(rollout) -> dict:
             "bucket_counts": wave_counts,
             "gate_rows": gate_rows,
             "soak_left": soak_left,
+            "control": control.get(wave.index),
             "is_current": item["index"] == rollout.current_wave and rollout.state in ("running", "paused", "created"),
         })
     overall = summarise(counts)
@@ -96,7 +99,7 @@ def rollout_live(rollout) -> dict:
         "overall": overall,
         "current_wave": current,
         "failures": failure_groups,
-        "health": rollout_health(rollout),
+        "health": health_panel(rollout, waves, current),
         "audit": list(
             audit_entries_for(rollout)[:40]
         ),
@@ -104,6 +107,17 @@ def rollout_live(rollout) -> dict:
         or RolloutDevice.objects.filter(rollout=rollout, state="reverting").exists(),
         "finished": rollout.state == "completed" and overall["percent"] == 100,
     }
+
+
+def health_panel(rollout, waves: list[dict], current: dict | None) -> dict:
+    """The page's one new-vs-previous comparison. Where a control-group verdict exists (judged or
+    live), its figures for the current wave, else the latest wave that has some; only where no wave
+    has any (the apps report no model metrics) the trial health devices report, as a display."""
+    compared = [w for w in waves if w["control"] and w["control"].get("rows")]
+    if compared:
+        featured = next((w for w in compared if w is current), compared[-1])
+        return {"control": featured["control"], "wave": featured}
+    return {"control": None, **rollout_health(rollout)}
 
 
 def _median(values: list[float]) -> float | None:
@@ -115,7 +129,7 @@ def _median(values: list[float]) -> float | None:
 
 
 def rollout_health(rollout) -> dict:
-    """Median health figures devices report (latency p95, error rate), new release next to the
+    """Shown only where no wave has a control-group comparison (see health_panel). Median health figures devices report (latency p95, error rate), new release next to the
     old. Which release a device runs is what ingest last recorded for it (DeviceModelState);
     its telemetry's health counts only when that telemetry is about the same sha, else a device
     on the new release counts with the health its committed event carried. The old side is this
