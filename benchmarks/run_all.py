@@ -15,6 +15,7 @@ BENCHMARKS = [
     "fleetctl_upload_memory.py",
     "agent_footprint.py",
     "device_list.py",
+    "device_lists.py",
     "rollout_fleet.py",
     "chaos.py",
 ]

@@ -22,6 +22,9 @@ MAX_INSTANT = datetime(3000, 1, 1, tzinfo=UTC)
 # past a few hundred the parser itself runs out of recursion.
 MAX_JSON_DEPTH = 32
 
+# Uses of one enrollment token (API, web UI, CLI).
+MAX_ENROLLMENT_USES = 1_000_000
+
 # Pagination (?limit=, ?offset=): an offset past a bigint overflows the database.
 MAX_PAGE_LIMIT = 1000
 MAX_PAGE_OFFSET = 10**9

@@ -7,6 +7,7 @@ waves, a 1 MB wave name, an empty canary wave; and device lists past their cap."
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -248,3 +249,22 @@ def test_it_refuses_an_absurd_soak_in_the_web_wizard(client, operator, fleet):
     assert response.status_code == 400  # the wizard again, the field's error next to it
     assert b"less than or equal to 2592000" in response.content
     assert not Rollout.objects.exists()
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-uses", str(10**12)], "--max-uses must be at most 1000000"),
+        (["--max-uses", "1", "--expires-in", "99999999d"], "3650 days"),
+        (["--max-uses", "1", "--label", "site=berlin\x00"], "U+0000"),
+        (["--max-uses", "1", "--name", "line\x1b[2J"], "U+001B"),
+    ],
+)
+def test_it_refuses_out_of_range_enrollment_tokens_on_the_command_line(db, args, message):
+    from django.core.management import CommandError, call_command
+
+    with pytest.raises(CommandError, match=re.escape(message)):
+        call_command("enrollment", "create", *args)

@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 
 from ota.fleet.parsing import parse_label_filter, parse_label_pairs
 from ota.rollouts.definition import MAX_COUNT, MAX_RATE_PER_MINUTE, MAX_WAIT_SECONDS, wave_plan_parse
-from registry.limits import parse_duration
+from registry.limits import MAX_ENROLLMENT_USES, parse_duration
 from registry.models import HardwareTarget, ModelVersion
 
 
@@ -290,7 +290,7 @@ class ApiTokenForm(forms.Form):
 
 class EnrollmentTokenForm(forms.Form):
     name = forms.CharField(max_length=100, required=False, help_text="e.g. berlin line 2 install day")
-    max_uses = forms.IntegerField(min_value=1, max_value=100_000, initial=1, label="Max uses")
+    max_uses = forms.IntegerField(min_value=1, max_value=MAX_ENROLLMENT_USES, initial=1, label="Max uses")
     expires_in = forms.CharField(
         required=False, initial="1d", label="Expires in", help_text="e.g. 12h, 1d, 2w; blank: never."
     )

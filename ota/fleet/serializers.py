@@ -6,7 +6,7 @@ from rest_framework import serializers
 
 from ota.fleet.parsing import validate_labels
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState, EnrollmentToken
-from registry.limits import parse_duration
+from registry.limits import MAX_ENROLLMENT_USES, parse_duration
 from registry.parsers import CheckedJSONField
 
 
@@ -28,7 +28,7 @@ class EnrollmentTokenSerializer(serializers.ModelSerializer):
 
 
 class EnrollmentTokenCreateSerializer(serializers.Serializer):
-    max_uses = serializers.IntegerField(min_value=1, max_value=1_000_000)
+    max_uses = serializers.IntegerField(min_value=1, max_value=MAX_ENROLLMENT_USES)
     expires_in = serializers.CharField(required=False, allow_blank=False, help_text="e.g. 30m, 12h, 1d, 2w")
     labels = LabelsField(required=False, default=dict)
     name = serializers.CharField(required=False, allow_blank=True, max_length=100, default="")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 
 from ota.models import Rollout, RolloutDevice, Wave
 from ota.rollouts.planning import conflicts_find, raise_conflicts, rollout_plan
@@ -50,17 +50,14 @@ def rollout_create(
         )
         members = planned.members(rollout_id=rollout.pk)
         raise_conflicts(conflicts_find(model_id=model_obj.pk, device_ids=[d for m in members for d in m]))
-        rank = 0
-        assignments = []
+        waves = []
         for index, (spec, devices) in enumerate(zip(wave_specs, members)):
             wave = Wave.objects.create(
                 rollout=rollout, index=index, spec={k: v for k, v in spec.items() if k != "effective_gates"},
                 gates=spec["effective_gates"], size=len(devices),
             )
-            for device_id in devices:
-                assignments.append(RolloutDevice(rollout=rollout, wave=wave, device_id=device_id, rank=rank))
-                rank += 1
-        RolloutDevice.objects.bulk_create(assignments, batch_size=2000)
+            waves.append((wave, devices))
+        rank = assignments_insert(rollout=rollout, waves=waves)
         audit_record(
             actor=actor,
             action="rollout.create",
@@ -75,3 +72,39 @@ def rollout_create(
             },
         )
     return rollout
+
+
+def assignments_insert(*, rollout: Rollout, waves: list[tuple[Wave, list[str]]], batch_size: int = 20_000) -> int:
+    """Write a new rollout's device assignments, ranked in wave order; returns how many.
+
+    On PostgreSQL one INSERT ... SELECT FROM unnest(...) per batch: the columns every row shares
+    (state, counters, empty timestamps) are bound once, the wave, device and rank as three arrays.
+    Django's bulk_create prepares every field of every row: 12 s of CPU for a 75,000-device
+    rollout, during which the request holds a web worker. Other databases use bulk_create.
+    """
+    rows = [(wave.pk, device_id) for wave, devices in waves for device_id in devices]
+    if not rows:
+        return 0
+    if connection.vendor != "postgresql":
+        by_pk = {wave.pk: wave for wave, _ in waves}
+        RolloutDevice.objects.bulk_create(
+            [RolloutDevice(rollout=rollout, wave=by_pk[w], device_id=d, rank=r) for r, (w, d) in enumerate(rows)],
+            batch_size=2000,
+        )
+        return len(rows)
+    meta = RolloutDevice._meta
+    varying = [meta.get_field("wave"), meta.get_field("device"), meta.get_field("rank")]
+    template = RolloutDevice(rollout=rollout, wave=waves[0][0], device_id="", rank=0)
+    shared = [f for f in meta.concrete_fields if f not in varying and not f.primary_key]
+    qn = connection.ops.quote_name
+    shared_params = [f.get_db_prep_save(f.pre_save(template, True), connection) for f in shared]
+    columns = ", ".join(qn(f.column) for f in [*shared, *varying])
+    selected = ", ".join([*(f"%s::{f.cast_db_type(connection)}" for f in shared), "u.w", "u.d", "u.r"])
+    arrays = ", ".join(f"%s::{f.cast_db_type(connection)}[]" for f in varying)
+    sql = f"INSERT INTO {qn(meta.db_table)} ({columns}) SELECT {selected} FROM unnest({arrays}) AS u(w, d, r)"
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            cursor.execute(sql, [*shared_params, [w for w, _ in chunk], [d for _, d in chunk],
+                                 list(range(start, start + len(chunk)))])
+    return len(rows)

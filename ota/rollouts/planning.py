@@ -11,11 +11,24 @@ import math
 from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
+from django.db import connection
+from django.db.models import Q
+from django.db.models.expressions import RawSQL
 
 from ota.models import Device, Rollout, RolloutDevice
 from ota.rollouts.definition import gates_normalise, ids_listing, target_validate, waves_validate
 from registry.errors import Conflict
 from registry.models import ModelVersion
+
+
+def ids_in(field: str, ids) -> Q:
+    """`field IN ids` for lists of any length. On PostgreSQL a long list is one array parameter
+    (IN (SELECT unnest(%s::text[]))) instead of one parameter per id: 75,000 parameters cost
+    seconds of CPU in the driver and Django before the query even reached the database."""
+    ids = list(ids)
+    if connection.vendor == "postgresql" and len(ids) > 1000:
+        return Q(**{f"{field}__in": RawSQL("SELECT unnest(%s::text[])", [ids])})
+    return Q(**{f"{field}__in": ids})
 
 
 def stable_rank_key(rollout_id: int, device_id: str) -> str:
@@ -46,7 +59,7 @@ def target_resolve(*, target: dict, release: ModelVersion) -> Plan:
             if all((labels or {}).get(k) == v for k, v in target["labels"].items()):
                 targeted[device_id] = hardware
     if target["devices"]:
-        explicit = dict(rows.filter(id__in=target["devices"]).values_list("id", "hardware_id"))
+        explicit = dict(rows.filter(ids_in("id", target["devices"])).values_list("id", "hardware_id"))
         unknown = sorted(set(target["devices"]) - set(explicit))
         if unknown:
             raise ValidationError({"target.devices": f"unknown or revoked devices: {ids_listing(unknown)}"})
@@ -112,7 +125,7 @@ def plan_waves(*, plan: Plan, waves: list[dict], rollout_id: int) -> list[list[s
 def conflicts_find(*, model_id: int, device_ids: list[str], exclude_rollout: int | None = None) -> dict[str, list[str]]:
     """Devices already in a running or paused rollout of the same model: {rollout id: [devices]}."""
     qs = RolloutDevice.objects.filter(
-        rollout__model_id=model_id, rollout__state__in=Rollout.ACTIVE_STATES, device_id__in=device_ids
+        ids_in("device_id", device_ids), rollout__model_id=model_id, rollout__state__in=Rollout.ACTIVE_STATES
     )
     if exclude_rollout is not None:
         qs = qs.exclude(rollout_id=exclude_rollout)

@@ -6,8 +6,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from ota.fleet.enrollment import enrollment_token_create, enrollment_token_revoke
 from ota.fleet.parsing import parse_label_pairs
-from registry.limits import parse_duration
 from ota.models import EnrollmentToken
+from registry.limits import MAX_ENROLLMENT_USES, parse_duration, text_check
 
 
 class Command(BaseCommand):
@@ -28,6 +28,12 @@ class Command(BaseCommand):
         if action == "create":
             if options["max_uses"] < 1:
                 raise CommandError("--max-uses must be at least 1")
+            if options["max_uses"] > MAX_ENROLLMENT_USES:
+                raise CommandError(f"--max-uses must be at most {MAX_ENROLLMENT_USES}")
+            try:
+                text_check(options["name"], where="--name")
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
             try:
                 expires_in = parse_duration(options["expires_in"]) if options["expires_in"] else None
             except ValueError as exc:
