@@ -32,9 +32,12 @@ The checks, in order (the first that fails decides):
     the directive says retry_denied (an operator's
     explicit retry: Accept lifts the entry)
 17. already the active, committed model            AlreadyActive: report committed
+18. a precheck runtime here for its format         NO_PRECHECK_RUNTIME
+    (DeviceView.precheck_formats), unless the
+    health contract says "precheck": "none"
     otherwise                                      Accept: start the update
-18. an update of this model is in flight, still    Preempt: it ends `failed` SUPERSEDED and
-    before activation (agent.machine.PREEMPTIBLE)  step 17's decision is carried out at once
+19. an update of this model is in flight, still    Preempt: it ends `failed` SUPERSEDED and
+    before activation (agent.machine.PREEMPTIBLE)  step 17/18's decision is carried out at once
 
 A refusal from step 8 on carries `record_seq=True`: the directive is authentic and fresh, so the
 device remembers its seq as handled and reports under it. Before that the seq is either unknown
@@ -43,7 +46,7 @@ Seqs are judged per model: each model's directive is its own retained message, s
 reconnect an older seq of one model can follow a newer seq of another.
 
 A newer directive for the model being updated is judged in full while that update is still
-preemptible (steps 8-17), so a refusal is reported at once and the update in flight goes on; only
+preemptible (steps 8-18), so a refusal is reported at once and the update in flight goes on; only
 a directive that would start (or confirm) something supersedes it. An emergency revert to the
 model already running is Preempt(then=AlreadyActive): the download of the release being reverted
 stops, and the revert is confirmed without any work.
@@ -70,6 +73,7 @@ from agent.protocol import (
     verify_directive,
     verify_release,
 )
+from agent.runtimes import FORMATS, precheck_skipped
 from agent.signing import Keyring, VerificationError
 
 
@@ -86,6 +90,8 @@ class DeviceView:
     busy: an update is in progress (the agent's journal has an in-flight update).
     busy_model, busy_seq, busy_phase: that update's model, directive seq and phase (an
     agent.machine.Phase value). Unknown (None) means it cannot be preempted: Defer.
+    precheck_formats: artifact formats this device has a precheck runtime for (the agent: those
+    of agent.runtimes whose package is installed; the simulator: all of them).
     """
 
     device_id: str
@@ -99,6 +105,7 @@ class DeviceView:
     busy_model: str | None = None
     busy_seq: int = 0
     busy_phase: str | None = None
+    precheck_formats: Collection[str] = FORMATS
 
     def preemptible_by(self, model: str) -> bool:
         """Whether a newer directive for `model` may cancel the update in flight."""
@@ -273,6 +280,12 @@ def admit(
             return refuse(ErrorCode.DENYLISTED, f"artifact {artifact.sha256} failed a trial on this device before")
         lifted = artifact.sha256
     decision = _start(directive, release, artifact, seq=seq, lifted=lifted, device=device, now=now)
+    if (isinstance(decision, Accept) and artifact.format not in device.precheck_formats
+            and not precheck_skipped(release.health)):
+        return refuse(ErrorCode.NO_PRECHECK_RUNTIME,
+                      f"no precheck runtime here for format {artifact.format!r} "
+                      f"(this device prechecks: {', '.join(sorted(device.precheck_formats)) or 'nothing'}); "
+                      'a release the device cannot precheck needs the health contract {"precheck": "none"}')
     if not preempting:
         return decision
     return Preempt(superseded=device.busy_seq, then=decision,
@@ -297,6 +310,7 @@ def _start(directive: Directive, release: ReleaseManifest, artifact: ReleaseArti
         sha=artifact.sha256,
         length=artifact.length,
         file_name=artifact.file_name,
+        format=artifact.format,
         url=d.url,
         health=release.health,
         transitions=1,

@@ -32,6 +32,7 @@ from agent.config import Config
 from agent.journal import Journal
 from agent.machine import Entry, IllegalTransition, Outcome, preemptible
 from agent.protocol import utcnow
+from agent.runtimes import installed_formats
 from agent.signing import Keyring
 
 log = logging.getLogger("fleet_agent")
@@ -110,6 +111,7 @@ class DirectiveHandler:
             busy_model=upd.get("model"),
             busy_seq=upd.get("seq", 0),
             busy_phase=upd.get("phase"),
+            precheck_formats=installed_formats(),
         )
 
     def _act(self, decision: Ignore | Defer | AlreadyActive | Accept | Preempt, payload: bytes) -> None:

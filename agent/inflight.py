@@ -30,6 +30,7 @@ class InFlightUpdate:
     sha: str  # the artifact being installed (for a local rollback: the one being rolled back)
 
     file_name: str | None = None
+    format: str | None = None  # the artifact's format, which picks the precheck runtime (None: onnx)
     version: str | None = None
     rollout_id: str | None = None
     transitions: int = 0  # journal writes for this update, restarts included (the loop guard's count)

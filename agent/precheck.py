@@ -1,6 +1,7 @@
 """Precheck: prove a staged model loads and answers correctly before `current` is touched.
 
-The model runtime (onnxruntime) is loaded only in a child process (`python -m agent.precheck`),
+The model runtime is picked by the artifact's `format` (agent.runtimes: onnxruntime for onnx,
+ai-edge-litert for tflite) and loaded only in a child process (`python -m agent.precheck`),
 never in the daemon: the daemon stays small, and a model that crashes, hangs or eats memory
 takes down only the child. The child caps its own address space and CPU time with
 resource.setrlimit before importing the runtime; the parent enforces the wall-clock timeout.
@@ -9,7 +10,10 @@ precheck cannot run is refused there instead of failing on every canary.
 
 Health contract (signed in the release manifest; README.md "Health contracts"):
   {"inputs": {NAME: {"dtype": "float32", "shape": [..], "data": [flat list]}},
-   "outputs": {NAME: {...}}, "atol": float, "rtol": float, "latency_budget_ms": number}
+   "outputs": {NAME: {...}}, "atol": float, "rtol": float, "latency_budget_ms": number,
+   "precheck": "none"}
+With `"precheck": "none"` nothing runs and the result is ok: the release's trial decides alone
+(for a format no runtime here can load; admission refuses such a release otherwise).
 With golden inputs the model runs on them and, when the contract has outputs, must reproduce
 them within atol + rtol * |expected| (defaults 1e-5, 1e-4). Without golden inputs (no contract,
 or one with only a latency budget) the model runs on generated inputs: zeros of the declared
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.journal import child_env
+from agent.runtimes import RUNTIMES, precheck_skipped
 
 # The contract rides in the signed release manifest, which travels base64-encoded inside every
 # device's directive, itself capped at 64 KiB (agent.protocol.MAX_PAYLOAD_BYTES): two rounds of
@@ -51,13 +56,20 @@ class PrecheckResult:
 
 
 def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, memory_mb: int,
-                 stop=None) -> PrecheckResult:
-    """Run the precheck child on `model_path`; `stop` (anything with is_set()), once set, kills the
-    child within a fraction of a second (the agent stopping, or a newer directive superseding
-    the update) and the result says `interrupted`."""
+                 stop=None, format: str | None = "onnx") -> PrecheckResult:
+    """Run the precheck child on `model_path` with the runtime for `format` (None, from a journal
+    written before formats were recorded: onnx, the only one then); `stop` (anything with
+    is_set()), once set, kills the child within a fraction of a second (the agent stopping, or a
+    newer directive superseding the update) and the result says `interrupted`."""
+    format = format or "onnx"
+    if precheck_skipped(contract):
+        return PrecheckResult(True, "precheck skipped: the health contract says \"precheck\": \"none\"")
+    if format not in RUNTIMES:
+        return PrecheckResult(False, f"no precheck runtime for format {format!r} (known: {', '.join(RUNTIMES)})")
     request = json.dumps(
         {
             "model": str(model_path),
+            "format": format,
             "contract": contract,
             "memory_mb": memory_mb,
             "cpu_seconds": int(timeout) + 1,
@@ -204,15 +216,12 @@ def _limit(memory_mb: int, cpu_seconds: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
 
 
-def _run_generated(session, output_names, search_seconds: float):
-    """(feeds, outputs, description) of the first generated inputs the model runs on, or a reason."""
+def _run_generated(session, search_seconds: float):
+    """(feeds, outputs, description) of the first generated inputs the model runs on, or a reason.
+    `session`: an agent.runtimes Session."""
     import time
 
-    import onnxruntime as ort
-
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # an attempt that fails is expected; its error is reported below
-    declared = [(i.name, i.type, list(i.shape)) for i in session.get_inputs()]
+    declared = session.inputs()
     started = time.monotonic()
     first_error, tried = None, []
     try:
@@ -221,8 +230,8 @@ def _run_generated(session, output_names, search_seconds: float):
                 break
             tried.append(description)
             try:
-                return feeds, session.run(output_names, feeds, quiet), description
-            except Exception as exc:  # onnxruntime raises several unrelated types
+                return feeds, session.run(feeds, quiet=True), description
+            except Exception as exc:  # the runtimes raise several unrelated types
                 first_error = first_error or str(exc).strip()
     except ValueError as exc:
         return f"the model cannot be run without golden inputs: {exc}; {GOLDEN_INPUTS_HINT}"
@@ -234,22 +243,22 @@ def _run_generated(session, output_names, search_seconds: float):
     )
 
 
-def _check(model: str, contract: dict | None, search_seconds: float = 30.0) -> dict:
+def _check(model: str, contract: dict | None, search_seconds: float = 30.0, format: str = "onnx") -> dict:
     import time
 
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    runtime = RUNTIMES.get(format)
+    if runtime is None:
+        return {"ok": False, "detail": f"no precheck runtime for format {format!r} (known: {', '.join(RUNTIMES)})"}
     try:
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several unrelated types for unloadable files
+        session = runtime.load(model)
+    except ImportError:
+        raise
+    except Exception as exc:  # the runtimes raise several unrelated types for unloadable files
         return {"ok": False, "detail": f"model does not load: {str(exc)[:400]}"}
-    declared = {i.name: i for i in session.get_inputs()}
-    output_names = [o.name for o in session.get_outputs()]
+    declared = {name: type_ for name, type_, _ in session.inputs()}
+    output_names = session.output_names()
     contract = contract or {}
     if contract.get("inputs"):
         feeds = {}
@@ -265,13 +274,13 @@ def _check(model: str, contract: dict | None, search_seconds: float = 30.0) -> d
             return {"ok": False, "detail": f"contract gives no data for model inputs {missing}"}
         ran_on = "the contract's inputs"
         try:
-            outputs = session.run(output_names, feeds)
+            outputs = session.run(feeds)
         except Exception as exc:
             return {"ok": False, "detail": f"inference failed: {str(exc)[:400]}"}
     elif contract.get("outputs"):
         return {"ok": False, "detail": "the contract has golden outputs but no inputs to produce them"}
     else:
-        found = _run_generated(session, output_names, search_seconds)
+        found = _run_generated(session, search_seconds)
         if isinstance(found, str):
             return {"ok": False, "detail": found}
         feeds, outputs, description = found
@@ -280,7 +289,7 @@ def _check(model: str, contract: dict | None, search_seconds: float = 30.0) -> d
         timings = []
         for _ in range(5):
             t0 = time.perf_counter()
-            session.run(output_names, feeds)
+            session.run(feeds)
             timings.append((time.perf_counter() - t0) * 1000)
     except Exception as exc:
         return {"ok": False, "detail": f"inference failed: {str(exc)[:400]}"}
@@ -323,7 +332,8 @@ def child_main() -> int:
     request = json.loads(sys.stdin.read())
     _limit(int(request["memory_mb"]), int(request["cpu_seconds"]))
     try:
-        answer = _check(request["model"], request.get("contract"), float(request.get("search_seconds", 30)))
+        answer = _check(request["model"], request.get("contract"), float(request.get("search_seconds", 30)),
+                        request.get("format") or "onnx")
     except ImportError as exc:  # the bare install: the runtime is an optional extra
         answer = {"ok": False, "detail": f"model runtime missing ({exc}): install modelfleet[runtime] on this box"}
     except MemoryError:

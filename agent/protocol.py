@@ -54,6 +54,7 @@ class ErrorCode:
     ROLLBACK_FAILED = "ROLLBACK_FAILED"  # `previous` failed re-verification; the new model stays active
     LOCAL_ROLLBACK = "LOCAL_ROLLBACK"  # an operator ran `fleet-agent rollback MODEL` on the box
     SUPERSEDED = "SUPERSEDED"  # a newer directive for the same model cancelled this update before activation
+    NO_PRECHECK_RUNTIME = "NO_PRECHECK_RUNTIME"  # no precheck runtime here for the artifact's format
 
 
 class State:

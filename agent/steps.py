@@ -153,7 +153,7 @@ class Steps:
         path = self.store.stored_file(upd.sha, upd.file_name)
         u = self.cfg.update
         result = run_precheck(path, upd.health, timeout=u.precheck_timeout_seconds, memory_mb=u.precheck_memory_mb,
-                              stop=self.halt)
+                              stop=self.halt, format=upd.format)
         if result.interrupted:
             raise Interrupted()
         if not result.ok:

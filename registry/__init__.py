@@ -8,9 +8,12 @@ nothing else writes registry state. Every refusal raises registry.errors.ApiErro
     health.py     health_contract_validate: the health contract a version may carry;
                   health_contract_check_model: a contract against a model's inputs and outputs
     onnx_check.py onnx_validate (streamed ONNX check), onnx_io (declared inputs and outputs)
-    artifacts.py  the artifact store, artifact_upload (hashing, budget, ONNX check), deleting one
-    release_check.py  release_check: each ONNX artifact against the health contract, and the
-                  agent's precheck run on it, before a release is signed
+    tflite_check.py  tflite_validate (the TFLite flatbuffer's identifier and root)
+    artifacts.py  the artifact store, artifact_upload (hashing, budget, ONNX and TFLite checks), deleting one
+    release_check.py  release_check: every artifact's format has a precheck runtime (or the
+                  contract says "precheck": "none"), each ONNX artifact against the health
+                  contract, and the agent's precheck run on each ONNX and TFLite artifact, before
+                  a release is signed
     releases.py   version_release (signing the manifest), deprecate, revoke, deleting a draft
     aliases.py    alias_set (moving an alias), aliases_list (with history), parse_instant
     tokens.py     API tokens: token_create, tokens_revoke, token_revoke

@@ -16,7 +16,7 @@ from registry.errors import ApiError
 # the dtypes are the agent's (fleetctl push --sample-inputs checks the same limit).
 HEALTH_MAX_BYTES = precheck.CONTRACT_MAX_BYTES
 HEALTH_DTYPES = precheck.CONTRACT_DTYPES
-HEALTH_KEYS = ("inputs", "outputs", "atol", "rtol", "latency_budget_ms")
+HEALTH_KEYS = ("inputs", "outputs", "atol", "rtol", "latency_budget_ms", "precheck")
 
 
 def _health_tensors(value, where: str) -> None:
@@ -56,7 +56,8 @@ def _health_tensors(value, where: str) -> None:
 
 
 def health_contract_validate(health) -> None:
-    """The contract the agent's precheck runs: golden inputs/outputs, tolerances, latency budget."""
+    """The contract the agent's precheck runs: golden inputs/outputs, tolerances, latency budget,
+    or `"precheck": "none"` to skip it."""
     if health is None:
         return
     if not isinstance(health, dict):
@@ -82,6 +83,21 @@ def health_contract_validate(health) -> None:
         value = health["latency_budget_ms"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ApiError("health.latency_budget_ms must be a positive number.", code="invalid_health")
+    if "precheck" in health:
+        if health["precheck"] != "none":
+            raise ApiError(
+                'health.precheck may only be "none" (skip the precheck: the trial decides alone); '
+                f"got {health['precheck']!r}.",
+                code="invalid_health",
+            )
+        # What only the precheck reads would be signed yet never checked.
+        unread = sorted({"inputs", "outputs", "atol", "rtol", "latency_budget_ms"} & set(health))
+        if unread:
+            raise ApiError(
+                f'health.precheck "none" skips the precheck, so {", ".join(unread)} would never be checked; '
+                "drop them or the precheck key.",
+                code="invalid_health",
+            )
     size = len(protocol.encode_json(health))
     if size > HEALTH_MAX_BYTES:
         raise ApiError(

@@ -32,8 +32,8 @@ def _provenance(version: ModelVersion) -> dict:
 
 
 def version_release(*, version: ModelVersion, actor: str, approver: str | None = None) -> dict:
-    """Check each ONNX artifact as a device will (registry.release_check: the health contract
-    against the model, the device precheck run on it), sign the release manifest with the release
+    """Check each artifact as a device will (registry.release_check: a precheck runtime for its
+    format, the health contract against the model, the device precheck run on it), sign the release manifest with the release
     key and freeze the version. Returns the envelope."""
     private_key = keys.load_release_key()
     # Checked before the row lock (a precheck takes seconds); the lock then makes sure the

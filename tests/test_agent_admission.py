@@ -116,11 +116,12 @@ def test_it_records_the_update_the_agent_starts():
     upd = decision.update
     assert (upd.phase, upd.seq, upd.model, upd.version, upd.counter, upd.rollback_floor) == (
         Phase.RECEIVED, 6, MODEL, "4.0", 4, 0)
-    assert (upd.sha, upd.length, upd.file_name, upd.url) == (
-        sha256(V2).hexdigest(), len(V2), "model.onnx", "http://127.0.0.1:9/a/v2")
+    assert (upd.sha, upd.length, upd.file_name, upd.format, upd.url) == (
+        sha256(V2).hexdigest(), len(V2), "model.onnx", "onnx", "http://127.0.0.1:9/a/v2")
     assert (upd.rollout_id, upd.health, upd.transitions) == ("r-9", None, 1)
     assert set(upd.to_json()) == {"phase", "seq", "model", "version", "counter", "rollback_floor", "rollout_id",
-                                  "sha", "length", "file_name", "url", "health", "transitions", "started"}
+                                  "sha", "length", "file_name", "format", "url", "health", "transitions",
+                                  "started"}
     assert decision.release.model == MODEL and decision.directive.seq == 6
 
 

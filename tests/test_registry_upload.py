@@ -16,6 +16,7 @@ from tests.support.registry_api import (
     upload,
     version_url,
 )
+from tests.support.tflite_models import tflite_linear_model
 
 pytestmark = pytest.mark.django_db
 
@@ -169,7 +170,7 @@ def test_it_accepts_other_formats_without_onnx_parsing(client, ci_token, draft, 
         ci_token,
         *draft,
         hardware="jetson-orin",
-        data=b"TFL3 model bytes",
+        data=tflite_linear_model(),  # a real one: a tflite upload must carry the TFLite file identifier
         fmt="tflite",
         file_name="model.tflite",
     )

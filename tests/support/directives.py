@@ -103,11 +103,12 @@ def entry(data: bytes = V2, **override) -> dict:
 
 
 def release(*, counter: int = 4, artifacts: list | None = None, model: str = MODEL, expires_in=timedelta(days=1),
-            key=RELEASE_KEY, payload_type: str = signing.RELEASE_PAYLOAD_TYPE, edit: Callable | None = None) -> dict:
+            key=RELEASE_KEY, payload_type: str = signing.RELEASE_PAYLOAD_TYPE, edit: Callable | None = None,
+            health: dict | None = None) -> dict:
     now = utcnow()
     payload = build_release_payload(model=model, version=f"{counter}.0", counter=counter, rollback_floor=0,
                                     created=now - timedelta(days=2), expires=now + expires_in,
-                                    artifacts=artifacts or [entry()], health=None, provenance={})
+                                    artifacts=artifacts or [entry()], health=health, provenance={})
     if edit:  # a signed document our own builder would refuse to produce
         body = json.loads(payload)
         edit(body)
@@ -190,7 +191,7 @@ CASES = {
     "busy": Case(lambda: directive(), Defer, seq=6, known=Known(busy=True)),
     "busy_even_if_expired": Case(lambda: directive(expires_in=-timedelta(minutes=1)), Defer, seq=6,
                                  known=Known(busy=True)),
-    # 7 and 18: a newer directive for the model being updated supersedes it before activation; one for
+    # 7 and 19: a newer directive for the model being updated supersedes it before activation; one for
     # another model, or arriving from activation on, waits.
     "another_models_download": Case(lambda: directive(), Defer, seq=6, known=busy("other", "downloading")),
     "same_model_activating": Case(lambda: directive(), Defer, seq=6, known=busy(MODEL, "activating")),
@@ -266,6 +267,21 @@ CASES = {
     "active_but_not_committed": Case(
         lambda: directive(rel=release(artifacts=[entry(b"v1 bytes")]), artifact=entry(b"v1 bytes")), Accept, seq=6,
         known=Known(models={MODEL: {"current": V1, "committed": False}})),
+    # 18: a format this device has no precheck runtime for (tensorrt, other), unless the contract
+    # skips the precheck; converging on it needs no precheck.
+    "no_precheck_runtime": Case(lambda: directive(rel=release(artifacts=[entry(format="tensorrt")])), Refuse,
+                                "NO_PRECHECK_RUNTIME", 6, message="no precheck runtime here for format 'tensorrt'"),
+    "no_precheck_runtime_during_a_download": Case(
+        lambda: directive(rel=release(artifacts=[entry(format="other")])), Refuse, "NO_PRECHECK_RUNTIME", 6,
+        known=busy(MODEL, "downloading")),
+    "no_precheck_runtime_but_precheck_none": Case(
+        lambda: directive(rel=release(artifacts=[entry(format="tensorrt")], health={"precheck": "none"})), Accept,
+        seq=6),
+    "no_precheck_runtime_already_active": Case(
+        lambda: directive(rel=release(artifacts=[entry(b"v1 bytes", format="tensorrt")]),
+                          artifact=entry(b"v1 bytes")), AlreadyActive, seq=6),
+    "tflite": Case(lambda: directive(rel=release(artifacts=[entry(format="tflite", file_name="model.tflite")])),
+                   Accept, seq=6),
     "new_model": Case(lambda: directive(), Accept, seq=6, known=Known(models={})),
     "first_directive_ever": Case(lambda: directive(seq=1), Accept, seq=1, known=Known(last_seq=0, models={})),
     "accepted": Case(lambda: directive(), Accept, seq=6),
