@@ -48,7 +48,7 @@ def engine_errors(rollout_id):
     return AuditEntry.objects.filter(object_type="rollout", object_id=str(rollout_id), action="rollout.engine_error")
 
 
-def test_it_pauses_a_stored_definition_with_an_absurd_timeout_and_evaluates_the_others(two_running):
+def test_it_pauses_a_stored_definition_with_an_absurd_timeout_and_evaluates_the_others(two_running, client, read_token):
     broken, healthy = two_running
     # As an old database would hold it: written past every entry's validation.
     gates = gates_with_defaults(Wave.objects.get(rollout_id=broken).gates)
@@ -75,6 +75,10 @@ def test_it_pauses_a_stored_definition_with_an_absurd_timeout_and_evaluates_the_
     # Paused, it is no longer due: the next tick leaves it alone instead of failing again.
     assert tick() == {healthy: "idle"}
     assert engine_errors(broken).count() == 1
+    # Its page and its API answer show why.
+    detail = client.get(f"/api/v1/rollouts/{broken}/", **read_token.headers)
+    assert detail.status_code == 200 and detail.json()["state"] == "paused"
+    assert "OverflowError" in detail.json()["state_reason"]
 
 
 def test_it_pauses_the_rollout_whose_evaluation_raises_in_any_project_function(two_running):
