@@ -357,3 +357,39 @@ def test_it_locks_out_guessed_passwords_keeps_cookies_httponly_and_runs_every_pa
         page.wait_for_selector(".swagger-ui .opblock-tag", timeout=15_000)
         page.wait_for_timeout(200)
     assert violations == []
+
+
+def test_it_charts_a_devices_model_metrics_with_its_release_change_under_the_csp(live_server, viewer):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from ota.models import ActiveRelease
+    from tests.support.model_metrics import ingest, metrics_message
+
+    old = web_data.released("detector", "1.0.0", hardware_ids=("jetson-orin",))
+    new = web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",), scale=3.0)
+    old_sha, new_sha = old.artifacts.get().sha256, new.artifacts.get().sha256
+    Device.objects.create(id="cam-0", hardware_id="jetson-orin", labels={"site": "berlin"}, mqtt_username="cam-0")
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    ingest([metrics_message("cam-0", old_sha, latency_ms=20, requests=120, errors=1, at=hour - timedelta(hours=3)),
+            metrics_message("cam-0", new_sha, latency_ms=30, requests=120, errors=3, at=hour - timedelta(hours=2)),
+            metrics_message("cam-0", new_sha, latency_ms=30, requests=120, errors=2, at=hour - timedelta(hours=1))])
+    ActiveRelease.objects.create(device_id="cam-0", model=new.model, version=new, sha256=new_sha,
+                                 from_time=hour - timedelta(hours=2))
+
+    with Browser(base_url=live_server.url) as browser:
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("console", lambda m: "Content Security Policy" in m.text and problems.append(m.text))
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        login(page, "victor-viewer", "victor-viewer-password-123")
+        page.goto("/devices/cam-0/")
+        page.wait_for_function("""() => ['metrics-latency-detector', 'metrics-traffic-detector'].every(id =>
+            Chart.getChart(document.querySelector(`canvas[data-chart="${id}"]`)))""", timeout=10_000)
+        latency = page.evaluate("""() => { const c = Chart.getChart(document.querySelector(
+            'canvas[data-chart="metrics-latency-detector"]'));
+            return {labels: c.data.labels, sets: c.data.datasets.map(d => d.label), drawn: c.chartArea.width > 0}; }""")
+        assert latency["drawn"] and latency["sets"] == ["p95 · 1.0.0", "p50 · 1.0.0", "p95 · 2.0.0", "p50 · 2.0.0"]
+        assert latency["labels"][1][1] == "▶ 2.0.0"
+    assert problems == []
