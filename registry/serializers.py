@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.fields import empty
+from rest_framework.utils import html
 
 from registry.downloads import artifact_download_path
 from registry.models import ApiToken, Artifact, HardwareTarget, Model, ModelVersion, identifier
+from registry.parsers import CheckedJSONField
 
 # --- requests --------------------------------------------------------------------------------
 
@@ -26,7 +29,38 @@ class ModelCreateSerializer(serializers.Serializer):
     tags = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
 
 
-class ProvenanceSerializer(serializers.Serializer):
+class _FormText(str):
+    """A form field's raw text, for a field that takes a JSON object (see JsonInForms)."""
+
+
+class JsonInForms:
+    """For fields that take a JSON object (a DictField, a nested serializer): in a multipart or
+    urlencoded form the object arrives as one field holding JSON text (`curl -F
+    'provenance={"git_sha": "..."}'`, and what OpenAPI clients send). DRF would look only for
+    dotted keys (provenance.git_sha=...) and drop the field without a word; here the text is parsed
+    with the JSON body's limits (CheckedJSONField: depth, control characters), so the form and the
+    JSON body take the same fields. Text that is not JSON is a 400 naming the field; an empty field
+    counts as not given. Dotted keys still work."""
+
+    def get_value(self, dictionary):
+        if html.is_html_input(dictionary) and self.field_name in dictionary:
+            text = dictionary[self.field_name]
+            return _FormText(text) if text != "" else empty
+        return super().get_value(dictionary)
+
+    def run_validation(self, data=empty):
+        if isinstance(data, _FormText):
+            parser = CheckedJSONField(binary=True)
+            parser.field_name = self.field_name
+            data = parser.to_internal_value(str(data))
+        return super().run_validation(data)
+
+
+class JsonDictField(JsonInForms, serializers.DictField):
+    pass
+
+
+class ProvenanceSerializer(JsonInForms, serializers.Serializer):
     git_sha = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
     ci_run_url = serializers.URLField(max_length=500, required=False, allow_blank=True, default="")
     training_run_id = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
@@ -34,10 +68,10 @@ class ProvenanceSerializer(serializers.Serializer):
 
 class VersionCreateSerializer(serializers.Serializer):
     version = serializers.CharField(max_length=64, validators=[identifier])
-    metadata = serializers.DictField(required=False, default=dict)
-    metrics = serializers.DictField(required=False, default=dict)
+    metadata = JsonDictField(required=False, default=dict)
+    metrics = JsonDictField(required=False, default=dict)
     provenance = ProvenanceSerializer(required=False)
-    health = serializers.JSONField(
+    health = CheckedJSONField(
         required=False,
         allow_null=True,
         default=None,
