@@ -159,11 +159,12 @@ def artifact_upload(
             if path is None:
                 raise ApiError("TFLite validation needs the upload spooled to disk.", code="invalid_tflite")
             try:
-                tflite_validate(path())
+                declared = tflite_validate(path())
             except TfliteInvalid as exc:
                 raise ApiError(
                     f"The file claims format tflite but is not a TFLite model: {exc}", code="invalid_tflite"
                 ) from None
+            health_contract_check_model(version.health, *declared, where=f"uploaded for hardware '{hardware.id}'")
 
         file_name = get_valid_filename(Path(upload.name or "").name) or f"{hardware.id}.{format}"
         key = f"{version.model.name}/{version.version}/{hardware.id}/{uuid.uuid4().hex}/{file_name}"

@@ -1,6 +1,6 @@
 """The health contract a version may carry: golden inputs and outputs, tolerances and a latency
 budget, checked here as the agent's precheck will read them (health_contract_validate), and
-against an ONNX model's declared inputs and outputs (health_contract_check_model). The format is
+against an ONNX or TFLite model's declared inputs and outputs (health_contract_check_model). The format is
 documented in README.md, "Health contracts"."""
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def health_contract_check_model(health: dict | None, inputs: Sequence, outputs: 
     """Refuse a contract whose tensors do not fit the model's declared inputs and outputs.
 
     `inputs`/`outputs` are registry.onnx_check.TensorSpec (name, dtype, dims, optional), as
-    onnx_io() reads them from the uploaded file. Checks names (every required model input has
+    onnx_io() or registry.tflite_check.tflite_validate() read them from the uploaded file. Checks names (every required model input has
     golden data; every contract tensor exists in the model), dtypes, ranks and fixed dimensions,
     and that a named dynamic dimension gets one size across the inputs. Raises ApiError
     `health_contract_mismatch` listing every mismatch with both sides; `where` names the artifact.

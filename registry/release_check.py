@@ -4,9 +4,10 @@ release that would fail on every canary is refused here, with the reason, instea
 0. every artifact's format has a precheck runtime (agent.runtimes: onnx, tflite), unless the
    health contract says `"precheck": "none"`: a device would refuse it with NO_PRECHECK_RUNTIME,
    so it is refused here with 400 `no_precheck_runtime`, naming the artifact and its format;
-1. ONNX: the model's declared inputs and outputs against the health contract (names, dtypes,
-   shapes; registry.health.health_contract_check_model), for artifacts uploaded before the
-   contract was checked at upload; TFLite: the flatbuffer's identifier (registry.tflite_check);
+1. the model's declared inputs and outputs (ONNX: registry.onnx_check; TFLite: the main
+   subgraph's, registry.tflite_check) against the health contract (names, dtypes, shapes;
+   registry.health.health_contract_check_model), for artifacts uploaded before the contract was
+   checked at upload;
 2. the agent's own precheck (agent.precheck.run_precheck: a child process with the agent's
    default time and memory limits, the runtime of the artifact's format) on the contract's
    golden inputs, or, without them, on the inputs the precheck generates from the model's
@@ -79,11 +80,12 @@ def release_check(version: ModelVersion, artifacts: list[Artifact]) -> None:
                 health_contract_check_model(health, *onnx_io(skeleton), where=f"for {label}")
             else:
                 try:
-                    tflite_validate(path)
+                    declared = tflite_validate(path)
                 except TfliteInvalid as exc:
                     raise ApiError(
                         f"The artifact for {label} is not a TFLite model: {exc}", code="invalid_tflite"
                     ) from None
+                health_contract_check_model(health, *declared, where=f"for {label}")
             if skipped:
                 continue
             result = run_precheck(path, golden, timeout=PRECHECK_TIMEOUT_SECONDS, memory_mb=PRECHECK_MEMORY_MB,

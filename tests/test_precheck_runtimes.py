@@ -198,17 +198,44 @@ def test_it_refuses_a_release_no_precheck_runtime_can_check(client, ci_token, mo
     assert manifest.health == {"precheck": "none"} and manifest.artifacts[0].format == "tensorrt"
 
 
+def test_it_refuses_a_tflite_upload_that_does_not_fit_the_contract_naming_both_sides(client, ci_token, model):
+    contract = {"inputs": {"x": {"dtype": "int64", "shape": [1, 3], "data": [1, 2, 3]},
+                           "image": {"dtype": "float32", "shape": [1], "data": [0.0]}}}
+    create_version(client, ci_token, MODEL, "1.0", health=contract)
+
+    response = upload(client, ci_token, MODEL, "1.0", hardware=HW, data=tflite_linear_model(), fmt="tflite",
+                      file_name="model.tflite")
+
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "health_contract_mismatch", error
+    problems = {m["tensor"]: m for m in error["mismatches"]}
+    assert problems["inputs.x"]["model"] == "float32 [1, 4]"
+    assert "dtype int64 against the model's float32" in [m["problem"] for m in error["mismatches"]]
+    assert "is not an input of the model" in problems["inputs.image"]["problem"]
+
+
+def test_it_refuses_a_truncated_tflite_upload(client, ci_token, model, isolated_storage):
+    create_version(client, ci_token, MODEL, "1.0")
+    response = upload(client, ci_token, MODEL, "1.0", hardware=HW, data=tflite_linear_model()[:200], fmt="tflite",
+                      file_name="model.tflite")
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "invalid_tflite" and "200-byte file" in error["message"], error
+    assert files_under(isolated_storage) == []
+
+
 def test_it_runs_the_tflite_precheck_at_release(client, ci_token, model):
-    bad = {"inputs": {"x": {"dtype": "float32", "shape": [1, 3], "data": [1.0, 2.0, 3.0]}}}
-    create_version(client, ci_token, MODEL, "1.0", health=bad)
-    assert upload(client, ci_token, MODEL, "1.0", hardware=HW, data=tflite_linear_model(), fmt="tflite",
-                  file_name="model.tflite").status_code == 201
+    # Well formed, fits its (absent) contract, yet no interpreter here has the operator it uses.
+    create_version(client, ci_token, MODEL, "1.0")
+    assert upload(client, ci_token, MODEL, "1.0", hardware=HW, data=tflite_linear_model(custom_op="NoSuchOp"),
+                  fmt="tflite", file_name="model.tflite").status_code == 201
 
     response = release(client, ci_token, "1.0")
 
     assert response.status_code == 400, response.content
     error = response.json()["error"]
-    assert error["code"] == "precheck_failed" and "inference failed" in error["detail"], error
+    assert error["code"] == "precheck_failed" and "unresolved custom op: NoSuchOp" in error["detail"], error
 
 
 @pytest.mark.parametrize("health, phrase", [

@@ -48,8 +48,11 @@ def _buffer(builder: flatbuffers.Builder, data: bytes | None) -> int:
     return Buffer.BufferEnd(builder)
 
 
-def _opcode(builder: flatbuffers.Builder, code: int) -> int:
+def _opcode(builder: flatbuffers.Builder, code: int, custom: str | None = None) -> int:
+    custom_off = builder.CreateString(custom) if custom else None
     OperatorCode.OperatorCodeStart(builder)
+    if custom_off is not None:
+        OperatorCode.OperatorCodeAddCustomCode(builder, custom_off)
     OperatorCode.OperatorCodeAddDeprecatedBuiltinCode(builder, code)  # codes < 127 go in both fields
     OperatorCode.OperatorCodeAddBuiltinCode(builder, code)
     OperatorCode.OperatorCodeAddVersion(builder, 1)
@@ -57,7 +60,9 @@ def _opcode(builder: flatbuffers.Builder, code: int) -> int:
 
 
 def _operator(builder: flatbuffers.Builder, opcode_index: int, inputs, outputs, options_type: int) -> int:
-    if options_type == BuiltinOptions.MulOptions:
+    if options_type == BuiltinOptions.NONE:
+        options = None
+    elif options_type == BuiltinOptions.MulOptions:
         MulOptions.MulOptionsStart(builder)
         MulOptions.MulOptionsAddFusedActivationFunction(builder, ActivationFunctionType.NONE)
         options = MulOptions.MulOptionsEnd(builder)
@@ -71,7 +76,8 @@ def _operator(builder: flatbuffers.Builder, opcode_index: int, inputs, outputs, 
     Operator.OperatorAddInputs(builder, inputs_off)
     Operator.OperatorAddOutputs(builder, outputs_off)
     Operator.OperatorAddBuiltinOptionsType(builder, options_type)
-    Operator.OperatorAddBuiltinOptions(builder, options)
+    if options is not None:
+        Operator.OperatorAddBuiltinOptions(builder, options)
     return Operator.OperatorEnd(builder)
 
 
@@ -83,9 +89,12 @@ def _vector(builder: flatbuffers.Builder, start, offsets: list[int]) -> int:
 
 
 def tflite_linear_model(*, scale: float = 2.0, bias: float = 1.0, features: int = 4,
-                        input_name: str = "x", output_name: str = "y") -> bytes:
+                        input_name: str = "x", output_name: str = "y", custom_op: str | None = None) -> bytes:
     """y = x * scale + bias over a [1, features] float32 input: a MUL and an ADD with constant
-    [features] operands, as a TFLite flatbuffer (file identifier TFL3, schema version 3)."""
+    [features] operands, as a TFLite flatbuffer (file identifier TFL3, schema version 3).
+
+    `custom_op` makes the MUL a custom operator of that name: a well-formed file no interpreter
+    without that operator can load."""
     builder = flatbuffers.Builder(1024)
     # Buffer 0 is the schema's empty sentinel; 1 and 2 hold the constants.
     buffers = [
@@ -101,7 +110,7 @@ def tflite_linear_model(*, scale: float = 2.0, bias: float = 1.0, features: int 
         _tensor(builder, output_name, [1, features], 0),  # 4
     ]
     operators = [
-        _operator(builder, 0, [0, 1], [2], BuiltinOptions.MulOptions),
+        _operator(builder, 0, [0, 1], [2], BuiltinOptions.NONE if custom_op else BuiltinOptions.MulOptions),
         _operator(builder, 1, [2, 3], [4], BuiltinOptions.AddOptions),
     ]
     tensors_off = _vector(builder, SubGraph.SubGraphStartTensorsVector, tensors)
@@ -116,7 +125,8 @@ def tflite_linear_model(*, scale: float = 2.0, bias: float = 1.0, features: int 
     SubGraph.SubGraphAddName(builder, name_off)
     subgraph = SubGraph.SubGraphEnd(builder)
 
-    codes = [_opcode(builder, BuiltinOperator.MUL), _opcode(builder, BuiltinOperator.ADD)]
+    mul = _opcode(builder, BuiltinOperator.CUSTOM, custom_op) if custom_op else _opcode(builder, BuiltinOperator.MUL)
+    codes = [mul, _opcode(builder, BuiltinOperator.ADD)]
     codes_off = _vector(builder, Model.ModelStartOperatorCodesVector, codes)
     subgraphs_off = _vector(builder, Model.ModelStartSubgraphsVector, [subgraph])
     buffers_off = _vector(builder, Model.ModelStartBuffersVector, buffers)
