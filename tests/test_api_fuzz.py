@@ -4,9 +4,14 @@ them over real HTTP to a live server on the test PostgreSQL database, once with 
 and once with a read token. Every check is on: no 5xx, every status and content type documented,
 every body and header as the schema says, invalid data refused, valid data accepted.
 
+The few exceptions are narrow and each says why: BEYOND_THE_SCHEMA (valid-looking requests a
+rule OpenAPI 3.0 cannot state refuses with a 400), 410/416 on the download (state, not input), and
+the generated cases that are not sent (_sendable).
+
 Bounded and repeatable: a fixed seed, deterministic generation, a cap on examples per operation,
-no example database. Seeded rows (a released version with an artifact, a draft, an alias, a
-device, a rollout, an enrollment token) give the path parameters something real to hit."""
+no example database and no schemathesis cache; the stateful phase is off (its request chains
+follow the links the server answers with, so length and path vary with server state). Seeded rows (a released version with an artifact, a draft,
+an alias, a device, a rollout, an enrollment token) are what the path parameters are pinned to."""
 
 from __future__ import annotations
 
