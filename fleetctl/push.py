@@ -97,7 +97,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             )
     metadata = _load_json_option("--metadata", args.metadata) or {}
     health = _load_json_option("--health", args.health, from_file=True)
-    if args.sample_inputs:  # runs the models here: onnxruntime and numpy are imported only then
+    if args.sample_inputs:  # runs the models here: the runtime and numpy are imported only then
         health = health_from_samples(args.sample_inputs, artifacts, args.format, base=health)
     client = client_from_args(args)
     model = path_quote(args.model)

@@ -1,20 +1,23 @@
 """`fleetctl push --sample-inputs FILE.npz`: a health contract made from sample inputs.
 
-Runs every ONNX artifact of the push locally with onnxruntime on the arrays of FILE.npz (one per
-model input, named as the input), records the outputs as the golden outputs (every artifact must
-give the same within the tolerances: a contract holds for all of a version's artifacts) and a
-latency budget, and returns the contract that push signs into the release (README.md, "Health
-contracts"). onnxruntime and numpy are imported only here, when the option is used: the rest of
+Runs every artifact of the push locally with the device precheck's runtime for its format
+(agent.runtimes: onnxruntime for onnx, ai-edge-litert for tflite) on the arrays of FILE.npz (one
+per model input, named as the input), records the outputs as the golden outputs (every artifact
+must give the same within the tolerances: a contract holds for all of a version's artifacts) and
+a latency budget, and returns the contract that push signs into the release (README.md, "Health
+contracts"). The runtime and numpy are imported only here, when the option is used: the rest of
 fleetctl runs on the standard library.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import time
 from pathlib import Path
 
+from agent.runtimes import RUNTIMES, Runtime
 from fleetctl.common import UsageError, eprint
 
 DEFAULT_ATOL = 1e-4
@@ -27,28 +30,29 @@ BUDGET_FLOOR_MS = 50
 TUNABLE = ("atol", "rtol", "latency_budget_ms")
 
 
-def _runtime():
+def _runtime(format: str):
+    runtime = RUNTIMES.get(format)
+    if runtime is None:
+        raise UsageError(f"--sample-inputs runs the artifacts with the device precheck's runtime, and --format "
+                         f"{format} has none (runtimes: {', '.join(RUNTIMES)})")
     try:
         import numpy
-        import onnxruntime
+
+        importlib.import_module(runtime.package)
     except ImportError as exc:
         raise UsageError(
-            f"--sample-inputs runs the model here with onnxruntime and numpy, which this install lacks ({exc}); "
-            "install them with: pip install 'modelfleet[runtime]'"
+            f"--sample-inputs runs the model here with {runtime.package} and numpy, which this install lacks "
+            f"({exc}); install them with: pip install 'modelfleet[runtime]'"
         ) from None
-    return numpy, onnxruntime
+    return numpy, runtime
 
 
-def _session(ort, path: Path):
-    # As the device's precheck runs it (agent.precheck): CPU, one thread.
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+def _session(runtime: Runtime, path: Path):
+    # As the device's precheck runs it (agent.runtimes): CPU, one thread.
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several unrelated types for unloadable files
-        raise UsageError(f"--sample-inputs: onnxruntime cannot load {path}: {str(exc)[:400]}") from None
+        return runtime.load(str(path))
+    except Exception as exc:  # the runtimes raise several unrelated types for unloadable files
+        raise UsageError(f"--sample-inputs: {runtime.package} cannot load {path}: {str(exc)[:400]}") from None
 
 
 def _load_samples(np, path: str) -> dict:
@@ -91,18 +95,16 @@ def _tensor(np, kind: str, name: str, array, dtypes) -> dict:
     return {"dtype": array.dtype.name, "shape": [int(d) for d in array.shape], "data": _compact(np, array)}
 
 
-def _run(np, ort, session, feeds: dict, label: str) -> tuple[dict, float]:
-    names = [o.name for o in session.get_outputs()]
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # a failure is reported below, once
+def _run(np, session, feeds: dict, label: str) -> tuple[dict, float]:
+    names = session.output_names()
     try:
-        outputs = session.run(names, feeds, quiet)
+        outputs = session.run(feeds, quiet=True)  # quiet: a failure is reported below, once
         timings = []
         for _ in range(5):
             started = time.perf_counter()
-            session.run(names, feeds, quiet)
+            session.run(feeds, quiet=True)
             timings.append((time.perf_counter() - started) * 1000)
-    except Exception as exc:  # onnxruntime raises several unrelated types
+    except Exception as exc:  # the runtimes raise several unrelated types
         raise UsageError(f"--sample-inputs: {label} does not run on the sample inputs: {str(exc)[:400]}") from None
     return dict(zip(names, (np.asarray(o) for o in outputs))), sorted(timings)[len(timings) // 2]
 
@@ -112,18 +114,19 @@ def _dims(shape) -> str:
 
 
 def _check_names(np, session, samples: dict, label: str, path: str, ort_dtypes: dict) -> dict:
-    declared = {i.name: i for i in session.get_inputs()}
+    declared = {name: (type_, dims) for name, type_, dims in session.inputs()}
     missing = [n for n in declared if n not in samples]
     extra = [n for n in samples if n not in declared]
     if missing or extra:
-        wanted = ", ".join(f"{i.name} {ort_dtypes.get(i.type, i.type)} {_dims(i.shape)}" for i in declared.values())
+        wanted = ", ".join(f"{name} {ort_dtypes.get(type_, type_)} {_dims(dims)}"
+                           for name, (type_, dims) in declared.items())
         raise UsageError(
             f"--sample-inputs {path} holds {', '.join(sorted(samples)) or 'no arrays'}; {label} has the inputs "
             f"{wanted}" + (f" (missing: {', '.join(missing)})" if missing else "")
             + (f" (not inputs of the model: {', '.join(extra)})" if extra else "")
         )
-    for name, spec in declared.items():
-        wanted = ort_dtypes.get(spec.type, spec.type)
+    for name, (type_, _) in declared.items():
+        wanted = ort_dtypes.get(type_, type_)
         if samples[name].dtype.name != wanted:
             raise UsageError(
                 f"--sample-inputs: {name!r} is {samples[name].dtype.name} in {path}, {label} takes {wanted} "
@@ -138,12 +141,10 @@ def health_from_samples(path: str, artifacts: list[tuple[str, Path]], format: st
     `base` (a --health file) may set atol, rtol and latency_budget_ms; the samples give inputs
     and outputs. Raises UsageError (exit 2) for anything that keeps the contract from working.
     """
-    np, ort = _runtime()
+    np, runtime = _runtime(format)
     # agent.precheck is the contract's reader: its limit and dtypes (imports nothing heavy).
     from agent.precheck import CONTRACT_DTYPES, CONTRACT_MAX_BYTES, ORT_DTYPES
 
-    if format != "onnx":
-        raise UsageError(f"--sample-inputs runs the artifacts with onnxruntime; --format {format} is not onnx")
     base = dict(base or {})
     unknown = sorted(set(base) - set(TUNABLE))
     if unknown:
@@ -156,9 +157,9 @@ def health_from_samples(path: str, artifacts: list[tuple[str, Path]], format: st
     golden, golden_label, medians = None, "", []
     for hardware, file_path in artifacts:
         label = f"the model {file_path} ({hardware})"
-        session = _session(ort, file_path)
+        session = _session(runtime, file_path)
         feeds = _check_names(np, session, samples, label, path, ORT_DTYPES)
-        outputs, median = _run(np, ort, session, feeds, label)
+        outputs, median = _run(np, session, feeds, label)
         medians.append(median)
         if golden is None:
             golden, golden_label = outputs, label

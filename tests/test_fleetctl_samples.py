@@ -19,6 +19,7 @@ from agent.protocol import encode_json, verify_release
 from agent.signing import Keyring, load_private_key_pem, public_key_pem
 from tests.support.onnx_models import write_linear_model
 from tests.support.silero import silero_vad_onnx, speech_like_samples
+from tests.support.tflite_models import write_tflite_linear_model
 
 FLEETCTL = Path(sys.executable).with_name("fleetctl")
 
@@ -99,6 +100,33 @@ def test_it_signs_a_contract_from_sample_inputs_that_the_server_and_the_device_a
     changed = json.loads(json.dumps(health))
     changed["outputs"]["output"]["data"] = [changed["outputs"]["output"]["data"][0] + 0.5]
     assert not run_precheck(silero_file, changed, timeout=60, memory_mb=2048).ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_makes_a_contract_for_a_tflite_model_with_the_tflite_runtime(fleet_env, tmp_path, signing_keys):
+    model = write_tflite_linear_model(tmp_path / "linear.tflite", scale=3.0, bias=0.5)
+    samples = tmp_path / "x.npz"
+    np.savez(samples, x=np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32))
+    envelope_path = tmp_path / "release.json"
+
+    result = run_fleetctl(
+        "push", "--model", "linear", "--version", "1.0", "--create-model", "--artifact", f"rpi5={model}",
+        "--format", "tflite", "--sample-inputs", str(samples), "--release", "--envelope-out", str(envelope_path),
+        "-q", env=fleet_env,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    release_key = load_private_key_pem((signing_keys / "release.pem").read_bytes()).public_key()
+    manifest = verify_release(json.loads(envelope_path.read_text()), Keyring.from_pems(public_key_pem(release_key)))
+    assert manifest.artifacts[0].format == "tflite"
+    assert manifest.health["outputs"]["y"] == {"dtype": "float32", "shape": [1, 4], "data": [3.5, 6.5, 9.5, 12.5]}
+    assert run_precheck(model, manifest.health, timeout=60, memory_mb=2048, format="tflite").ok
+    # A format without a runtime has no contract to make from samples.
+    other = run_fleetctl(
+        "push", "--model", "linear", "--version", "2.0", "--artifact", f"rpi5={model}", "--format", "other",
+        "--sample-inputs", str(samples), env=fleet_env,
+    )  # fmt: skip
+    assert other.returncode == 2 and "--format other has none" in other.stderr, other.stderr
 
 
 @pytest.mark.django_db(transaction=True)
