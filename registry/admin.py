@@ -8,6 +8,7 @@ from django.contrib import admin, messages
 from registry.artifacts import artifact_delete_draft
 from registry.auth import actor_label
 from registry.errors import ApiError
+from registry.guards import ADMIN_FORMFIELD_OVERRIDES
 from registry.models import (
     Alias,
     AliasMove,
@@ -57,6 +58,7 @@ class HardwareTargetAdmin(admin.ModelAdmin):
 
 @admin.register(Model)
 class ModelAdmin(admin.ModelAdmin):
+    formfield_overrides = ADMIN_FORMFIELD_OVERRIDES
     list_display = ("name", "description", "created_at")
     search_fields = ("name", "description")
     readonly_fields = ("created_at",)
@@ -79,6 +81,7 @@ class ArtifactInline(admin.TabularInline):
 
 @admin.register(ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
+    formfield_overrides = ADMIN_FORMFIELD_OVERRIDES
     list_display = ("__str__", "counter", "state", "created_at", "released_at", "manifest_sha256")
     list_filter = ("state", "model")
     search_fields = ("model__name", "version", "git_sha", "manifest_sha256")

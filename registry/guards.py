@@ -8,15 +8,18 @@ API's parsers (registry/parsers.py, with the same functions here), after authent
 multipart body is an artifact upload, which must not be spooled for a caller not yet known.
 
 The characters refused, and why tab, line feed and carriage return are not, are in
-registry.limits (bad_character).
+registry.limits (bad_character). JSONFormField holds the admin's JSON fields to the depth limit.
 """
 
 from __future__ import annotations
 
 import re
 
+from django import forms
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+from django.db import models
+from django.forms.fields import InvalidJSONInput
 from django.http import HttpResponse, JsonResponse
 from django.http.multipartparser import MultiPartParserError
 from django.utils.html import escape
@@ -166,3 +169,30 @@ class RequestGuardMiddleware:
         except InvalidInput as exc:
             return refusal(request, exc)
         return None
+
+
+class JSONFormField(forms.JSONField):
+    """Django's form JSONField (the admin's, for model JSONFields) with the API body's depth limit:
+    json.loads of a field nested a few thousand levels deep raises RecursionError, a 500 in the
+    admin. Control characters are the middleware's (a form field)."""
+
+    def to_python(self, value):
+        if isinstance(value, str):
+            try:
+                json_depth_check(value)
+            except InvalidInput as exc:
+                raise forms.ValidationError(exc.message, code=exc.code) from None
+        return super().to_python(value)
+
+    def bound_data(self, data, initial):
+        # Redisplaying the refused text parses it again: keep it as the text typed.
+        if isinstance(data, str) and not self.disabled:
+            try:
+                json_depth_check(data)
+            except InvalidInput:
+                return InvalidJSONInput(data)
+        return super().bound_data(data, initial)
+
+
+# ModelAdmin.formfield_overrides for every admin with an editable JSONField.
+ADMIN_FORMFIELD_OVERRIDES = {models.JSONField: {"form_class": JSONFormField}}

@@ -14,7 +14,7 @@ import pytest
 from ota.models import Rollout
 from ota.rollouts.definition import MAX_WAVE_DEVICES, MAX_WAVES
 from registry.limits import MAX_JSON_DEPTH
-from registry.models import Model
+from registry.models import HardwareTarget, Model
 from tests.support.registry_api import API
 from tests.support.rollout_data import make_devices, release
 
@@ -234,6 +234,15 @@ def test_it_refuses_nul_in_the_admin(client, admin_user):
     assert client.get("/admin/registry/model/?q=%00").status_code == 400
     response = client.post("/admin/registry/hardwaretarget/add/", {"id": "rpi\x00", "max_artifact_bytes": "10"})
     assert response.status_code == 400
+
+
+def test_it_refuses_json_nested_too_deep_in_the_admin(client, admin_user):
+    HardwareTarget.objects.create(id="rpi4", max_artifact_bytes=1000)
+    make_devices(1)
+    client.force_login(admin_user)
+    response = client.post("/admin/ota/device/dev-0000/change/", {"name": "x", "labels": "[" * 5000 + "]" * 5000})
+    assert response.status_code == 200  # the form again, with the field's error: a RecursionError before
+    assert f"more than {MAX_JSON_DEPTH} levels deep".encode() in response.content
 
 
 def test_it_refuses_an_absurd_soak_in_the_web_wizard(client, operator, fleet):

@@ -7,6 +7,7 @@ from ota.fleet.revocation import device_revoke
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState, EnrollmentToken
 from registry.auth import actor_label
 from registry.errors import ApiError
+from registry.guards import ADMIN_FORMFIELD_OVERRIDES
 
 
 class DeviceModelStateInline(admin.TabularInline):
@@ -28,6 +29,7 @@ class ActiveReleaseInline(admin.TabularInline):
 
 @admin.register(Device)
 class DeviceAdmin(admin.ModelAdmin):
+    formfield_overrides = ADMIN_FORMFIELD_OVERRIDES
     list_display = ["id", "name", "hardware", "state", "online", "last_seen", "agent_version"]
     list_filter = ["state", "online", "hardware"]
     search_fields = ["id", "name"]
@@ -74,6 +76,7 @@ class DeviceEventAdmin(admin.ModelAdmin):
 
 @admin.register(EnrollmentToken)
 class EnrollmentTokenAdmin(admin.ModelAdmin):
+    formfield_overrides = ADMIN_FORMFIELD_OVERRIDES
     list_display = ["id", "prefix", "name", "uses", "max_uses", "expires_at", "revoked_at", "created_by"]
     readonly_fields = ["prefix", "uses", "created_at", "created_by", "revoked_at"]
     fields = ["name", "max_uses", "expires_at", "default_labels", *readonly_fields]
