@@ -84,8 +84,6 @@ def document_errors(result, generator, request, public):
                 if parameter.get("in") == "query" and parameter.get("name") == "offset":
                     parameter.setdefault("schema", {})["maximum"] = MAX_PAGE_OFFSET
             for status in sorted(applies):
-                responses.setdefault(
-                    status,
-                    {"description": COMMON_ERRORS[status], "content": {"application/json": {"schema": ERROR_REF}}},
-                )
+                body = {"application/json": {"schema": ERROR_REF}}
+                responses.setdefault(status, {"description": COMMON_ERRORS[status], "content": body})
     return result
