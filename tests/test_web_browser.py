@@ -392,4 +392,56 @@ def test_it_charts_a_devices_model_metrics_with_its_release_change_under_the_csp
             return {labels: c.data.labels, sets: c.data.datasets.map(d => d.label), drawn: c.chartArea.width > 0}; }""")
         assert latency["drawn"] and latency["sets"] == ["p95 · 1.0.0", "p50 · 1.0.0", "p95 · 2.0.0", "p50 · 2.0.0"]
         assert latency["labels"][1][1] == "▶ 2.0.0"
+        page.locator(".model-metrics details").evaluate("d => d.open = true")
+        screenshot(page, "device-model-metrics")
+        page.set_viewport_size(TABLET)
+        fits_tablet(page, "/devices/cam-0/")
+    assert problems == []
+
+
+def test_it_charts_a_running_waves_new_vs_control_figures_under_the_csp(live_server, viewer):
+    """The rollout page's control-group panel and charts in the browser. The wave's state is set
+    directly (no broker here); tests/test_web_rollouts.py drives the same through the engine."""
+    import random
+
+    from django.utils import timezone
+
+    from ota.models import Wave
+    from tests.support.model_metrics import ingest, metrics_message
+
+    old = web_data.released("detector", "1.0.0", hardware_ids=("jetson-orin",))
+    new = web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",), scale=3.0)
+    old_sha, new_sha = old.artifacts.get().sha256, new.artifacts.get().sha256
+    ids = [f"cam-{i}" for i in range(8)]
+    Device.objects.bulk_create([Device(id=d, hardware_id="jetson-orin", labels={"site": "berlin"}, mqtt_username=d,
+                                       online=True) for d in ids])
+    DeviceModelState.objects.bulk_create([DeviceModelState(device_id=d, model=old.model, active_version=old,
+                                                           active_sha256=old_sha) for d in ids[3:]])
+    rollout = rollout_create(model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
+                             waves=[{"devices": ids[:3]}, {"percent": 100}], actor="user:x")
+    now = timezone.now()
+    Rollout.objects.filter(pk=rollout.pk).update(state="running", started_at=now)
+    Wave.objects.filter(rollout=rollout, index=0).update(state="soaking", started_at=now, gate_met_at=now)
+    RolloutDevice.objects.filter(rollout=rollout, wave__index=0).update(state="committed")
+    rng = random.Random(3)
+    ingest([metrics_message(d, old_sha, latency_ms=20, requests=150, errors=1, rng=rng) for d in ids[3:]]
+           + [metrics_message(d, new_sha, latency_ms=20, requests=150, errors=1, rng=rng) for d in ids[:3]])
+
+    with Browser(base_url=live_server.url) as browser:
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("console", lambda m: "Content Security Policy" in m.text and problems.append(m.text))
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        login(page, "victor-viewer", "victor-viewer-password-123")
+        page.goto(f"/rollouts/{rollout.pk}/")
+        page.wait_for_function("""() => ['control-latency-0', 'control-shares-0'].every(id =>
+            Chart.getChart(document.querySelector(`canvas[data-chart="${id}"]`)))""", timeout=10_000)
+        panel = page.locator('[data-wave="0"] .control-gate')
+        assert panel.get_attribute("data-control") == "live" and panel.get_attribute("data-verdict") == "pass"
+        assert page.locator('[data-wave="0"] tr[data-figure="devices"] td').all_inner_texts()[1:3] == ["3", "5"]
+        page.wait_for_timeout(2_500)  # one htmx refresh: the charts are drawn again, still no violation
+        assert page.evaluate("() => !!Chart.getChart(document.querySelector('canvas[data-chart=control-latency-0]'))")
+        screenshot(page, "rollout-control-group")
+        page.set_viewport_size(TABLET)
+        fits_tablet(page, f"/rollouts/{rollout.pk}/")
     assert problems == []

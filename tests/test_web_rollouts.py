@@ -302,19 +302,6 @@ def test_it_works_without_javascript_and_lists_rollouts_and_the_audit_log(client
     assert "rollout.start" in audit and "rollout.create" not in audit  # created by user:x
 
 
-def commit_canary(rollout, device_ids):
-    """The canary's devices report `committed`, through the engine's event path."""
-    from ota.models import DeviceEvent, Directive
-    from ota.rollouts.events import rollout_apply_events
-
-    events = []
-    for device_id in device_ids:
-        seq = Directive.objects.filter(device_id=device_id).order_by("-seq").first().seq
-        events.append(DeviceEvent.objects.create(device_id=device_id, event_no=1, seq=seq, model="detector",
-                                                 state="committed", rollout_id=str(rollout.pk)).pk)
-    rollout_apply_events(event_ids=events)
-
-
 def control_panel(html: str, wave: int) -> str:
     block = html[html.index(f'data-wave="{wave}"'):]
     return block[:block.index('<div class="wave"', 1)] if '<div class="wave"' in block[1:] else block
@@ -333,7 +320,7 @@ def test_it_shows_each_waves_new_vs_control_figures_live_then_as_judged(client, 
     from ota.rollouts.actions import rollout_start
     from ota.rollouts.create import rollout_create
     from ota.rollouts.engine import rollout_evaluate
-    from tests.support.model_metrics import ingest, metrics_message
+    from tests.support.model_metrics import commit_devices, ingest, metrics_message
 
     old = web_data.released("detector", "1.0.0", hardware_ids=("jetson-orin",), scale=3.0)
     old_sha, new_sha = old.artifacts.get().sha256, fleet.artifacts.get().sha256
@@ -349,7 +336,7 @@ def test_it_shows_each_waves_new_vs_control_figures_live_then_as_judged(client, 
     )
     rollout_start(rollout_id=rollout.pk, actor="user:x")
     rollout_evaluate(rollout_id=rollout.pk)
-    commit_canary(rollout, canary)
+    commit_devices(rollout, canary)
     rng = random.Random(7)
     ingest([metrics_message(d, old_sha, latency_ms=20, requests=150, errors=1, rng=rng) for d in cams[3:]]
            + [metrics_message(d, new_sha, latency_ms=28, requests=150, errors=1, rng=rng,

@@ -1,5 +1,6 @@
 """Model metrics telemetry as agents send it (agent.metrics windows), for the web pages' tests:
-one box's window of requests, errors, latencies and output labels, through the real ingest."""
+one box's window of requests, errors, latencies and output labels, through the real ingest; and
+devices committing a rollout's release through the engine's event path."""
 
 from __future__ import annotations
 
@@ -40,3 +41,17 @@ def metrics_message(device_id: str, sha: str, *, latency_ms: float, requests: in
 
 def ingest(messages: list[Message]) -> None:
     Ingestor().process(messages)
+
+
+def commit_devices(rollout, device_ids) -> None:
+    """Each device reports `committed` for its newest directive, folded in by rollout_apply_events
+    as ingest does."""
+    from ota.models import DeviceEvent, Directive
+    from ota.rollouts.events import rollout_apply_events
+
+    events = []
+    for device_id in device_ids:
+        seq = Directive.objects.filter(device_id=device_id).order_by("-seq").first().seq
+        events.append(DeviceEvent.objects.create(device_id=device_id, event_no=1, seq=seq, model=rollout.model.name,
+                                                 state="committed", rollout_id=str(rollout.pk)).pk)
+    rollout_apply_events(event_ids=events)

@@ -132,9 +132,9 @@ def _model_metrics(model: str, rows: list[dict], *, history, names, until) -> di
                  "yAxisID": "y1", "pointRadius": 2},
             ]},
             "options": {"scales": {
-                "y": {"beginAtZero": True, "title": {"display": True, "text": "requests per hour"}},
+                "y": {"beginAtZero": True, "title": {"display": True, "text": "requests/h"}},
                 "y1": {"beginAtZero": True, "position": "right", "grid": {"drawOnChartArea": False},
-                       "title": {"display": True, "text": "error rate %"}},
+                       "title": {"display": True, "text": "errors %"}},
             }},
         },
     }

@@ -28,7 +28,11 @@ MAX_LIVE_SECONDS = 300
 TRIP_ACTIONS = ("rollout.auto_pause", "rollout.auto_abort", "rollout.auto_revert")
 OPEN_WAVES = (Wave.State.RUNNING, Wave.State.SOAKING)
 OPEN_ROLLOUTS = (Rollout.State.RUNNING, Rollout.State.PAUSED)
-STATE_WORDS = {"pass": "passed", "fail": "failed", "wait": "waiting for figures", "off": "off"}
+# A live verdict is not a decision yet: its words say so.
+STATE_WORDS = {
+    "judged": {"pass": "passed", "fail": "failed", "wait": "waiting for figures"},
+    "live": {"pass": "passing so far", "fail": "failing so far", "wait": "waiting for figures"},
+}
 
 
 def stored_verdicts(rollout) -> dict[int, dict]:
@@ -188,7 +192,7 @@ def shares_chart(figures: dict, version: str) -> dict | None:
                 {"label": "control group", "data": [(control or {}).get(k, 0) for k in labels], "color": "#a0aec0"},
             ],
         },
-        "options": {"scales": {"y": {"beginAtZero": True, "title": {"display": True, "text": "share of outputs"}}}},
+        "options": {"scales": {"y": {"beginAtZero": True, "title": {"display": True, "text": "share"}}}},
     }
 
 
@@ -203,20 +207,18 @@ def wave_model_health(rollout, wave, stored: dict | None) -> dict | None:
         return {"source": "off", "why": "switched off by this rollout's definition (gates.health.control: false)"}
     elif wave.state in OPEN_WAVES and rollout.state in OPEN_ROLLOUTS:
         live = live_verdict(rollout, wave)
-        if live is None:  # pragma: no cover - control_settings said it is on
-            return {"source": "off", "why": "switched off"}
-        if live["state"] == "off":
-            return {"source": "off", "why": live["why"]}
+        if live is None or live["state"] == "off":
+            return {"source": "off", "why": live["why"] if live else "switched off"}
         panel = {"source": "live", **live}
     elif wave.state == Wave.State.PASSED:
-        return {"source": "off", "why": "the wave passed without a comparison: no model metrics to compare "
-                                        "when its soak ended"}
+        return {"source": "off", "why": "the wave passed without a control-group verdict (no model metrics to "
+                                        "compare when its soak ended, or advanced by hand)"}
     else:
         return {"source": "off", "why": "not judged: the wave ended before its soak did"}
     figures = panel.get("figures") or {}
     version = rollout.release.version
     panel.update(
-        state_word=STATE_WORDS.get(panel["state"], panel["state"]),
+        state_word=STATE_WORDS[panel["source"]].get(panel["state"], panel["state"]),
         rows=comparison_rows(figures),
         shares=label_shares(figures),
         chart=comparison_chart(figures, version),
