@@ -58,7 +58,8 @@ def main() -> int:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-web-health-"))
-    os.environ.update(ARTIFACT_DIR=str(workdir / "artifacts"), UPLOAD_TEMP_DIR=str(workdir / "tmp"), LOG_LEVEL="WARNING")
+    os.environ.update(ARTIFACT_DIR=str(workdir / "artifacts"), UPLOAD_TEMP_DIR=str(workdir / "tmp"),
+                      LOG_LEVEL="WARNING")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     import django
 
@@ -77,7 +78,9 @@ def main() -> int:
         from django.test import Client
 
         from agent.metrics.aggregate import Window
-        from ota.models import ActiveRelease, Device, DeviceModelState, ModelMetricsHour, Rollout, RolloutDevice, Wave
+        from ota.models import (
+            ActiveRelease, Device, DeviceModelState, ModelMetricsHour, Rollout, RolloutDevice, Wave,
+        )
         from registry.models import Artifact, AuditEntry, HardwareTarget, Model, ModelVersion
         from web.rollouts import model_health
 
@@ -88,16 +91,18 @@ def main() -> int:
         model = Model.objects.create(name="detector")
         versions, sha = {}, {}
         for counter, v in enumerate(("1.0", "2.0"), start=1):
-            versions[v] = ModelVersion.objects.create(model=model, version=v, state="released", counter=counter)
+            versions[v] = ModelVersion.objects.create(model=model, version=v, state="released",
+                                                      counter=counter)
             sha[v] = f"{counter:x}" * 64
             Artifact.objects.create(version=versions[v], hardware=hw, sha256=sha[v], length=100,
                                     format="onnx", file_name="model.onnx", storage_key=f"bench/{v}")
         ids = [f"box-{i:05d}" for i in range(n)]
-        Device.objects.bulk_create([Device(id=d, hardware=hw, labels={"site": "berlin"}, mqtt_username=d, online=True)
-                                    for d in ids], batch_size=2000)
+        Device.objects.bulk_create(
+            [Device(id=d, hardware=hw, labels={"site": "berlin"}, mqtt_username=d, online=True) for d in ids],
+            batch_size=2000)
         DeviceModelState.objects.bulk_create(
-            [DeviceModelState(device_id=d, model=model, active_version=versions["2.0" if i < canary else "1.0"],
-                              active_sha256=sha["2.0" if i < canary else "1.0"]) for i, d in enumerate(ids)],
+            [DeviceModelState(device_id=d, model=model, active_version=versions[v], active_sha256=sha[v])
+             for i, d in enumerate(ids) for v in ["2.0" if i < canary else "1.0"]],
             batch_size=2000)
         now = timezone.now()
         started = now - timedelta(hours=hours - 1)
@@ -118,7 +123,7 @@ def main() -> int:
         rng = random.Random(1)
         log("building hourly rows")
 
-        def window(slow: float, speed: float) -> dict:
+        def hour_row(device_id: str, v: str, hour, slow: float, speed: float) -> ModelMetricsHour:
             w = Window()
             for _ in range(120):
                 w.add("latency_ms", rng.lognormvariate(0, 0.2) * 10 * slow * speed, "timing")
@@ -126,17 +131,17 @@ def main() -> int:
             w.add("errors", rng.random() < 0.5, "counter")
             w.add("output.person", 60, "counter")
             w.add("output.car", 60, "counter")
-            return w.to_json()
+            j = w.to_json()
+            return ModelMetricsHour(device_id=device_id, model="detector", release_sha256=sha[v], hour=hour,
+                                    requests=j["requests"], errors=j["errors"], latency_ms=j["latency_ms"],
+                                    outputs=j["outputs"], windows=2)
 
         rows = []
         for h in range(hours):
             hour = (started + timedelta(hours=h)).replace(minute=0, second=0, microsecond=0)
             for i, d in enumerate(ids):
                 v = "2.0" if i < canary else "1.0"
-                j = window(1.4 if i < canary else 1.0, 1.0 + (i % 7) / 70)
-                rows.append(ModelMetricsHour(device_id=d, model="detector", release_sha256=sha[v], hour=hour,
-                                             requests=j["requests"], errors=j["errors"], latency_ms=j["latency_ms"],
-                                             outputs=j["outputs"], windows=2))
+                rows.append(hour_row(d, v, hour, 1.4 if i < canary else 1.0, 1.0 + (i % 7) / 70))
         # One device with a week of hours: 1.0 for 100 h, then 2.0 (its release change).
         this_hour = now.replace(minute=0, second=0, microsecond=0)
         week_device = ids[-1]
@@ -145,12 +150,9 @@ def main() -> int:
         for h in range(168):
             hour = this_hour - timedelta(hours=167 - h)
             v = "1.0" if h < 100 else "2.0"
-            j = window(1.0 if v == "1.0" else 1.4, 1.0)
-            rows.append(ModelMetricsHour(device_id=week_device, model="detector", release_sha256=sha[v], hour=hour,
-                                         requests=j["requests"], errors=j["errors"], latency_ms=j["latency_ms"],
-                                         outputs=j["outputs"], windows=2))
-        ActiveRelease.objects.create(device_id=week_device, model=model, version=versions["2.0"], sha256=sha["2.0"],
-                                     from_time=this_hour - timedelta(hours=67, minutes=30))
+            rows.append(hour_row(week_device, v, hour, 1.0 if v == "1.0" else 1.4, 1.0))
+        ActiveRelease.objects.create(device_id=week_device, model=model, version=versions["2.0"],
+                                     sha256=sha["2.0"], from_time=this_hour - timedelta(hours=67, minutes=30))
         ModelMetricsHour.objects.bulk_create(rows, batch_size=2000)
         log(f"{ModelMetricsHour.objects.count()} hourly rows")
 
@@ -170,7 +172,7 @@ def main() -> int:
         t0 = time.perf_counter()
         html = get(live_url).content.decode()
         cold = time.perf_counter() - t0
-        assert 'data-control="live" data-verdict="fail"' in html, "the slower canary should show a failing live verdict"
+        assert 'data-control="live" data-verdict="fail"' in html, "a 40 % slower canary fails"
         key = next(k for k in cache._cache if "control-verdict" in k)  # LocMemCache: the stored key
         ttl = round(cache._expire_info[key] - time.time())
         warm = timed(lambda: get(live_url), 10)
@@ -207,7 +209,8 @@ def main() -> int:
         }
         print(json.dumps(result, indent=2))
         log(f"live fragment: cold {cold:.2f} s (verdict {verdict_alone:.2f} s), cached {ttl} s, warm "
-            f"{statistics.median(warm) * 1000:.0f} ms (without the gate {statistics.median(floor) * 1000:.0f} ms); "
+            f"{statistics.median(warm) * 1000:.0f} ms "
+            f"(without the gate {statistics.median(floor) * 1000:.0f} ms); "
             f"device page with 168 h {statistics.median(device) * 1000:.0f} ms")
         if not args.no_write:
             RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -370,11 +370,13 @@ def test_it_charts_a_devices_model_metrics_with_its_release_change_under_the_csp
     old = web_data.released("detector", "1.0.0", hardware_ids=("jetson-orin",))
     new = web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",), scale=3.0)
     old_sha, new_sha = old.artifacts.get().sha256, new.artifacts.get().sha256
-    Device.objects.create(id="cam-0", hardware_id="jetson-orin", labels={"site": "berlin"}, mqtt_username="cam-0")
+    Device.objects.create(id="cam-0", hardware_id="jetson-orin", labels={"site": "berlin"},
+                          mqtt_username="cam-0")
     hour = timezone.now().replace(minute=0, second=0, microsecond=0)
-    ingest([metrics_message("cam-0", old_sha, latency_ms=20, requests=120, errors=1, at=hour - timedelta(hours=3)),
-            metrics_message("cam-0", new_sha, latency_ms=30, requests=120, errors=3, at=hour - timedelta(hours=2)),
-            metrics_message("cam-0", new_sha, latency_ms=30, requests=120, errors=2, at=hour - timedelta(hours=1))])
+    ingest([
+        metrics_message("cam-0", sha, latency_ms=ms, requests=120, errors=e, at=hour - timedelta(hours=ago))
+        for sha, ms, e, ago in ((old_sha, 20, 1, 3), (new_sha, 30, 3, 2), (new_sha, 30, 2, 1))
+    ])
     ActiveRelease.objects.create(device_id="cam-0", model=new.model, version=new, sha256=new_sha,
                                  from_time=hour - timedelta(hours=2))
 
@@ -389,8 +391,10 @@ def test_it_charts_a_devices_model_metrics_with_its_release_change_under_the_csp
             Chart.getChart(document.querySelector(`canvas[data-chart="${id}"]`)))""", timeout=10_000)
         latency = page.evaluate("""() => { const c = Chart.getChart(document.querySelector(
             'canvas[data-chart="metrics-latency-detector"]'));
-            return {labels: c.data.labels, sets: c.data.datasets.map(d => d.label), drawn: c.chartArea.width > 0}; }""")
-        assert latency["drawn"] and latency["sets"] == ["p95 · 1.0.0", "p50 · 1.0.0", "p95 · 2.0.0", "p50 · 2.0.0"]
+            return {labels: c.data.labels, sets: c.data.datasets.map(d => d.label),
+                    drawn: c.chartArea.width > 0}; }""")
+        assert latency["drawn"]
+        assert latency["sets"] == ["p95 · 1.0.0", "p50 · 1.0.0", "p95 · 2.0.0", "p50 · 2.0.0"]
         assert latency["labels"][1][1] == "▶ 2.0.0"
         page.locator(".model-metrics details").evaluate("d => d.open = true")
         screenshot(page, "device-model-metrics")
@@ -413,8 +417,9 @@ def test_it_charts_a_running_waves_new_vs_control_figures_under_the_csp(live_ser
     new = web_data.released("detector", "2.0.0", hardware_ids=("jetson-orin",), scale=3.0)
     old_sha, new_sha = old.artifacts.get().sha256, new.artifacts.get().sha256
     ids = [f"cam-{i}" for i in range(8)]
-    Device.objects.bulk_create([Device(id=d, hardware_id="jetson-orin", labels={"site": "berlin"}, mqtt_username=d,
-                                       online=True) for d in ids])
+    Device.objects.bulk_create([
+        Device(id=d, hardware_id="jetson-orin", labels={"site": "berlin"}, mqtt_username=d, online=True)
+        for d in ids])
     DeviceModelState.objects.bulk_create([DeviceModelState(device_id=d, model=old.model, active_version=old,
                                                            active_sha256=old_sha) for d in ids[3:]])
     rollout = rollout_create(model="detector", version="2.0.0", target={"labels": {"site": "berlin"}},
@@ -438,9 +443,11 @@ def test_it_charts_a_running_waves_new_vs_control_figures_under_the_csp(live_ser
             Chart.getChart(document.querySelector(`canvas[data-chart="${id}"]`)))""", timeout=10_000)
         panel = page.locator('[data-wave="0"] .control-gate')
         assert panel.get_attribute("data-control") == "live" and panel.get_attribute("data-verdict") == "pass"
-        assert page.locator('[data-wave="0"] tr[data-figure="devices"] td').all_inner_texts()[1:3] == ["3", "5"]
+        devices = page.locator('[data-wave="0"] tr[data-figure="devices"] td').all_inner_texts()
+        assert devices[1:3] == ["3", "5"]
         page.wait_for_timeout(2_500)  # one htmx refresh: the charts are drawn again, still no violation
-        assert page.evaluate("() => !!Chart.getChart(document.querySelector('canvas[data-chart=control-latency-0]'))")
+        assert page.evaluate("() => !!Chart.getChart(document.querySelector("
+                             "'canvas[data-chart=control-latency-0]'))")
         screenshot(page, "rollout-control-group")
         page.set_viewport_size(TABLET)
         fits_tablet(page, f"/rollouts/{rollout.pk}/")

@@ -192,6 +192,11 @@ def test_it_shows_a_device_timeline_and_its_latest_telemetry(client, viewer, fle
     assert client.get("/devices/ghost/").status_code == 404
 
 
+def chart_data(html: str, chart_id: str) -> dict:
+    found = re.search(rf'<script id="{chart_id}" type="application/json">(.*?)</script>', html)
+    return json.loads(found.group(1))
+
+
 def test_it_charts_a_devices_model_metrics_per_hour_with_its_release_changes(client, viewer, fleet):
     from ota.models import ModelMetricsHour
     from tests.support.model_metrics import ingest, metrics_message
@@ -199,12 +204,15 @@ def test_it_charts_a_devices_model_metrics_per_hour_with_its_release_changes(cli
     v1, v2 = fleet["v1"], fleet["v2"]
     old_sha, new_sha = (v.artifacts.get(hardware_id="jetson-orin").sha256 for v in (v1, v2))
     hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    reports = [  # release, minutes before this hour, latency, requests, errors
+        (old_sha, 170, 20, 200, 2),
+        (old_sha, 110, 20, 100, 0),
+        (new_sha, 80, 40, 50, 5),  # the hour it updated: both releases report, then only the new one
+        (new_sha, 50, 40, 100, 10),
+    ]
     ingest([
-        metrics_message("cam-000", old_sha, at=hour - timedelta(hours=3, minutes=-10), latency_ms=20, requests=200, errors=2),
-        metrics_message("cam-000", old_sha, at=hour - timedelta(hours=2, minutes=-10), latency_ms=20, requests=100, errors=0),
-        # The hour it updated: both releases report, then only the new one.
-        metrics_message("cam-000", new_sha, at=hour - timedelta(hours=2, minutes=-40), latency_ms=40, requests=50, errors=5),
-        metrics_message("cam-000", new_sha, at=hour - timedelta(hours=1, minutes=-10), latency_ms=40, requests=100, errors=10),
+        metrics_message("cam-000", sha, at=hour - timedelta(minutes=ago), latency_ms=ms, requests=n, errors=e)
+        for sha, ago, ms, n, e in reports
     ])
     assert ModelMetricsHour.objects.filter(device_id="cam-000").count() == 4
     ActiveRelease.objects.create(device_id="cam-000", model=v1.model, version=v2, sha256=new_sha,
@@ -223,15 +231,13 @@ def test_it_charts_a_devices_model_metrics_per_hour_with_its_release_changes(cli
     cells = re.findall(r"<td>([^<]*)</td>", newest[:newest.index("</tr>")])
     assert cells[2:5] == ["100", "10", "10.00 %"], cells
     assert 39 <= float(cells[5]) <= 41 and 42 <= float(cells[6]) <= 44, cells
-    latency = json.loads(re.search(r'<script id="metrics-latency-detector" type="application/json">(.*?)</script>',
-                                   html).group(1))
+    latency = chart_data(html, "metrics-latency-detector")
     labels = latency["data"]["labels"]
     assert len(labels) == 4 and labels[1][1] == "▶ 2.0.0" and isinstance(labels[0], str)  # the change marked
     sets = {d["label"]: d["data"] for d in latency["data"]["datasets"]}
     assert sets["p50 · 1.0.0"][2] is None and 19 <= sets["p50 · 1.0.0"][0] <= 21
     assert sets["p50 · 2.0.0"][:2] == [None, sets["p50 · 2.0.0"][1]] and 39 <= sets["p50 · 2.0.0"][1] <= 41
     assert sets["p95 · 1.0.0"][3] is None  # no row that hour: a gap, not a zero
-    traffic = json.loads(re.search(r'<script id="metrics-traffic-detector" type="application/json">(.*?)</script>',
-                                   html).group(1))
+    traffic = chart_data(html, "metrics-traffic-detector")
     requests, error_rate = (d["data"] for d in traffic["data"]["datasets"])
     assert requests == [200, 150, 100, None] and error_rate == [1.0, round(500 / 150, 3), 10.0, None]

@@ -326,13 +326,15 @@ def test_it_shows_each_waves_new_vs_control_figures_live_then_as_judged(client, 
     old_sha, new_sha = old.artifacts.get().sha256, fleet.artifacts.get().sha256
     cams = [f"cam-{i:03d}" for i in range(10)]
     DeviceModelState.objects.bulk_create([
-        DeviceModelState(device_id=d, model=old.model, active_version=old, active_sha256=old_sha) for d in cams])
+        DeviceModelState(device_id=d, model=old.model, active_version=old, active_sha256=old_sha)
+        for d in cams])
     Device.objects.update(online=True)
     canary = cams[:3]
     rollout = rollout_create(
         model="detector", version="2.0.0", target={"labels": {"site": "berlin"}, "hardware": ["jetson-orin"]},
         waves=[{"devices": canary}, {"percent": 100}],
-        gates={"soak_seconds": 600, "health": {"control": {"min_requests": 100}}}, abort_policy="pause", actor="user:x",
+        gates={"soak_seconds": 600, "health": {"control": {"min_requests": 100}}}, abort_policy="pause",
+        actor="user:x",
     )
     rollout_start(rollout_id=rollout.pk, actor="user:x")
     rollout_evaluate(rollout_id=rollout.pk)
@@ -364,15 +366,18 @@ def test_it_shows_each_waves_new_vs_control_figures_live_then_as_judged(client, 
 
     html = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
     judged = control_panel(html, 0)
-    assert 'data-control="judged" data-verdict="fail"' in judged and "tripped its control-group gate" in judged
+    assert 'data-control="judged" data-verdict="fail"' in judged
+    assert "tripped its control-group gate" in judged
     p50 = stored["latency"]["p50"]
     assert figure_cells(judged, "latency-p50")[1:6] == [
-        f"{p50['new']:g}", f"{p50['control']:g}", f"×{p50['ratio']:g}", "≤ ×1.2", f"{stored['latency']['p_value']:.3g}"]
+        f"{p50['new']:g}", f"{p50['control']:g}", f"×{p50['ratio']:g}", "≤ ×1.2",
+        f"{stored['latency']['p_value']:.3g}"]
     assert '<tr data-figure="latency-p50" class="gate fail">' in judged
     errors = figure_cells(judged, "errors")
     assert errors[3:5] == [f"{stored['errors']['difference'] * 100:+.2f} pp", "≤ +1 pp"]
     assert figure_cells(judged, "drift")[3:5] == [f"{stored['drift']['psi']:g}", "≤ 0.2"]
-    person = re.search(r'<tr data-label="person"><td>person</td><td>([^<]+)</td><td>([^<]+)</td>', judged).groups()
+    person = re.search(r'<tr data-label="person"><td>person</td><td>([^<]+)</td><td>([^<]+)</td>', judged)
+    person = person.groups()
     assert person == (f"{stored['drift']['new_shares']['person'] * 100:.2f} %",
                       f"{stored['drift']['control_shares']['person'] * 100:.2f} %")
     assert "control-gate" not in control_panel(html, 1)  # the second wave never started
@@ -397,7 +402,7 @@ def test_it_says_in_one_line_where_the_control_gate_is_off(client, viewer, fleet
     client.force_login(viewer)
 
     off = client.get(reverse("web:rollout_live", args=[switched_off.pk])).content.decode()
-    assert re.search(r'data-control="off">Control-group gate off: switched off by this rollout&#x27;s definition', off)
+    assert 'data-control="off">Control-group gate off: switched off by this rollout&#x27;s definition' in off
     quiet = client.get(reverse("web:rollout_live", args=[no_metrics.pk])).content.decode()
     assert "Control-group gate off: the wave&#x27;s devices report no model metrics." in quiet
     assert "Model health: new release vs previous" in quiet  # the trial-health display, labelled as such

@@ -36,7 +36,8 @@ def metrics_message(device_id: str, sha: str, *, latency_ms: float, requests: in
     payload = {"_type": "telemetry", "device_id": device_id, "ts": format_time(at),
                "model_metrics": {"window_start": format_time(at), "window_end": format_time(at),
                                  "models": [entry], "stats": {}}}
-    return Message(topic=f"fleet/devices/{device_id}/telemetry", payload=json.dumps(payload).encode(), received_at=at)
+    return Message(topic=f"fleet/devices/{device_id}/telemetry", payload=json.dumps(payload).encode(),
+                   received_at=at)
 
 
 def ingest(messages: list[Message]) -> None:
@@ -52,6 +53,6 @@ def commit_devices(rollout, device_ids) -> None:
     events = []
     for device_id in device_ids:
         seq = Directive.objects.filter(device_id=device_id).order_by("-seq").first().seq
-        events.append(DeviceEvent.objects.create(device_id=device_id, event_no=1, seq=seq, model=rollout.model.name,
-                                                 state="committed", rollout_id=str(rollout.pk)).pk)
+        events.append(DeviceEvent.objects.create(device_id=device_id, event_no=1, seq=seq, state="committed",
+                                                 model=rollout.model.name, rollout_id=str(rollout.pk)).pk)
     rollout_apply_events(event_ids=events)

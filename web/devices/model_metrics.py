@@ -28,7 +28,8 @@ def release_names(shas) -> dict[str, str]:
     """sha256 → "version" for the registry's artifacts; a sha the registry does not know keeps
     its first 12 characters (a release installed by hand, or since deleted)."""
     names = {sha: f"sha {sha[:12]}" for sha in shas}
-    for sha, version in Artifact.objects.filter(sha256__in=list(shas)).values_list("sha256", "version__version"):
+    known = Artifact.objects.filter(sha256__in=list(shas)).values_list("sha256", "version__version")
+    for sha, version in known:
         names[sha] = version
     return names
 
@@ -73,7 +74,8 @@ def _model_metrics(model: str, rows: list[dict], *, history, names, until) -> di
     for h in history:
         hour = h.from_time.replace(minute=0, second=0, microsecond=0)
         if hour in index:
-            changes.setdefault(hour, []).append(h.version.version if h.version else names.get(h.sha256, h.sha256[:12]))
+            name = h.version.version if h.version else names.get(h.sha256, h.sha256[:12])
+            changes.setdefault(hour, []).append(name)
     previous: set[str] = set()
     for hour in sorted({r["hour"] for r in rows}):
         now_on = {r["release"] for r in rows if r["hour"] == hour}
@@ -82,7 +84,9 @@ def _model_metrics(model: str, rows: list[dict], *, history, names, until) -> di
                 if release not in changes.get(hour, []):
                     changes.setdefault(hour, []).append(release)
         previous = now_on
-    labels = [[_hour_label(h), *(f"▶ {v}" for v in changes[h])] if h in changes else _hour_label(h) for h in hours]
+    labels = [
+        [_hour_label(h), *(f"▶ {v}" for v in changes[h])] if h in changes else _hour_label(h) for h in hours
+    ]
 
     releases = list(dict.fromkeys(r["release"] for r in rows))
     latency_sets = []
@@ -120,7 +124,8 @@ def _model_metrics(model: str, rows: list[dict], *, history, names, until) -> di
         "latency_chart": {
             "type": "line",
             "data": {"labels": labels, "datasets": latency_sets},
-            "options": {"scales": {"y": {"beginAtZero": True, "title": {"display": True, "text": "latency ms"}}}},
+            "options": {"scales": {"y": {"beginAtZero": True,
+                                         "title": {"display": True, "text": "latency ms"}}}},
         },
         "traffic_chart_id": f"metrics-traffic-{slug}",
         "traffic_chart": {

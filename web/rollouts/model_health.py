@@ -99,7 +99,8 @@ def comparison_rows(figures: dict) -> list[dict]:
             "new": _num(figures.get("new_devices")), "control": _num(figures.get("control_devices")),
             "compare": "", "threshold": f"≥ {need} in each group" if need is not None else "",
             "p_value": "",
-            "ok": None if need is None else min(figures.get("new_devices", 0), figures.get("control_devices", 0)) >= need,
+            "ok": None if need is None
+            else min(figures.get("new_devices", 0), figures.get("control_devices", 0)) >= need,
         })
     if "new_requests" in figures:
         rows.append({"key": "requests", "name": "Requests", "new": _num(figures["new_requests"]),
@@ -126,7 +127,8 @@ def comparison_rows(figures: dict) -> list[dict]:
         p = errors.get("p_value")
         diff = errors.get("difference") or 0.0
         rows.append({
-            "key": "errors", "name": "Error rate", "new": _pct(errors.get("new")), "control": _pct(errors.get("control")),
+            "key": "errors", "name": "Error rate",
+            "new": _pct(errors.get("new")), "control": _pct(errors.get("control")),
             "compare": f"{diff * 100:+.2f} pp", "threshold": f"≤ +{errors.get('max_increase', 0) * 100:g} pp",
             "p_value": "" if p is None else f"{p:.3g}",
             "ok": not (p is not None and alpha is not None and p < alpha),
@@ -136,14 +138,16 @@ def comparison_rows(figures: dict) -> list[dict]:
         rows.append({"key": "drift", "name": "Output drift", "off": drift["off"]})
     elif isinstance(drift, dict) and "psi" in drift:
         rows.append({
-            "key": "drift", "name": "Output drift (PSI)", "new": "", "control": "", "compare": f"{drift['psi']:g}",
-            "threshold": f"≤ {drift.get('max_psi'):g}", "p_value": "", "ok": drift["psi"] <= drift.get("max_psi", 0),
+            "key": "drift", "name": "Output drift (PSI)", "new": "", "control": "",
+            "compare": f"{drift['psi']:g}", "threshold": f"≤ {drift.get('max_psi'):g}", "p_value": "",
+            "ok": drift["psi"] <= drift.get("max_psi", 0),
         })
     elif isinstance(drift, dict) and "min_outputs" in drift:
         need = drift["min_outputs"]
         rows.append({
             "key": "drift", "name": "Outputs (for drift)", "new": _num(drift.get("new_outputs")),
-            "control": _num(drift.get("control_outputs")), "compare": "", "threshold": f"≥ {need:g} in each group",
+            "control": _num(drift.get("control_outputs")), "compare": "",
+            "threshold": f"≥ {need:g} in each group",
             "p_value": "", "ok": min(drift.get("new_outputs", 0), drift.get("control_outputs", 0)) >= need,
         })
     return rows
@@ -164,16 +168,22 @@ def comparison_chart(figures: dict, version: str) -> dict | None:
     if not isinstance(latency, dict) or "p50" not in latency:
         return None
     keys = ("p50", "p95")
+    new = [latency[k].get("new") for k in keys]
+    control = [latency[k].get("control") for k in keys]
+    return _bars([f"latency {k} (ms)" for k in keys], version, new, control, {"beginAtZero": True})
+
+
+def _bars(labels: list[str], version: str, new: list, control: list, y_axis: dict) -> dict:
     return {
         "type": "bar",
         "data": {
-            "labels": [f"latency {k} (ms)" for k in keys],
+            "labels": labels,
             "datasets": [
-                {"label": f"{version} (new)", "data": [latency[k].get("new") for k in keys], "color": "#2457c5"},
-                {"label": "control group", "data": [latency[k].get("control") for k in keys], "color": "#a0aec0"},
+                {"label": f"{version} (new)", "data": new, "color": "#2457c5"},
+                {"label": "control group", "data": control, "color": "#a0aec0"},
             ],
         },
-        "options": {"scales": {"y": {"beginAtZero": True}}},
+        "options": {"scales": {"y": y_axis}},
     }
 
 
@@ -183,17 +193,9 @@ def shares_chart(figures: dict, version: str) -> dict | None:
     if not new and not control:
         return None
     labels = sorted(set(new or {}) | set(control or {}))
-    return {
-        "type": "bar",
-        "data": {
-            "labels": labels,
-            "datasets": [
-                {"label": f"{version} (new)", "data": [(new or {}).get(k, 0) for k in labels], "color": "#2457c5"},
-                {"label": "control group", "data": [(control or {}).get(k, 0) for k in labels], "color": "#a0aec0"},
-            ],
-        },
-        "options": {"scales": {"y": {"beginAtZero": True, "title": {"display": True, "text": "share"}}}},
-    }
+    new, control = new or {}, control or {}
+    return _bars(labels, version, [new.get(k, 0) for k in labels], [control.get(k, 0) for k in labels],
+                 {"beginAtZero": True, "title": {"display": True, "text": "share"}})
 
 
 def wave_model_health(rollout, wave, stored: dict | None) -> dict | None:
@@ -204,15 +206,16 @@ def wave_model_health(rollout, wave, stored: dict | None) -> dict | None:
     if stored is not None:
         panel = {"source": "judged", **stored}
     elif control_settings(wave.gates) is None:
-        return {"source": "off", "why": "switched off by this rollout's definition (gates.health.control: false)"}
+        return {"source": "off",
+                "why": "switched off by this rollout's definition (gates.health.control: false)"}
     elif wave.state in OPEN_WAVES and rollout.state in OPEN_ROLLOUTS:
         live = live_verdict(rollout, wave)
         if live is None or live["state"] == "off":
             return {"source": "off", "why": live["why"] if live else "switched off"}
         panel = {"source": "live", **live}
     elif wave.state == Wave.State.PASSED:
-        return {"source": "off", "why": "the wave passed without a control-group verdict (no model metrics to "
-                                        "compare when its soak ended, or advanced by hand)"}
+        return {"source": "off", "why": "the wave passed without a control-group verdict (no model metrics "
+                                        "to compare when its soak ended, or advanced by hand)"}
     else:
         return {"source": "off", "why": "not judged: the wave ended before its soak did"}
     figures = panel.get("figures") or {}

@@ -129,8 +129,9 @@ def _median(values: list[float]) -> float | None:
 
 
 def rollout_health(rollout) -> dict:
-    """Shown only where no wave has a control-group comparison (see health_panel). Median health figures devices report (latency p95, error rate), new release next to the
-    old. Which release a device runs is what ingest last recorded for it (DeviceModelState);
+    """Shown only where no wave has a control-group comparison (see health_panel). Median health
+    figures devices report (latency p95, error rate), new release next to the old. Which release
+    a device runs is what ingest last recorded for it (DeviceModelState);
     its telemetry's health counts only when that telemetry is about the same sha, else a device
     on the new release counts with the health its committed event carried. The old side is this
     rollout's devices not yet updated; once every one is, devices of the same model outside the
