@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from ota.fleet.parsing import validate_labels
+from ota.fleet.parsing import MAX_LABEL_VALUE, MAX_LABELS, validate_labels
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState, EnrollmentToken
 from registry.limits import MAX_ENROLLMENT_USES, parse_duration
 from registry.parsers import CheckedJSONField
 
 
+# Keys follow ota.fleet.parsing.LABEL_KEY_RE too, which OpenAPI 3.0 cannot say of object keys.
+@extend_schema_field({"type": "object", "maxProperties": MAX_LABELS,
+                      "additionalProperties": {"type": "string", "maxLength": MAX_LABEL_VALUE}})
 class LabelsField(CheckedJSONField):
     def to_internal_value(self, data):
         try:
@@ -49,7 +53,7 @@ class EnrollRequestSerializer(serializers.Serializer):
 
 class ModelStateSerializer(serializers.ModelSerializer):
     model = serializers.CharField(source="model.name")
-    active_version = serializers.CharField(source="active_version.version", default=None)
+    active_version = serializers.CharField(source="active_version.version", default=None, allow_null=True)
 
     class Meta:
         model = DeviceModelState
@@ -59,7 +63,7 @@ class ModelStateSerializer(serializers.ModelSerializer):
 
 class ActiveReleaseSerializer(serializers.ModelSerializer):
     model = serializers.CharField(source="model.name")
-    version = serializers.CharField(source="version.version", default=None)
+    version = serializers.CharField(source="version.version", default=None, allow_null=True)
 
     class Meta:
         model = ActiveRelease
