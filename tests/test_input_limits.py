@@ -143,9 +143,26 @@ def test_it_refuses_at_outside_the_accepted_range(client, read_token, at):
     error_of(response, 400, "invalid_at")
 
 
-def test_it_refuses_an_offset_past_the_limit_and_caps_the_page_size(client, read_token):
-    error_of(client.get(f"{API}/devices/?offset=99999999999999999999", **read_token.headers), 400, "invalid_offset")
-    assert client.get(f"{API}/devices/?limit=99999999999999999999", **read_token.headers).status_code == 200
+@pytest.mark.parametrize(
+    "query, code",
+    [
+        ("offset=99999999999999999999", "invalid_offset"),
+        ("offset=-1", "invalid_offset"),
+        ("offset=null", "invalid_offset"),
+        ("limit=99999999999999999999", "invalid_limit"),
+        ("limit=1001", "invalid_limit"),
+        ("limit=0", "invalid_limit"),
+        ("limit=abc", "invalid_limit"),
+    ],
+)
+def test_it_refuses_page_bounds_out_of_range(client, read_token, query, code):
+    error = error_of(client.get(f"{API}/devices/?{query}", **read_token.headers), 400, code)
+    assert error["field"] == query.split("=")[0]
+
+
+def test_it_pages_within_the_bounds(client, read_token):
+    response = client.get(f"{API}/devices/?limit=1000&offset=1000000000", **read_token.headers)
+    assert response.status_code == 200 and response.json()["results"] == []
 
 
 def test_it_refuses_an_enrollment_token_lasting_99999999_days(client, admin_token):
