@@ -5,10 +5,11 @@ and its control group.
 A wave the engine has judged shows what it decided, read back from the audit log (a pass is
 `wave.control_gate`; a trip is under `control_gate` in the rollout.auto_* entry). A running wave
 not judged yet shows the verdict as it would be now: wave_control_verdict, which only reads. It
-reads the wave's hourly rows (a few per device: ~2.6 s for a 10,000-device rollout, see
+reads the wave's hourly rows (a few per device: 1.5-2.6 s for a 10,000-device rollout, see
 benchmarks/results/control_gates.json) while the page polls every 2 s, so the result is cached for
 LIVE_SECONDS, or for COST_FACTOR times what it took if longer: computing it then takes at most
-1/COST_FACTOR of a process's time however large the wave."""
+1/COST_FACTOR of a web worker's time per running wave, however large the wave (Django's default
+cache is per process; a shared CACHES backend would make it once for all workers)."""
 
 from __future__ import annotations
 
