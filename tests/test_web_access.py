@@ -44,6 +44,9 @@ def test_it_creates_an_api_token_shows_its_secret_once_and_revokes_it(client, ad
     assert token.revoked_at is not None
     assert client.get("/api/v1/models/", HTTP_AUTHORIZATION=f"Bearer {secret}").status_code == 401
     assert AuditEntry.objects.filter(action="token.revoke", actor="user:ada-admin").exists()
+    for bad in ("abc", "-1", "9" * 30):
+        response = client.post("/access/", {"kind": "revoke-api", "token_id": bad}, follow=True)
+        assert response.status_code == 200 and "No such active token." in response.content.decode()
 
 
 def test_it_creates_and_revokes_enrollment_tokens_with_errors_next_to_fields(client, admin_user):

@@ -51,7 +51,9 @@ def access(request):
                 new_secret = {"what": f"enrollment token {token.prefix}… ({token.max_uses} uses)", "secret": secret}
                 enroll_form = EnrollmentTokenForm(prefix="enroll")
         elif kind == "revoke-api":
-            tokens = ApiToken.objects.filter(pk=request.POST.get("token_id") or 0)
+            raw_id = request.POST.get("token_id") or "0"
+            # A non-numeric id matches no token (filter(pk="abc") would raise ValueError: a 500).
+            tokens = ApiToken.objects.filter(pk=int(raw_id)) if raw_id.isdigit() else ApiToken.objects.none()
             count = registry_tokens.tokens_revoke(tokens=tokens, actor=actor)
             if count:
                 messages.success(request, "API token revoked.")
