@@ -316,6 +316,9 @@ def test_it_shows_each_waves_new_vs_control_figures_live_then_as_judged(client, 
     import random
     from datetime import timedelta
 
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
     from ota.models import DeviceModelState, Wave
     from ota.rollouts.actions import rollout_start
     from ota.rollouts.create import rollout_create
@@ -353,6 +356,11 @@ def test_it_shows_each_waves_new_vs_control_figures_live_then_as_judged(client, 
     assert 'data-control="live" data-verdict="fail"' in live and "live, not judged yet" in live
     assert figure_cells(live, "devices")[1:3] == ["3", "7"]
     assert not AuditEntry.objects.filter(action__in=("wave.control_gate", "rollout.auto_pause")).exists()
+    # The page polls every 2 s; the verdict's reads of the hourly rows are made once, then cached.
+    with CaptureQueriesContext(connection) as queries:
+        again = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
+    assert 'data-control="live" data-verdict="fail"' in again
+    assert not [q for q in queries.captured_queries if "ota_modelmetricshour" in q["sql"]]
     # The page's one comparison is the gate's: no second, trial-health chart beside it.
     assert "Model health: wave 1 vs control group" in html and "new release vs previous" not in html
     assert 'id="control-latency-0"' in html and 'id="control-shares-0"' in html
