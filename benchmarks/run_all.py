@@ -16,6 +16,7 @@ BENCHMARKS = [
     "agent_footprint.py",
     "device_list.py",
     "device_lists.py",
+    "control_gates.py",
     "web_model_health.py",
     "rollout_fleet.py",
     "chaos.py",
