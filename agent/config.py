@@ -96,6 +96,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ShadowConfig:
+    # The spool the app drops real inputs into for shadow evaluation (agent/shadow.py):
+    # <state_dir>/shadow/<model>/*.npz, trimmed to the newest spool_max_files, none over
+    # spool_max_file_mb (older and oversized samples are deleted).
+    spool_max_files: int = 200
+    spool_max_file_mb: float = 16
+
+
+@dataclass(frozen=True)
 class Config:
     device_id: str
     hardware: str
@@ -106,6 +115,7 @@ class Config:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
     log_level: str = "INFO"
     path: Path | None = None
 
@@ -207,7 +217,7 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
     _no_unknown(
         data,
         {"device_id", "hardware", "state_dir", "log_level", "mqtt", "server", "keys", "update", "telemetry",
-         "metrics"},
+         "metrics", "shadow"},
         "",
     )
     device_id = _get(data, "device_id", "", "str")
@@ -342,6 +352,15 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
     if min_trial_requests < 1:
         raise ConfigError(f"metrics.min_trial_requests must be >= 1, got {min_trial_requests}")
     metrics = MetricsConfig(statsd_listen=statsd_listen, min_trial_requests=min_trial_requests)
+
+    sh = _table(data, "shadow")
+    _no_unknown(sh, {"spool_max_files", "spool_max_file_mb"}, "shadow.")
+    spool_max_files = _get(sh, "spool_max_files", "shadow.", "int", ShadowConfig.spool_max_files)
+    if not 1 <= spool_max_files <= 100_000:
+        raise ConfigError(f"shadow.spool_max_files must be 1-100000, got {spool_max_files}")
+    spool_max_file_mb = _positive(_get(sh, "spool_max_file_mb", "shadow.", "number", ShadowConfig.spool_max_file_mb),
+                                  "shadow.spool_max_file_mb")
+    shadow = ShadowConfig(spool_max_files=spool_max_files, spool_max_file_mb=float(spool_max_file_mb))
     return Config(
         device_id=device_id,
         hardware=hardware,
@@ -352,6 +371,7 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
         update=update,
         telemetry=telemetry,
         metrics=metrics,
+        shadow=shadow,
         log_level=log_level,
         path=path,
     )

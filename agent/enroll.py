@@ -88,13 +88,13 @@ def _toml_value(value) -> str:
 
 # What the server's answer sets; `--force` keeps every other setting of the agent.toml it replaces.
 _ANSWER_MQTT_KEYS = ("host", "port", "username", "password", "tls", "topic_root", "keepalive")
-_KEPT_TABLES = ("update", "telemetry", "metrics")
+_KEPT_TABLES = ("update", "telemetry", "metrics", "shadow")
 
 
 def kept_settings(old: dict) -> dict:
     """The settings of a replaced agent.toml that are the box's, not its identity's: log_level,
     [mqtt] keys the enrollment answer does not set (ca_file, reconnect and log intervals),
-    server.ca_file, and the [update], [telemetry] and [metrics] tables (reload and health commands...)."""
+    server.ca_file, and the [update], [telemetry], [metrics] and [shadow] tables (reload and health commands...)."""
     kept: dict = {}
     if "log_level" in old:
         kept["log_level"] = old["log_level"]
@@ -119,7 +119,7 @@ def render_config(answer: dict, *, server_url: str, state_dir: Path, kept: dict 
         f"state_dir = {_toml_value(str(state_dir))}",
     ]
     if kept:
-        lines.append("# log_level, [update], [telemetry], [metrics] and the keys below marked so: kept from the replaced agent.toml")
+        lines.append("# log_level, [update], [telemetry], [metrics], [shadow] and the keys below marked so: kept from the replaced agent.toml")
     if "log_level" in kept:
         lines.append(f"log_level = {_toml_value(kept['log_level'])}")
     lines += ["", "[mqtt]"]

@@ -48,6 +48,7 @@ class InFlightUpdate:
     refetched: bool = False  # verifying sent a bad resumed download back once for a clean one
     previous_model: dict | None = None  # the journal's models[model] entry before activation
     precheck_latency_ms: float | None = None
+    shadow: dict | None = None  # the shadow evaluation's figures (agent.shadow), reported with the commit
     trial_restarts: int = 0  # agent restarts during the trial, whatever the cause (reported, not judged)
     # A model hook (the reload or health command) running now: {"command": "reload"|"health",
     # "boot_id": ...}, journalled before it starts and cleared once it returns. Found set after a

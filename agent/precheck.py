@@ -66,20 +66,29 @@ def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, mem
         return PrecheckResult(True, "precheck skipped: the health contract says \"precheck\": \"none\"")
     if format not in RUNTIMES:
         return PrecheckResult(False, f"no precheck runtime for format {format!r} (known: {', '.join(RUNTIMES)})")
-    request = json.dumps(
-        {
-            "model": str(model_path),
-            "format": format,
-            "contract": contract,
-            "memory_mb": memory_mb,
-            "cpu_seconds": int(timeout) + 1,
-            # Generated inputs stop being tried after this, so the answer beats the timeout.
-            "search_seconds": timeout / 2,
-        }
-    )
+    answer = child_answer("agent.precheck", {
+        "model": str(model_path),
+        "format": format,
+        "contract": contract,
+        "memory_mb": memory_mb,
+        "cpu_seconds": int(timeout) + 1,
+        # Generated inputs stop being tried after this, so the answer beats the timeout.
+        "search_seconds": timeout / 2,
+    }, timeout=timeout, memory_mb=memory_mb, stop=stop, what="precheck")
+    if isinstance(answer, PrecheckResult):
+        return answer
+    return PrecheckResult(bool(answer.get("ok")), str(answer.get("detail", "")), answer.get("latency_ms"))
+
+
+def child_answer(module: str, request: dict, *, timeout: float, memory_mb: int, stop=None,
+                 what: str) -> dict | PrecheckResult:
+    """Run `python -m module` with `request` as JSON on stdin and return the JSON object it prints
+    last; or a failed PrecheckResult saying why there is none (it could not start, timed out, ran
+    out of memory, died), `interrupted` when `stop` was set meanwhile. The precheck and the shadow
+    evaluation (agent.shadow) both load models only in such a child."""
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.precheck"],
+            [sys.executable, "-m", module],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -87,9 +96,9 @@ def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, mem
             close_fds=True,
         )
     except OSError as exc:
-        return PrecheckResult(False, f"precheck child could not start: {exc}")
+        return PrecheckResult(False, f"{what} child could not start: {exc}")
     deadline = time.monotonic() + timeout
-    pending: bytes | None = request.encode()
+    pending: bytes | None = json.dumps(request).encode()
     while True:
         try:
             out, err = proc.communicate(pending, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
@@ -101,8 +110,8 @@ def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, mem
                 proc.kill()
                 proc.communicate()
                 if interrupted:
-                    return PrecheckResult(False, "precheck interrupted", interrupted=True)
-                return PrecheckResult(False, f"precheck timed out after {timeout:g}s")
+                    return PrecheckResult(False, f"{what} interrupted", interrupted=True)
+                return PrecheckResult(False, f"{what} timed out after {timeout:g}s")
     proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
     try:
@@ -112,11 +121,11 @@ def run_precheck(model_path: Path, contract: dict | None, *, timeout: float, mem
     if not isinstance(answer, dict):
         tail = proc.stderr.decode("utf-8", "replace").strip()[-500:]
         if any(marker in tail for marker in ("MemoryError", "Memory allocation", "bad_alloc", "Cannot allocate")):
-            return PrecheckResult(False, f"precheck child exceeded its {memory_mb} MB memory limit: {tail[-300:]}")
+            return PrecheckResult(False, f"{what} child exceeded its {memory_mb} MB memory limit: {tail[-300:]}")
         if proc.returncode < 0:
-            return PrecheckResult(False, f"precheck child killed by signal {-proc.returncode} (limits?) {tail}")
-        return PrecheckResult(False, f"precheck child failed (exit {proc.returncode}): {tail}")
-    return PrecheckResult(bool(answer.get("ok")), str(answer.get("detail", "")), answer.get("latency_ms"))
+            return PrecheckResult(False, f"{what} child killed by signal {-proc.returncode} (limits?) {tail}")
+        return PrecheckResult(False, f"{what} child failed (exit {proc.returncode}): {tail}")
+    return answer
 
 
 # --- generated inputs -------------------------------------------------------------------------
@@ -208,7 +217,7 @@ def generated_inputs(declared: list[tuple[str, str, list]]) -> Iterator[tuple[st
 # --- child ------------------------------------------------------------------------------------
 
 
-def _limit(memory_mb: int, cpu_seconds: int) -> None:
+def limit_resources(memory_mb: int, cpu_seconds: int) -> None:
     import resource
 
     limit = memory_mb * 1024 * 1024
@@ -330,7 +339,7 @@ def _check(model: str, contract: dict | None, search_seconds: float = 30.0, form
 
 def child_main() -> int:
     request = json.loads(sys.stdin.read())
-    _limit(int(request["memory_mb"]), int(request["cpu_seconds"]))
+    limit_resources(int(request["memory_mb"]), int(request["cpu_seconds"]))
     try:
         answer = _check(request["model"], request.get("contract"), float(request.get("search_seconds", 30)),
                         request.get("format") or "onnx")

@@ -55,6 +55,7 @@ class ErrorCode:
     LOCAL_ROLLBACK = "LOCAL_ROLLBACK"  # an operator ran `fleet-agent rollback MODEL` on the box
     SUPERSEDED = "SUPERSEDED"  # a newer directive for the same model cancelled this update before activation
     NO_PRECHECK_RUNTIME = "NO_PRECHECK_RUNTIME"  # no precheck runtime here for the artifact's format
+    SHADOW_DISAGREES = "SHADOW_DISAGREES"  # run beside the current model on real inputs, it disagreed (agent.shadow)
 
 
 class State:

@@ -26,6 +26,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.config import Config
@@ -37,6 +38,7 @@ from agent.journal import Journal, child_env, crash_point
 from agent.machine import Outcome, Phase
 from agent.precheck import run_precheck
 from agent.protocol import ErrorCode
+from agent.shadow import ShadowResult, run_shadow, shadow_settings, spool_dir, spool_samples
 
 if TYPE_CHECKING:
     from agent.metrics.book import MetricsBook
@@ -161,8 +163,34 @@ class Steps:
             return
         old = self.journal.data["models"].get(upd.model)
         previous_model = old if old and old.get("current") and old["current"] != upd.sha else None
+        shadow = self._shadow(upd, path, previous_model)
+        if shadow is not None and not shadow.ok:
+            code = ErrorCode.SHADOW_DISAGREES if shadow.disagrees else ErrorCode.PRECHECK_FAILED
+            self.finish(Outcome.FAILED, code, shadow.detail, health={"shadow": shadow.figures})
+            return
         self.transition(Phase.ACTIVATING, event=True, previous_model=previous_model,
-                        precheck_latency_ms=result.latency_ms)
+                        precheck_latency_ms=result.latency_ms,
+                        **({"shadow": shadow.figures} if shadow is not None else {}))
+
+    def _shadow(self, upd: InFlightUpdate, candidate: Path, previous_model: dict | None) -> ShadowResult | None:
+        """The release's shadow evaluation against the model `current` points at (None: the
+        contract asks for none, or nothing runs yet to compare with)."""
+        settings = shadow_settings(upd.health)
+        if settings is None or not previous_model:
+            return None
+        current = self.store.stored_file(previous_model["current"], previous_model["file_name"])
+        s = self.cfg.shadow
+        samples = spool_samples(spool_dir(self.cfg.state_dir, upd.model), max_files=s.spool_max_files,
+                                max_file_bytes=int(s.spool_max_file_mb * 2**20))
+        u = self.cfg.update
+        result = run_shadow(candidate=candidate, candidate_format=upd.format or "onnx", current=current,
+                            current_format=previous_model.get("format") or upd.format or "onnx",
+                            settings=settings, samples=samples, timeout=u.precheck_timeout_seconds,
+                            memory_mb=u.precheck_memory_mb, stop=self.halt)
+        if result.interrupted:
+            raise Interrupted()
+        log.info("shadow evaluation of %s: %s %s", upd.sha[:12], result.detail, result.figures)
+        return result
 
     def activating(self, upd: InFlightUpdate) -> None:
         """Point `current` (and `previous`) at the new model and run the reload command."""
@@ -173,7 +201,7 @@ class Steps:
         crash_point("swapped")
         record = {
             "current": sha, "previous": upd.previous_sha, "file_name": upd.file_name,
-            "committed": False, "version": upd.version, "counter": upd.counter,
+            "committed": False, "version": upd.version, "counter": upd.counter, "format": upd.format,
         }
 
         def mutate(data):
@@ -243,6 +271,7 @@ class Steps:
             "trial_seconds": u.trial_seconds,
             "trial_restarts": upd.trial_restarts,
             "precheck_latency_ms": upd.precheck_latency_ms,
+            **({"shadow": upd.shadow} if upd.shadow is not None else {}),
         }
         if app_figures is not None:
             health["app_metrics"] = {**app_figures,

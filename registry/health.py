@@ -1,5 +1,5 @@
-"""The health contract a version may carry: golden inputs and outputs, tolerances and a latency
-budget, checked here as the agent's precheck will read them (health_contract_validate), and
+"""The health contract a version may carry: golden inputs and outputs, tolerances, a latency
+budget and shadow-evaluation settings, checked here as the agent's precheck will read them (health_contract_validate), and
 against an ONNX or TFLite model's declared inputs and outputs (health_contract_check_model). The format is
 documented in README.md, "Health contracts"."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from agent import precheck, protocol
+from agent import precheck, protocol, shadow
 from registry.errors import ApiError
 
 # The release manifest travels inside each device's directive, which the agent caps at 64 KiB
@@ -16,7 +16,7 @@ from registry.errors import ApiError
 # the dtypes are the agent's (fleetctl push --sample-inputs checks the same limit).
 HEALTH_MAX_BYTES = precheck.CONTRACT_MAX_BYTES
 HEALTH_DTYPES = precheck.CONTRACT_DTYPES
-HEALTH_KEYS = ("inputs", "outputs", "atol", "rtol", "latency_budget_ms", "precheck")
+HEALTH_KEYS = ("inputs", "outputs", "atol", "rtol", "latency_budget_ms", "precheck", "shadow")
 
 
 def _health_tensors(value, where: str) -> None:
@@ -90,14 +90,19 @@ def health_contract_validate(health) -> None:
                 f"got {health['precheck']!r}.",
                 code="invalid_health",
             )
-        # What only the precheck reads would be signed yet never checked.
-        unread = sorted({"inputs", "outputs", "atol", "rtol", "latency_budget_ms"} & set(health))
+        # What only the precheck reads would be signed yet never checked (shadow evaluation
+        # needs the runtime a skipped precheck stands in for).
+        unread = sorted({"inputs", "outputs", "atol", "rtol", "latency_budget_ms", "shadow"} & set(health))
         if unread:
             raise ApiError(
                 f'health.precheck "none" skips the precheck, so {", ".join(unread)} would never be checked; '
                 "drop them or the precheck key.",
                 code="invalid_health",
             )
+    try:
+        shadow.shadow_settings(health)
+    except ValueError as exc:
+        raise ApiError(f"{exc}.", code="invalid_health") from None
     size = len(protocol.encode_json(health))
     if size > HEALTH_MAX_BYTES:
         raise ApiError(

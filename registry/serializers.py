@@ -76,7 +76,8 @@ class VersionCreateSerializer(serializers.Serializer):
         allow_null=True,
         default=None,
         help_text='{"inputs": {NAME: {"dtype", "shape", "data"}}, "outputs": {...}, "atol", "rtol", '
-        '"latency_budget_ms"}; every key optional, outputs need inputs. Or {"precheck": "none"} alone: '
+        '"latency_budget_ms", "shadow": {"metric", "min_agreement", "max_mae", "output", "min_samples", '
+        '"required"}}; every key optional, outputs need inputs. Or {"precheck": "none"} alone: '
         "no precheck (devices and release), the trial decides alone.",
     )
     rollback_floor = serializers.IntegerField(min_value=0, required=False, default=0)

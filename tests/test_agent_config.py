@@ -17,6 +17,7 @@ from agent.config import (
     MetricsConfig,
     MqttConfig,
     ServerConfig,
+    ShadowConfig,
     TelemetryConfig,
     UpdateConfig,
     load_config,
@@ -41,6 +42,7 @@ def base() -> dict:
                    "max_latency_ms_p95": 0, "precheck_timeout_seconds": 60, "precheck_memory_mb": 2048},
         "telemetry": {"interval_seconds": 60},
         "metrics": {"statsd_listen": "127.0.0.1:8125", "min_trial_requests": 20},
+        "shadow": {"spool_max_files": 200, "spool_max_file_mb": 16},
     }
 
 
@@ -101,6 +103,8 @@ def _with(path: str, value):
         ("metrics.statsd_listen", "localhost:99999", "metrics.statsd_listen"),
         ("metrics.min_trial_requests", 0, "metrics.min_trial_requests must be >= 1"),
         ("metrics.port", 1, "unknown key metrics.port"),
+        ("shadow.spool_max_files", 0, "shadow.spool_max_files must be 1-100000"),
+        ("shadow.spool_max_file_mb", 0, "shadow.spool_max_file_mb must be > 0"),
     ],
 )
 def test_it_names_the_key_of_every_bad_value(path, value, message):
@@ -146,7 +150,7 @@ def test_it_documents_and_accepts_every_key_in_the_example_config():
     assert isinstance(cfg, Config)
     for name in [*Config.__dataclass_fields__, *MqttConfig.__dataclass_fields__, *UpdateConfig.__dataclass_fields__,
                  *ServerConfig.__dataclass_fields__, *TelemetryConfig.__dataclass_fields__,
-                 *MetricsConfig.__dataclass_fields__]:
-        if name in ("mqtt", "server", "keys", "update", "telemetry", "metrics", "path"):
+                 *MetricsConfig.__dataclass_fields__, *ShadowConfig.__dataclass_fields__]:
+        if name in ("mqtt", "server", "keys", "update", "telemetry", "metrics", "shadow", "path"):
             continue
         assert re.search(rf"^#?\s*{name}\s*=", text, re.MULTILINE), f"{name} missing from the example config"
