@@ -4,8 +4,6 @@ postprocessing hook that documents the error responses every API operation share
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse
 
-from registry.limits import MAX_PAGE_OFFSET
-
 
 class BearerTokenScheme(OpenApiAuthenticationExtension):
     target_class = "registry.auth.BearerTokenAuthentication"
@@ -64,8 +62,7 @@ def document_errors(result, generator, request, public):
     place that declares the refusals every operation shares, so no view repeats them and none is
     left undocumented. Any operation may answer 400; one behind authentication also 401 and 403;
     one with a path parameter 404; one with a body 413 and 415. A status the view declares itself
-    is left as the view says (e.g. the download's body-less 416). Also the cap on `offset` that
-    every paginated list shares."""
+    is left as the view says (e.g. the download's body-less 416)."""
     result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
     for path_item in result.get("paths", {}).values():
         for method, operation in path_item.items():
@@ -79,10 +76,6 @@ def document_errors(result, generator, request, public):
                 applies.add("404")
             if "requestBody" in operation:
                 applies |= {"413", "415"}
-            for parameter in operation.get("parameters", []):
-                # registry.pagination refuses an offset past the cap (DRF's own schema has no bound).
-                if parameter.get("in") == "query" and parameter.get("name") == "offset":
-                    parameter.setdefault("schema", {})["maximum"] = MAX_PAGE_OFFSET
             for status in sorted(applies):
                 body = {"application/json": {"schema": ERROR_REF}}
                 responses.setdefault(status, {"description": COMMON_ERRORS[status], "content": body})
