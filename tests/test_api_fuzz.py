@@ -38,6 +38,7 @@ MAX_EXAMPLES = 10
 ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 # Operations whose valid requests can still be refused with a 400 for rules OpenAPI 3.0 cannot
 # state; the schema documents the shape, the 400 names the rule. Everything else must be accepted.
+NOT_SENT: dict[str, int] = {}
 BEYOND_THE_SCHEMA = [
     # `version` needs `model` (a dependency between parameters).
     ("GET", "/api/v1/devices/"),
@@ -152,7 +153,8 @@ def _refused_characters(value, *, name: bool = False) -> bool:
 
 
 def _sendable(context, case) -> bool:
-    """Two kinds of generated case say nothing about the API, so they are not sent:
+    """Three kinds of generated case say nothing about the API, so they are not sent (counted in
+    NOT_SENT, printed with the run's figures):
     - "valid" data holding control characters: every string the API takes refuses them (issue 11;
       the guard and parsers answer 400 invalid_characters), a rule OpenAPI 3.0 cannot state for
       free-form JSON (metadata, labels, unknown keys), so schemathesis would count those 400s as
@@ -164,23 +166,30 @@ def _sendable(context, case) -> bool:
     if meta is None:
         return True
     if meta.generation.mode.is_positive:
-        return not any(
-            _refused_characters(part, name=location == "path")
-            for location, part in (("body", case.body), ("query", case.query), ("path", case.path_parameters))
-        )
+        parts = (("body", case.body), ("query", case.query), ("path", case.path_parameters))
+        return _sent_unless(any(_refused_characters(part, name=where == "path") for where, part in parts),
+                            "valid but with control characters")
     negative = {str(location.value) for location, info in meta.components.items() if info.mode.is_negative}
     if negative == {"path"}:
-        return False
+        return _sent_unless(True, "invalid only in a pinned path parameter")
     # A form carries text only: a type mutation (an object for a string, a number for a list)
     # arrives as valid text, and an empty optional field means "not given" (HTML forms). So an
     # invalid form body is not sent; invalid JSON bodies, queries and headers are.
-    return not ("body" in negative and (case.media_type or "").startswith(FORM_TYPES))
+    form = (case.media_type or "").startswith(FORM_TYPES)
+    return _sent_unless("body" in negative and form, "invalid form body")
+
+
+def _sent_unless(skip: bool, why: str) -> bool:
+    if skip:
+        NOT_SENT[why] = NOT_SENT.get(why, 0) + 1
+    return not skip
 
 
 def _fuzz(live_server, secret: str, data: dict, who: str) -> None:
     """One engine run (the same phases `schemathesis run` goes through); fails listing every
     distinct failure with a curl line to replay it."""
     started = time.monotonic()
+    NOT_SENT.clear()
     schema = _schema(live_server, secret, data)
     requests = 0
     seen_operations: set[str] = set()
@@ -207,7 +216,8 @@ def _fuzz(live_server, secret: str, data: dict, who: str) -> None:
             raise event.exception
     elapsed = time.monotonic() - started
     print(f"schemathesis {schemathesis.__version__} ({who} token): {requests} requests, "
-          f"{len(seen_operations)} operations, {elapsed:.1f} s, {len(failures)} distinct failures")
+          f"{len(seen_operations)} operations, {elapsed:.1f} s, {len(failures)} distinct failures; "
+          f"generated but not sent: {NOT_SENT}")
     report = "\n\n".join(
         f"{label} [{check}] {title}\n  {detail}" for (label, check, title), detail in sorted(failures.items())
     )
