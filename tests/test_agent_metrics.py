@@ -118,8 +118,10 @@ def test_it_judges_the_trial_on_the_apps_metrics_and_reports_them(rig, app_port)
         def windows():
             return [w for t in rig.subscriber.telemetry if t["device"] == "dev-1"
                     for w in (t.get("model_metrics") or {}).get("models", [])]
-        wait_for(lambda: any(w["release"] == v1.sha256 for w in windows()[-3:]), 20,
-                 "telemetry with v1's figures after the rollback", agent=agent)
+        def back_on_v1_after_slow():
+            releases = [w["release"] for w in windows()]
+            return slow.sha256 in releases and v1.sha256 in releases[releases.index(slow.sha256):]
+        wait_for(back_on_v1_after_slow, 20, "telemetry with the slow release's figures, then v1's again", agent=agent)
         by_release: dict[str, Window] = {}
         for w in windows():
             by_release.setdefault(w["release"], Window()).merge(Window.from_json(w))

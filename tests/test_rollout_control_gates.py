@@ -12,7 +12,7 @@ SETTINGS = settings_with_defaults(None)
 
 
 def device(rng: random.Random, name: str, *, latency_ms=20.0, error_rate=0.01, slower=1.0, labels=None,
-           requests=150) -> DeviceFigures:
+           requests=150, score=None) -> DeviceFigures:
     """One box's hour: its own speed (boxes differ by ~10 %) and error rate (~30 % apart)."""
     w = Window()
     speed = rng.lognormvariate(0, 0.1) * slower
@@ -24,8 +24,10 @@ def device(rng: random.Random, name: str, *, latency_ms=20.0, error_rate=0.01, s
         if rng.random() < box_errors:
             w.add("errors", 1, "counter")
         w.add("output." + rng.choices(list(shares), weights=list(shares.values()))[0], 1, "counter")
+        if score is not None:  # a numeric output: the model's confidence, say
+            w.add("output.score", min(1.0, max(0.0, rng.gauss(score, 0.08))), "timing")
     j = w.to_json()
-    return DeviceFigures(name, j["requests"], j["errors"], j["latency_ms"], j["outputs"])
+    return DeviceFigures(name, j["requests"], j["errors"], j["latency_ms"], j["outputs"], j["output_values"])
 
 
 def groups(seed, n_new, *, n_control=20, **new_behaviour):
@@ -86,6 +88,18 @@ def test_it_switches_gates_off_one_by_one():
     assert settings_with_defaults(False) is None
     custom = settings_with_defaults({"latency": {"max_p50_ratio": 2.0, "max_p95_ratio": 2.0}, "drift": False})
     assert compare_groups(new, control, custom).state == "pass"
+
+
+def test_it_measures_drift_of_a_numeric_output_against_the_controls_deciles():
+    rng = random.Random(6)
+    control = [device(rng, f"c{i}", score=0.8) for i in range(20)]
+    same = [device(rng, f"n{i}", score=0.8) for i in range(10)]
+    lower = [device(rng, f"n{i}", score=0.6) for i in range(10)]
+    assert compare_groups(same, control, SETTINGS).state == "pass"
+    verdict = compare_groups(lower, control, SETTINGS)
+    assert verdict.state == "fail" and "output score drifted" in verdict.summary
+    score = verdict.figures["drift"]["values"]["score"]
+    assert score["psi"] > 0.2 and score["new_p50"] < score["control_p50"]
 
 
 def test_it_measures_drift_as_population_stability():

@@ -7,6 +7,7 @@ request rate, and the same code on the agent, the simulator and the server."""
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from ddsketch import DDSketch
@@ -41,6 +42,18 @@ def sketch_from_json(data: dict) -> DDSketch:
     if data.get("zero"):
         sketch.add(0.0, float(data["zero"]))
     return sketch
+
+
+def bucket_counts(sketch_json: dict, edges: list[float]) -> list[float]:
+    """How much of a sketch (sketch_to_json's form) falls in each interval the sorted `edges` cut
+    (len(edges) + 1 intervals), each bucket counted at its representative value: a histogram on
+    the sketch's own buckets, within its 1 % accuracy."""
+    mapping = LogarithmicMapping(RELATIVE_ACCURACY)
+    counts = [0.0] * (len(edges) + 1)
+    counts[bisect_right(edges, 0.0)] += float(sketch_json.get("zero") or 0)
+    for key, count in (sketch_json.get("bins") or {}).items():
+        counts[bisect_right(edges, mapping.value(int(key)))] += float(count)
+    return counts
 
 
 def quantile(sketch: DDSketch, q: float) -> float | None:

@@ -10,7 +10,8 @@ still catch a real regression once enough devices report. Three gates, each swit
            Welch test that per-device log p50 is higher on the new release (alpha)
   errors   one-sided Welch test that the per-device error rate on the new release exceeds the
            control's by more than max_increase (alpha)
-  drift    population stability index of the output label shares, over max_psi
+  drift    population stability index of the output label shares, and of each numeric output
+           (over the control's deciles), over max_psi
 Each test is paired with an effect size (a ratio, a margin, a PSI) that must be exceeded too, so
 alpha defaults to 0.05: noise rarely clears the effect size, and a real regression on a
 3-device canary still reaches significance. Each gate needs min_devices devices with
@@ -25,7 +26,14 @@ from dataclasses import dataclass, field
 
 from scipy import stats
 
-from agent.metrics.aggregate import empty_sketch_json, quantile, sketch_from_json, sketch_json_merge, window_json_merge
+from agent.metrics.aggregate import (
+    bucket_counts,
+    empty_sketch_json,
+    quantile,
+    sketch_from_json,
+    sketch_json_merge,
+    window_json_merge,
+)
 
 DEFAULTS = {
     "min_devices": 3,
@@ -48,6 +56,7 @@ class DeviceFigures:
     errors: float
     latency_ms: dict = field(default_factory=dict)  # sketch JSON (agent.metrics.aggregate)
     outputs: dict = field(default_factory=dict)
+    output_values: dict = field(default_factory=dict)  # numeric output name -> sketch JSON
 
     @property
     def error_rate(self) -> float:
@@ -96,14 +105,25 @@ def _welch_greater(new: list[float], control: list[float]) -> float:
     return p
 
 
-def _merged(group: list[DeviceFigures]) -> tuple[dict, dict, float]:
-    latency, outputs, requests = empty_sketch_json(), {}, 0.0
+def _merged(group: list[DeviceFigures]) -> tuple[dict, dict, float, dict]:
+    latency, outputs, requests, values = empty_sketch_json(), {}, 0.0, {}
     for d in group:
         sketch_json_merge(latency, d.latency_ms)
         for label, count in d.outputs.items():
             outputs[label] = outputs.get(label, 0) + count
+        for name, sketch in d.output_values.items():
+            sketch_json_merge(values.setdefault(name, empty_sketch_json()), sketch)
         requests += d.requests
-    return latency, outputs, requests
+    return latency, outputs, requests, values
+
+
+def numeric_psi(new: dict, control: dict) -> float:
+    """PSI of a numeric output (two merged sketches): the control's deciles cut both into ten
+    intervals, and the shares of each group in them are compared as label shares are."""
+    control_sketch = sketch_from_json(control)
+    edges = sorted({quantile(control_sketch, q / 10) for q in range(1, 10)} - {None})
+    as_table = {str(i): c for i, c in enumerate(bucket_counts(new, edges))}
+    return psi(as_table, {str(i): c for i, c in enumerate(bucket_counts(control, edges))})
 
 
 def psi(new: dict[str, float], control: dict[str, float]) -> float:
@@ -134,8 +154,8 @@ def compare_groups(new: list[DeviceFigures], control: list[DeviceFigures], setti
             f"{len(new_ok)} devices on the new release and {len(control_ok)} in the control group have "
             f"{min_requests}+ requests; {need} of each needed"], figures)
     alpha = settings["alpha"]
-    new_latency, new_outputs, new_requests = _merged(new_ok)
-    control_latency, control_outputs, control_requests = _merged(control_ok)
+    new_latency, new_outputs, new_requests, new_values = _merged(new_ok)
+    control_latency, control_outputs, control_requests, control_values = _merged(control_ok)
     figures.update(new_requests=new_requests, control_requests=control_requests)
     tripped, waiting, passed = [], [], []
 
@@ -182,19 +202,38 @@ def compare_groups(new: list[DeviceFigures], control: list[DeviceFigures], setti
     drift = settings.get("drift")
     if drift is not None:
         n_total, c_total = sum(new_outputs.values()), sum(control_outputs.values())
-        if not new_outputs and not control_outputs:
-            figures["drift"] = {"off": "no outputs reported"}
-        elif n_total < drift["min_outputs"] or c_total < drift["min_outputs"]:
-            figures["drift"] = {"new_outputs": n_total, "control_outputs": c_total, "min_outputs": drift["min_outputs"]}
-            waiting.append(f"output drift: {n_total:g} and {c_total:g} outputs, {drift['min_outputs']} of each needed")
-        else:
-            value = psi(new_outputs, control_outputs)
-            figures["drift"] = {"psi": round(value, 4), "max_psi": drift["max_psi"],
-                                "new_shares": {k: round(v / n_total, 4) for k, v in sorted(new_outputs.items())},
-                                "control_shares": {k: round(v / c_total, 4) for k, v in sorted(control_outputs.items())}}
-            if value > drift["max_psi"]:
-                tripped.append(f"outputs drifted: PSI {value:.3f} > {drift['max_psi']}")
+        numeric = sorted(set(new_values) & set(control_values))
+        fig: dict = {"max_psi": drift["max_psi"], "min_outputs": drift["min_outputs"]}
+        judged = False
+        if new_outputs or control_outputs:
+            if n_total < drift["min_outputs"] or c_total < drift["min_outputs"]:
+                fig.update(new_outputs=n_total, control_outputs=c_total)
+                waiting.append(f"output drift: {n_total:g} and {c_total:g} outputs, {drift['min_outputs']} of each needed")
             else:
+                value = psi(new_outputs, control_outputs)
+                judged = True
+                fig.update(psi=round(value, 4),
+                           new_shares={k: round(v / n_total, 4) for k, v in sorted(new_outputs.items())},
+                           control_shares={k: round(v / c_total, 4) for k, v in sorted(control_outputs.items())})
+                if value > drift["max_psi"]:
+                    tripped.append(f"outputs drifted: PSI {value:.3f} > {drift['max_psi']}")
+        for name in numeric:
+            n_count, c_count = new_values[name].get("count", 0), control_values[name].get("count", 0)
+            if n_count < drift["min_outputs"] or c_count < drift["min_outputs"]:
+                waiting.append(f"output {name}: {n_count:g} and {c_count:g} values, {drift['min_outputs']} of each needed")
+                continue
+            value = numeric_psi(new_values[name], control_values[name])
+            judged = True
+            n_sketch, c_sketch = sketch_from_json(new_values[name]), sketch_from_json(control_values[name])
+            fig.setdefault("values", {})[name] = {
+                "psi": round(value, 4), "new_p50": quantile(n_sketch, 0.5), "control_p50": quantile(c_sketch, 0.5)}
+            if value > drift["max_psi"]:
+                tripped.append(f"output {name} drifted: PSI {value:.3f} > {drift['max_psi']}")
+        if not (new_outputs or control_outputs or numeric):
+            figures["drift"] = {"off": "no outputs reported"}
+        else:
+            figures["drift"] = fig
+            if judged and not any("drifted" in t for t in tripped):
                 passed.append("drift")
 
     if tripped:
@@ -210,4 +249,5 @@ def window_of(device_id: str, windows: list[dict]) -> DeviceFigures:
     for w in windows:
         window_json_merge(total, w)
     return DeviceFigures(device_id=device_id, requests=total.get("requests", 0), errors=total.get("errors", 0),
-                         latency_ms=total.get("latency_ms") or {}, outputs=total.get("outputs") or {})
+                         latency_ms=total.get("latency_ms") or {}, outputs=total.get("outputs") or {},
+                         output_values=total.get("output_values") or {})

@@ -49,14 +49,16 @@ def wave_control_verdict(rollout: Rollout, wave: Wave) -> Verdict | None:
     # (in an earlier wave, or by hand) has older rows of the old one in these hours.
     running = dict(DeviceModelState.objects.filter(model_id=rollout.model_id).values_list("device_id", "active_sha256"))
     rows = ModelMetricsHour.objects.filter(model=model, hour__gte=since).values_list(
-        "device_id", "release_sha256", "requests", "errors", "latency_ms", "outputs",
+        "device_id", "release_sha256", "requests", "errors", "latency_ms", "outputs", "output_values",
         "device__hardware_id", "device__labels",
     )
     new_windows: dict[str, list[dict]] = defaultdict(list)
     control_windows: dict[str, list[dict]] = defaultdict(list)
     profile: dict[str, tuple] = {}
-    for device_id, sha, requests, errors, latency, outputs, hardware_id, labels in rows.iterator(chunk_size=2000):
-        window = {"requests": requests, "errors": errors, "latency_ms": latency, "outputs": outputs}
+    for device_id, sha, requests, errors, latency, outputs, values, hardware_id, labels in rows.iterator(
+            chunk_size=2000):
+        window = {"requests": requests, "errors": errors, "latency_ms": latency, "outputs": outputs,
+                  "output_values": values}
         if sha in target_shas:
             if device_id in committed:
                 new_windows[device_id].append(window)
