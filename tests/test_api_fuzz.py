@@ -161,7 +161,7 @@ def _sendable(context, case) -> bool:
       valid data refused. Invalid data with control characters is still sent, and must be refused.
     - invalid data whose only invalid part is a path parameter: the run pins path parameters to
       the seeded rows, so what is sent is valid after all;
-    - an invalid form body (below)."""
+    - an invalid form body invalid only in what a form cannot carry (_form_blurs)."""
     meta = case.meta
     if meta is None:
         return True
@@ -172,11 +172,41 @@ def _sendable(context, case) -> bool:
     negative = {str(location.value) for location, info in meta.components.items() if info.mode.is_negative}
     if negative == {"path"}:
         return _sent_unless(True, "invalid only in a pinned path parameter")
-    # A form carries text only: a type mutation (an object for a string, a number for a list)
-    # arrives as valid text, and an empty optional field means "not given" (HTML forms). So an
-    # invalid form body is not sent; invalid JSON bodies, queries and headers are.
-    form = (case.media_type or "").startswith(FORM_TYPES)
-    return _sent_unless("body" in negative and form, "invalid form body")
+    blurred = "body" in negative and (case.media_type or "").startswith(FORM_TYPES) and _form_blurs(case)
+    return _sent_unless(blurred, "invalid only in what a form cannot carry")
+
+
+def _form_blurs(case) -> bool:
+    """Whether an invalid form body is invalid only in what a form cannot carry: a form sends text,
+    so a value of another JSON type than its field's (an object for a string, a number for a list)
+    arrives as valid text, and an empty field means "not given" (HTML forms). Form bodies invalid
+    otherwise (too long, off-pattern, out of range, a required field missing) are sent."""
+    body = case.body
+    if not isinstance(body, dict):
+        return True
+    content = case.operation.definition.raw.get("requestBody", {}).get("content", {}).get(case.media_type, {})
+    ref = content.get("schema", {}).get("$ref", "")
+    components = case.operation.schema.raw_schema.get("components", {}).get("schemas", {})
+    properties = components.get(ref.rsplit("/", 1)[-1], {}).get("properties", {}) if ref else {}
+    for key, value in body.items():
+        field = properties.get(key, {})
+        if value == "" or not _json_type_fits(value, field.get("type")):
+            return True
+        if field.get("type") == "array" and any(
+            not _json_type_fits(item, field.get("items", {}).get("type")) for item in value
+        ):
+            return True
+    return False
+
+
+def _json_type_fits(value, expected: str | None) -> bool:
+    if expected is None or isinstance(value, bytes):
+        return True
+    kinds = {"boolean": (bool,), "integer": (int,), "number": (int, float), "string": (str,),
+             "array": (list,), "object": (dict,)}
+    return isinstance(value, kinds.get(expected, object)) and not (
+        isinstance(value, bool) and expected in ("integer", "number")
+    )
 
 
 def _sent_unless(skip: bool, why: str) -> bool:
