@@ -57,7 +57,7 @@ def cmd_verify(args) -> int:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         print(f"REFUSED MALFORMED: {args.envelope} is not JSON: {exc}")
         return EXIT_REFUSED
-    release_keys = Keyring.from_pems(*cfg.keys.release)
+    release_keys = Keyring.from_pems(*cfg.keys.release, threshold=cfg.keys.release_threshold)
     rollout_keys = Keyring.from_pems(*cfg.keys.rollout)
     kind = envelope.get("payloadType") if isinstance(envelope, dict) else None
     try:

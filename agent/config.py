@@ -57,6 +57,8 @@ class ServerConfig:
 class KeysConfig:
     release: tuple[str, ...] = ()
     rollout: tuple[str, ...] = ()
+    # Distinct release keys that must have signed a release (offline signing, RELEASE_SIGNATURE_THRESHOLD).
+    release_threshold: int = 1
 
 
 @dataclass(frozen=True)
@@ -293,8 +295,15 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
     server = ServerConfig(url=url.rstrip("/"), token=_get(s, "token", w, "str", ""), ca_file=server_ca)
 
     k = _table(data, "keys")
-    _no_unknown(k, {"release", "rollout"}, "keys.")
-    keys = KeysConfig(release=_pems(k, "release"), rollout=_pems(k, "rollout"))
+    _no_unknown(k, {"release", "rollout", "release_threshold"}, "keys.")
+    release_pems = _pems(k, "release")
+    threshold = k.get("release_threshold", 1)
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= len(release_pems):
+        raise ConfigError(
+            f"keys.release_threshold must be an integer from 1 to the number of keys.release "
+            f"({len(release_pems)}), got {threshold!r}"
+        )
+    keys = KeysConfig(release=release_pems, rollout=_pems(k, "rollout"), release_threshold=threshold)
 
     u = _table(data, "update")
     w = "update."

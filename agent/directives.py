@@ -55,7 +55,7 @@ class DirectiveHandler:
         self.report = report
         self.start = start
         self.preempt = preempt
-        self.release_keys = Keyring.from_pems(*cfg.keys.release)
+        self.release_keys = Keyring.from_pems(*cfg.keys.release, threshold=cfg.keys.release_threshold)
         self.rollout_keys = Keyring.from_pems(*cfg.keys.rollout)
 
     def handle(self, payload: bytes) -> None:

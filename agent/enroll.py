@@ -139,6 +139,7 @@ def render_config(answer: dict, *, server_url: str, state_dir: Path, kept: dict 
         "[keys]",
         f"release = {_toml_value(answer['keys']['release'])}",
         f"rollout = {_toml_value(answer['keys']['rollout'])}",
+        f"release_threshold = {_toml_value(answer['keys'].get('release_threshold', 1))}",
         "",
     ]
     for table in _KEPT_TABLES:

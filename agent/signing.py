@@ -84,14 +84,16 @@ def sign_envelope(payload: bytes, payload_type: str, private_key: Ed25519Private
 
 @dataclass(frozen=True)
 class Keyring:
-    """Trusted public keys by key id, for one role (release or rollout)."""
+    """Trusted public keys by key id, for one role (release or rollout), and how many distinct
+    ones must have signed an envelope (TUF's threshold; 1 for a single key)."""
 
     keys: Mapping[str, Ed25519PublicKey]
+    threshold: int = 1
 
     @classmethod
-    def from_pems(cls, *pems: bytes | str) -> Keyring:
+    def from_pems(cls, *pems: bytes | str, threshold: int = 1) -> Keyring:
         loaded = [load_public_key_pem(pem) for pem in pems]
-        return cls({keyid_of(key): key for key in loaded})
+        return cls({keyid_of(key): key for key in loaded}, threshold)
 
 
 def _b64decode(value: object, what: str) -> bytes:
@@ -104,10 +106,11 @@ def _b64decode(value: object, what: str) -> bytes:
 
 
 def verify_envelope(envelope: object, payload_type: str, keyring: Keyring) -> bytes:
-    """Return the payload bytes if at least one signature by a trusted key verifies.
+    """Return the payload bytes if signatures by at least `keyring.threshold` distinct trusted
+    keys verify (signatures by other keys are ignored, as DSSE allows).
 
-    Raises VerificationError with code MALFORMED, WRONG_PAYLOAD_TYPE, UNKNOWN_KEY or
-    SIGNATURE_INVALID.
+    Raises VerificationError with code MALFORMED, WRONG_PAYLOAD_TYPE, UNKNOWN_KEY (no signature
+    by a trusted key) or SIGNATURE_INVALID (trusted keys signed, but too few signatures verify).
     """
     if not isinstance(envelope, Mapping):
         raise VerificationError("envelope must be a JSON object", "MALFORMED")
@@ -122,19 +125,28 @@ def verify_envelope(envelope: object, payload_type: str, keyring: Keyring) -> by
         raise VerificationError("envelope has no signatures", "MALFORMED")
     message = pae(payload_type, payload)
     known_key_seen = False
+    verified: set[str] = set()  # key ids, so one key signing twice counts once
     for entry in signatures:
         if not isinstance(entry, Mapping):
             raise VerificationError("each signature must be an object", "MALFORMED")
-        key = keyring.keys.get(entry.get("keyid"))
+        keyid = entry.get("keyid")
+        key = keyring.keys.get(keyid)
         if key is None:
             continue
         known_key_seen = True
         try:
             key.verify(_b64decode(entry.get("sig"), "signature"), message)
-            return payload
         except InvalidSignature:
             continue
+        verified.add(keyid)
+        if len(verified) >= keyring.threshold:
+            return payload
     if not known_key_seen:
         ids = ", ".join(str(e.get("keyid"))[:16] for e in signatures if isinstance(e, Mapping))
         raise VerificationError(f"no signature by a trusted key (key ids: {ids})", "UNKNOWN_KEY")
+    if keyring.threshold > 1:
+        raise VerificationError(
+            f"{len(verified)} of the {keyring.threshold} required signatures by distinct trusted keys verify",
+            "SIGNATURE_INVALID",
+        )
     raise VerificationError("signature does not verify against the trusted key", "SIGNATURE_INVALID")

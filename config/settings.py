@@ -158,6 +158,10 @@ KEYS_DIR = env_path("KEYS_DIR", DATA_DIR / "keys")
 RELEASE_KEY_PATH = env_path("RELEASE_KEY_PATH", KEYS_DIR / "release.pem")
 ROLLOUT_KEY_PATH = env_path("ROLLOUT_KEY_PATH", KEYS_DIR / "rollout.pem")
 RELEASE_VALIDITY_DAYS = env_int("RELEASE_VALIDITY_DAYS", 365, min_value=1)
+# offline: the server holds no release private key; releases carry signatures made elsewhere
+# (`fleetctl push --sign-with`) by RELEASE_SIGNATURE_THRESHOLD distinct registered release keys.
+RELEASE_SIGNING = env_str("RELEASE_SIGNING", "online", choices=("online", "offline"))
+RELEASE_SIGNATURE_THRESHOLD = env_int("RELEASE_SIGNATURE_THRESHOLD", 1, min_value=1, max_value=16)
 
 # --- housekeeping (ota/housekeeping.py; Celery beat runs it every HOUSEKEEPING_INTERVAL_SECONDS) ----
 # Device events, and directives a newer one superseded, are pruned once older than this many days

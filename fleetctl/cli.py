@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fleetctl import __version__, aliases, hardware, push, rollout, verify, versions
+from fleetctl import __version__, aliases, hardware, keys, push, rollout, verify, versions
 from fleetctl.client import ApiError, ConfigError
 from fleetctl.common import EXIT_REFUSED, EXIT_SERVER, EXIT_USAGE, Parser, UsageError, common_options, eprint
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fleetctl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for command in (push, versions, hardware, aliases, verify, rollout):
+    for command in (push, versions, hardware, aliases, verify, rollout, keys):
         command.add_parser(sub)
     return parser
 

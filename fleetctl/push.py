@@ -19,6 +19,7 @@ from fleetctl.common import (
     eprint,
     sha256_file,
 )
+from fleetctl.keys import load_signing_key, sign_payload
 from fleetctl.progress import Progress, human_bytes
 from fleetctl.samples import health_from_samples
 
@@ -83,6 +84,10 @@ def envelope_digest(envelope: dict) -> str:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    if args.sign_with and not args.release:
+        raise UsageError("--sign-with needs --release: only a release is signed")
+    for key_path in args.sign_with:  # an unusable key is refused before anything is uploaded
+        load_signing_key(key_path)
     if args.alias and not args.release:
         raise UsageError("--alias needs --release: an alias can only point at a released version")
     # Everything local is checked before the first request, so a typo leaves nothing on the server.
@@ -222,7 +227,7 @@ def _upload_and_release(client: FleetClient, args, artifacts, expected) -> int:
         eprint(f"{args.model} {args.version} left as a draft (pass --release to sign and release it)")
         return EXIT_OK
 
-    envelope = client.post(f"{API}/models/{model}/versions/{version}/release")
+    envelope = client.post(f"{API}/models/{model}/versions/{version}/release", _offline_signatures(client, args))
     digest = envelope_digest(envelope)
     eprint(f"released {args.model} {args.version} (manifest sha256 {digest})")
     if args.envelope_out:
@@ -238,6 +243,26 @@ def _upload_and_release(client: FleetClient, args, artifacts, expected) -> int:
         eprint(f"alias {args.model}:{args.alias} -> {args.version}")
     print(digest)
     return EXIT_OK
+
+
+def _offline_signatures(client: FleetClient, args) -> dict | None:
+    """With --sign-with: the manifest payload the server would sign, signed here by each key."""
+    if not args.sign_with:
+        return None
+    version_path = f"{API}/models/{path_quote(args.model)}/versions/{path_quote(args.version)}"
+    answer = client.get(f"{version_path}/manifest-payload")
+    try:
+        payload_type, payload_b64 = answer["payloadType"], answer["payload"]
+        payload = base64.b64decode(payload_b64, validate=True)
+    except (KeyError, TypeError, ValueError):
+        raise ApiError(200, "unexpected_response", "the server's manifest-payload answer is not a payload") from None
+    if hashlib.sha256(payload).hexdigest() != answer.get("sha256"):
+        raise ApiError(200, "unexpected_response", "the manifest payload does not match the sha256 the server sent")
+    signing_keys = [load_signing_key(path) for path in args.sign_with]
+    signatures = [sign_payload(key, payload_type, payload) for key in signing_keys]
+    eprint(f"signed the manifest (sha256 {answer['sha256']}) with {len(signatures)} key(s): "
+           + ", ".join(s["keyid"][:16] for s in signatures))
+    return {"payload": payload_b64, "signatures": signatures}
 
 
 def add_parser(sub) -> None:
@@ -257,6 +282,9 @@ def add_parser(sub) -> None:
     push.add_argument("--format", default="onnx", help="artifact format: onnx, tflite, tensorrt, other (default: onnx)")
     push.add_argument("--release", action="store_true", help="sign and release the version after uploading")
     push.add_argument("--alias", help="after releasing, point this alias (e.g. production) at the version")
+    push.add_argument("--sign-with", action="append", default=[], metavar="KEY.pem",
+                      help="with --release on a RELEASE_SIGNING=offline server: sign the manifest here with this "
+                      "Ed25519 private key (`fleetctl keys generate`); repeat for a threshold of several keys")
     push.add_argument("--metadata", metavar="JSON", help="free metadata as a JSON object")
     push.add_argument("--git-sha")
     push.add_argument("--ci-run-url")

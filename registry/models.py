@@ -174,6 +174,29 @@ class ApiToken(models.Model):
         return cls.TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+class ReleaseKey(models.Model):
+    """A release public key registered by an admin (offline signing, registry.keys). Only the
+    public half is ever here; revoked keys stay for the record and are no longer trusted."""
+
+    class Role(models.TextChoices):
+        RELEASE = "release"
+
+    # agent.signing.keyid_of: hex SHA-256 of the raw public key, the DSSE keyid of its signatures.
+    keyid = models.CharField(max_length=64, unique=True)
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.RELEASE)
+    public_key_pem = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.CharField(max_length=150, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.role} key {self.keyid[:16]}"
+
+
 class AuditEntry(models.Model):
     """Who did what, or which automatic decision was taken and why, with the figures behind it."""
 

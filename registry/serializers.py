@@ -92,8 +92,43 @@ class ArtifactUploadSerializer(serializers.Serializer):
     sha256 = serializers.CharField(required=False, help_text="Expected SHA-256 (hex); refused on mismatch.")
 
 
+class SignatureSerializer(serializers.Serializer):
+    keyid = serializers.CharField(max_length=128, help_text="Hex SHA-256 of the raw Ed25519 public key.")
+    sig = serializers.CharField(max_length=256, help_text="Base64 Ed25519 signature over DSSE PAE(payloadType, payload).")
+
+
 class ReleaseSerializer(serializers.Serializer):
     approver = serializers.CharField(max_length=150, required=False, allow_blank=True)
+    payload = serializers.CharField(
+        required=False, allow_blank=True, trim_whitespace=False,
+        help_text="RELEASE_SIGNING=offline: the base64 payload from GET .../manifest-payload that was signed.",
+    )
+    signatures = serializers.ListField(
+        child=SignatureSerializer(), required=False, max_length=16,
+        help_text="RELEASE_SIGNING=offline: signatures by registered release keys over the payload.",
+    )
+
+
+class ManifestPayloadSerializer(serializers.Serializer):
+    payloadType = serializers.CharField()  # noqa: N815 - the DSSE field name
+    payload = serializers.CharField(help_text="Base64 of the exact manifest bytes to sign.")
+    sha256 = serializers.CharField()
+    threshold = serializers.IntegerField(help_text="Distinct registered release keys that must sign.")
+
+
+class ReleaseKeyCreateSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=["release"], default="release")
+    public_key_pem = serializers.CharField(max_length=4096, trim_whitespace=False)
+
+
+class ReleaseKeySerializer(serializers.Serializer):
+    keyid = serializers.CharField()
+    role = serializers.CharField()
+    public_key_pem = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    created_by = serializers.CharField()
+    revoked_at = serializers.DateTimeField(allow_null=True)
+    revoked_by = serializers.CharField()
 
 
 class ReasonSerializer(serializers.Serializer):

@@ -20,10 +20,13 @@ urlpatterns = [
     ),
     path(f"{V}/release", views.VersionRelease.as_view(), name="version-release"),
     path(f"{V}/manifest", views.VersionManifest.as_view(), name="version-manifest"),
+    path(f"{V}/manifest-payload", views.VersionManifestPayload.as_view(), name="version-manifest-payload"),
     path(f"{V}/deprecate", views.VersionDeprecate.as_view(), name="version-deprecate"),
     path(f"{V}/revoke", views.VersionRevoke.as_view(), name="version-revoke"),
     path("models/<slug:name>/aliases/", views.AliasList.as_view(), name="alias-list"),
     path("models/<slug:name>/aliases/<slug:alias>", views.AliasDetail.as_view(), name="alias-detail"),
     path("keys/", views.KeyList.as_view(), name="key-list"),
+    path("keys/registered/", views.RegisteredKeyList.as_view(), name="key-registered"),
+    path("keys/registered/<str:keyid>/revoke", views.RegisteredKeyRevoke.as_view(), name="key-revoke"),
     path("tokens/", views.ApiTokenList.as_view(), name="token-list"),
 ]

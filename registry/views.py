@@ -17,9 +17,15 @@ from registry.downloads import artifact_response
 from registry.errors import ApiError, not_found
 from registry.hardware import hardware_create
 from registry.lookups import artifact_get, model_get, version_get
-from registry.models import ApiToken, HardwareTarget, Model, ModelVersion
+from registry.models import ApiToken, HardwareTarget, Model, ModelVersion, ReleaseKey
 from registry.parsers import FormParser, MultiPartParser
-from registry.releases import version_delete_draft, version_deprecate, version_release, version_revoke
+from registry.releases import (
+    version_delete_draft,
+    version_deprecate,
+    version_manifest_payload,
+    version_release,
+    version_revoke,
+)
 from registry.schema import ERROR
 from registry.serializers import (
     AliasSerializer,
@@ -30,10 +36,13 @@ from registry.serializers import (
     EnvelopeSerializer,
     HardwareCreateSerializer,
     HardwareSerializer,
+    ManifestPayloadSerializer,
     ModelCreateSerializer,
     ModelSerializer,
     PublicKeySerializer,
     ReasonSerializer,
+    ReleaseKeyCreateSerializer,
+    ReleaseKeySerializer,
     ReleaseSerializer,
     VersionCreateSerializer,
     VersionSerializer,
@@ -158,24 +167,49 @@ class VersionRelease(APIView):
     @extend_schema(
         request=ReleaseSerializer,
         responses={200: EnvelopeSerializer, 400: ERROR, 409: ERROR, 503: ERROR},
-        description="Signs the release manifest with the release key and returns the DSSE envelope.",
+        description="Signs the release manifest with the release key and returns the DSSE envelope. "
+        "With RELEASE_SIGNING=offline, send the payload from manifest-payload and signatures by "
+        "registered release keys instead (400 signature_required, signature_invalid, unknown_key, "
+        "signature_threshold, payload_mismatch).",
     )
     def post(self, request, name, version):
         found = version_get(model_name=name, version=version)
         data = _valid(ReleaseSerializer, request)
         envelope = version_release(
-            version=found, actor=actor_label(request.user), approver=data.get("approver") or None
+            version=found,
+            actor=actor_label(request.user),
+            approver=data.get("approver") or None,
+            payload=data.get("payload") or None,
+            signatures=[dict(entry) for entry in data.get("signatures") or []],
         )
         found.refresh_from_db()
         return Response(envelope, headers={"X-Manifest-Sha256": found.manifest_sha256})
 
 
+class VersionManifestPayload(APIView):
+    read_scope = "ci"
+
+    @extend_schema(
+        parameters=[OpenApiParameter("approver", str, required=False, description="approver to name in the manifest")],
+        responses={200: ManifestPayloadSerializer, 404: ERROR},
+        description="The exact manifest bytes (base64) and payloadType a release of this draft signs now, "
+        "for signing offline (`fleetctl push --sign-with`).",
+    )
+    def get(self, request, name, version):
+        found = version_get(model_name=name, version=version)
+        approver = request.query_params.get("approver") or None
+        if approver is not None and len(approver) > 150:
+            raise ApiError("approver must be at most 150 characters.", code="invalid_approver")
+        return Response(version_manifest_payload(version=found, actor=actor_label(request.user), approver=approver))
+
+
 class VersionManifest(APIView):
     read_scope = ("read", "device")
 
-    @extend_schema(responses={200: EnvelopeSerializer, 404: ERROR})
+    @extend_schema(responses={200: EnvelopeSerializer, 403: ERROR, 404: ERROR})
     def get(self, request, name, version):
         found = version_get(model_name=name, version=version)
+        require_directed(request, found)
         if found.envelope is None:
             raise not_found(f"{found} is a draft; it has no signed manifest until released.", "not_released")
         return Response(found.envelope, headers={"X-Manifest-Sha256": found.manifest_sha256})
@@ -203,6 +237,15 @@ class VersionRevoke(_VersionStateChange):
     change = staticmethod(version_revoke)
 
 
+def require_directed(request, found: ModelVersion, hardware: str | None = None) -> None:
+    """403 not_directed unless the caller may read this release (and this hardware's artifact).
+    A principal that narrows its downloads says so (device tokens: only what a directive named)."""
+    may_download = getattr(request.user, "may_download", None)
+    if may_download is not None and not may_download(version_id=found.pk, hardware_id=hardware):
+        what = f"{found} for hardware '{hardware}'" if hardware is not None else f"{found} (its manifest)"
+        raise ApiError(f"{request.user.label} was not directed to install {what}.", code="not_directed", status_code=403)
+
+
 class ArtifactDownload(APIView):
     read_scope = ("read", "device")
 
@@ -225,14 +268,7 @@ class ArtifactDownload(APIView):
                 code="version_revoked",
                 status_code=410,
             )
-        # A principal that narrows its downloads says so (device tokens: only what a directive named).
-        may_download = getattr(request.user, "may_download", None)
-        if may_download is not None and not may_download(version_id=found.pk, hardware_id=hardware):
-            raise ApiError(
-                f"{request.user.label} was not directed to install {found} for hardware '{hardware}'.",
-                code="not_directed",
-                status_code=403,
-            )
+        require_directed(request, found, hardware)
         artifact = artifact_get(version=found, hardware_id=hardware)
         return artifact_response(request, artifact=artifact, storage=artifact_storage())
 
@@ -279,9 +315,35 @@ class AliasDetail(APIView):
 
 
 class KeyList(APIView):
+    """GET: the public keys devices pin. POST (admin): register a release public key."""
+
     @extend_schema(responses={200: PublicKeySerializer(many=True), 503: ERROR})
     def get(self, request):
         return Response([info.as_dict() for info in keys.public_keys()])
+
+    @extend_schema(request=ReleaseKeyCreateSerializer, responses={201: ReleaseKeySerializer, 409: ERROR})
+    def post(self, request):
+        data = _valid(ReleaseKeyCreateSerializer, request)
+        row = keys.release_key_register(
+            public_key_pem_text=data["public_key_pem"], role=data["role"], actor=actor_label(request.user)
+        )
+        return Response(ReleaseKeySerializer(row).data, status=status.HTTP_201_CREATED)
+
+
+class RegisteredKeyList(generics.ListAPIView):
+    """Registered release public keys, revoked ones included (admins)."""
+
+    read_scope = "admin"
+    serializer_class = ReleaseKeySerializer
+    queryset = ReleaseKey.objects.order_by("created_at", "id")
+
+
+class RegisteredKeyRevoke(APIView):
+    @extend_schema(request=ReasonSerializer, responses={200: ReleaseKeySerializer, 404: ERROR, 409: ERROR})
+    def post(self, request, keyid):
+        data = _valid(ReasonSerializer, request)
+        row = keys.release_key_revoke(keyid=keyid, actor=actor_label(request.user), reason=data["reason"])
+        return Response(ReleaseKeySerializer(row).data)
 
 
 class ApiTokenList(generics.ListAPIView):

@@ -18,7 +18,7 @@ from ota.fleet.parsing import validate_labels
 from ota.models import Device, EnrollmentToken, hash_secret
 from registry.audit import audit_record
 from registry.errors import ApiError
-from registry.keys import public_key_info, public_keys
+from registry.keys import public_key_info, public_keys, release_threshold, require_enough_release_keys
 from registry.models import HardwareTarget
 
 
@@ -131,8 +131,9 @@ class Enrollment:
             },
             "server": {"url": settings.PUBLIC_URL, "token": self.api_token},
             "keys": {
-                "release": [public_key_info("release").public_key_pem],
+                "release": [info.public_key_pem for info in require_enough_release_keys()],
                 "rollout": [public_key_info("rollout").public_key_pem],
+                "release_threshold": release_threshold(),
             },
         }
 
@@ -155,7 +156,9 @@ def device_enroll(*, token_secret: str, hardware: str, labels: dict | None = Non
         raise EnrollmentRefused("name must be a string of at most 200 characters", code="invalid_name")
     if not isinstance(hardware, str) or not hardware:
         raise EnrollmentRefused("hardware is required (a hardware target id)", code="hardware_required")
-    public_keys()  # refuse before consuming a use if the server cannot hand out its keys
+    # Refuse before consuming a use if the server cannot hand out its keys.
+    public_keys()
+    require_enough_release_keys()
     with transaction.atomic():
         token = _claim_token(token_secret)
         target = HardwareTarget.objects.filter(pk=hardware).first()

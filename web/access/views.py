@@ -3,6 +3,7 @@ ota.fleet.enrollment, the public signing keys from registry.keys."""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.http import HttpResponseBadRequest
 from django.shortcuts import redirect
@@ -13,7 +14,7 @@ from registry import keys as registry_keys
 from registry import tokens as registry_tokens
 from registry.auth import actor_label
 from registry.errors import ApiError
-from registry.models import ApiToken
+from registry.models import ApiToken, ReleaseKey
 from web.forms import ApiTokenForm, EnrollmentTokenForm
 from web.pages import page
 from web.roles import scope_required
@@ -85,6 +86,9 @@ def access(request):
         "enrollment_tokens": EnrollmentToken.objects.order_by("-created_at")[:200],
         "keys": keys,
         "keys_error": keys_error,
+        "registered_keys": ReleaseKey.objects.order_by("revoked_at", "-created_at")[:200],
+        "release_signing": settings.RELEASE_SIGNING,
+        "release_threshold": registry_keys.release_threshold(),
     }
     response = page(request, "web/access.html", context, section="access", status=status)
     if new_secret:

@@ -1,5 +1,6 @@
 """`manage.py keys init` creates the release and rollout signing keys (0600 PEMs) unless present;
-`manage.py keys show` prints their key ids and public PEMs."""
+`manage.py keys show` prints their key ids and public PEMs. With RELEASE_SIGNING=offline only the
+rollout key is a file here (release public keys are registered: `fleetctl keys add`)."""
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -21,7 +22,8 @@ class Command(BaseCommand):
                 for role, path, created in keys.keys_init():
                     state = "created" if created else "exists, kept"
                     self.stdout.write(f"{role} key: {path} ({state})")
-            for info in keys.public_keys():
+            # The key files only: this command runs before the database exists (deploy/setup).
+            for info in (keys.public_key_info(role) for role in keys.file_roles()):
                 self.stdout.write(f"{info.role} keyid {info.keyid}  ({info.path})")
                 if action == "show":
                     self.stdout.write(info.public_key_pem)
