@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -315,6 +315,8 @@ def _start(directive: Directive, release: ReleaseManifest, artifact: ReleaseArti
         health=release.health,
         transitions=1,
         started=format_time(now),
+        **({"delta": asdict(directive.delta)}
+           if directive.delta is not None and active_sha and directive.delta.base_sha256 == active_sha else {}),
     )
     detail = (f"artifact {lifted} was deny-listed here; allowed again by an operator's retry (retry_denied)"
               if lifted else "")

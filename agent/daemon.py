@@ -254,8 +254,11 @@ class Agent:
     # --- journal + events -----------------------------------------------------------------
 
     def _event(self, data: dict, *, state: str, seq: int, model: str, sha: str | None, rollout_id: str | None,
-               code: str | None = None, detail: str = "", health: dict | None = None) -> dict:
+               code: str | None = None, detail: str = "", health: dict | None = None,
+               upd: InFlightUpdate | None = None) -> dict:
         data["event_no"] = data.get("event_no", 0) + 1
+        if upd is not None and upd.delta_fallback and not detail:
+            detail = f"delta not used, full artifact downloaded: {upd.delta_fallback}"
         active = (data["models"].get(model) or {}).get("current") if model else None
         event = Event(
             device_id=self.cfg.device_id,
@@ -270,6 +273,8 @@ class Agent:
             rollout_id=rollout_id,
             health=health,
             ts=format_time(utcnow()),
+            delivery=upd.delivery if upd else None,
+            bytes_downloaded=upd.bytes_downloaded if upd else None,
         )
         log.info("event %d seq=%d %s %s %s %s", event.event_no, seq, model, state, code or "", detail[:200])
         return {"event_no": event.event_no, "payload": event.to_payload().decode("utf-8")}
@@ -345,7 +350,7 @@ class Agent:
         events = []
         if event:
             events.append(self._event(data, state=phase.value, seq=upd.seq, model=upd.model, sha=upd.sha,
-                                      rollout_id=upd.rollout_id))
+                                      rollout_id=upd.rollout_id, upd=upd))
         self._commit(data, phase, events)
 
     def _finish(self, state: Outcome, code: str | None, detail: str = "", *, health: dict | None = None,
@@ -368,7 +373,7 @@ class Agent:
             "error_code": code, "detail": detail[:500], "ts": format_time(utcnow()),
         }
         return self._event(data, state=state.value, seq=upd.seq, model=upd.model, sha=upd.sha,
-                           rollout_id=upd.rollout_id, code=code, detail=detail, health=health)
+                           rollout_id=upd.rollout_id, code=code, detail=detail, health=health, upd=upd)
 
     def _report(self, state: Outcome, *, seq: int, model: str, sha: str | None, rollout_id: str | None,
                 code: str | None, detail: str, record_seq: bool, health: dict | None = None,

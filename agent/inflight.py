@@ -45,6 +45,13 @@ class InFlightUpdate:
     # health check overwrites it with that check's figures, which the rolled_back event carries.
     health: dict | None = None
 
+    # The directive's delta from the model running here ({base_sha256, url, length, sha256,
+    # method}), kept only when its base is what `current` points at (agent.admission).
+    delta: dict | None = None
+    delivery: str | None = None  # "delta" or "full" once downloading is done; "full" also after a failed delta
+    bytes_downloaded: int | None = None  # fetched for this update, a failed delta's bytes included
+    delta_fallback: str = ""  # why a delta was not used, for the event's detail
+
     refetched: bool = False  # verifying sent a bad resumed download back once for a clean one
     previous_model: dict | None = None  # the journal's models[model] entry before activation
     precheck_latency_ms: float | None = None

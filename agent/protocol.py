@@ -342,6 +342,19 @@ class DirectiveArtifact:
 
 
 @dataclass(frozen=True)
+class DirectiveDelta:
+    """A delta from `base_sha256` (the model the device runs) to the directive's artifact: the
+    device may fetch these `length` bytes instead and rebuild the artifact (agent.deltas), which
+    it still accepts only if it matches the artifact's signed length and sha256."""
+
+    base_sha256: str
+    url: str
+    length: int
+    sha256: str
+    method: str
+
+
+@dataclass(frozen=True)
 class Directive:
     device_id: str
     seq: int
@@ -354,6 +367,7 @@ class Directive:
     # An operator's explicit retry: the artifact may be tried again even if it is on this device's
     # denylist (it failed a trial here before); the agent lifts the entry. Absent: false.
     retry_denied: bool = False
+    delta: DirectiveDelta | None = None  # absent: only the full artifact (agents before deltas ignore it)
 
 
 def build_directive_payload(
@@ -367,10 +381,12 @@ def build_directive_payload(
     release_envelope: dict,
     artifact: dict,
     retry_denied: bool = False,
+    delta: dict | None = None,
 ) -> bytes:
     """The signed body of a directive. retry_denied=True (an operator retrying a device that rolled
     back) lets the device try the artifact again although it deny-listed it; the key is left out
-    when false, so such a payload is byte for byte what earlier servers built."""
+    when false, so such a payload is byte for byte what earlier servers built. `delta` ({base_sha256,
+    url, length, sha256, method}) is left out likewise when None."""
     body = {
         "_type": "directive",
         "spec_version": SPEC_VERSION,
@@ -385,6 +401,8 @@ def build_directive_payload(
     }
     if retry_denied:
         body["retry_denied"] = True
+    if delta is not None:
+        body["delta"] = delta
     payload = encode_json(body)
     parse_directive(payload)
     return payload
@@ -409,6 +427,18 @@ def parse_directive(payload: bytes) -> Directive:
     if rollout_id is not None and not isinstance(rollout_id, (str, int)):
         raise ProtocolError("directive.rollout_id must be a string or null")
     retry_denied = _opt(data, "retry_denied", bool, where, False)
+    raw_delta = _opt(data, "delta", dict, where)
+    delta = None
+    if raw_delta is not None:
+        w = "directive.delta"
+        delta_url = _req(raw_delta, "url", str, w)
+        if not delta_url.startswith(("http://", "https://")):
+            raise ProtocolError("directive.delta.url must be an http(s) URL")
+        delta = DirectiveDelta(
+            base_sha256=_sha(raw_delta, "base_sha256", w), url=delta_url,
+            length=_nonneg_int(raw_delta, "length", w), sha256=_sha(raw_delta, "sha256", w),
+            method=_req(raw_delta, "method", str, w),
+        )
     return Directive(
         device_id=_req(data, "device_id", str, where),
         seq=seq,
@@ -424,6 +454,7 @@ def parse_directive(payload: bytes) -> Directive:
             url=url,
         ),
         retry_denied=retry_denied,
+        delta=delta,
     )
 
 
@@ -450,9 +481,17 @@ class Event:
     rollout_id: str | None = None
     health: dict | None = None
     ts: str = ""
+    # How the artifact arrived (downloading's outcome onwards): "delta" or "full", and the bytes
+    # fetched for it (a failed delta's included). Left out when None, as earlier agents sent them.
+    delivery: str | None = None
+    bytes_downloaded: int | None = None
 
     def to_payload(self) -> bytes:
-        return encode_json({"_type": "event", **asdict(self)})
+        body = asdict(self)
+        for name in ("delivery", "bytes_downloaded"):
+            if body[name] is None:
+                del body[name]
+        return encode_json({"_type": "event", **body})
 
 
 def parse_event(payload: bytes) -> Event:
@@ -468,6 +507,10 @@ def parse_event(payload: bytes) -> Event:
         if data.get(name) is not None:
             _sha(data, name, where)
     rollout_id = data.get("rollout_id")
+    delivery = _opt(data, "delivery", str, where)
+    if delivery not in (None, "delta", "full"):
+        raise ProtocolError(f"event.delivery {delivery!r} must be 'delta' or 'full'")
+    bytes_downloaded = _nonneg_int(data, "bytes_downloaded", where) if data.get("bytes_downloaded") is not None else None
     return Event(
         device_id=_req(data, "device_id", str, where),
         event_no=_nonneg_int(data, "event_no", where),
@@ -481,6 +524,8 @@ def parse_event(payload: bytes) -> Event:
         rollout_id=str(rollout_id) if rollout_id is not None else None,
         health=_opt(data, "health", dict, where),
         ts=_opt(data, "ts", str, where, ""),
+        delivery=delivery,
+        bytes_downloaded=bytes_downloaded,
     )
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent import deltas
 from agent.config import Config
 from agent.download import AnyEvent, DownloadError, Interrupted, fetch
 from agent.health import judge_figures, run_health, run_shell
@@ -85,13 +86,24 @@ class Steps:
         self.transition(Phase.DOWNLOADING, event=True)
 
     def downloading(self, upd: InFlightUpdate) -> None:
-        """Fetch the artifact into staging/<sha>.part (resumable), unless the store has it already."""
+        """Fetch the artifact into staging/<sha>.part (resumable), unless the store has it already:
+        first as a delta from the model running here when the directive offers one (once: after
+        any failure of it, or a resumed download that failed verification, the full artifact)."""
         sha = upd.sha
+        delta_bytes, fallback = 0, {}
+        if not self.store.has(sha, upd.file_name) and upd.delta and upd.delivery is None and not upd.refetched:
+            ok, delta_bytes, why = self._delta(upd)
+            if ok:
+                self.transition(Phase.VERIFYING, event=True, delivery="delta", bytes_downloaded=delta_bytes)
+                return
+            log.warning("delta for %s not used, downloading the full artifact: %s", sha[:12], why)
+            fallback = {"delta_fallback": why}
         if not self.store.has(sha, upd.file_name):
             u = self.cfg.update
             try:
                 result = fetch(
                     upd.url, self.store.part_path(sha), length=upd.length, token=self.cfg.server.token,
+                    server_url=self.cfg.server.url,
                     timeout=u.download_timeout_seconds, retries=u.download_retries, backoff=u.download_backoff_seconds,
                     backoff_max=u.download_backoff_max_seconds, byte_budget_factor=u.download_byte_budget_factor,
                     stop=self.halt, on_chunk=lambda _pos: crash_point("download-chunk"),
@@ -110,7 +122,62 @@ class Steps:
             self.digests[sha] = result.sha256
             log.info("downloaded %s: %d bytes received (resumed from %d)", sha[:12], result.bytes_received,
                      result.resumed_from)
+            self.transition(Phase.VERIFYING, event=True, delivery="full",
+                            bytes_downloaded=delta_bytes + result.bytes_received, **fallback)
+            return
         self.transition(Phase.VERIFYING, event=True)
+
+    def _delta(self, upd: InFlightUpdate) -> tuple[bool, int, str]:
+        """Rebuild the artifact from the delta and the model running here into staging/<sha>.part.
+        Returns (ok, delta bytes fetched, why not). Nothing is trusted on the way: the base is
+        hashed again, the delta checked against its signed length and sha256, and the result
+        against the artifact's; a failure leaves no part file behind for the full download."""
+        delta, sha = upd.delta, upd.sha
+        if delta.get("method") != deltas.METHOD:
+            return False, 0, f"delta method {delta.get('method')!r} is not supported here"
+        if not deltas.available():
+            return False, 0, "the zstandard module is not installed here"
+        running = self.journal.data["models"].get(upd.model) or {}
+        if running.get("current") != delta["base_sha256"]:
+            return False, 0, "the delta's base is not the model running here"
+        base = self.store.stored_file(delta["base_sha256"], running.get("file_name") or "")
+        try:
+            if sha256_file(base) != delta["base_sha256"]:
+                return False, 0, "the base model here does not match its sha256 (tampered or corrupt)"
+        except OSError as exc:
+            return False, 0, f"the base model here cannot be read: {exc}"
+        part = self.store.part_path(delta["sha256"]).with_suffix(".delta")
+        built = self.store.part_path(sha).with_suffix(".patched")
+        u = self.cfg.update
+        try:
+            result = fetch(
+                delta["url"], part, length=delta["length"], token=self.cfg.server.token,
+                timeout=u.download_timeout_seconds, retries=u.download_retries, backoff=u.download_backoff_seconds,
+                backoff_max=u.download_backoff_max_seconds, byte_budget_factor=u.download_byte_budget_factor,
+                stop=self.halt, on_chunk=lambda _pos: crash_point("download-chunk"),
+                ssl_context=_ssl_context(self.cfg),
+            )
+        except (DownloadError, OSError) as exc:
+            part.unlink(missing_ok=True)
+            return False, 0, f"the delta download failed: {exc}"
+        # (Interrupted passes through with the part file kept: the delta resumes after a restart.)
+        try:
+            if result.length != delta["length"] or result.sha256 != delta["sha256"]:
+                return False, result.bytes_received, (f"the delta has sha256 {result.sha256}, "
+                                                      f"signed {delta['sha256']}")
+            try:
+                digest = deltas.delta_apply(base=base, delta=part, out=built, length=upd.length)
+            except (deltas.DeltaError, OSError, MemoryError) as exc:
+                return False, result.bytes_received, str(exc)
+            if built.stat().st_size != upd.length or digest != sha:
+                return False, result.bytes_received, "the rebuilt artifact does not match its signed length and sha256"
+            built.replace(self.store.part_path(sha))
+            self.digests[sha] = digest
+            log.info("rebuilt %s from a %d-byte delta on %s", sha[:12], delta["length"], delta["base_sha256"][:12])
+            return True, result.bytes_received, ""
+        finally:
+            part.unlink(missing_ok=True)
+            built.unlink(missing_ok=True)
 
     def verifying(self, upd: InFlightUpdate) -> None:
         """Check the bytes against the signed sha256 and length; move them into the store."""

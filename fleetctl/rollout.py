@@ -160,7 +160,20 @@ def render(rollout: dict) -> list[str]:
     if incompatible:
         lines.append(f"  {len(incompatible)} targeted devices have no artifact for their hardware "
                      f"(e.g. {incompatible[0]['device']}: {incompatible[0]['hardware']})")
+    delivery = rollout.get("delivery") or {}
+    if delivery.get("delta_devices") or delivery.get("full_devices"):
+        lines.append(f"  delivery: {delivery.get('delta_devices', 0)} by delta, {delivery.get('full_devices', 0)} in full; "
+                     f"{_size(delivery.get('bytes_downloaded', 0))} downloaded, "
+                     f"{_size(delivery.get('bytes_saved', 0))} saved by deltas")
     return lines
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def _print(lines: list[str]) -> None:

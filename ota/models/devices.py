@@ -112,6 +112,8 @@ class DeviceEvent(models.Model):
     rollout_id = models.CharField(max_length=64, blank=True, db_index=True)
     health = models.JSONField(null=True, blank=True)
     device_ts = models.CharField(max_length=40, blank=True, help_text="The device's own clock, as sent.")
+    delivery = models.CharField(max_length=8, blank=True)  # "delta" or "full" (agents with deltas)
+    bytes_downloaded = models.BigIntegerField(null=True, blank=True)
     received_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:

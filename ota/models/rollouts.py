@@ -224,6 +224,10 @@ class RolloutDevice(models.Model):
     revert_retry_at = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
     last_event_no = models.BigIntegerField(default=-1)
+    # How the artifact reached the device ("delta" or "full", blank until it says) and the bytes it
+    # fetched for it; a delta device saved the artifact's length less these.
+    delivery = models.CharField(max_length=8, blank=True)
+    bytes_downloaded = models.BigIntegerField(null=True, blank=True)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ota.models import Rollout, RolloutDevice
+from ota.models import ArtifactDelta, Rollout, RolloutDevice
 from ota.rollouts.actions import rollout_act
 from ota.rollouts.catalogue import BY_NAME, CREATE_SCOPES
 from ota.rollouts.create import rollout_create
+from ota.rollouts.deltas import delta_as_download
 from ota.rollouts.serializers import (
     AuditEntrySerializer,
     RolloutCreateSerializer,
@@ -21,7 +23,9 @@ from ota.rollouts.serializers import (
 )
 from registry.auth import actor_label
 from registry.errors import ApiError
-from registry.models import AuditEntry
+from registry.artifacts import artifact_storage
+from registry.downloads import artifact_response
+from registry.models import AuditEntry, ModelVersion
 from registry.schema import ERROR
 
 
@@ -122,3 +126,34 @@ class AuditList(generics.ListAPIView):
                 qs = qs.filter(**{param: value})
         return qs
 
+
+
+class DeltaDownload(APIView):
+    """A delta artifact (ota.rollouts.deltas), for the devices directed to install its target."""
+
+    read_scope = ("read", "device")
+
+    @extend_schema(
+        parameters=[OpenApiParameter("Range", OpenApiTypes.STR, OpenApiParameter.HEADER, required=False)],
+        responses={
+            (200, "application/octet-stream"): OpenApiTypes.BINARY,
+            (206, "application/octet-stream"): OpenApiTypes.BINARY,
+            302: OpenApiResponse(description="Redirect to a presigned object-store URL (S3 storage)."),
+            403: ERROR,
+            404: ERROR,
+            416: OpenApiResponse(description="Range not satisfiable."),
+        },
+    )
+    def get(self, request, pk: int):
+        delta = (ArtifactDelta.objects.select_related("base", "target", "target__version")
+                 .filter(pk=pk, state=ArtifactDelta.State.READY).first())
+        if delta is None:
+            raise ApiError(f"No ready delta {pk}.", code="not_found", status_code=404)
+        if delta.target.version.state == ModelVersion.State.REVOKED:
+            raise ApiError(f"{delta.target.version} has been revoked.", code="version_revoked", status_code=410)
+        may_download = getattr(request.user, "may_download", None)
+        if may_download is not None and not may_download(version_id=delta.target.version_id,
+                                                         hardware_id=delta.target.hardware_id):
+            raise ApiError(f"{request.user.label} was not directed to install {delta.target.version}.",
+                           code="not_directed", status_code=403)
+        return artifact_response(request, artifact=delta_as_download(delta), storage=artifact_storage())

@@ -25,6 +25,7 @@ from django.utils import timezone
 from agent.protocol import Topics, build_directive_payload, encode_json
 from agent.signing import DIRECTIVE_PAYLOAD_TYPE, sign_envelope
 from ota.models import Device, Directive
+from ota.rollouts.deltas import deltas_offered
 from ota.transport import mqtt
 from registry.downloads import artifact_download_url
 from registry.keys import load_rollout_key
@@ -80,6 +81,7 @@ def directives_issue(
     issued = timezone.now()
     expires = issued + DIRECTIVE_VALIDITY
     artifacts = _artifacts_for(requests)
+    offered = deltas_offered(requests=requests, artifacts=artifacts)
     records = []
     for req in requests:
         seq = seqs.get(req.device_id)
@@ -101,6 +103,7 @@ def directives_issue(
                 "url": artifact_download_url(artifact=art),
             },
             retry_denied=req.retry_denied,
+            delta=offered.get(req.device_id),
         )
         records.append(
             Directive(

@@ -52,7 +52,8 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
         DeviceEvent.objects.filter(pk__in=event_ids)
         .exclude(seq=0)
         .order_by("event_no")
-        .values("device_id", "seq", "event_no", "state", "error_code", "detail", "received_at", "health")
+        .values("device_id", "seq", "event_no", "state", "error_code", "detail", "received_at", "health",
+                "delivery", "bytes_downloaded")
     )
     if not events:
         return set()
@@ -94,6 +95,8 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
                 continue
             a.last_event_no = e["event_no"]
             changed[a.pk] = a
+            if e["delivery"]:
+                a.delivery, a.bytes_downloaded = e["delivery"], e["bytes_downloaded"]
             new_state = RolloutDevice.FROM_EVENT.get(e["state"])
             if new_state is None or a.state in RolloutDevice.FINISHED or a.state == RD.REVERTING:
                 # Late news about a device already decided (timed out, reverted) is kept as
@@ -110,7 +113,7 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
             [
                 "state", "last_event_no", "received_at", "download_started_at", "verify_started_at",
                 "activate_started_at", "trial_started_at", "finished_at", "reverted_at", "error_code",
-                "detail", "updated_at",
+                "detail", "delivery", "bytes_downloaded", "updated_at",
             ],
         )
     return touched

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from django.db.models import Count
+from django.db.models import Count, Sum
 
 from ota.models import Rollout, RolloutDevice
 
@@ -47,4 +47,24 @@ def rollout_summary(rollout: Rollout) -> dict:
         "totals": dict(totals),
         "progress": RolloutDevice.group_counts(totals),
         "devices": sum(totals.values()),
+        "delivery": rollout_delivery(rollout),
     }
+
+
+def rollout_delivery(rollout: Rollout) -> dict:
+    """How the artifact reached the devices that said: how many by delta and in full, the bytes
+    they fetched, and the bytes the deltas saved (each delta device's full artifact length less
+    what it fetched)."""
+    lengths = dict(rollout.release.artifacts.values_list("hardware_id", "length"))
+    out = {"delta_devices": 0, "full_devices": 0, "bytes_downloaded": 0, "bytes_saved": 0}
+    rows = (
+        RolloutDevice.objects.filter(rollout=rollout).exclude(delivery="")
+        .values_list("device__hardware_id", "delivery").annotate(n=Count("id"), fetched=Sum("bytes_downloaded"))
+        .order_by()
+    )
+    for hardware, delivery, n, fetched in rows:
+        out[f"{delivery}_devices"] = out.get(f"{delivery}_devices", 0) + n
+        out["bytes_downloaded"] += fetched or 0
+        if delivery == "delta":
+            out["bytes_saved"] += max(0, n * lengths.get(hardware, 0) - (fetched or 0))
+    return out

@@ -62,7 +62,7 @@ class RolloutDeviceSerializer(serializers.ModelSerializer):
             "device", "wave", "rank", "state", "seq", "revert_seq", "previous_version", "previous_sha256",
             "error_code", "detail", "attempts", "queued_at", "directed_at", "received_at",
             "download_started_at", "verify_started_at", "activate_started_at", "trial_started_at",
-            "finished_at", "revert_directed_at", "reverted_at",
+            "finished_at", "revert_directed_at", "reverted_at", "delivery", "bytes_downloaded",
         ]
 
 

@@ -32,6 +32,13 @@ from ota.rollouts.reconcile import assignments_reconcile_reported, directives_re
 logger = logging.getLogger(__name__)
 
 
+@shared_task(name="ota.tasks.build_delta", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)
+def build_delta(delta_id: int) -> None:
+    from ota.rollouts.deltas import delta_compute
+
+    delta_compute(delta_id=delta_id)
+
+
 @shared_task(name="ota.tasks.evaluate_rollout", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)
 def evaluate_rollout(rollout_id: int, catch_up: bool = False) -> str:
     if catch_up and rollout_step_guarded(rollout_catch_up_events, rollout_id=rollout_id, step="event catch-up") is None:

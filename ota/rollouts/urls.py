@@ -10,6 +10,7 @@ urlpatterns = [
     path("rollouts/<int:pk>/", api.RolloutDetail.as_view(), name="rollout-detail"),
     path("rollouts/<int:pk>/devices/", api.RolloutDevices.as_view(), name="rollout-devices"),
     path("audit/", api.AuditList.as_view(), name="audit-list"),
+    path("deltas/<int:pk>/download", api.DeltaDownload.as_view(), name="delta-download"),
 ] + [
     re_path(
         rf"^rollouts/(?P<pk>[0-9]+)/{action.name}/?$",

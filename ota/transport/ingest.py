@@ -475,6 +475,8 @@ class Ingestor:
                 rollout_id=(e.rollout_id or "")[:64],
                 health=e.health,
                 device_ts=e.ts[:40],
+                delivery=e.delivery or "",
+                bytes_downloaded=e.bytes_downloaded,
                 received_at=item.received_at,
             )
             for item in fresh.values()

@@ -1,0 +1,177 @@
+"""Delta artifacts on the server: asking for one, building it (a Celery task, off the request
+path), offering it in directives, serving it to devices.
+
+A delta is built once per (base artifact, target artifact, method): the row is created with
+get_or_create on its unique key and a worker claims it with a conditional UPDATE, so a task
+delivered twice, or two rollouts asking at once, build it once. It goes to the artifact storage
+(filesystem or S3) under deltas/. A directive carries it only when it is ready and its base is
+what the device last reported running (DeviceModelState.active_sha256); the agent checks
+that again itself, and falls back to the full artifact on any doubt.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import types
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files import File
+from django.db import transaction
+from django.db.models import Q
+from django.urls import reverse
+from django.utils import timezone
+
+from agent import deltas as delta_format
+from ota.models import ArtifactDelta, DeviceModelState
+from registry.artifacts import artifact_storage
+from registry.models import Artifact
+
+logger = logging.getLogger(__name__)
+
+# A delta this close to the full artifact saves too little to be worth a second code path on the
+# device (a re-quantised or fully fine-tuned model compresses no better from its base).
+MAX_DELTA_RATIO = 0.9
+# A claim older than this belongs to a worker that died mid-build: another may take it over.
+STALE_CLAIM = timedelta(hours=1)
+
+State = ArtifactDelta.State
+
+
+def delta_request(*, base: Artifact, target: Artifact) -> ArtifactDelta | None:
+    """The delta from `base` to `target` (same hardware, different bytes), created pending and
+    queued for a build on commit if it is new. None when no delta can exist between them."""
+    if base.hardware_id != target.hardware_id or base.sha256 == target.sha256 or base.pk == target.pk:
+        return None
+    delta, created = ArtifactDelta.objects.get_or_create(base=base, target=target, method=delta_format.METHOD)
+    if created:
+        builder = _builder
+        if builder is None:
+            logger.warning("no delta builder registered; delta %s stays pending", delta.pk)
+        else:
+            transaction.on_commit(lambda: builder(delta.pk))
+    return delta
+
+
+_builder: Callable[[int], None] | None = None
+
+
+def delta_builder_register(builder: Callable[[int], None]) -> None:
+    """OtaConfig.ready() plugs in the Celery task here: this module never imports its entry points."""
+    global _builder
+    _builder = builder
+
+
+def delta_compute(*, delta_id: int) -> ArtifactDelta:
+    """Build one delta if nobody has (claimed with a conditional UPDATE): ready, oversized or
+    failed afterwards. Safe to call any number of times; only the claim winner builds."""
+    now = timezone.now()
+    claimed = ArtifactDelta.objects.filter(
+        Q(state=State.PENDING) | Q(state=State.BUILDING, claimed_at__lt=now - STALE_CLAIM), pk=delta_id,
+    ).update(state=State.BUILDING, claimed_at=now)
+    delta = ArtifactDelta.objects.select_related("base", "target").get(pk=delta_id)
+    if not claimed:
+        return delta
+    storage = artifact_storage()
+    started = time.perf_counter()
+    key = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="delta-") as tmp:
+            base, target, out = Path(tmp, "base"), Path(tmp, "target"), Path(tmp, "delta")
+            for artifact, path in ((delta.base, base), (delta.target, target)):
+                with storage.open(artifact.storage_key, "rb") as src, open(path, "wb") as dst:
+                    while chunk := src.read(delta_format.CHUNK):
+                        dst.write(chunk)
+            length, sha256 = delta_format.delta_build(base=base, target=target, out=out)
+            seconds = time.perf_counter() - started
+            if length > MAX_DELTA_RATIO * delta.target.length:
+                state = State.OVERSIZED
+            else:
+                state = State.READY
+                name = f"deltas/{delta.target.hardware_id}/{delta.base.sha256[:16]}-{delta.target.sha256[:16]}"
+                with open(out, "rb") as handle:
+                    key = storage.save(f"{name}/{uuid.uuid4().hex}.zst", File(handle))
+        ArtifactDelta.objects.filter(pk=delta_id, state=State.BUILDING).update(
+            state=state, length=length, sha256=sha256, storage_key=key or "", build_seconds=seconds,
+            finished_at=timezone.now(), error="",
+        )
+        logger.info("delta %s: %d bytes for a %d-byte artifact in %.2fs (%s)", delta_id, length,
+                    delta.target.length, seconds, state)
+    except Exception as exc:  # a bad artifact or storage error fails this delta, never the caller
+        logger.exception("building delta %s failed", delta_id)
+        if key:
+            storage.delete(key)
+        ArtifactDelta.objects.filter(pk=delta_id).update(state=State.FAILED, error=str(exc)[:2000],
+                                                         finished_at=timezone.now())
+    delta.refresh_from_db()
+    return delta
+
+
+def delta_download_url(*, delta: ArtifactDelta) -> str:
+    """Where a device fetches a delta: this server, device-token auth, like artifacts."""
+    return f"{settings.PUBLIC_URL}{reverse('delta-download', kwargs={'pk': delta.pk})}"
+
+
+def deltas_offered(*, requests: Iterable, artifacts: dict) -> dict[str, dict]:
+    """Per device id, the `delta` of its directive: the ready delta from the artifact it last
+    reported running to the one it is directed to. A pair without one yet is asked for (built for
+    later waves and retries); such a device gets the full artifact now."""
+    requests = list(requests)
+    if not requests:
+        return {}
+    model_ids = {r.version.model_id for r in requests}
+    running = {
+        (s["device_id"], s["model_id"]): s["active_sha256"]
+        for s in DeviceModelState.objects.filter(
+            device_id__in=[r.device_id for r in requests], model_id__in=model_ids
+        ).exclude(active_sha256="").values("device_id", "model_id", "active_sha256")
+    }
+    if not running:
+        return {}
+    bases = {
+        (a.sha256, a.hardware_id): a
+        for a in Artifact.objects.filter(sha256__in=set(running.values()), version__model_id__in=model_ids)
+    }
+    pairs: dict[tuple[int, int], tuple[Artifact, Artifact]] = {}
+    wanted: dict[str, tuple[int, int]] = {}
+    for req in requests:
+        target = artifacts.get((req.version.pk, req.hardware))
+        sha = running.get((req.device_id, req.version.model_id))
+        base = bases.get((sha, req.hardware)) if sha else None
+        if target is None or base is None or base.sha256 == target.sha256:
+            continue
+        pairs[(base.pk, target.pk)] = (base, target)
+        wanted[req.device_id] = (base.pk, target.pk)
+    if not pairs:
+        return {}
+    known = {
+        (d.base_id, d.target_id): d
+        for d in ArtifactDelta.objects.filter(
+            base_id__in={b for b, _ in pairs}, target_id__in={t for _, t in pairs}, method=delta_format.METHOD
+        )
+    }
+    for pair, (base, target) in pairs.items():
+        if pair not in known:
+            delta_request(base=base, target=target)
+    offers = {}
+    for pair, delta in known.items():
+        if delta.state == State.READY:
+            offers[pair] = {
+                "base_sha256": pairs[pair][0].sha256 if pair in pairs else "",
+                "url": delta_download_url(delta=delta),
+                "length": delta.length,
+                "sha256": delta.sha256,
+                "method": delta.method,
+            }
+    return {device_id: offers[pair] for device_id, pair in wanted.items() if pair in offers}
+
+
+def delta_as_download(delta: ArtifactDelta):
+    """The fields registry.downloads.artifact_response serves a stored file by."""
+    return types.SimpleNamespace(storage_key=delta.storage_key, sha256=delta.sha256, length=delta.length,
+                                 file_name=f"{delta.target.file_name}.from-{delta.base.sha256[:12]}.zst")
