@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from django.contrib.auth.models import User
 
 from agent import signing
 from registry.errors import ApiError
@@ -228,6 +229,10 @@ def test_it_manages_registered_keys_and_pins_them_at_enrollment(offline, client,
     assert below.value.get_codes() == "release_keys_missing"
     page = client.get("/api/v1/keys/", **ci_token.headers)
     assert page.status_code == 200 and len(page.json()) == 2  # one release key, the rollout key
+    client.force_login(User.objects.create_superuser("root", "root@example.com", "pw"))
+    access = client.get("/access/").content.decode()
+    assert f"{keyid}</code></td><td>release</td>" in access and "revoked" in access
+    assert "Release signing: <b>offline</b>, 2 distinct registered key(s) must sign" in access
 
 
 @pytest.mark.django_db
