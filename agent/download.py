@@ -164,7 +164,12 @@ def _connect(url: str, timeout: float, ssl_context: ssl.SSLContext | None):
 
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # a port that is not a number: an origin that matches nothing
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port
 
 
 def fetch(
@@ -173,6 +178,7 @@ def fetch(
     *,
     length: int,
     token: str = "",
+    server_url: str = "",
     timeout: float = 30,
     retries: int = 8,
     backoff: float = 1.0,
@@ -184,7 +190,9 @@ def fetch(
 ) -> DownloadResult:
     """Download `url` into `part_path` until it holds exactly `length` bytes; return its sha256.
 
-    Raises DownloadError (NOT_FOUND, TOO_LARGE, DOWNLOAD_FAILED) or Interrupted. `stop` (anything
+    `token` goes only to `server_url`'s origin (scheme, host, port: the server the device enrolled
+    with), never to another host the directive's URL or a redirect names; without `server_url` it
+    is sent nowhere. Raises DownloadError (NOT_FOUND, TOO_LARGE, DOWNLOAD_FAILED) or Interrupted. `stop` (anything
     with is_set() and wait(timeout)) is noticed within a fraction of a second even while a read
     waits on a slow or silent server: a watcher thread shuts the connection's socket down.
     """
@@ -203,7 +211,7 @@ def fetch(
                 raise Interrupted()
             before = progress.offset
             try:
-                _attempt(url, progress, view, token, timeout, ssl_context, stop, on_chunk, budget)
+                _attempt(url, progress, view, token, server_url, timeout, ssl_context, stop, on_chunk, budget)
                 reason = "connection closed early"
             except _Retryable as exc:
                 reason = str(exc)
@@ -238,16 +246,17 @@ def fetch(
     )
 
 
-def _attempt(url, progress: _Progress, view, token, timeout, ssl_context, stop, on_chunk, budget) -> None:
+def _attempt(url, progress: _Progress, view, token, server_url, timeout, ssl_context, stop, on_chunk,
+             budget) -> None:
     """One request chain (following redirects), appending to the part file as bytes arrive."""
-    origin = _origin(url)
+    origin = _origin(server_url) if server_url else None
     target = url
     length = progress.length
     for _hop in range(MAX_REDIRECTS + 1):
         conn, path = _connect(target, timeout, ssl_context)
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-        # The device token is for our server only: never hand it to the storage host we are
-        # redirected to (a presigned URL carries its own authorisation).
+        # The device token is for the server we enrolled with only: never hand it to another host
+        # a directive names or we are redirected to (a presigned URL carries its own authorisation).
         if token and _origin(target) == origin:
             headers["Authorization"] = f"Bearer {token}"
         if progress.offset:

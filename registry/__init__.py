@@ -15,6 +15,7 @@ nothing else writes registry state. Every refusal raises registry.errors.ApiErro
                   contract, and the agent's precheck run on each ONNX and TFLite artifact, before
                   a release is signed
     releases.py   version_release (signing the manifest), deprecate, revoke, deleting a draft
+    validity.py   release_refusal: a revoked or expired release is sent to no device
     aliases.py    alias_set (moving an alias), aliases_list (with history), parse_instant
     tokens.py     API tokens: token_create, tokens_revoke, token_revoke
     downloads.py  the artifact download URL and the download responses

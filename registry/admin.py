@@ -1,11 +1,20 @@
 """Django admin for the registry. What was hashed or signed is read-only everywhere, and nothing of
-a released version can be changed or deleted here: revocation (a state) goes through the API."""
+a released version can be changed or deleted here: revocation (a state) goes through the API.
+
+AuditedAdmin is the admin side of the audit log, shared by every app's admin: each add, change
+and delete made here writes one audit entry (actor `user:<name>`, the changed fields' before and
+after), as the API's and the UI's actions do."""
 
 from __future__ import annotations
 
+import json
+
 from django.contrib import admin, messages
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
 
 from registry.artifacts import artifact_delete_draft
+from registry.audit import audit_record, object_type_of
 from registry.auth import actor_label
 from registry.errors import ApiError
 from registry.guards import ADMIN_FORMFIELD_OVERRIDES
@@ -34,6 +43,56 @@ ARTIFACT_FIELDS = (
 )
 
 
+def audited_values(obj) -> dict:
+    """The object's stored fields as JSON values (foreign keys as ids), without secrets' hashes."""
+    values = {}
+    for f in obj._meta.concrete_fields:
+        if f.attname.endswith("_hash"):
+            continue
+        values[f.attname] = f.value_from_object(obj)
+    return json.loads(json.dumps(values, cls=DjangoJSONEncoder))
+
+
+class AuditedAdmin(admin.ModelAdmin):
+    """One audit entry per admin add, change or delete: `<object type>.add|change|delete`, actor
+    `user:<name>`, detail `{"via": "admin", "before": {...}, "after": {...}}` holding the changed
+    fields only (all fields for an add or a delete). A save that changes nothing writes nothing.
+    Admins whose deletes go through an action that audits itself (a draft version's) override
+    delete_model/delete_queryset, so such a delete is still recorded once."""
+
+    def save_model(self, request, obj, form, change):
+        # The form has already written its values onto obj: the stored row is the "before".
+        stored = type(obj)._default_manager.filter(pk=obj.pk).first() if change and obj.pk is not None else None
+        before = audited_values(stored) if stored is not None else {}
+        super().save_model(request, obj, form, change)
+        after = audited_values(obj)
+        changed = sorted(k for k in after if k not in before or before[k] != after[k])
+        if not changed:
+            return
+        self.audit(request, obj, "change" if stored is not None else "add",
+                   before={k: before[k] for k in changed if k in before}, after={k: after[k] for k in changed})
+
+    def delete_model(self, request, obj):
+        with transaction.atomic():
+            self.audit(request, obj, "delete", before=audited_values(obj), after={})
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        with transaction.atomic():
+            for obj in queryset:
+                self.audit(request, obj, "delete", before=audited_values(obj), after={})
+            super().delete_queryset(request, queryset)
+
+    def audit(self, request, obj, verb: str, *, before: dict, after: dict) -> None:
+        audit_record(
+            actor=actor_label(request.user),
+            action=f"{object_type_of(obj)}.{verb}",
+            obj=obj,
+            reason=f"{verb} in the Django admin",
+            detail={"via": "admin", "before": before, "after": after},
+        )
+
+
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Records that are written only by the registry's functions (alias history, audit)."""
 
@@ -48,7 +107,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(HardwareTarget)
-class HardwareTargetAdmin(admin.ModelAdmin):
+class HardwareTargetAdmin(AuditedAdmin):
     list_display = ("id", "description", "max_artifact_bytes", "created_at")
     search_fields = ("id", "description")
 
@@ -57,7 +116,7 @@ class HardwareTargetAdmin(admin.ModelAdmin):
 
 
 @admin.register(Model)
-class ModelAdmin(admin.ModelAdmin):
+class ModelAdmin(AuditedAdmin):
     formfield_overrides = ADMIN_FORMFIELD_OVERRIDES
     list_display = ("name", "description", "created_at")
     search_fields = ("name", "description")
@@ -80,7 +139,7 @@ class ArtifactInline(admin.TabularInline):
 
 
 @admin.register(ModelVersion)
-class ModelVersionAdmin(admin.ModelAdmin):
+class ModelVersionAdmin(AuditedAdmin):
     formfield_overrides = ADMIN_FORMFIELD_OVERRIDES
     list_display = ("__str__", "counter", "state", "created_at", "released_at", "manifest_sha256")
     list_filter = ("state", "model")
@@ -132,7 +191,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
 
 
 @admin.register(Artifact)
-class ArtifactAdmin(admin.ModelAdmin):
+class ArtifactAdmin(AuditedAdmin):
     list_display = ("version", "hardware", "format", "file_name", "length", "sha256")
     list_filter = ("format", "hardware")
     search_fields = ("sha256", "version__model__name", "version__version")
@@ -182,7 +241,7 @@ class AliasMoveAdmin(ReadOnlyAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(AuditedAdmin):
     list_display = ("name", "scope", "prefix", "created_at", "expires_at", "last_used_at", "revoked_at")
     list_filter = ("scope",)
     readonly_fields = (

@@ -14,6 +14,7 @@ from django.core.files.storage import storages
 from django.db import transaction
 from django.utils.text import get_valid_filename
 
+from agent.admission import safe_file_name
 from registry.audit import audit_record
 from registry.errors import ApiError, Conflict
 from registry.health import health_contract_check_model
@@ -100,6 +101,15 @@ def artifact_upload(
         if format not in formats:
             raise ApiError(
                 f"format must be one of {', '.join(formats)}; got {format!r}.", code="invalid_format"
+            )
+        # The agent's own rule: a name every device would refuse (hidden, a dot name, a path)
+        # is refused here, before it is stored and signed into a release no device installs.
+        sent_name = getattr(upload, "name", None) or ""
+        if sent_name and not safe_file_name(sent_name):
+            raise ApiError(
+                f"file name {sent_name!r} would be refused by every agent: it must be one plain, "
+                "non-hidden file name (no path separators, not starting with '.').",
+                code="invalid_file_name",
             )
         if stopped_over_bytes is not None:
             raise ApiError(

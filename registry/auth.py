@@ -31,8 +31,8 @@ class TokenPrincipal:
     """The caller behind a bearer token. Quacks enough like a user for DRF and the audit log.
 
     A principal may narrow what it downloads by defining `may_download(*, version_id,
-    hardware_id) -> bool`; the artifact download view asks it when present (device
-    principals, defined by the ota app, do).
+    hardware_id=None) -> bool`; the artifact download view (with the hardware) and the manifest
+    view (hardware None) ask it when present (device principals, defined by the ota app, do).
     """
 
     name: str

@@ -40,7 +40,8 @@ def test_it_updates_v1_to_v2_and_serves_the_exact_bytes(rig):
     api_url = rig.server.url("/api/v1/models/detector/versions/2.0/artifacts/test-hw/download")
 
     state = rig.tmp / "dev-1" / "state"
-    rig.config("dev-1", telemetry_interval=0.5)
+    # The agent enrolled with the API host: its token goes there and nowhere else.
+    rig.config("dev-1", telemetry_interval=0.5, server_url=rig.server.url(""))
     agent = rig.agent("dev-1").start()
 
     rig.publish_directive("dev-1", rig.directive("dev-1", 1, "detector", rel1, v1))

@@ -1,10 +1,12 @@
-"""Django admin for devices, their events and enrollment tokens."""
+"""Django admin for devices, their events and enrollment tokens. Edits and deletes are audited
+(registry.admin.AuditedAdmin): a device's labels decide which rollouts target it."""
 
 from django.contrib import admin, messages
 
 from ota.fleet.enrollment import enrollment_token_revoke
 from ota.fleet.revocation import device_revoke
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState, EnrollmentToken
+from registry.admin import AuditedAdmin
 from registry.auth import actor_label
 from registry.errors import ApiError
 from registry.guards import ADMIN_FORMFIELD_OVERRIDES
@@ -28,7 +30,7 @@ class ActiveReleaseInline(admin.TabularInline):
 
 
 @admin.register(Device)
-class DeviceAdmin(admin.ModelAdmin):
+class DeviceAdmin(AuditedAdmin):
     formfield_overrides = ADMIN_FORMFIELD_OVERRIDES
     list_display = ["id", "name", "hardware", "state", "online", "last_seen", "agent_version"]
     list_filter = ["state", "online", "hardware"]
@@ -61,7 +63,7 @@ class DeviceAdmin(admin.ModelAdmin):
 
 
 @admin.register(DeviceEvent)
-class DeviceEventAdmin(admin.ModelAdmin):
+class DeviceEventAdmin(AuditedAdmin):
     list_display = ["received_at", "device", "model", "seq", "event_no", "state", "error_code", "rollout_id"]
     list_filter = ["state", "error_code"]
     search_fields = ["device__id", "rollout_id"]
@@ -73,9 +75,14 @@ class DeviceEventAdmin(admin.ModelAdmin):
     def has_change_permission(self, request, obj=None):
         return False
 
+    def has_delete_permission(self, request, obj=None):
+        # Events are the record of what each device did (rollout gates and the device page read
+        # them); only housekeeping prunes them, by age, never an admin by hand.
+        return False
+
 
 @admin.register(EnrollmentToken)
-class EnrollmentTokenAdmin(admin.ModelAdmin):
+class EnrollmentTokenAdmin(AuditedAdmin):
     formfield_overrides = ADMIN_FORMFIELD_OVERRIDES
     list_display = ["id", "prefix", "name", "uses", "max_uses", "expires_at", "revoked_at", "created_by"]
     readonly_fields = ["prefix", "uses", "created_at", "created_by", "revoked_at"]

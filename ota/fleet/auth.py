@@ -17,7 +17,7 @@ from registry.auth import SCOPE_GRANTS, TokenPrincipal, bearer_secret
 
 @dataclass
 class DevicePrincipal(TokenPrincipal):
-    def may_download(self, *, version_id: int, hardware_id: str) -> bool:
+    def may_download(self, *, version_id: int, hardware_id: str | None = None) -> bool:
         return device_may_download(device_id=self.device_id, version_id=version_id, hardware_id=hardware_id)
 
 
@@ -35,12 +35,14 @@ def authenticate_device_token(secret: str) -> DevicePrincipal | None:
     return DevicePrincipal(name=device.id, scope="device", device_id=device.id, scopes=SCOPE_GRANTS["device"])
 
 
-def device_may_download(*, device_id: str, version_id: int, hardware_id: str) -> bool:
-    """A device fetches only what it was directed to install: its own hardware's artifact of a
-    release that some directive to it named. A leaked device token then exposes no other model."""
-    return Directive.objects.filter(
-        device_id=device_id, version_id=version_id, device__hardware_id=hardware_id
-    ).exists()
+def device_may_download(*, device_id: str, version_id: int, hardware_id: str | None = None) -> bool:
+    """A device fetches only what it was directed to install: the signed manifest of a release
+    that some directive to it named (hardware_id None) and its own hardware's artifact of it. A
+    leaked device token then exposes no other model, not even its manifest."""
+    directed = Directive.objects.filter(device_id=device_id, version_id=version_id)
+    if hardware_id is not None:
+        directed = directed.filter(device__hardware_id=hardware_id)
+    return directed.exists()
 
 
 class DeviceTokenAuthentication(authentication.BaseAuthentication):

@@ -26,6 +26,7 @@ from ota.rollouts.waves import wave_pass
 from registry.audit import audit_record
 from registry.errors import ApiError, Conflict
 from registry.models import Model
+from registry.validity import release_require_installable
 
 RD = RolloutDevice.State
 
@@ -51,6 +52,8 @@ def rollout_start(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
                 f"rollout {rollout.pk} requires approval before start; an operator must POST .../approve",
                 code="approval_required",
             )
+        # Revoked or expired since the rollout was created: every agent would refuse it.
+        release_require_installable(rollout.release)
         # Starts of the same model queue up here: two starts in flight at once would each pass
         # the conflict check before the other committed, and a device would get two rollouts.
         Model.objects.select_for_update().filter(pk=rollout.model_id).first()

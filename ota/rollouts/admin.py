@@ -1,4 +1,6 @@
-"""Django admin for rollouts: read-only records, operator actions through ota.rollouts.actions."""
+"""Django admin for rollouts: read-only records, operator actions through ota.rollouts.actions.
+Deletes: a finished rollout may be deleted (audited, registry.admin.AuditedAdmin); an open one and
+any directive never (see the has_delete_permission methods)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from django.core.exceptions import ValidationError
 from ota.models import Directive, Rollout, RolloutDevice, Wave
 from ota.rollouts.actions import rollout_act
 from ota.rollouts.catalogue import ACTIONS, RolloutAction, may_run
+from registry.admin import AuditedAdmin
 from registry.auth import actor_label, scopes_of
 from registry.errors import ApiError
 
@@ -49,7 +52,7 @@ def admin_action(entry: RolloutAction):
 
 
 @admin.register(Rollout)
-class RolloutAdmin(admin.ModelAdmin):
+class RolloutAdmin(AuditedAdmin):
     list_display = ["id", "name", "release", "state", "current_wave", "abort_policy", "created_by", "created_at"]
     list_filter = ["state", "model", "abort_policy"]
     search_fields = ["name", "release__version", "model__name"]
@@ -60,9 +63,17 @@ class RolloutAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False  # definitions go through the API/CLI, where they are validated and planned
 
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # An open rollout owns its devices and has directives in flight: deleting it would leave
+        # devices mid-update with nothing watching them. Abort it first; a finished one may go
+        # (its audit entries stay). A bulk delete checks each selected rollout by this same rule.
+        if obj is not None and obj.state in Rollout.OPEN_STATES:
+            return False
+        return super().has_delete_permission(request, obj)
+
 
 @admin.register(RolloutDevice)
-class RolloutDeviceAdmin(admin.ModelAdmin):
+class RolloutDeviceAdmin(AuditedAdmin):
     list_display = ["rollout", "device", "wave", "state", "seq", "error_code", "directed_at", "finished_at"]
     list_filter = ["state", "rollout"]
     search_fields = ["device__id"]
@@ -71,9 +82,16 @@ class RolloutDeviceAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # Only along with its finished rollout (the admin asks this for each cascaded row): alone,
+        # deleting an assignment would falsify the rollout's counts.
+        return obj is not None and obj.rollout.state not in Rollout.OPEN_STATES and super().has_delete_permission(
+            request, obj
+        )
+
 
 @admin.register(Directive)
-class DirectiveAdmin(admin.ModelAdmin):
+class DirectiveAdmin(AuditedAdmin):
     list_display = ["device", "seq", "kind", "rollout", "version", "created_at", "published_at"]
     list_filter = ["kind"]
     search_fields = ["device__id"]
@@ -83,4 +101,9 @@ class DirectiveAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        # Directives are the signed record of what each device was told (and its seq counter's
+        # history); superseded ones are pruned by housekeeping only.
         return False

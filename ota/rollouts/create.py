@@ -9,6 +9,7 @@ from ota.models import Rollout, RolloutDevice, Wave
 from ota.rollouts.planning import conflicts_find, raise_conflicts, rollout_plan
 from registry.audit import audit_record
 from registry.models import Model, ModelVersion
+from registry.validity import release_require_installable
 
 
 def rollout_create(
@@ -30,6 +31,7 @@ def rollout_create(
     release = ModelVersion.objects.filter(model=model_obj, version=version).select_related("model").first()
     if release is None:
         raise ValidationError({"version": f"model {model!r} has no version {version!r}"})
+    release_require_installable(release)
     if abort_policy not in Rollout.AbortPolicy.values:
         raise ValidationError({"abort_policy": f"must be one of {', '.join(Rollout.AbortPolicy.values)}, got {abort_policy!r}"})
     planned = rollout_plan(release=release, target=target, waves=waves, gates=gates)

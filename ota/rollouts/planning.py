@@ -19,6 +19,7 @@ from ota.models import Device, Rollout, RolloutDevice
 from ota.rollouts.definition import gates_normalise, ids_listing, target_validate, waves_validate
 from registry.errors import Conflict
 from registry.models import ModelVersion
+from registry.validity import release_refusal
 
 
 def ids_in(field: str, ids) -> Q:
@@ -149,6 +150,11 @@ def raise_conflicts(conflicts: dict[str, list[str]]) -> None:
 
 
 def release_check(release: ModelVersion) -> None:
+    # A plan (the web wizard's preview too) shows the refusal as a field error; rollout_create
+    # refuses the same release first with 409 and its code (registry.validity, the shared rule).
+    refused = release_refusal(release)
+    if refused is not None:
+        raise ValidationError({"version": refused[1]})
     if release.state != ModelVersion.State.RELEASED or not release.envelope:
         raise ValidationError(
             {"version": f"{release} is {release.state}; only a released (signed) version can be rolled out"}

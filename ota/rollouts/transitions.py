@@ -17,6 +17,7 @@ from ota.rollouts.catalogue import RolloutAction
 from ota.rollouts.directives import DirectiveRequest, directives_issue, directives_withdraw
 from registry.errors import ApiError, Conflict
 from registry.models import Artifact
+from registry.validity import release_refusal
 
 RD = RolloutDevice.State
 
@@ -76,6 +77,7 @@ def rollout_revert_devices(rollout: Rollout) -> dict:
         ).select_related("device", "previous_version__model")
     )
     requests, sent, without_previous, below_floor = [], [], [], []
+    refused: dict[str, str] = {}  # device -> why its previous release may not be sent (revoked, expired)
     floor = rollout.release.rollback_floor
     available = set(
         Artifact.objects.filter(version_id__in={a.previous_version_id for a in candidates if a.previous_version_id})
@@ -88,6 +90,11 @@ def rollout_revert_devices(rollout: Rollout) -> dict:
             continue
         if prev.counter < floor:
             below_floor.append(a.device_id)
+            continue
+        # A directive every agent would refuse only fails the device: list it with the reason.
+        why = release_refusal(prev)
+        if why is not None:
+            refused[a.device_id] = why[0]
             continue
         requests.append(DirectiveRequest(device_id=a.device_id, hardware=a.device.hardware_id, version=prev))
         sent.append(a)
@@ -103,10 +110,16 @@ def rollout_revert_devices(rollout: Rollout) -> dict:
         RolloutDevice.objects.filter(pk__in=[a.pk for a in candidates if a.device_id in set(without_previous)]).update(
             detail="cannot revert: no previous release with an artifact for this hardware"
         )
+    if refused:
+        for code in set(refused.values()):
+            RolloutDevice.objects.filter(
+                pk__in=[a.pk for a in candidates if refused.get(a.device_id) == code]
+            ).update(detail=f"cannot revert: the previous release is {code.removeprefix('release_')}")
     rollout.reverted_at = now
     rollout.save(update_fields=["reverted_at"])
     return {
         "revert_directives": len(issued),
         "no_previous_release": without_previous[:100],
         "below_rollback_floor": below_floor[:100],
+        "previous_release_refused": [{"device": d, "code": c} for d, c in list(refused.items())[:100]],
     }

@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.utils.text import Truncator
 
 from ota.models import DeadLetter
+from registry.admin import AuditedAdmin
 
 
 def payload_text(row: DeadLetter) -> str:
@@ -13,7 +14,7 @@ def payload_text(row: DeadLetter) -> str:
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(admin.ModelAdmin):
+class DeadLetterAdmin(AuditedAdmin):  # read-only; audited should that change
     list_display = ["received_at", "device_id", "kind", "outcome", "short_error", "payload_size", "retained"]
     list_filter = ["outcome", "kind", "retained"]
     search_fields = ["device_id", "topic", "error"]

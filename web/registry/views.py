@@ -22,6 +22,7 @@ from registry.audit import audit_entries_for
 from registry.auth import actor_label, scopes_of
 from registry.errors import ApiError
 from registry.models import Alias, AliasMove, Model, ModelVersion
+from registry.validity import expires_soon, release_refusal
 from web.forms import AliasMoveForm
 from web.pages import page
 from web.registry import queries
@@ -132,6 +133,9 @@ def version_detail(request, name, version):
         "running_query": urlencode({"version": f"{name}@{version}", "state": Device.State.ACTIVE}),
         "buttons": buttons,
         "audit": audit_entries_for(mv)[:20],
+        # The rule rollout create/start/revert apply (registry.validity), shown before it bites.
+        "refusal": release_refusal(mv) if mv.envelope else None,
+        "expires_soon": expires_soon(mv),
     }
     return page(request, "web/registry/version.html", context, section="registry")
 
