@@ -152,6 +152,7 @@ class Steps:
         try:
             result = fetch(
                 delta["url"], part, length=delta["length"], token=self.cfg.server.token,
+                server_url=self.cfg.server.url,
                 timeout=u.download_timeout_seconds, retries=u.download_retries, backoff=u.download_backoff_seconds,
                 backoff_max=u.download_backoff_max_seconds, byte_budget_factor=u.download_byte_budget_factor,
                 stop=self.halt, on_chunk=lambda _pos: crash_point("download-chunk"),
