@@ -131,3 +131,16 @@ def test_it_audits_the_admin_delete_of_a_finished_rollout_once(root, admin_token
     entries = audit(root, admin_token, object_type="rollout", object_id=rollout.pk, action="rollout.delete")
     assert len(entries) == 1 and entries[0]["actor"] == "user:root"
     assert entries[0]["detail"]["before"]["state"] == "aborted" and entries[0]["detail"]["after"] == {}
+
+
+def test_it_checks_admin_label_edits_by_the_apis_rule_and_audits_nothing_refused(root):
+    HardwareTarget.objects.create(id="rpi4", max_artifact_bytes=1 << 20)
+    make_devices(1, hardware="rpi4", labels={"site": "berlin"}, prefix="rpi")
+    device = Device.objects.get(pk="rpi-0000")
+
+    for bad in ({"bad key!": "x"}, {"site": 3}, ["site"]):
+        response = root.post(f"/admin/ota/device/{device.pk}/change/", device_form(device, labels=json.dumps(bad)))
+        assert response.status_code == 200 and b"errorlist" in response.content, bad
+
+    assert Device.objects.get(pk=device.pk).labels == {"site": "berlin"}
+    assert not AuditEntry.objects.filter(object_type="device").exists()

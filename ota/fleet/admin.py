@@ -1,9 +1,11 @@
 """Django admin for devices, their events and enrollment tokens. Edits and deletes are audited
 (registry.admin.AuditedAdmin): a device's labels decide which rollouts target it."""
 
+from django import forms
 from django.contrib import admin, messages
 
 from ota.fleet.enrollment import enrollment_token_revoke
+from ota.fleet.parsing import validate_labels
 from ota.fleet.revocation import device_revoke
 from ota.models import ActiveRelease, Device, DeviceEvent, DeviceModelState, EnrollmentToken
 from registry.admin import AuditedAdmin
@@ -29,8 +31,36 @@ class ActiveReleaseInline(admin.TabularInline):
     ordering = ["-from_time"]
 
 
+def labels_clean(value):
+    """Labels decide which rollouts target a device: the admin checks them by the rule the API,
+    CLI and web UI use (ota.fleet.parsing.validate_labels)."""
+    try:
+        return validate_labels(value)
+    except ValueError as exc:
+        raise forms.ValidationError(str(exc)) from None
+
+
+class DeviceForm(forms.ModelForm):
+    class Meta:
+        model = Device
+        fields = ["name", "labels"]
+
+    def clean_labels(self):
+        return labels_clean(self.cleaned_data.get("labels"))
+
+
+class EnrollmentTokenForm(forms.ModelForm):
+    class Meta:
+        model = EnrollmentToken
+        fields = ["name", "max_uses", "expires_at", "default_labels"]
+
+    def clean_default_labels(self):
+        return labels_clean(self.cleaned_data.get("default_labels"))
+
+
 @admin.register(Device)
 class DeviceAdmin(AuditedAdmin):
+    form = DeviceForm
     formfield_overrides = ADMIN_FORMFIELD_OVERRIDES
     list_display = ["id", "name", "hardware", "state", "online", "last_seen", "agent_version"]
     list_filter = ["state", "online", "hardware"]
@@ -83,6 +113,7 @@ class DeviceEventAdmin(AuditedAdmin):
 
 @admin.register(EnrollmentToken)
 class EnrollmentTokenAdmin(AuditedAdmin):
+    form = EnrollmentTokenForm
     formfield_overrides = ADMIN_FORMFIELD_OVERRIDES
     list_display = ["id", "prefix", "name", "uses", "max_uses", "expires_at", "revoked_at", "created_by"]
     readonly_fields = ["prefix", "uses", "created_at", "created_by", "revoked_at"]
