@@ -190,6 +190,8 @@ def version_release(
     release manifest with the release key (online) or check the signatures made elsewhere over
     `payload` (offline, base64 from version_manifest_payload), and freeze the version. Returns
     the envelope."""
+    current = ModelVersion.objects.select_related("model").get(pk=version.pk)
+    require_draft(current)
     offline = keys.offline_signing()
     if not offline and (signatures or payload):
         raise ApiError(
@@ -201,8 +203,6 @@ def version_release(
         _require_signatures(signatures)  # before the slow checks
     # Checked before the row lock (a precheck takes seconds); the lock then makes sure the
     # artifacts signed are the ones checked.
-    current = ModelVersion.objects.select_related("model").get(pk=version.pk)
-    require_draft(current)
     checked = list(current.artifacts.order_by("hardware_id"))
     if checked:
         release_check(current, checked)

@@ -60,6 +60,10 @@ class JsonDictField(JsonInForms, serializers.DictField):
     pass
 
 
+class JsonListField(JsonInForms, serializers.ListField):
+    pass
+
+
 class ProvenanceSerializer(JsonInForms, serializers.Serializer):
     git_sha = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
     ci_run_url = serializers.URLField(max_length=500, required=False, allow_blank=True, default="")
@@ -97,13 +101,19 @@ class SignatureSerializer(serializers.Serializer):
     sig = serializers.CharField(max_length=256, help_text="Base64 Ed25519 signature over DSSE PAE(payloadType, payload).")
 
 
+class ReleaseFormSerializer(serializers.Serializer):
+    """The release body as a form: offline signatures (a list of objects) are sent as JSON."""
+
+    approver = serializers.CharField(max_length=150, required=False, allow_blank=True)
+
+
 class ReleaseSerializer(serializers.Serializer):
     approver = serializers.CharField(max_length=150, required=False, allow_blank=True)
     payload = serializers.CharField(
         required=False, allow_blank=True, trim_whitespace=False,
         help_text="RELEASE_SIGNING=offline: the base64 payload from GET .../manifest-payload that was signed.",
     )
-    signatures = serializers.ListField(
+    signatures = JsonListField(
         child=SignatureSerializer(), required=False, max_length=16,
         help_text="RELEASE_SIGNING=offline: signatures by registered release keys over the payload.",
     )
@@ -126,9 +136,9 @@ class ReleaseKeySerializer(serializers.Serializer):
     role = serializers.CharField()
     public_key_pem = serializers.CharField()
     created_at = serializers.DateTimeField()
-    created_by = serializers.CharField()
+    created_by = serializers.CharField(allow_blank=True)
     revoked_at = serializers.DateTimeField(allow_null=True)
-    revoked_by = serializers.CharField()
+    revoked_by = serializers.CharField(allow_blank=True)
 
 
 class ReasonSerializer(serializers.Serializer):

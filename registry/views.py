@@ -42,6 +42,7 @@ from registry.serializers import (
     PublicKeySerializer,
     ReasonSerializer,
     ReleaseKeyCreateSerializer,
+    ReleaseFormSerializer,
     ReleaseKeySerializer,
     ReleaseSerializer,
     VersionCreateSerializer,
@@ -165,7 +166,11 @@ class VersionRelease(APIView):
     write_scope = "ci"
 
     @extend_schema(
-        request=ReleaseSerializer,
+        request={
+            "application/json": ReleaseSerializer,
+            "multipart/form-data": ReleaseFormSerializer,
+            "application/x-www-form-urlencoded": ReleaseFormSerializer,
+        },
         responses={200: EnvelopeSerializer, 400: ERROR, 409: ERROR, 503: ERROR},
         description="Signs the release manifest with the release key and returns the DSSE envelope. "
         "With RELEASE_SIGNING=offline, send the payload from manifest-payload and signatures by "
@@ -191,7 +196,7 @@ class VersionManifestPayload(APIView):
 
     @extend_schema(
         parameters=[OpenApiParameter("approver", str, required=False, description="approver to name in the manifest")],
-        responses={200: ManifestPayloadSerializer, 404: ERROR},
+        responses={200: ManifestPayloadSerializer, 404: ERROR, 409: ERROR},
         description="The exact manifest bytes (base64) and payloadType a release of this draft signs now, "
         "for signing offline (`fleetctl push --sign-with`).",
     )
@@ -339,7 +344,12 @@ class RegisteredKeyList(generics.ListAPIView):
 
 
 class RegisteredKeyRevoke(APIView):
-    @extend_schema(request=ReasonSerializer, responses={200: ReleaseKeySerializer, 404: ERROR, 409: ERROR})
+    @extend_schema(
+        parameters=[OpenApiParameter("keyid", str, OpenApiParameter.PATH, pattern="^[0-9a-f]{64}$",
+                                     description="hex SHA-256 of the raw Ed25519 public key")],
+        request=ReasonSerializer,
+        responses={200: ReleaseKeySerializer, 404: ERROR, 409: ERROR},
+    )
     def post(self, request, keyid):
         data = _valid(ReasonSerializer, request)
         row = keys.release_key_revoke(keyid=keyid, actor=actor_label(request.user), reason=data["reason"])

@@ -49,6 +49,8 @@ BEYOND_THE_SCHEMA = [
     ("POST", "/api/v1/models/{name}/versions/"),
     # A rollout definition: a released version of an existing model, waves that add up, known devices.
     ("POST", "/api/v1/rollouts/"),
+    # A release public key: the PEM must decode to an Ed25519 key (a rule on decoded content).
+    ("POST", "/api/v1/keys/"),
 ]
 
 
