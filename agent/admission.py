@@ -315,12 +315,16 @@ def _start(directive: Directive, release: ReleaseManifest, artifact: ReleaseArti
         health=release.health,
         transitions=1,
         started=format_time(now),
-        **({"delta": asdict(directive.delta)}
-           if directive.delta is not None and active_sha and directive.delta.base_sha256 == active_sha else {}),
+        **({"delta": asdict(directive.delta)} if _delta_applies(directive, active_sha) else {}),
     )
     detail = (f"artifact {lifted} was deny-listed here; allowed again by an operator's retry (retry_denied)"
               if lifted else "")
     return Accept(update=update, directive=directive, release=release, lifted=lifted, detail=detail)
+
+
+def _delta_applies(directive: Directive, active_sha: str | None) -> bool:
+    """The directive's delta is from the model running here (the agent checks the bytes again)."""
+    return directive.delta is not None and bool(active_sha) and directive.delta.base_sha256 == active_sha
 
 
 def could_not_process(exc: BaseException) -> Refuse:

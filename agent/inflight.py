@@ -48,7 +48,7 @@ class InFlightUpdate:
     # The directive's delta from the model running here ({base_sha256, url, length, sha256,
     # method}), kept only when its base is what `current` points at (agent.admission).
     delta: dict | None = None
-    delivery: str | None = None  # "delta" or "full" once downloading is done; "full" also after a failed delta
+    delivery: str | None = None  # "delta" or "full" once downloaded ("full" also after a failed delta)
     bytes_downloaded: int | None = None  # fetched for this update, a failed delta's bytes included
     delta_fallback: str = ""  # why a delta was not used, for the event's detail
 

@@ -510,7 +510,9 @@ def parse_event(payload: bytes) -> Event:
     delivery = _opt(data, "delivery", str, where)
     if delivery not in (None, "delta", "full"):
         raise ProtocolError(f"event.delivery {delivery!r} must be 'delta' or 'full'")
-    bytes_downloaded = _nonneg_int(data, "bytes_downloaded", where) if data.get("bytes_downloaded") is not None else None
+    bytes_downloaded = None
+    if data.get("bytes_downloaded") is not None:
+        bytes_downloaded = _nonneg_int(data, "bytes_downloaded", where)
     return Event(
         device_id=_req(data, "device_id", str, where),
         event_no=_nonneg_int(data, "event_no", where),

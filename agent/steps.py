@@ -91,7 +91,8 @@ class Steps:
         any failure of it, or a resumed download that failed verification, the full artifact)."""
         sha = upd.sha
         delta_bytes, fallback = 0, {}
-        if not self.store.has(sha, upd.file_name) and upd.delta and upd.delivery is None and not upd.refetched:
+        wants_delta = upd.delta and upd.delivery is None and not upd.refetched
+        if wants_delta and not self.store.has(sha, upd.file_name):
             ok, delta_bytes, why = self._delta(upd)
             if ok:
                 self.transition(Phase.VERIFYING, event=True, delivery="delta", bytes_downloaded=delta_bytes)
@@ -171,10 +172,12 @@ class Steps:
             except (deltas.DeltaError, OSError, MemoryError) as exc:
                 return False, result.bytes_received, str(exc)
             if built.stat().st_size != upd.length or digest != sha:
-                return False, result.bytes_received, "the rebuilt artifact does not match its signed length and sha256"
+                return False, result.bytes_received, ("the rebuilt artifact does not match "
+                                                      "its signed length and sha256")
             built.replace(self.store.part_path(sha))
             self.digests[sha] = digest
-            log.info("rebuilt %s from a %d-byte delta on %s", sha[:12], delta["length"], delta["base_sha256"][:12])
+            log.info("rebuilt %s from a %d-byte delta on %s", sha[:12], delta["length"],
+                     delta["base_sha256"][:12])
             return True, result.bytes_received, ""
         finally:
             part.unlink(missing_ok=True)

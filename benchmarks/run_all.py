@@ -14,6 +14,7 @@ BENCHMARKS = [
     "upload_memory.py",
     "fleetctl_upload_memory.py",
     "agent_footprint.py",
+    "deltas.py",
     "device_list.py",
     "device_lists.py",
     "control_gates.py",

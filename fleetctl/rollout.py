@@ -162,7 +162,8 @@ def render(rollout: dict) -> list[str]:
                      f"(e.g. {incompatible[0]['device']}: {incompatible[0]['hardware']})")
     delivery = rollout.get("delivery") or {}
     if delivery.get("delta_devices") or delivery.get("full_devices"):
-        lines.append(f"  delivery: {delivery.get('delta_devices', 0)} by delta, {delivery.get('full_devices', 0)} in full; "
+        lines.append(f"  delivery: {delivery.get('delta_devices', 0)} by delta, "
+                     f"{delivery.get('full_devices', 0)} in full; "
                      f"{_size(delivery.get('bytes_downloaded', 0))} downloaded, "
                      f"{_size(delivery.get('bytes_saved', 0))} saved by deltas")
     return lines

@@ -223,3 +223,79 @@ def test_it_builds_a_delta_once_offers_it_to_devices_on_its_base_and_reports_byt
 
         assert any("1 by delta, 1 in full" in line and "saved by deltas" in line for line in render(detail))
         act(client, ci_token, rid, "abort")
+
+
+@pytest.fixture
+def delta_platform(transactional_db, live_server, secure_broker, tmp_path, isolated_storage):
+    """server_platform, with the worker reading and writing this test's artifact store: it builds
+    deltas from the stored artifacts."""
+    from tests.support.platform import Platform
+
+    with Platform(tmp_path, broker=secure_broker, live_server_url=live_server.url,
+                  extra_env={"ARTIFACT_DIR": str(isolated_storage)}) as platform:
+        platform.start_ingest()
+        platform.start_worker()
+        platform.start_beat()
+        yield platform
+
+
+def test_it_rolls_out_v2_to_real_agents_as_a_delta_and_a_tampered_base_takes_the_full_artifact(
+    client, admin_token, ci_token, delta_platform, live_server, tmp_path
+):
+    """The whole way: the server's worker builds the delta the rollout asks for, signs it into the
+    directives, serves it; real agents rebuild v2 from it, and the one whose v1 was changed on
+    disk fetches the full artifact instead; the API and the CLI show what each did."""
+    from ota.models import ArtifactDelta, Rollout
+    from registry.models import Artifact as ArtifactRow
+    from tests.support.fleet_agents import Agents, wait_until
+    from tests.support.registry_api import create_model, create_version, upload, version_url
+    from tests.support.rollout_data import act, create_rollout, ensure_hardware, health_for
+    from fleetctl.rollout import render
+
+    ensure_hardware(client, admin_token, "rpi4")
+    create_model(client, admin_token, "detector")
+    for version, scale, bias in (("1.0", 2.0, 1.0), ("2.0", 3.0, 0.5)):
+        create_version(client, admin_token, "detector", version, health=health_for(scale, bias))
+        data = model_bytes(scale=scale, bias=bias)
+        assert upload(client, admin_token, "detector", version, hardware="rpi4", data=data).status_code == 201
+        assert client.post(f"{version_url('detector', version)}/release", {}, content_type="application/json",
+                           **admin_token.headers).status_code == 200
+    v1, v2 = (ArtifactRow.objects.get(version__version=v) for v in ("1.0", "2.0"))
+    response = client.post(f"{API}/enrollment-tokens/", {"max_uses": 2, "name": "deltas"},
+                           content_type="application/json", **admin_token.headers)
+    agents = Agents(tmp_path / "agents", delta_platform.env)
+    try:
+        honest, tampered = agents.enroll(live_server.url, response.json()["token"], 2, labels={"site": "berlin"})
+        for device_id in (honest, tampered):
+            agents.start(device_id)
+
+        def rollout(version: str) -> int:
+            rid = create_rollout(client, ci_token, model="detector", version=version,
+                                 target={"labels": {"site": "berlin"}}, waves=[{"percent": 100}],
+                                 gates={"success": {"min_healthy_percent": 100}}).json()["id"]
+            if version == "2.0":  # asked for at create; the platform's worker builds it
+                wait_until(lambda: ArtifactDelta.objects.filter(base=v1, target=v2, state="ready").exists(), 60,
+                           "the worker to build the delta", delta_platform, agents)
+            assert act(client, ci_token, rid, "start").status_code == 200
+            wait_until(lambda: Rollout.objects.get(pk=rid).state == "completed", 120, f"{version} everywhere",
+                       delta_platform, agents)
+            return rid
+
+        rollout("1.0")
+        base = next((agents.state_dir(tampered) / "models" / "detector" / "current").iterdir()).resolve()
+        os.chmod(base, stat.S_IRUSR | stat.S_IWUSR)
+        data = bytearray(base.read_bytes())
+        data[100] ^= 0xFF
+        base.write_bytes(bytes(data))
+        rid = rollout("2.0")
+    finally:
+        agents.stop_all()
+
+    delta = ArtifactDelta.objects.get(base=v1, target=v2)
+    assert {d: agents.model_sha(d, "detector") for d in (honest, tampered)} == {honest: v2.sha256, tampered: v2.sha256}
+    rows = {r["device"]: r for r in client.get(f"{API}/rollouts/{rid}/devices/", **ci_token.headers).json()["results"]}
+    assert (rows[honest]["delivery"], rows[honest]["bytes_downloaded"]) == ("delta", delta.length)
+    assert (rows[tampered]["delivery"], rows[tampered]["bytes_downloaded"]) == ("full", v2.length)
+    detail = client.get(f"{API}/rollouts/{rid}/", **ci_token.headers).json()
+    assert detail["delivery"]["bytes_saved"] == v2.length - delta.length > 0.9 * v2.length
+    assert any("1 by delta, 1 in full" in line for line in render(detail))

@@ -31,7 +31,9 @@ class ArtifactDelta(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["base", "target", "method"], name="one_delta_per_pair")]
+        constraints = [
+            models.UniqueConstraint(fields=["base", "target", "method"], name="one_delta_per_pair"),
+        ]
 
     def __str__(self) -> str:
         return f"delta {self.base_id}→{self.target_id} ({self.state})"

@@ -150,7 +150,8 @@ class DeltaDownload(APIView):
         if delta is None:
             raise ApiError(f"No ready delta {pk}.", code="not_found", status_code=404)
         if delta.target.version.state == ModelVersion.State.REVOKED:
-            raise ApiError(f"{delta.target.version} has been revoked.", code="version_revoked", status_code=410)
+            raise ApiError(f"{delta.target.version} has been revoked.", code="version_revoked",
+                           status_code=410)
         may_download = getattr(request.user, "may_download", None)
         if may_download is not None and not may_download(version_id=delta.target.version_id,
                                                          hardware_id=delta.target.hardware_id):

@@ -1,4 +1,5 @@
-"""Creating a rollout: validate the definition, plan the waves, store it in state `created`."""
+"""Creating a rollout: validate the definition, plan the waves, store it in state `created`, and
+ask for the delta artifacts its devices will want (built by a worker before it starts)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 
 from ota.models import Rollout, RolloutDevice, Wave
+from ota.rollouts.deltas import deltas_request_for
 from ota.rollouts.planning import conflicts_find, raise_conflicts, rollout_plan
 from registry.audit import audit_record
 from registry.models import Model, ModelVersion
@@ -60,6 +62,7 @@ def rollout_create(
             )
             waves.append((wave, devices))
         rank = assignments_insert(rollout=rollout, waves=waves)
+        deltas_request_for(release=release, device_ids=[d for m in members for d in m])
         audit_record(
             actor=actor,
             action="rollout.create",

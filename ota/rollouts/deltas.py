@@ -93,7 +93,8 @@ def delta_compute(*, delta_id: int) -> ArtifactDelta:
                 state = State.OVERSIZED
             else:
                 state = State.READY
-                name = f"deltas/{delta.target.hardware_id}/{delta.base.sha256[:16]}-{delta.target.sha256[:16]}"
+                pair = f"{delta.base.sha256[:16]}-{delta.target.sha256[:16]}"
+                name = f"deltas/{delta.target.hardware_id}/{pair}"
                 with open(out, "rb") as handle:
                     key = storage.save(f"{name}/{uuid.uuid4().hex}.zst", File(handle))
         ArtifactDelta.objects.filter(pk=delta_id, state=State.BUILDING).update(
@@ -110,6 +111,29 @@ def delta_compute(*, delta_id: int) -> ArtifactDelta:
                                                          finished_at=timezone.now())
     delta.refresh_from_db()
     return delta
+
+
+def deltas_request_for(*, release, device_ids: list[str]) -> int:
+    """Ask for the deltas a rollout of `release` to these devices will want: from each artifact
+    they last reported running to the release's artifact of their hardware. Built before the
+    first directives go out when the workers keep up. Returns how many pairs there are."""
+    targets = {a.hardware_id: a for a in release.artifacts.all()}
+    running = (
+        DeviceModelState.objects.filter(device_id__in=device_ids, model_id=release.model_id)
+        .exclude(active_sha256="").values_list("active_sha256", "device__hardware_id").distinct()
+    )
+    pairs = set(running)
+    if not pairs:
+        return 0
+    bases = Artifact.objects.filter(sha256__in={sha for sha, _ in pairs}, version__model_id=release.model_id)
+    count = 0
+    for base in bases:
+        target = targets.get(base.hardware_id)
+        if target is None or (base.sha256, base.hardware_id) not in pairs:
+            continue
+        if delta_request(base=base, target=target):
+            count += 1
+    return count
 
 
 def delta_download_url(*, delta: ArtifactDelta) -> str:

@@ -59,7 +59,8 @@ def rollout_delivery(rollout: Rollout) -> dict:
     out = {"delta_devices": 0, "full_devices": 0, "bytes_downloaded": 0, "bytes_saved": 0}
     rows = (
         RolloutDevice.objects.filter(rollout=rollout).exclude(delivery="")
-        .values_list("device__hardware_id", "delivery").annotate(n=Count("id"), fetched=Sum("bytes_downloaded"))
+        .values_list("device__hardware_id", "delivery")
+        .annotate(n=Count("id"), fetched=Sum("bytes_downloaded"))
         .order_by()
     )
     for hardware, delivery, n, fetched in rows:
