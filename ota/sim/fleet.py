@@ -472,12 +472,13 @@ class FleetSimulator:
         model_behaviours: dict[str, dict] | None = None,
         metrics_requests: int = 0,
         seed: int | None = None,
+        release_threshold: int = 1,
     ):
         if isinstance(behaviour, str) and behaviour not in BEHAVIOURS:
             raise ValueError(f"behaviour {behaviour!r} is not one of {', '.join(BEHAVIOURS)}")
         self.host, self.port = host, port
         self.topics = Topics(topic_root)
-        self.release_keys = Keyring.from_pems(*release_pems)
+        self.release_keys = Keyring.from_pems(*release_pems, threshold=release_threshold)
         self.rollout_keys = Keyring.from_pems(*rollout_pems)
         self.step_seconds = step_seconds
         self.slow_step_seconds = slow_step_seconds
@@ -511,7 +512,7 @@ class FleetSimulator:
         """Broker address and pinned keys as an enrolled agent would get them (needs Django)."""
         from django.conf import settings
 
-        from registry.keys import public_key_info
+        from registry.keys import public_key_info, release_threshold, require_enough_release_keys
 
         kwargs.setdefault("resume", resume_state([c.device_id for c in creds]))
         return cls(
@@ -519,8 +520,9 @@ class FleetSimulator:
             host=settings.MQTT_PUBLIC_HOST,
             port=settings.MQTT_PUBLIC_PORT,
             topic_root=settings.MQTT_TOPIC_ROOT,
-            release_pems=[public_key_info("release").public_key_pem],
+            release_pems=[info.public_key_pem for info in require_enough_release_keys()],
             rollout_pems=[public_key_info("rollout").public_key_pem],
+            release_threshold=release_threshold(),
             **kwargs,
         )
 
