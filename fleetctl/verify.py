@@ -36,8 +36,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             pems.append(Path(key_path).read_bytes())
         except OSError as exc:
             raise UsageError(f"--key {key_path}: cannot read the key: {exc.strerror}") from None
+    if not 1 <= args.threshold <= len(pems):
+        raise UsageError(f"--threshold {args.threshold}: must be from 1 to the number of --key files ({len(pems)})")
     try:
-        keyring = Keyring.from_pems(*pems)
+        keyring = Keyring.from_pems(*pems, threshold=args.threshold)
     except ValueError as exc:
         raise UsageError(f"--key: {exc}") from None
 
@@ -93,5 +95,7 @@ def add_parser(sub) -> None:
                         help="trusted release public key (PEM file); repeat for several")
     verify.add_argument("--artifact", action="append", default=[], metavar="HARDWARE=PATH",
                         help="also check this file against the release's entry for HARDWARE")
+    verify.add_argument("--threshold", type=int, default=1, metavar="K",
+                        help="distinct --key keys that must have signed (a device's [keys] release_threshold; default 1)")
     verify.add_argument("--allow-expired", action="store_true", help="accept a release past its expiry")
     verify.set_defaults(func=cmd_verify)

@@ -115,6 +115,14 @@ def test_it_releases_signed_by_fleetctl_and_a_real_agent_installs_it(
     version = ModelVersion.objects.get(model__name=MODEL, version="1.0.0")
     assert version.state == "released" and pushed.stdout.strip() == version.manifest_sha256
     assert [s["keyid"] for s in version.envelope["signatures"]] == [keyid]
+    listed = run_fleetctl("keys", "list", "--json", env=admin_env)
+    assert [(k["keyid"], k["revoked_at"]) for k in json.loads(listed.stdout)] == [(keyid, None)], listed.stderr
+    (tmp_path / "release.json").write_text(json.dumps(version.envelope))
+    (tmp_path / "rogue.pub.pem").write_text(pem_of(rogue))
+    verify = ("verify", str(tmp_path / "release.json"), "--key", str(tmp_path / "ci.pub.pem"))
+    assert run_fleetctl(*verify, env={}).returncode == 0
+    two = run_fleetctl(*verify, "--key", str(tmp_path / "rogue.pub.pem"), "--threshold", "2", env={})
+    assert two.returncode == 1 and "SIGNATURE_INVALID" in two.stderr and "1 of the 2" in two.stderr
 
     # A real agent pinned (as enrollment pins) to the published release keys installs it, and
     # refuses a release whose manifest a key it did not pin signed.
