@@ -97,8 +97,18 @@ class Agents:
         return proc is not None and proc.poll() is None
 
     def stop_all(self) -> None:
-        for device_id in list(self.procs):
-            self.stop(device_id)
+        """SIGTERM every agent at once, then wait for each: one by one, a fleet's shutdowns add up."""
+        procs = [self.procs.pop(d) for d in list(self.procs)]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 15
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def model_sha(self, device_id: str, model: str, file_name: str = "model.onnx") -> str | None:
         """sha256 of the bytes the box's app would load now (models/<model>/current/<file>)."""

@@ -18,12 +18,14 @@ every process are kept under tmp_path/platform/ and shown by `logs()` when a tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -193,8 +195,17 @@ class Platform:
                 self.kill(proc)
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop(proc)
+        """SIGTERM every process group at once, then wait for each (SIGKILL past 15 s)."""
+        alive = [proc for proc in reversed(self.procs) if proc.alive()]
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in alive:
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill(proc)
 
     # --- diagnostics ---------------------------------------------------------------------------
 
