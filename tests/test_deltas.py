@@ -11,6 +11,7 @@ import json
 import os
 import stat
 from hashlib import sha256
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -148,13 +149,14 @@ def versions(client, admin_token):
 
 @pytest.mark.django_db
 def test_it_builds_a_delta_once_offers_it_to_devices_on_its_base_and_reports_bytes_saved(
-    client, ci_token, versions, django_capture_on_commit_callbacks
+    client, ci_token, versions, viewer, django_capture_on_commit_callbacks
 ):
     from unittest import mock
 
     from ota.models import ArtifactDelta, DeviceEvent, DeviceModelState, Directive
     from ota.models.devices import Device, hash_secret
-    from ota.rollouts.deltas import delta_compute, delta_request
+    from ota.rollouts.deltas import delta_compute, delta_request, deltas_offered
+    from ota.rollouts.directives import DirectiveRequest, _artifacts_for
     from ota.rollouts.engine import rollout_evaluate
     from ota.rollouts.events import rollout_apply_events
     from registry.artifacts import artifact_storage
@@ -195,7 +197,14 @@ def test_it_builds_a_delta_once_offers_it_to_devices_on_its_base_and_reports_byt
                 deltas_sent[d.device_id] = payload["delta"]
         assert set(deltas_sent) == offered, target  # v1→v3 is asked for, not ready: full for now
         if target == v3:
-            assert ArtifactDelta.objects.filter(base=v1, target=v3, state="pending").exists()
+            # Asked for at create, its task lost (no worker here): the next wave that wants it asks again.
+            stuck = ArtifactDelta.objects.get(base=v1, target=v3, state="pending")
+            ArtifactDelta.objects.filter(pk=stuck.pk).update(created_at=stuck.created_at - timedelta(hours=1))
+            requests = [DirectiveRequest(device_id=on_v1, hardware="rpi4", version=v3.version)]
+            with (mock.patch("ota.rollouts.deltas._builder", built.append),
+                  django_capture_on_commit_callbacks(execute=True)):
+                assert deltas_offered(requests=requests, artifacts=_artifacts_for(requests)) == {}
+            assert built[-1] == stuck.pk
             continue
         offer = deltas_sent[on_v1]
         assert (offer["base_sha256"], offer["length"], offer["sha256"]) == (v1.sha256, first.length, first.sha256)
@@ -222,6 +231,13 @@ def test_it_builds_a_delta_once_offers_it_to_devices_on_its_base_and_reports_byt
         from fleetctl.rollout import render
 
         assert any("1 by delta, 1 in full" in line and "saved by deltas" in line for line in render(detail))
+        from django.test import Client
+        from django.urls import reverse
+
+        web = Client()
+        web.force_login(viewer)
+        page = web.get(reverse("web:rollout_live", args=[rid])).content.decode()
+        assert "1 by delta, 1 in full" in page and "saved by deltas" in page
         act(client, ci_token, rid, "abort")
 
 

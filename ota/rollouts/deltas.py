@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 MAX_DELTA_RATIO = 0.9
 # A claim older than this belongs to a worker that died mid-build: another may take it over.
 STALE_CLAIM = timedelta(hours=1)
+STALE_PENDING = timedelta(minutes=10)
 
 State = ArtifactDelta.State
 
@@ -50,12 +51,32 @@ def delta_request(*, base: Artifact, target: Artifact) -> ArtifactDelta | None:
         return None
     delta, created = ArtifactDelta.objects.get_or_create(base=base, target=target, method=delta_format.METHOD)
     if created:
-        builder = _builder
-        if builder is None:
-            logger.warning("no delta builder registered; delta %s stays pending", delta.pk)
-        else:
-            transaction.on_commit(lambda: builder(delta.pk))
+        _enqueue(delta.pk)
     return delta
+
+
+def _stuck(delta: ArtifactDelta) -> bool:
+    """Pending long after it was asked for (its task lost with a broker outage), or claimed by a
+    worker that died: asked for again by the next wave that wants it."""
+    now = timezone.now()
+    if delta.state == State.PENDING:
+        return delta.created_at < now - STALE_PENDING
+    return delta.state == State.BUILDING and delta.claimed_at is not None and delta.claimed_at < now - STALE_CLAIM
+
+
+def _enqueue(delta_id: int) -> None:
+    builder = _builder
+    if builder is None:
+        logger.warning("no delta builder registered; delta %s stays pending", delta_id)
+        return
+
+    def send():
+        try:
+            builder(delta_id)
+        except Exception:  # a broker outage must not fail the directives; the next wave asks again
+            logger.exception("could not queue the build of delta %s", delta_id)
+
+    transaction.on_commit(send)
 
 
 _builder: Callable[[int], None] | None = None
@@ -182,6 +203,8 @@ def deltas_offered(*, requests: Iterable, artifacts: dict) -> dict[str, dict]:
     for pair, (base, target) in pairs.items():
         if pair not in known:
             delta_request(base=base, target=target)
+        elif _stuck(known[pair]):
+            _enqueue(known[pair].pk)
     offers = {}
     for pair, delta in known.items():
         if delta.state == State.READY:
