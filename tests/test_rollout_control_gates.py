@@ -234,6 +234,10 @@ def test_it_leaves_fleets_without_app_metrics_alone(fleet):
     rollout = start_and_commit_canary(fleet)
     assert evaluate(fleet, rollout) in ("advanced", "dispatched")
     assert not AuditEntry.objects.filter(action="wave.control_gate").exists()
+    # Why it did not judge stays on record with the wave's pass.
+    passed = AuditEntry.objects.get(object_type="rollout", object_id=str(rollout.pk), action="wave.pass")
+    assert passed.detail["control_gate"] == "the wave's devices report no model metrics"
+    assert "(control-group gate: the wave's devices report no model metrics)" in passed.reason
     rollout.refresh_from_db()
     assert rollout.state == Rollout.State.RUNNING and rollout.current_wave == 1
 

@@ -133,7 +133,8 @@ def _rollout_step(*, rollout_id: int) -> str:
                 if control == "wait":
                     outcome = "waiting-for-figures"
                     break
-                wave_pass(rollout, wave, actor=SYSTEM, reason="its success gate held through the soak time", figures=figures)
+                wave_pass(rollout, wave, actor=SYSTEM, figures={**figures, "control_gate": why},
+                          reason=f"its success gate held through the soak time (control-group gate: {why})")
                 outcome = "advanced"
                 continue
             break
