@@ -20,6 +20,7 @@ reloaded, swapped-back.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import shutil
 import subprocess
@@ -91,7 +92,16 @@ class Steps:
         any failure of it, or a resumed download that failed verification, the full artifact)."""
         sha = upd.sha
         delta_bytes, fallback = 0, {}
-        wants_delta = upd.delta and upd.delivery is None and not upd.refetched
+        # A failed delta is remembered beside the staging files until the update ends (the store's
+        # gc removes it), so an agent restarted mid full download does not fetch the delta again.
+        marker = self.store.part_path(sha).with_suffix(".nodelta")
+        if upd.delta and marker.exists():
+            try:
+                noted = json.loads(marker.read_text())
+                delta_bytes, fallback = int(noted["bytes"]), {"delta_fallback": str(noted["why"])}
+            except (OSError, ValueError, KeyError, TypeError):
+                fallback = {"delta_fallback": "an earlier attempt at the delta failed"}
+        wants_delta = upd.delta and upd.delivery is None and not upd.refetched and not fallback
         if wants_delta and not self.store.has(sha, upd.file_name):
             ok, delta_bytes, why = self._delta(upd)
             if ok:
@@ -99,6 +109,7 @@ class Steps:
                 return
             log.warning("delta for %s not used, downloading the full artifact: %s", sha[:12], why)
             fallback = {"delta_fallback": why}
+            marker.write_text(json.dumps({"why": why, "bytes": delta_bytes}))
         if not self.store.has(sha, upd.file_name):
             u = self.cfg.update
             try:
@@ -124,7 +135,7 @@ class Steps:
             log.info("downloaded %s: %d bytes received (resumed from %d)", sha[:12], result.bytes_received,
                      result.resumed_from)
             self.transition(Phase.VERIFYING, event=True, delivery="full",
-                            bytes_downloaded=delta_bytes + result.bytes_received, **fallback)
+                            bytes_downloaded=delta_bytes + _fetched(result), **fallback)
             return
         self.transition(Phase.VERIFYING, event=True)
 
@@ -163,22 +174,23 @@ class Steps:
             part.unlink(missing_ok=True)
             return False, 0, f"the delta download failed: {exc}"
         # (Interrupted passes through with the part file kept: the delta resumes after a restart.)
+        fetched = _fetched(result)
         try:
             if result.length != delta["length"] or result.sha256 != delta["sha256"]:
-                return False, result.bytes_received, (f"the delta has sha256 {result.sha256}, "
+                return False, fetched, (f"the delta has sha256 {result.sha256}, "
                                                       f"signed {delta['sha256']}")
             try:
                 digest = deltas.delta_apply(base=base, delta=part, out=built, length=upd.length)
             except (deltas.DeltaError, OSError, MemoryError) as exc:
-                return False, result.bytes_received, str(exc)
+                return False, fetched, str(exc)
             if built.stat().st_size != upd.length or digest != sha:
-                return False, result.bytes_received, ("the rebuilt artifact does not match "
+                return False, fetched, ("the rebuilt artifact does not match "
                                                       "its signed length and sha256")
             built.replace(self.store.part_path(sha))
             self.digests[sha] = digest
             log.info("rebuilt %s from a %d-byte delta on %s", sha[:12], delta["length"],
                      delta["base_sha256"][:12])
-            return True, result.bytes_received, ""
+            return True, fetched, ""
         finally:
             part.unlink(missing_ok=True)
             built.unlink(missing_ok=True)
@@ -408,6 +420,11 @@ class Steps:
             return True, ""
         self.hook("reload")
         return _run_reload(self.cfg)
+
+
+def _fetched(result) -> int:
+    """Bytes fetched for a download, by this process and (the part it resumed) by earlier ones."""
+    return result.resumed_from + result.bytes_received
 
 
 def _ssl_context(cfg: Config):

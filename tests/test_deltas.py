@@ -21,7 +21,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent import deltas, signing
 from agent.protocol import build_directive_payload, utcnow
-from tests.support.agent_harness import Artifact, active_file, journal, linear_contract, release_envelope
+from tests.support.agent_harness import (
+    Artifact,
+    active_file,
+    journal,
+    linear_contract,
+    release_envelope,
+    wait_for,
+)
 
 API = "/api/v1"
 
@@ -92,10 +99,20 @@ def test_it_rebuilds_v2_from_a_delta_and_falls_back_to_full_on_a_bad_delta_or_ba
     data = bytearray(base.read_bytes())
     data[-1] ^= 0x01
     base.write_bytes(bytes(data))
+    # The flipped box gets its full artifact slowly, and loses power in the middle of it.
+    slow = rig.server.add("/artifacts/v2-slow", v2.data)
+    rig.server.rates["/artifacts/v2-slow"] = 400_000
     for name, url in urls.items():
         offer = {"base_sha256": v1.sha256, "url": url, "length": len(good), "sha256": sha256(good).hexdigest(),
                  "method": deltas.METHOD}
-        rig.publish_directive(name, directive(rig, name, 2, rel2, v2, url2, delta=offer))
+        rig.publish_directive(name, directive(rig, name, 2, rel2, v2, slow if name == "flipped" else url2,
+                                              delta=offer))
+    part = rig.tmp / "flipped" / "state" / "staging" / f"{v2.sha256}.part"
+    wait_for(lambda: part.exists() and part.stat().st_size > 200_000, 30, "the full download to be under way",
+             agent=agents["flipped"])
+    agents["flipped"].proc.kill()
+    agents["flipped"].proc.wait()
+    agents["flipped"].start()
     outcomes = {name: rig.subscriber.wait_outcome(name, 2, agent=agent) for name, agent in agents.items()}
 
     for name, outcome in outcomes.items():
@@ -112,7 +129,10 @@ def test_it_rebuilds_v2_from_a_delta_and_falls_back_to_full_on_a_bad_delta_or_ba
     assert "the delta has sha256" in verifying["flipped"]["detail"]
     assert "does not match its sha256 (tampered or corrupt)" in verifying["tampered"]["detail"]
     served = [r["path"] for r in rig.server.requests]
-    assert served.count("/artifacts/v2") == 2 and "/deltas/good-too" not in served
+    assert served.count("/artifacts/v2") == 1 and "/deltas/good-too" not in served
+    # After the power cut: the bad delta is not fetched again, the full download resumes.
+    assert served.count("/deltas/flipped") == 1
+    assert [r["range"] is not None for r in rig.server.requests if r["path"] == "/artifacts/v2-slow"] == [False, True]
 
 
 # --- server side ----------------------------------------------------------------------------------
