@@ -20,6 +20,10 @@ METHOD = "zstd-patch-from"
 CHUNK = 1 << 20
 LEVEL = 9  # level 9 with large hash tables found the matches level 19 found, 6x faster (benchmark)
 MAX_WINDOW_LOG = 31
+# The server offers a delta only under this share of the full artifact: one this close saves too
+# little to be worth a second code path on the device (a re-quantised or fully fine-tuned model
+# compresses no better from its base). Here so the server and benchmarks/deltas.py share it.
+MAX_DELTA_RATIO = 0.9
 
 
 class DeltaError(Exception):

@@ -8,7 +8,7 @@ For each: the full size, the delta size of zstd's patch-from (agent/deltas.py, w
 bsdiff4 and of content-defined chunking (~64 KiB chunks, as Xet storage; the bytes a chunk
 store would send: the missing chunks and the index) for comparison, and of plain zstd of the
 whole file; whether the server offers the delta
-(under ota.rollouts.deltas.MAX_DELTA_RATIO of the full artifact); the bytes actually transferred,
+(under agent.deltas.MAX_DELTA_RATIO of the full artifact); the bytes actually transferred,
 fetched through the agent's own download code (agent.download.fetch) from a local HTTP server;
 the seconds to build the delta (server) and to apply it (agent), and the peak RSS of a fresh
 subprocess applying it, beside the RSS of the same subprocess doing nothing (its floor).
@@ -47,7 +47,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "deltas.json"
 from agent import deltas  # noqa: E402
 from agent.download import fetch  # noqa: E402
 
-MAX_DELTA_RATIO = 0.9  # ota.rollouts.deltas.MAX_DELTA_RATIO (this script runs without Django)
 WIDTH, LAYERS = 1024, 6
 
 
@@ -71,7 +70,8 @@ def dense_model(weights: list[np.ndarray]) -> bytes:
         nodes, "dense", [helper.make_tensor_value_info("x", elem, [None, WIDTH])],
         [helper.make_tensor_value_info("y", elem, [None, WIDTH])], inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="modelfleet-bench")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="modelfleet-bench")
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
@@ -122,9 +122,11 @@ print(seconds, hwm.split()[1])
 """
 
 
-def apply_in_child(base: Path, delta: Path, out: Path, length: int, *, apply: bool = True) -> tuple[float, float]:
+def apply_in_child(base: Path, delta: Path, out: Path, length: int, *,
+                   apply: bool = True) -> tuple[float, float]:
     """(seconds, peak RSS in MiB) of a fresh interpreter applying the delta (or only importing)."""
-    code = APPLY.format(root=str(ROOT), base=str(base), delta=str(delta), out=str(out), length=length, apply=apply)
+    code = APPLY.format(root=str(ROOT), base=str(base), delta=str(delta), out=str(out), length=length,
+                        apply=apply)
     seconds, rss_kib = subprocess.check_output([sys.executable, "-c", code], text=True).split()
     return float(seconds), int(rss_kib) / 1024
 
@@ -137,7 +139,8 @@ def bsdiff_size(base: bytes, target: bytes) -> tuple[int, float]:
     return len(patch), time.perf_counter() - started
 
 
-def cdc_chunks(data: bytes, *, mask_bits: int = 16, window: int = 32, min_size: int = 16 << 10) -> list[bytes]:
+def cdc_chunks(data: bytes, *, mask_bits: int = 16, window: int = 32,
+               min_size: int = 16 << 10) -> list[bytes]:
     """Content-defined chunks (~64 KiB average, as Xet storage): a boundary where a rolling sum of
     random per-byte values over the last `window` bytes has its low `mask_bits` bits zero."""
     table = np.random.default_rng(64).integers(0, 2**32, 256, dtype=np.uint64)
@@ -165,7 +168,8 @@ def cdc_transfer(base: bytes, target: bytes) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--no-bsdiff", action="store_true", help="skip the bsdiff4 comparison (slow: ~20 s a case)")
+    parser.add_argument("--no-bsdiff", action="store_true",
+                        help="skip the bsdiff4 comparison (slow: 20-80 s a case)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     import zstandard
@@ -183,15 +187,16 @@ def main() -> None:
                 target.write_bytes(target_bytes)
                 full = len(target_bytes)
                 started = time.perf_counter()
-                length, digest = deltas.delta_build(base=tmp / "base.onnx", target=target, out=tmp / f"{name}.delta")
+                length, digest = deltas.delta_build(base=tmp / "base.onnx", target=target,
+                                                    out=tmp / f"{name}.delta")
                 build_seconds = time.perf_counter() - started
-                offered = length <= MAX_DELTA_RATIO * full
+                offered = length <= deltas.MAX_DELTA_RATIO * full
                 apply_seconds, apply_rss = apply_in_child(tmp / "base.onnx", tmp / f"{name}.delta",
                                                           tmp / f"{name}.rebuilt", full)
                 exact = (tmp / f"{name}.rebuilt").read_bytes() == target_bytes
                 # What the device fetches: the delta when offered, else the full artifact.
-                fetched = fetch(f"{url}/{name}.delta" if offered else f"{url}/{name}.onnx", tmp / f"{name}.part",
-                                length=length if offered else full)
+                fetched = fetch(f"{url}/{name}.delta" if offered else f"{url}/{name}.onnx",
+                                tmp / f"{name}.part", length=length if offered else full)
                 (tmp / f"{name}.part").unlink()
                 row = {
                     "full_bytes": full,
@@ -208,7 +213,8 @@ def main() -> None:
                     "apply_peak_rss_mib": round(apply_rss, 1),
                     "apply_rss_floor_mib": round(floor_rss, 1),
                     "rebuilt_exact": exact,
-                    "zstd_whole_file_bytes": len(zstandard.ZstdCompressor(level=deltas.LEVEL).compress(target_bytes)),
+                    "zstd_whole_file_bytes": len(
+                        zstandard.ZstdCompressor(level=deltas.LEVEL).compress(target_bytes)),
                 }
                 row["cdc_64k_transfer_bytes"] = cdc_transfer(base_bytes, target_bytes)
                 if not args.no_bsdiff:
@@ -216,8 +222,9 @@ def main() -> None:
                     row["bsdiff4_build_seconds"] = round(seconds, 2)
                 results[name] = row
                 log(f"{name}: full {full:,} B, changed {changed_bytes:,} B, delta {length:,} B "
-                    f"({row['delta_ratio_of_full']:.1%}, offered={offered}), transferred {fetched.bytes_received:,} B; "
-                    f"build {build_seconds:.2f} s, apply {apply_seconds:.2f} s at {apply_rss:.0f} MiB peak RSS "
+                    f"({row['delta_ratio_of_full']:.1%}, offered={offered}), "
+                    f"transferred {fetched.bytes_received:,} B; build {build_seconds:.2f} s, "
+                    f"apply {apply_seconds:.2f} s at {apply_rss:.0f} MiB peak RSS "
                     f"(floor {floor_rss:.0f}); exact={exact}"
                     + f"; CDC {row['cdc_64k_transfer_bytes']:,} B"
                     + (f"; bsdiff4 {row['bsdiff4_bytes']:,} B in {row['bsdiff4_build_seconds']} s"
@@ -225,7 +232,8 @@ def main() -> None:
         finally:
             httpd.shutdown()
     goals = {
-        "a_transfers_at_most_1.2x_changed": results["a_head_retrained"]["transferred_ratio_of_changed"] <= 1.2,
+        "a_transfers_at_most_1.2x_changed":
+            results["a_head_retrained"]["transferred_ratio_of_changed"] <= 1.2,
         "no_case_over_full_plus_1_percent": all(r["bytes_transferred"] <= 1.01 * r["full_bytes"]
                                                 for r in results.values()),
         "all_rebuilt_exact": all(r["rebuilt_exact"] for r in results.values()),
@@ -233,11 +241,12 @@ def main() -> None:
     out = {
         "benchmark": "deltas",
         "when": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"python": pyplatform.python_version(), "cpus": os.cpu_count(), "platform": pyplatform.platform()},
+        "machine": {"python": pyplatform.python_version(), "cpus": os.cpu_count(),
+                    "platform": pyplatform.platform()},
         "method": deltas.METHOD,
         "zstd_level": deltas.LEVEL,
         "zstandard": zstandard.__version__,
-        "max_delta_ratio": MAX_DELTA_RATIO,
+        "max_delta_ratio": deltas.MAX_DELTA_RATIO,
         "cases": results,
         "goals": goals,
     }

@@ -34,9 +34,6 @@ from registry.models import Artifact
 
 logger = logging.getLogger(__name__)
 
-# A delta this close to the full artifact saves too little to be worth a second code path on the
-# device (a re-quantised or fully fine-tuned model compresses no better from its base).
-MAX_DELTA_RATIO = 0.9
 # A claim older than this belongs to a worker that died mid-build: another may take it over.
 STALE_CLAIM = timedelta(hours=1)
 STALE_PENDING = timedelta(minutes=10)
@@ -110,7 +107,7 @@ def delta_compute(*, delta_id: int) -> ArtifactDelta:
                         dst.write(chunk)
             length, sha256 = delta_format.delta_build(base=base, target=target, out=out)
             seconds = time.perf_counter() - started
-            if length > MAX_DELTA_RATIO * delta.target.length:
+            if length > delta_format.MAX_DELTA_RATIO * delta.target.length:
                 state = State.OVERSIZED
             else:
                 state = State.READY
