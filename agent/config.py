@@ -59,6 +59,11 @@ class KeysConfig:
     rollout: tuple[str, ...] = ()
     # Distinct release keys that must have signed a release (offline signing, RELEASE_SIGNATURE_THRESHOLD).
     release_threshold: int = 1
+    # Root keys (agent.trust): empty on a device enrolled before keyrings, which keeps the pinned
+    # release/rollout keys for ever and checks no freshness.
+    root: tuple[str, ...] = ()
+    # The newest signed timestamp older than this: STALE_DIRECTIVES (0: never). Only with root keys.
+    max_staleness_seconds: float = 86400
 
 
 @dataclass(frozen=True)
@@ -295,7 +300,7 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
     server = ServerConfig(url=url.rstrip("/"), token=_get(s, "token", w, "str", ""), ca_file=server_ca)
 
     k = _table(data, "keys")
-    _no_unknown(k, {"release", "rollout", "release_threshold"}, "keys.")
+    _no_unknown(k, {"release", "rollout", "release_threshold", "root", "max_staleness_seconds"}, "keys.")
     release_pems = _pems(k, "release")
     threshold = k.get("release_threshold", 1)
     if isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= len(release_pems):
@@ -303,7 +308,11 @@ def parse_config(data: dict, *, path: Path | None = None) -> Config:
             f"keys.release_threshold must be an integer from 1 to the number of keys.release "
             f"({len(release_pems)}), got {threshold!r}"
         )
-    keys = KeysConfig(release=release_pems, rollout=_pems(k, "rollout"), release_threshold=threshold)
+    root = _pems(k, "root") if "root" in k else ()
+    staleness = _positive(_get(k, "max_staleness_seconds", "keys.", "number", KeysConfig.max_staleness_seconds),
+                          "keys.max_staleness_seconds", allow_zero=True)
+    keys = KeysConfig(release=release_pems, rollout=_pems(k, "rollout"), release_threshold=threshold,
+                      root=root, max_staleness_seconds=staleness)
 
     u = _table(data, "update")
     w = "update."

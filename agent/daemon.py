@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import logging
 import os
 import queue
@@ -38,7 +39,9 @@ from agent.metrics.book import MetricsBook
 from agent.machine import TABLE, Entry, IllegalTransition, Outcome, Phase, check, check_preempt, preemptible
 from agent.outbox import Outbox
 from agent.protocol import ErrorCode, Event, format_time, utcnow
+from agent.signing import VerificationError
 from agent.steps import Steps
+from agent.trust import Trust
 
 log = logging.getLogger("fleet_agent")
 
@@ -92,8 +95,13 @@ class Agent:
         # Set by the broker thread when a payload supersedes the update in flight (receive()): the
         # step running stops (download, precheck) and the run loop judges the inbox before going on.
         self.preempt = threading.Event()
+        # Keyrings and timestamps from the broker (agent.trust), judged by the run loop, which alone
+        # writes the journal: (kind, payload) with kind "keyring" or "timestamp".
+        self.trust_inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.trust = Trust(cfg=cfg, journal=self.journal)
         self.directives = DirectiveHandler(cfg=cfg, journal=self.journal, requeue=self.inbox.put,
-                                           report=self._report, start=self._start, preempt=self._preempt)
+                                           report=self._report, start=self._start, preempt=self._preempt,
+                                           trust=self.trust)
         # The app's own figures (agent/metrics): telemetry reports them, the trial judges on them.
         self.metrics = MetricsBook(releases=functools.partial(publish.active_models, self.journal))
         self.steps = Steps(cfg=cfg, store=self.store, journal=self.journal, stop=self.stop, preempt=self.preempt,
@@ -105,6 +113,7 @@ class Agent:
                 cfg.mqtt, device_id=cfg.device_id, on_directive=self.receive,
                 presence=functools.partial(publish.presence, journal=self.journal),
                 on_ingest_reset=functools.partial(self.outbox.requeue_acked, cfg.mqtt.resend_window_seconds),
+                on_trust=(lambda kind, payload: self.trust_inbox.put((kind, payload))) if self.trust.enabled else None,
             )
 
     # --- running --------------------------------------------------------------------------
@@ -134,6 +143,7 @@ class Agent:
             log.info("fleet-agent %s running for %s (%s), pid %d", AGENT_VERSION, self.cfg.device_id,
                      self.cfg.hardware, os.getpid())
             while not self.stop.is_set():
+                self.judge_trust()
                 if self.preempt.is_set():
                     self.preempt.clear()
                     self.judge_waiting()
@@ -234,6 +244,34 @@ class Agent:
         if self.directives.would_preempt(payload):
             log.info("a newer directive supersedes the update in flight; stopping its step")
             self.preempt.set()
+
+    def judge_trust(self) -> None:
+        """Take the keyrings and timestamps waiting (agent.trust), then judge freshness; a refused
+        one is logged with its code (a forged or old keyring must not stop the agent)."""
+        if not self.trust.enabled:
+            return
+        changed = False
+        while True:
+            try:
+                kind, payload = self.trust_inbox.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                envelope = json.loads(payload)
+                if kind == "keyring":
+                    taken = self.trust.accept_keyring(envelope, utcnow())
+                    if taken is not None and self.link is not None:
+                        self.link.resubscribe_directives()  # the retained directives, judged with the new keys
+                else:
+                    taken = self.trust.accept_timestamp(envelope, utcnow())
+                changed = changed or taken is not None
+            except (VerificationError, ValueError) as exc:
+                code = getattr(exc, "code", ErrorCode.MALFORMED)
+                log.warning("refused a %s from the broker: %s (%s)", kind, code, exc)
+                self.trust.refused(kind, code, str(exc))
+                changed = True
+        if self.trust.check_staleness(utcnow()) or changed:
+            publish.publish_presence(self.link, journal=self.journal)
 
     def judge_waiting(self) -> None:
         """Judge every payload in the inbox now, an update in flight or not: one that supersedes it

@@ -34,6 +34,7 @@ from agent.machine import Entry, IllegalTransition, Outcome, preemptible
 from agent.protocol import utcnow
 from agent.runtimes import installed_formats
 from agent.signing import Keyring
+from agent.trust import Trust
 
 log = logging.getLogger("fleet_agent")
 
@@ -48,15 +49,24 @@ class DirectiveHandler:
     """
 
     def __init__(self, *, cfg: Config, journal: Journal, requeue: Callable[[bytes], None],
-                 report: Callable[..., None], start: Callable[..., None], preempt: Callable[[Preempt], None]):
+                 report: Callable[..., None], start: Callable[..., None], preempt: Callable[[Preempt], None],
+                 trust: Trust | None = None):
         self.cfg = cfg
         self.journal = journal
         self.requeue = requeue
         self.report = report
         self.start = start
         self.preempt = preempt
-        self.release_keys = Keyring.from_pems(*cfg.keys.release, threshold=cfg.keys.release_threshold)
-        self.rollout_keys = Keyring.from_pems(*cfg.keys.rollout)
+        # The keys in force: the pinned ones, or those of the newest root-signed keyring (agent.trust).
+        self.trust = trust or Trust(cfg=cfg, journal=journal)
+
+    @property
+    def release_keys(self) -> Keyring:
+        return self.trust.release_keys
+
+    @property
+    def rollout_keys(self) -> Keyring:
+        return self.trust.rollout_keys
 
     def handle(self, payload: bytes) -> None:
         """Judge one directive payload (agent.admission) and act on the decision."""

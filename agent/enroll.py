@@ -140,6 +140,7 @@ def render_config(answer: dict, *, server_url: str, state_dir: Path, kept: dict 
         f"release = {_toml_value(answer['keys']['release'])}",
         f"rollout = {_toml_value(answer['keys']['rollout'])}",
         f"release_threshold = {_toml_value(answer['keys'].get('release_threshold', 1))}",
+        *([f"root = {_toml_value(answer['keys']['root'])}"] if answer["keys"].get("root") else []),
         "",
     ]
     for table in _KEPT_TABLES:

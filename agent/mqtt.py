@@ -150,6 +150,7 @@ class MqttLink:
         on_directive: Callable[[bytes], None],
         presence: Callable[[bool], bytes],
         on_ingest_reset: Callable[[], None] | None = None,
+        on_trust: Callable[[str, bytes], None] | None = None,
     ):
         self.cfg = cfg
         self.device_id = device_id
@@ -157,6 +158,7 @@ class MqttLink:
         self.on_directive = on_directive
         self.presence = presence
         self.on_ingest_reset = on_ingest_reset
+        self.on_trust = on_trust  # ("keyring" | "timestamp", payload), agent.trust; None: not subscribed
         self.ingest_epoch: str | None = None  # the server's ingest session last seen (Topics.ingest_status)
         self.connected = threading.Event()
         self.connect_log = ConnectLog(broker_address(cfg), cfg.failure_log_interval_seconds)
@@ -211,7 +213,10 @@ class MqttLink:
             return
         self._attempting = False
         self.connect_log.connected()
-        client.subscribe([(self.topics.directives(self.device_id), 1), (self.topics.ingest_status(), 1)])
+        # The keyring first: the broker sends retained messages in subscription order, so a
+        # directive signed by a rotated-in rollout key meets the keyring that lists it.
+        trust = [(self.topics.keyring(), 1), (self.topics.timestamp(self.device_id), 1)] if self.on_trust else []
+        client.subscribe([*trust, (self.topics.directives(self.device_id), 1), (self.topics.ingest_status(), 1)])
         client.publish(self.topics.presence(self.device_id), self.presence(True), qos=1, retain=True)
         self.connected.set()
 
@@ -231,6 +236,11 @@ class MqttLink:
         if message.topic == self.topics.ingest_status():
             self._ingest_status(bytes(message.payload))
             return
+        if self.on_trust is not None and message.topic in (self.topics.keyring(), self.topics.timestamp(self.device_id)):
+            if message.payload:
+                self.on_trust("keyring" if message.topic == self.topics.keyring() else "timestamp",
+                              bytes(message.payload))
+            return
         if not paho.topic_matches_sub(self.topics.directives(self.device_id), message.topic) or not message.payload:
             return  # an empty retained payload only clears the topic
         self.on_directive(bytes(message.payload))
@@ -248,6 +258,12 @@ class MqttLink:
         self.ingest_epoch = epoch
         if self.on_ingest_reset is not None:
             self.on_ingest_reset()
+
+    def resubscribe_directives(self) -> None:
+        """Subscribe to this device's directives again: the broker re-sends the retained ones (after
+        a new keyring, those refused under the old keys are judged again)."""
+        if self.connected.is_set():
+            self.client.subscribe(self.topics.directives(self.device_id), 1)
 
     def publish(self, kind: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 10) -> bool:
         """Publish on this device's `kind` topic; with qos 1 wait for the PUBACK. False if offline."""

@@ -56,6 +56,9 @@ class ErrorCode:
     SUPERSEDED = "SUPERSEDED"  # a newer directive for the same model cancelled this update before activation
     NO_PRECHECK_RUNTIME = "NO_PRECHECK_RUNTIME"  # no precheck runtime here for the artifact's format
     SHADOW_DISAGREES = "SHADOW_DISAGREES"  # run beside the current model on real inputs, it disagreed (agent.shadow)
+    # Root of trust and freshness (agent.trust): the newest signed timestamp is older than
+    # keys.max_staleness_seconds (a freeze attack or a partition), reported in presence.trust.
+    STALE_DIRECTIVES = "STALE_DIRECTIVES"
 
 
 class State:
@@ -114,6 +117,14 @@ class Topics:
 
     def presence(self, device_id: str) -> str:
         return self.device(device_id, "presence")
+
+    def keyring(self) -> str:
+        """The current root-signed keyring (agent.trust), retained by the server for every device."""
+        return f"{self.root}/keyring"
+
+    def timestamp(self, device_id: str) -> str:
+        """The device's short-lived signed timestamp (agent.trust), retained and re-signed by the server."""
+        return self.device(device_id, "timestamp")
 
     def ingest_status(self) -> str:
         """Retained by the server's ingest each time it starts a new broker session (first start,
@@ -555,6 +566,7 @@ def presence_payload(
     active: Mapping[str, str] | None = None,
     models: Mapping[str, Mapping[str, Any]] | None = None,
     update: Mapping[str, Any] | None = None,
+    trust: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The retained presence of a device (agent/README.md, "Presence").
 
@@ -563,7 +575,10 @@ def presence_payload(
     "committed": bool, "seq": the last directive seq handled for that model}, for a server-side
     reconciler: what the device runs and which directive it has seen. update: the update in flight
     as {"model", "seq", "phase"}, or None. Both are left out when not given (earlier agents
-    sent neither), so the old shape stays byte for byte what it was.
+    sent neither), so the old shape stays byte for byte what it was. trust (agent.trust, only from
+    a device that pins a root key): {"keyring_version", "timestamp" (the newest signed timestamp's
+    issued time or None), "error_code" (STALE_DIRECTIVES or None), "refused" (the last keyring or
+    timestamp refused: {"kind", "code", "detail"}, or None)}.
     """
     body: dict[str, Any] = {
         "_type": "presence", "online": online, "agent_version": agent_version, "active": dict(active or {}),
@@ -571,6 +586,8 @@ def presence_payload(
     if models is not None:
         body["models"] = {name: dict(entry) for name, entry in models.items()}
         body["update"] = dict(update) if update else None
+    if trust is not None:
+        body["trust"] = dict(trust)
     payload = encode_json(body)
     if models is not None:
         parse_presence(payload)  # never send what our own server would refuse
@@ -601,6 +618,13 @@ def parse_presence(payload: bytes) -> dict:
         _req(update, "model", str, w)
         _nonneg_int(update, "seq", w)
         _req(update, "phase", str, w)
+    trust = _opt(data, "trust", dict, where)
+    if trust is not None:
+        w = "presence.trust"
+        _nonneg_int(trust, "keyring_version", w)
+        _opt(trust, "timestamp", str, w)
+        _opt(trust, "error_code", str, w)
+        _opt(trust, "refused", dict, w)  # the last keyring or timestamp refused: {kind, code, detail}
     return data
 
 

@@ -64,7 +64,16 @@ def presence(online: bool, *, journal: Journal) -> bytes:
     if not online:
         return presence_payload(online=False, agent_version=AGENT_VERSION, active=active_models(journal))
     return presence_payload(online=True, agent_version=AGENT_VERSION, active=active_models(journal),
-                            models=reported_models(journal), update=in_flight(journal))
+                            models=reported_models(journal), update=in_flight(journal), trust=trust(journal))
+
+
+def trust(journal: Journal) -> dict | None:
+    """presence.trust (agent.trust): only a device that pins a root key journals `trust`."""
+    held = journal.data.get("trust")
+    if not held:
+        return None
+    return {"keyring_version": int((journal.data.get("keyring") or {}).get("version", 0)),
+            "timestamp": held.get("timestamp"), "error_code": held.get("error_code"), "refused": held.get("refused")}
 
 
 def publish_presence(link: MqttLink | None, *, journal: Journal) -> None:

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 RELEASE_PAYLOAD_TYPE = "application/vnd.modelfleet.release+json"
 DIRECTIVE_PAYLOAD_TYPE = "application/vnd.modelfleet.directive+json"
+KEYRING_PAYLOAD_TYPE = "application/vnd.modelfleet.keyring+json"  # signed by the root key (agent.trust)
+TIMESTAMP_PAYLOAD_TYPE = "application/vnd.modelfleet.timestamp+json"  # signed by the rollout key (agent.trust)
 
 
 class VerificationError(Exception):

@@ -18,6 +18,11 @@ app.conf.beat_schedule = {
         "task": "ota.tasks.rollout_tick",
         "schedule": float(env_int("ROLLOUT_TICK_SECONDS", 5, min_value=1, max_value=3600)),
     },
+    # Re-signs each device's short-lived timestamp (ota/fleet/timestamps.py) well before it expires.
+    "timestamps-refresh": {
+        "task": "ota.tasks.timestamps_refresh",
+        "schedule": float(env_int("TIMESTAMP_REFRESH_SECONDS", 900, min_value=10, max_value=86400)),
+    },
     # Prunes old device events and superseded directives (ota/housekeeping.py).
     "housekeeping": {
         "task": "ota.tasks.housekeeping",

@@ -162,6 +162,13 @@ RELEASE_VALIDITY_DAYS = env_int("RELEASE_VALIDITY_DAYS", 365, min_value=1)
 # (`fleetctl push --sign-with`) by RELEASE_SIGNATURE_THRESHOLD distinct registered release keys.
 RELEASE_SIGNING = env_str("RELEASE_SIGNING", "online", choices=("online", "offline"))
 RELEASE_SIGNATURE_THRESHOLD = env_int("RELEASE_SIGNATURE_THRESHOLD", 1, min_value=1, max_value=16)
+# The offline root key's public half (one or more PEM blocks; registry.keyrings): devices enrolled
+# while it is set pin it and take the root-signed keyrings POST /api/v1/keyring/ accepts. Unset: no
+# keyrings, devices keep the keys pinned at enrollment (key rotation needs re-enrollment).
+ROOT_PUBLIC_KEY_PATH = env_str("ROOT_PUBLIC_KEY_PATH", "")
+# Freshness (ota.fleet.timestamps): each device's signed timestamp is valid this long, and Celery
+# beat re-signs them every TIMESTAMP_REFRESH_SECONDS (config/celery.py); only with a root key.
+TIMESTAMP_VALIDITY_SECONDS = env_int("TIMESTAMP_VALIDITY_SECONDS", 3600, min_value=60, max_value=7 * 86400)
 
 # --- housekeeping (ota/housekeeping.py; Celery beat runs it every HOUSEKEEPING_INTERVAL_SECONDS) ----
 # Device events, and directives a newer one superseded, are pruned once older than this many days

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fleetctl import __version__, aliases, hardware, keys, push, rollout, verify, versions
+from fleetctl import __version__, aliases, hardware, keyring, keys, push, rollout, verify, versions
 from fleetctl.client import ApiError, ConfigError
 from fleetctl.common import EXIT_REFUSED, EXIT_SERVER, EXIT_USAGE, Parser, UsageError, common_options, eprint
 
@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fleetctl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for command in (push, versions, hardware, aliases, verify, rollout, keys):
+    for command in (push, versions, hardware, aliases, verify, rollout):
         command.add_parser(sub)
+    keys.add_parser(sub, extra_actions=(keyring.add_rotate_parser,))
+    keyring.add_parser(sub)
     return parser
 
 

@@ -117,9 +117,9 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, *, extra_actions=()) -> None:
     common = common_options()
-    keys = sub.add_parser("keys", help="release keys for offline signing: generate, add, list, revoke")
+    keys = sub.add_parser("keys", help="release keys for offline signing: generate, add, list, revoke; rotate")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=Parser)
     keys_sub.required = True
     generate = keys_sub.add_parser(
@@ -139,3 +139,5 @@ def add_parser(sub) -> None:
     revoke.add_argument("--reason", default="")
     revoke.add_argument("--json", action="store_true")
     revoke.set_defaults(func=cmd_keys_revoke)
+    for add_action in extra_actions:  # `keys rotate` (fleetctl.keyring, which imports this module)
+        add_action(keys_sub, common)

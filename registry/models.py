@@ -197,6 +197,23 @@ class ReleaseKey(models.Model):
         return f"{self.role} key {self.keyid[:16]}"
 
 
+class Keyring(models.Model):
+    """A root-signed keyring (agent.trust) accepted by registry.keyrings.keyring_push; the newest
+    version is the current one, retained for devices on `{root}/keyring`. Never edited."""
+
+    version = models.PositiveIntegerField(unique=True)
+    envelope = models.JSONField()
+    expires_at = models.DateTimeField()
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["-version"]
+
+    def __str__(self) -> str:
+        return f"keyring v{self.version}"
+
+
 class AuditEntry(models.Model):
     """Who did what, or which automatic decision was taken and why, with the figures behind it."""
 

@@ -51,6 +51,8 @@ BEYOND_THE_SCHEMA = [
     ("POST", "/api/v1/rollouts/"),
     # A release public key: the PEM must decode to an Ed25519 key (a rule on decoded content).
     ("POST", "/api/v1/keys/"),
+    # A keyring: a DSSE envelope a configured root key signed, newer and unexpired (signed content).
+    ("POST", "/api/v1/keyring/"),
 ]
 
 

@@ -19,7 +19,12 @@ from ota.fleet.serializers import (
     EnrollmentTokenCreateSerializer,
     EnrollmentTokenSerializer,
     EnrollRequestSerializer,
+    KeyringPushedSerializer,
+    KeyringPushSerializer,
+    KeyringSerializer,
 )
+from ota.fleet.keyring import keyring_push_and_publish
+from registry.keyrings import current_keyring
 from ota.models import Device, EnrollmentToken
 from registry.auth import actor_label
 from registry.errors import ApiError
@@ -148,3 +153,22 @@ class DeviceRevoke(APIView):
         get_object_or_404(Device, pk=pk)
         device_revoke(device_id=pk, actor=actor_label(request.user))
         return Response(DeviceDetailSerializer(get_object_or_404(devices_with_states(), pk=pk)).data)
+
+
+class KeyringView(APIView):
+    """GET: the current root-signed keyring (404 `no_keyring` before the first). POST (admin): a
+    keyring the offline root key signed (`fleetctl keyring push`): checked as devices check it,
+    stored, audited and retained for the devices on the broker."""
+
+    @extend_schema(responses={200: KeyringSerializer, 404: ERROR})
+    def get(self, request):
+        row = current_keyring()
+        if row is None:
+            raise ApiError("no keyring has been pushed", code="no_keyring", status_code=404)
+        return Response(KeyringSerializer(row).data)
+
+    @extend_schema(request=KeyringPushSerializer, responses={201: KeyringPushedSerializer, 409: ERROR, 503: ERROR})
+    def post(self, request):
+        data = _valid(KeyringPushSerializer, request)
+        row, published = keyring_push_and_publish(envelope=data["envelope"], actor=actor_label(request.user))
+        return Response({**KeyringSerializer(row).data, "published": published}, status=status.HTTP_201_CREATED)

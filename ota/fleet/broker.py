@@ -55,6 +55,11 @@ def device_acls(device_id: str, topic_root: str) -> list[dict]:
         # The server's ingest status: a new epoch has the agent send recent events again.
         {"acltype": "subscribeLiteral", "topic": topics.ingest_status(), "allow": True},
         {"acltype": "publishClientReceive", "topic": topics.ingest_status(), "allow": True},
+        # The root-signed keyring and this device's signed timestamp (agent.trust): read only.
+        {"acltype": "subscribeLiteral", "topic": topics.keyring(), "allow": True},
+        {"acltype": "publishClientReceive", "topic": topics.keyring(), "allow": True},
+        {"acltype": "subscribeLiteral", "topic": topics.timestamp(device_id), "allow": True},
+        {"acltype": "publishClientReceive", "topic": topics.timestamp(device_id), "allow": True},
     ]
     for topic in (topics.events(device_id), topics.telemetry(device_id), topics.presence(device_id)):
         acls.append({"acltype": "publishClientSend", "topic": topic, "allow": True})
@@ -68,6 +73,8 @@ def service_acls(topic_root: str) -> list[dict]:
     return [
         allow("publishClientSend", f"{topic_root}/devices/+/models/+/directive"),
         allow("publishClientSend", Topics(topic_root).ingest_status()),
+        allow("publishClientSend", Topics(topic_root).keyring()),
+        allow("publishClientSend", f"{topic_root}/devices/+/timestamp"),
         allow("publishClientReceive", f"{topic_root}/#"),
         allow("subscribePattern", f"{topic_root}/#"),
         # Mosquitto checks a shared subscription against its full "$share/<group>/..." filter.

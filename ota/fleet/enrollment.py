@@ -18,6 +18,7 @@ from ota.fleet.parsing import validate_labels
 from ota.models import Device, EnrollmentToken, hash_secret
 from registry.audit import audit_record
 from registry.errors import ApiError
+from registry.keyrings import root_public_pems
 from registry.keys import public_key_info, public_keys, release_threshold, require_enough_release_keys
 from registry.models import HardwareTarget
 
@@ -134,6 +135,9 @@ class Enrollment:
                 "release": [info.public_key_pem for info in require_enough_release_keys()],
                 "rollout": [public_key_info("rollout").public_key_pem],
                 "release_threshold": release_threshold(),
+                # The offline root's public keys (registry.keyrings): the agent takes later keyrings
+                # it signed, so keys rotate without re-enrollment. Left out when none is configured.
+                **({"root": root} if (root := root_public_pems()) else {}),
             },
         }
 

@@ -102,3 +102,22 @@ class DeviceDetailSerializer(DeviceSerializer):
     def get_events(self, device) -> list[dict]:
         rows = device.events.order_by("-event_no", "-id")[:100]
         return DeviceEventSerializer(rows, many=True).data
+
+
+class KeyringSerializer(serializers.Serializer):
+    """A stored root-signed keyring (registry.models.Keyring)."""
+
+    version = serializers.IntegerField()
+    envelope = serializers.JSONField(help_text="The DSSE envelope the root key signed (agent.trust)")
+    expires_at = serializers.DateTimeField()
+    created_at = serializers.DateTimeField()
+    created_by = serializers.CharField()
+
+
+class KeyringPushSerializer(serializers.Serializer):
+    envelope = CheckedJSONField(help_text="A DSSE envelope of payloadType application/vnd.modelfleet.keyring+json, "
+                                          "signed by a root key (`fleetctl keyring sign`)")
+
+
+class KeyringPushedSerializer(KeyringSerializer):
+    published = serializers.BooleanField(help_text="Retained on the broker's keyring topic now")

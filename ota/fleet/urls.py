@@ -11,4 +11,5 @@ urlpatterns = [
     path("devices/", api.DeviceList.as_view(), name="device-list"),
     path("devices/<str:pk>/", api.DeviceDetail.as_view(), name="device-detail"),
     path("devices/<str:pk>/revoke", api.DeviceRevoke.as_view(), name="device-revoke"),
+    path("keyring/", api.KeyringView.as_view(), name="keyring"),
 ]

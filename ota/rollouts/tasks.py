@@ -17,6 +17,7 @@ import logging
 from celery import shared_task
 from django.db import OperationalError
 
+from ota.fleet import timestamps as fleet_timestamps
 from ota.housekeeping import housekeeping_run
 from ota.rollouts.directives import directives_publish_stale
 from ota.rollouts.engine import (
@@ -106,3 +107,9 @@ def on_device_events(event_ids: list[int]) -> None:
         apply_device_events.delay(list(event_ids))
     except Exception:  # the events are stored; the beat tick's catch-up applies them
         logger.exception("could not enqueue %d device events; the rollout tick will catch up", len(event_ids))
+
+
+@shared_task(name="ota.tasks.timestamps_refresh")
+def timestamps_refresh() -> int:
+    """Re-sign and retain every device's freshness timestamp (ota.fleet.timestamps)."""
+    return fleet_timestamps.timestamps_refresh()

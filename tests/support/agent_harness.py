@@ -417,6 +417,7 @@ def write_config(
     metrics: dict | None = None,
     release_pems: list[str] | None = None,
     release_threshold: int = 1,
+    keys_extra: dict | None = None,
 ) -> Path:
     upd = {
         "disk_reserve_mb": 1,
@@ -446,6 +447,7 @@ def write_config(
         f"release = {toml_value(release_pems or [keys.release_pem])}",
         f"rollout = {toml_value([keys.rollout_pem])}",
         f"release_threshold = {toml_value(release_threshold)}",
+        *(f"{k} = {toml_value(v)}" for k, v in (keys_extra or {}).items()),  # root, max_staleness_seconds
         "[update]",
         *(f"{k} = {toml_value(v)}" for k, v in upd.items()),
         "[telemetry]",
