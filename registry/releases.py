@@ -24,6 +24,7 @@ from registry.audit import audit_record
 from registry.errors import ApiError, Conflict
 from registry.models import ModelVersion
 from registry.release_check import release_check
+from registry.signals import version_released
 from registry.versions import require_draft
 
 
@@ -245,6 +246,8 @@ def version_release(
                 "signing": "offline" if offline else "online",
             },
         )
+        version_id = locked.pk
+        transaction.on_commit(lambda: version_released.send(sender=ModelVersion, version_id=version_id))
     version.refresh_from_db()
     return envelope
 

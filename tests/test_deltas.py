@@ -335,3 +335,26 @@ def test_it_rolls_out_v2_to_real_agents_as_a_delta_and_a_tampered_base_takes_the
     detail = client.get(f"{API}/rollouts/{rid}/", **ci_token.headers).json()
     assert detail["delivery"]["bytes_saved"] == v2.length - delta.length > 0.9 * v2.length
     assert any("1 by delta, 1 in full" in line for line in render(detail))
+
+
+@pytest.mark.django_db
+def test_it_asks_for_the_delta_from_the_previous_release_when_a_version_is_released(
+    client, admin_token, django_capture_on_commit_callbacks
+):
+    """Built on release, off the request path: a rollout's first wave can already use it."""
+    from unittest import mock
+
+    from ota.models import ArtifactDelta
+    from registry.models import Artifact
+    from tests.support.rollout_data import release
+
+    built = []
+    with mock.patch("ota.rollouts.deltas._builder", built.append), django_capture_on_commit_callbacks(execute=True):
+        release(client, admin_token, "detector", "1.0", hardware=("rpi4", "jetson"))
+        assert not ArtifactDelta.objects.exists(), "a first release has no base"
+        release(client, admin_token, "detector", "2.0", hardware=("rpi4", "jetson"), scale=3.0, bias=0.5)
+    pairs = {(d.base.version.version, d.target.version.version, d.target.hardware_id)
+             for d in ArtifactDelta.objects.select_related("base__version", "target__version")}
+    assert pairs == {("1.0", "2.0", "rpi4"), ("1.0", "2.0", "jetson")}
+    assert sorted(built) == sorted(ArtifactDelta.objects.values_list("pk", flat=True))
+    assert Artifact.objects.count() == 4

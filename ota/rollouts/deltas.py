@@ -30,7 +30,7 @@ from django.utils import timezone
 from agent import deltas as delta_format
 from ota.models import ArtifactDelta, DeviceModelState
 from registry.artifacts import artifact_storage
-from registry.models import Artifact
+from registry.models import Artifact, ModelVersion
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,32 @@ def deltas_request_for(*, release, device_ids: list[str]) -> int:
         if delta_request(base=base, target=target):
             count += 1
     return count
+
+
+def deltas_request_on_release(*, version_id: int) -> int:
+    """On a release: the deltas from the model's previous release (the highest counter below it,
+    released or deprecated) to it, per hardware, queued for a build so the first wave of a
+    rollout can already use them. Returns how many pairs were asked for."""
+    version = ModelVersion.objects.get(pk=version_id)
+    previous = (
+        ModelVersion.objects.filter(model_id=version.model_id, counter__lt=version.counter,
+                                    state__in=(ModelVersion.State.RELEASED, ModelVersion.State.DEPRECATED))
+        .order_by("-counter").first()
+    )
+    if previous is None:
+        return 0
+    targets = {a.hardware_id: a for a in version.artifacts.all()}
+    count = 0
+    for base in previous.artifacts.all():
+        target = targets.get(base.hardware_id)
+        if target is not None and delta_request(base=base, target=target):
+            count += 1
+    return count
+
+
+def on_version_released(sender, *, version_id: int, **kwargs) -> None:
+    """registry.signals.version_released receiver (connected in OtaConfig.ready)."""
+    deltas_request_on_release(version_id=version_id)
 
 
 def delta_download_url(*, delta: ArtifactDelta) -> str:
