@@ -168,6 +168,15 @@ def build(inst, name: str, device: str) -> tuple[Case, list[bytes]]:
     if name == "release_model_escapes":
         rel = resigned(release(inst), keys.release, lambda m: m.update(model="../escape"))
         return Case("rejected", "MALFORMED", 6, detail="release.model '../escape'"), [directive(rel=rel)]
+    if name == "release_expired":
+        # TUF's freeze attack: a release signed long ago and held back until it expired.
+        rel = release(inst, expires_in=timedelta(seconds=-60))
+        return Case("rejected", "RELEASE_EXPIRED", 6), [directive(rel=rel)]
+    if name == "release_of_another_model":
+        # TUF's mix-and-match: a genuine release of another model inside a genuine directive for this one.
+        rel = release_envelope(keys, model="other-model", version="v6", counter=6, artifacts=[v2.entry()],
+                               health=V2_CONTRACT)
+        return Case("rejected", "MALFORMED", 6, detail="does not match release.model"), [directive(rel=rel)]
     if name == "trial_latency_over_limit":
         cmd = 'printf \'{"model_sha256":"%s","error_rate":0.0,"latency_ms_p95":250}\' "$FLEET_AGENT_EXPECTED_SHA256"'
         return Case("rolled_back", "TRIAL_FAILED", 6, {"health_command": cmd, "max_latency_ms_p95": 100},
@@ -183,6 +192,7 @@ CASES = [
     "precheck_time_limit", "precheck_memory_limit",
     "trial_health_command_fails", "trial_reports_another_sha", "trial_error_rate_over_limit",
     "trial_latency_over_limit", "release_file_name_escapes", "release_model_escapes",
+    "release_expired", "release_of_another_model",
 ]
 
 
