@@ -5,6 +5,7 @@ timestamp keeps a device fresh and its absence turns into STALE_DIRECTIVES."""
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import timedelta
 from hashlib import sha256
@@ -212,7 +213,7 @@ def journal_if_any(state) -> dict:
 
 @pytest.mark.django_db(transaction=True)
 def test_it_accepts_root_signed_keyrings_and_hands_them_and_timestamps_to_enrolled_agents(
-        client, admin_token, operator_token, secure_broker, settings, tmp_path):
+        client, admin_token, operator_token, secure_broker, settings, tmp_path, live_server, capsys):
     from ota.fleet.timestamps import timestamps_refresh
     from registry.models import AuditEntry
     from tests.support.fleet import hardware
@@ -253,10 +254,11 @@ def test_it_accepts_root_signed_keyrings_and_hands_them_and_timestamps_to_enroll
         denied = client.post(f"{API}/keyring/", {"envelope": envelope}, content_type="application/json",
                              **operator_token.headers)
         assert denied.status_code == 403
-        pushed = client.post(f"{API}/keyring/", {"envelope": envelope}, content_type="application/json",
-                             **admin_token.headers)
-        assert pushed.status_code == 201, pushed.content
-        assert pushed.json()["version"] == 1 and pushed.json()["published"] is True
+        server = ["--url", live_server.url, "--token", admin_token.secret]
+        capsys.readouterr()
+        assert fleetctl_main(["keyring", "push", str(out), "--json", *server]) == 0
+        pushed = json.loads(capsys.readouterr().out)
+        assert pushed["version"] == 1 and pushed["published"] is True
         assert client.get(f"{API}/keyring/", **admin_token.headers).json()["version"] == 1
         entry = AuditEntry.objects.get(action="keyring.push")
         assert entry.detail["version"] == 1 and len(entry.detail["rollout_keyids"]) == 2
@@ -281,5 +283,13 @@ def test_it_accepts_root_signed_keyrings_and_hands_them_and_timestamps_to_enroll
         assert timestamps_refresh() == 1
         wait_for(lambda: journal_if_any(state).get("timestamp"), 15, "the agent taking its timestamp", agent=agent)
         assert journal(state)["trust"]["error_code"] is None
+
+        # `fleetctl keys rotate --stage retire`: keyring v2 lists only the new rollout key.
+        assert fleetctl_main(["keys", "rotate", "--root", str(root_key), "--new-rollout",
+                              str(tmp_path / "rollout2.pub.pem"), "--stage", "retire", *server]) == 0
+        wait_for(lambda: journal_if_any(state)["keyring"]["version"] == 2, 15, "keyring v2", agent=agent)
+        doc = json.loads(base64.b64decode(journal(state)["keyring"]["envelope"]["payload"]))
+        assert doc["rollout"]["keys"] == [(tmp_path / "rollout2.pub.pem").read_text()]
+        assert doc["release"]["keys"] == answer["keys"]["release"]
     finally:
         agent.stop()
