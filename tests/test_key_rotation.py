@@ -214,6 +214,7 @@ def journal_if_any(state) -> dict:
 @pytest.mark.django_db(transaction=True)
 def test_it_accepts_root_signed_keyrings_and_hands_them_and_timestamps_to_enrolled_agents(
         client, admin_token, operator_token, secure_broker, settings, tmp_path, live_server, capsys):
+    from ota.fleet.broker import BrokerAdmin, broker_device_roles_update, device_role, device_trust_acls
     from ota.fleet.timestamps import timestamps_refresh
     from registry.models import AuditEntry
     from tests.support.fleet import hardware
@@ -238,6 +239,14 @@ def test_it_accepts_root_signed_keyrings_and_hands_them_and_timestamps_to_enroll
     state.mkdir(parents=True)
     config.write_text(render_config(answer, server_url="http://127.0.0.1:9", state_dir=state))
     assert load_config(config).keys.root == (root_pem,)
+    # A device enrolled before keyrings: its broker role lacks the keyring and timestamp ACLs
+    # until mqtt_ingest's start gives them (broker_device_roles_update).
+    trust_acls = device_trust_acls(answer["device_id"], settings.MQTT_TOPIC_ROOT)
+    with BrokerAdmin() as admin:
+        admin.check([{"command": "removeRoleACL", "rolename": device_role(answer["device_id"]),
+                      "acltype": acl["acltype"], "topic": acl["topic"]} for acl in trust_acls])
+    assert broker_device_roles_update() == 4
+    assert broker_device_roles_update() == 0
     agent = AgentProcess(config, tmp_path / "dev" / "agent.log").start()
     try:
         # fleetctl keyring sign (offline, root key), then the push an admin makes.

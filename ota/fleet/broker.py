@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from agent.protocol import Topics, client_id
+from ota.models import Device
 from ota.transport.mqtt import BrokerSettings, MqttError, connect_blocking, new_client
 from registry.errors import ApiError
 
@@ -46,6 +47,16 @@ def device_role(device_id: str) -> str:
     return f"device:{device_id}"
 
 
+def device_trust_acls(device_id: str, topic_root: str) -> list[dict]:
+    """The root-signed keyring and this device's signed timestamp (agent.trust): read only."""
+    topics = Topics(topic_root)
+    return [
+        {"acltype": acltype, "topic": topic, "allow": True}
+        for topic in (topics.keyring(), topics.timestamp(device_id))
+        for acltype in ("subscribeLiteral", "publishClientReceive")
+    ]
+
+
 def device_acls(device_id: str, topic_root: str) -> list[dict]:
     topics = Topics(topic_root)
     acls = [
@@ -55,11 +66,7 @@ def device_acls(device_id: str, topic_root: str) -> list[dict]:
         # The server's ingest status: a new epoch has the agent send recent events again.
         {"acltype": "subscribeLiteral", "topic": topics.ingest_status(), "allow": True},
         {"acltype": "publishClientReceive", "topic": topics.ingest_status(), "allow": True},
-        # The root-signed keyring and this device's signed timestamp (agent.trust): read only.
-        {"acltype": "subscribeLiteral", "topic": topics.keyring(), "allow": True},
-        {"acltype": "publishClientReceive", "topic": topics.keyring(), "allow": True},
-        {"acltype": "subscribeLiteral", "topic": topics.timestamp(device_id), "allow": True},
-        {"acltype": "publishClientReceive", "topic": topics.timestamp(device_id), "allow": True},
+        *device_trust_acls(device_id, topic_root),
     ]
     for topic in (topics.events(device_id), topics.telemetry(device_id), topics.presence(device_id)):
         acls.append({"acltype": "publishClientSend", "topic": topic, "allow": True})
@@ -255,6 +262,25 @@ def broker_service_role_update() -> list[str]:
         results = admin.check([{"command": "addRoleACL", "rolename": SERVICE_ROLE, **acl} for acl in acls],
                               tolerate=("already exists",))
     return [acl["topic"] for acl, result in zip(acls, results) if not result.error]
+
+
+def broker_device_roles_update(*, batch: int = 200) -> int:
+    """Give every unrevoked device's role the keyring and timestamp ACLs (device_trust_acls): a
+    device enrolled before keyrings lacks them, and would never see a rotation. ACLs a role has
+    already are left alone. Returns the number of ACLs added."""
+    if not dynsec_enabled():
+        return 0
+    commands = [
+        {"command": "addRoleACL", "rolename": device_role(device_id), **acl}
+        for device_id in Device.objects.filter(revoked_at__isnull=True).values_list("id", flat=True)
+        for acl in device_trust_acls(device_id, settings.MQTT_TOPIC_ROOT)
+    ]
+    added = 0
+    with BrokerAdmin() as admin:
+        for start in range(0, len(commands), batch):
+            results = admin.check(commands[start:start + batch], tolerate=("already exists", "not found"))
+            added += sum(1 for result in results if not result.error)
+    return added
 
 
 def broker_device_add(*, device_id: str, password: str) -> None:

@@ -9,7 +9,7 @@ import threading
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from ota.fleet.broker import BrokerError, broker_service_role_update
+from ota.fleet.broker import BrokerError, broker_device_roles_update, broker_service_role_update
 from ota.transport.mqtt import MqttError
 from ota.transport.subscriber import INGEST_SHARE_GROUP, ClientIdInUse, IngestRunner, ingest_client_id
 
@@ -71,6 +71,10 @@ class Command(BaseCommand):
             added = broker_service_role_update()
             if added:
                 self.stderr.write(f"mqtt_ingest: gave the broker's service role {', '.join(added)}")
+            # Devices enrolled before keyrings (agent.trust) may read the keyring and their timestamp.
+            device_acls_added = broker_device_roles_update()
+            if device_acls_added:
+                self.stderr.write(f"mqtt_ingest: gave device roles {device_acls_added} keyring/timestamp ACLs")
         except (BrokerError, MqttError) as exc:
             self.stderr.write(f"mqtt_ingest: could not check the broker's service role ACLs: {exc}")
         stop = threading.Event()
