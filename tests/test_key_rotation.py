@@ -15,7 +15,7 @@ import pytest
 from agent import signing
 from agent.config import load_config
 from agent.enroll import render_config
-from agent.protocol import utcnow
+from agent.protocol import presence_payload, utcnow
 from agent.trust import build_keyring_payload, build_timestamp_payload
 
 from fleetctl.cli import main as fleetctl_main
@@ -216,6 +216,7 @@ def test_it_accepts_root_signed_keyrings_and_hands_them_and_timestamps_to_enroll
         client, admin_token, operator_token, secure_broker, settings, tmp_path, live_server, capsys):
     from ota.fleet.broker import BrokerAdmin, broker_device_roles_update, device_role, device_trust_acls
     from ota.fleet.timestamps import timestamps_refresh
+    from ota.transport.ingest import Ingestor, Message
     from registry.models import AuditEntry
     from tests.support.fleet import hardware
 
@@ -292,6 +293,14 @@ def test_it_accepts_root_signed_keyrings_and_hands_them_and_timestamps_to_enroll
         assert timestamps_refresh() == 1
         wait_for(lambda: journal_if_any(state).get("timestamp"), 15, "the agent taking its timestamp", agent=agent)
         assert journal(state)["trust"]["error_code"] is None
+        # What a device reports in presence.trust reaches the device API through ingest.
+        stale = presence_payload(online=True, agent_version="t", active={}, models={}, trust={
+            "keyring_version": 1, "timestamp": "2026-01-01T00:00:00Z", "error_code": "STALE_DIRECTIVES",
+            "refused": {"kind": "timestamp", "code": "EXPIRED", "detail": "x" * 500}})
+        Ingestor().process([Message(topic=f"fleet/devices/{answer['device_id']}/presence", payload=stale, qos=1)])
+        shown = client.get(f"{API}/devices/{answer['device_id']}/", **admin_token.headers).json()["trust"]
+        assert shown["error_code"] == "STALE_DIRECTIVES" and shown["keyring_version"] == 1
+        assert shown["refused"]["code"] == "EXPIRED" and len(shown["refused"]["detail"]) == 200
 
         # `fleetctl keys rotate --stage retire`: keyring v2 lists only the new rollout key.
         assert fleetctl_main(["keys", "rotate", "--root", str(root_key), "--new-rollout",

@@ -92,8 +92,8 @@ class DeviceDetailSerializer(DeviceSerializer):
     events = serializers.SerializerMethodField()
 
     class Meta(DeviceSerializer.Meta):
-        fields = DeviceSerializer.Meta.fields + ["last_telemetry", "last_telemetry_at", "directive_seq", "history",
-                                                 "events"]
+        fields = DeviceSerializer.Meta.fields + ["last_telemetry", "last_telemetry_at", "directive_seq", "trust",
+                                                 "history", "events"]
 
     def get_history(self, device) -> list[dict]:
         rows = device.release_history.select_related("model", "version").order_by("-from_time", "-id")[:200]

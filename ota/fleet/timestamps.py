@@ -19,6 +19,7 @@ from django.utils import timezone
 from agent.protocol import Topics
 from agent.signing import TIMESTAMP_PAYLOAD_TYPE, sign_envelope
 from agent.trust import build_timestamp_payload
+from ota.fleet.keyring import keyring_republish
 from ota.models import Device, Directive
 from ota.transport import mqtt
 from registry.keyrings import root_public_pems
@@ -50,8 +51,11 @@ def timestamp_messages(*, now: datetime) -> list[tuple[str, bytes]]:
 
 
 def timestamps_refresh(*, now: datetime | None = None) -> int:
-    """Sign and retain every device's timestamp; the number published (0 without a root key)."""
+    """Sign and retain every device's timestamp; the number published (0 without a root key). The
+    current keyring is retained again first: a broker that lost its retained store (or was down
+    when the keyring was pushed) has it back within one refresh."""
     if not root_public_pems():
         return 0
+    keyring_republish()
     messages = timestamp_messages(now=now or timezone.now())
     return mqtt.publish_many(messages, retain=True) if messages else 0

@@ -43,6 +43,9 @@ class Device(models.Model):
     agent_version = models.CharField(max_length=64, blank=True)
     last_telemetry = models.JSONField(default=dict, blank=True)
     last_telemetry_at = models.DateTimeField(null=True, blank=True)
+    # presence.trust (agent.trust), from a device that pins a root key: {keyring_version, timestamp,
+    # error_code (STALE_DIRECTIVES: its newest signed timestamp is too old), refused}; null otherwise.
+    trust = models.JSONField(null=True, blank=True)
     # The per-device directive counter; the rollout engine bumps it with a conditional UPDATE
     # (F("directive_seq") + 1) so two workers never hand out the same seq.
     directive_seq = models.PositiveBigIntegerField(default=0)

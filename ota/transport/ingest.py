@@ -199,6 +199,17 @@ def _presence_steps(item: _Parsed) -> list[tuple]:
     return steps
 
 
+def _trust(trust: dict) -> dict:
+    """presence.trust as stored: the known fields only, strings clipped (a device sends it)."""
+    refused = trust.get("refused") if isinstance(trust.get("refused"), dict) else None
+    return {
+        "keyring_version": trust.get("keyring_version"),
+        "timestamp": str(trust["timestamp"])[:40] if trust.get("timestamp") else None,
+        "error_code": str(trust["error_code"])[:40] if trust.get("error_code") else None,
+        "refused": {k: str(refused.get(k, ""))[:200] for k in ("kind", "code", "detail")} if refused else None,
+    }
+
+
 class Ingestor:
     """Turns batches of raw MQTT messages into database rows. No MQTT in here (testable alone)."""
 
@@ -636,6 +647,8 @@ class Ingestor:
                 version = item.data.get("agent_version")
                 if isinstance(version, str) and version:
                     fields["agent_version"] = version[:64]
+                if item.data.get("trust") is not None:
+                    fields["trust"] = _trust(item.data["trust"])
             else:
                 fields["online"] = True
             if item.kind == "telemetry":
