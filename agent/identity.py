@@ -93,6 +93,7 @@ def rebind(journal: Journal, outbox: Outbox, device_id: str) -> Rebound | None:
         seq_floor=0,
         last_outcome=None,
         refused=[],
+        timestamp=None,  # the old identity's signed state (agent.trust); the keyring is the fleet's, kept
         last_events=[e for e in data.get("last_events") or [] if _event_device(e.get("payload", "")) == device_id],
     )
     journal.commit(data, "rebind")

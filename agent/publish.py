@@ -72,7 +72,7 @@ def trust(journal: Journal) -> dict | None:
     held = journal.data.get("trust")
     if not held:
         return None
-    return {"keyring_version": int((journal.data.get("keyring") or {}).get("version", 0)),
+    return {"keyring_version": int(held.get("keyring_version") or 0),
             "timestamp": held.get("timestamp"), "error_code": held.get("error_code"), "refused": held.get("refused")}
 
 

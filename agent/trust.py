@@ -197,14 +197,16 @@ class Trust:
         self.root = Keyring.from_pems(*cfg.keys.root) if cfg.keys.root else None
         self.release_keys = Keyring.from_pems(*cfg.keys.release, threshold=cfg.keys.release_threshold)
         self.rollout_keys = Keyring.from_pems(*cfg.keys.rollout)
+        self._version = 0  # the keyring in force; 0: the keys pinned at enrollment
         held = journal.data.get("keyring")
         if self.root is not None and held:
-            # Re-verified against the pinned root: a journal edited by hand grants nothing.
+            # Re-verified against the pinned root: a journal edited by hand grants nothing, and after
+            # re-enrolling under another root the old keyring neither applies nor blocks lower versions.
             try:
                 payload = verify_envelope(held["envelope"], KEYRING_PAYLOAD_TYPE, self.root)
                 self._use(parse_keyring(payload))
             except (VerificationError, ProtocolError, KeyError, TypeError) as exc:
-                log.error("the journalled keyring no longer verifies (%s); using the pinned keys", exc)
+                log.error("the journalled keyring does not verify against keys.root (%s); using the pinned keys", exc)
 
     @property
     def enabled(self) -> bool:
@@ -212,12 +214,12 @@ class Trust:
 
     @property
     def keyring_version(self) -> int:
-        held = self.journal.data.get("keyring") or {}
-        return int(held.get("version", 0)) if self.root is not None else 0
+        return self._version
 
     def _use(self, doc: KeyringDoc) -> None:
         self.release_keys = doc.release_keys()
         self.rollout_keys = doc.rollout_keys()
+        self._version = doc.version
 
     def accept_keyring(self, envelope: Any, now: datetime) -> KeyringDoc | None:
         """Take a keyring from the broker. None (and nothing changes) when it is the held version
@@ -274,6 +276,9 @@ class Trust:
         changed = False
         if not trust.get("since"):
             trust["since"] = format_time(now)  # no timestamp yet: the age counts from here
+            changed = True
+        if trust.get("keyring_version") != self._version:  # e.g. a journalled keyring that no longer verifies
+            trust["keyring_version"] = self._version
             changed = True
         newest = (data.get("timestamp") or {}).get("issued") or trust["since"]
         stale = limit > 0 and now - parse_time(newest, "timestamp.issued") > timedelta(seconds=limit)

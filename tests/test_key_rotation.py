@@ -82,7 +82,7 @@ def publish_keyring(rig, payload: bytes) -> None:
 
 def test_it_rotates_the_rollout_and_release_keys_without_re_enrollment(rig):
     root = other_key()
-    names = ["rot-a", "rot-b", "rot-c"]
+    names = ["rot-a", "rot-b"]
     agents = start_agents(rig, root, names)
     v1 = Artifact(linear_model(scale=2.0, bias=1.0, padding_bytes=50_000))
     v2 = Artifact(linear_model(scale=3.0, bias=0.5, padding_bytes=50_000))
@@ -311,3 +311,35 @@ def test_it_accepts_root_signed_keyrings_and_hands_them_and_timestamps_to_enroll
         assert doc["release"]["keys"] == answer["keys"]["release"]
     finally:
         agent.stop()
+
+
+def test_it_restores_the_journalled_keyring_only_under_the_root_that_signed_it(tmp_path):
+    from agent.journal import Journal
+    from agent.trust import Trust
+    from tests.support.agent_harness import Keys, write_config
+
+    keys, root_a, root_b, rollout2 = Keys.generate(), other_key(), other_key(), other_key()
+
+    def trust_under(root) -> Trust:
+        path = write_config(tmp_path / "agent.toml", device_id="dev-j", state_dir=tmp_path / "state", broker_port=9,
+                            keys=keys, keys_extra={"root": [pem(root)]})
+        (tmp_path / "state").mkdir(exist_ok=True)
+        return Trust(cfg=load_config(path), journal=Journal(tmp_path / "state"))
+
+    first = trust_under(root_a)
+    taken = first.accept_keyring(json.loads(keyring(root_a, version=5, release=[keys.release], rollout=[rollout2])),
+                                 utcnow())
+    assert taken.version == 5 and first.keyring_version == 5
+    rollout2_id = signing.keyid_of(rollout2.public_key())
+    assert set(first.rollout_keys.keys) == {rollout2_id}
+
+    again = trust_under(root_a)  # a restart: the journal's keyring, re-verified
+    assert again.keyring_version == 5 and set(again.rollout_keys.keys) == {rollout2_id}
+    assert again.accept_keyring(json.loads(keyring(root_a, version=5, release=[keys.release], rollout=[rollout2])),
+                                utcnow()) is None  # the same version again: ignored
+
+    other = trust_under(root_b)  # re-enrolled under another root: the old keyring neither applies nor blocks
+    assert other.keyring_version == 0
+    assert set(other.rollout_keys.keys) == {signing.keyid_of(keys.rollout.public_key())}
+    assert other.accept_keyring(json.loads(keyring(root_b, version=1, release=[keys.release], rollout=[keys.rollout])),
+                                utcnow()).version == 1
