@@ -20,6 +20,7 @@ from agent.signing import VerificationError, keyid_of, load_public_key_pem
 from agent.trust import verify_keyring
 from registry.audit import audit_record
 from registry.errors import ApiError, Conflict
+from registry.keys import load_rollout_key
 from registry.models import Keyring
 
 _PEM_RE = re.compile(r"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", re.S)
@@ -52,7 +53,8 @@ def keyring_push(*, envelope: object, actor: str) -> Keyring:
     """Store a root-signed keyring as the current one (audited `keyring.push`). Refusals:
     400 keyring_invalid (with the agent's code: UNKNOWN_KEY,
     SIGNATURE_INVALID, MALFORMED, WRONG_PAYLOAD_TYPE), 409 keyring_not_newer, 400 keyring_expired;
-    409 root_keys_missing when no root key is configured, 503 when its file cannot be read."""
+    409 keyring_lacks_rollout_key when the keyring does not list the key this server signs directives
+    with; 409 root_keys_missing when no root key is configured, 503 when its file cannot be read."""
     pems = root_public_pems()
     if not pems:
         # A state of this server, not an outage: 409 like other refusals an admin must resolve.
@@ -71,6 +73,16 @@ def keyring_push(*, envelope: object, actor: str) -> Keyring:
             if exc.code == "EXPIRED":
                 raise ApiError(str(exc), code="keyring_expired") from None
             raise ApiError(f"keyring refused: {exc}", code="keyring_invalid", reason=exc.code) from None
+        # The server signs directives with its ROLLOUT_KEY_PATH key: a keyring without it would have
+        # every device refuse every directive (rotate in two keyrings: `fleetctl keys rotate`).
+        signing_keyid = keyid_of(load_rollout_key().public_key())
+        if signing_keyid not in {keyid_of(load_public_key_pem(p)) for p in doc.rollout}:
+            raise Conflict(
+                f"this server signs directives with rollout key {signing_keyid[:16]}, which keyring version "
+                f"{doc.version} does not list: every device would refuse them. Install the new rollout key as "
+                "ROLLOUT_KEY_PATH first, or push a keyring listing both keys", code="keyring_lacks_rollout_key",
+                rollout_keyid=signing_keyid,
+            )
         row = Keyring.objects.create(version=doc.version, envelope=envelope, expires_at=doc.expires,
                                      created_by=actor)
         audit_record(actor=actor, action="keyring.push", obj=row, detail={

@@ -287,6 +287,9 @@ def test_it_accepts_root_signed_keyrings_and_hands_them_and_timestamps_to_enroll
         assert (status, error["code"]) == (400, "keyring_expired")
         status, error = refused(keyring(other_key(), version=2, release=[root], rollout=[root]))
         assert (status, error["code"], error["reason"]) == (400, "keyring_invalid", "UNKNOWN_KEY")
+        # Root-signed and newer, but without the key this server signs directives with.
+        status, error = refused(keyring(root, version=2, release=[root], rollout=[root]))
+        assert (status, error["code"]) == (409, "keyring_lacks_rollout_key")
         assert AuditEntry.objects.filter(action="keyring.push").count() == 1
 
         # Freshness: beat's task signs and retains a timestamp the agent takes.
@@ -302,7 +305,9 @@ def test_it_accepts_root_signed_keyrings_and_hands_them_and_timestamps_to_enroll
         assert shown["error_code"] == "STALE_DIRECTIVES" and shown["keyring_version"] == 1
         assert shown["refused"]["code"] == "EXPIRED" and len(shown["refused"]["detail"]) == 200
 
-        # `fleetctl keys rotate --stage retire`: keyring v2 lists only the new rollout key.
+        # `fleetctl keys rotate --stage retire` once the server signs with the new key (the
+        # operator's ROLLOUT_KEY_PATH swap): keyring v2 lists only the new rollout key.
+        settings.ROLLOUT_KEY_PATH = new_rollout
         assert fleetctl_main(["keys", "rotate", "--root", str(root_key), "--new-rollout",
                               str(tmp_path / "rollout2.pub.pem"), "--stage", "retire", *server]) == 0
         wait_for(lambda: journal_if_any(state)["keyring"]["version"] == 2, 15, "keyring v2", agent=agent)
