@@ -265,7 +265,9 @@ class Agent:
                 else:
                     taken = self.trust.accept_timestamp(envelope, utcnow())
                 changed = changed or taken is not None
-            except (VerificationError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001  (input must never crash the agent: it is retained)
+                if not isinstance(exc, (VerificationError, ValueError)):
+                    log.exception("%s handling failed", kind)
                 code = getattr(exc, "code", ErrorCode.MALFORMED)
                 log.warning("refused a %s from the broker: %s (%s)", kind, code, exc)
                 self.trust.refused(kind, code, str(exc))

@@ -157,6 +157,8 @@ def test_it_refuses_keyrings_older_expired_or_not_signed_by_the_root(rig):
     forged["payload"] = json.loads(keyring(root, version=7, release=[rig.keys.release],
                                            rollout=[other_key()]))["payload"]
     refused_with("SIGNATURE_INVALID", json.dumps(forged).encode())
+    refused_with("MALFORMED", b'{"payloadType": "application/vnd.modelfleet.keyring+json", ')
+    assert agent.alive()
 
     # The keys of the refused keyrings were never taken: the rig's rollout key stays retired.
     v1 = Artifact(linear_model(scale=2.0, bias=1.0, padding_bytes=10_000))
