@@ -9,7 +9,10 @@ pinned `keys.release` / `keys.rollout`, so rotating either key needs no re-enrol
 directive signed by a rollout key the current keyring no longer lists is refused UNKNOWN_KEY. The
 keyring held is in the journal (`keyring`: version and envelope), so a restart keeps it and an
 older one is never taken back (REPLAYED); the same version again (the retained message after every
-reconnect) is ignored.
+reconnect) is ignored. A keyring with `"reset_seqs": true` also forgets the directive seqs handled,
+in the same journal write (so once): the way back from a fast-forward attack, where a stolen
+rollout key signed huge seqs and the server's own would otherwise be REPLAYED for ever. Directives
+still expire, which bounds the replay of the new key's older directives that a reset allows.
 
 Timestamp. The server re-signs, with the rollout key, a short-lived timestamp of each device's
 desired state ({"_type": "timestamp", "device_id", "issued", "expires", "seqs": {model: seq}},
@@ -62,6 +65,9 @@ class KeyringDoc:
     release: tuple[str, ...]
     release_threshold: int
     rollout: tuple[str, ...]
+    # Forget the directive seqs handled (TUF's fast-forward recovery): after a rollout key was
+    # stolen and used to sign huge seqs, the server's own would be REPLAYED for ever otherwise.
+    reset_seqs: bool = False
 
     def release_keys(self) -> Keyring:
         return Keyring.from_pems(*self.release, threshold=self.release_threshold)
@@ -71,15 +77,20 @@ class KeyringDoc:
 
 
 def build_keyring_payload(*, version: int, expires: datetime, release_pems: list[str] | tuple[str, ...],
-                          rollout_pems: list[str] | tuple[str, ...], release_threshold: int = 1) -> bytes:
-    """The body the root key signs (checked by parse_keyring before it is returned)."""
-    payload = encode_json({
+                          rollout_pems: list[str] | tuple[str, ...], release_threshold: int = 1,
+                          reset_seqs: bool = False) -> bytes:
+    """The body the root key signs (checked by parse_keyring before it is returned); `reset_seqs`
+    is left out when false."""
+    body = {
         "_type": "keyring",
         "version": version,
         "expires": format_time(expires),
         "release": {"keys": list(release_pems), "threshold": release_threshold},
         "rollout": {"keys": list(rollout_pems), "threshold": 1},
-    })
+    }
+    if reset_seqs:
+        body["reset_seqs"] = True
+    payload = encode_json(body)
     parse_keyring(payload)
     return payload
 
@@ -113,8 +124,11 @@ def parse_keyring(payload: bytes) -> KeyringDoc:
     rollout, rollout_threshold = _role(data, "rollout")
     if rollout_threshold != 1:
         raise ProtocolError("keyring.rollout.threshold must be 1 (the server signs directives with one key)")
+    reset_seqs = data.get("reset_seqs", False)
+    if not isinstance(reset_seqs, bool):
+        raise ProtocolError("keyring.reset_seqs must be true or false")
     return KeyringDoc(version=version, expires=parse_time(data.get("expires"), "keyring.expires"),
-                      release=release, release_threshold=release_threshold, rollout=rollout)
+                      release=release, release_threshold=release_threshold, rollout=rollout, reset_seqs=reset_seqs)
 
 
 def verify_keyring(envelope: object, root: Keyring, *, held_version: int, now: datetime) -> KeyringDoc:
@@ -237,6 +251,11 @@ class Trust:
         # Directives refused under the old keys (UNKNOWN_KEY) may verify now: judge them again.
         data["refused"] = []
         data["trust"] = {**(data.get("trust") or {}), "keyring_version": doc.version}
+        if doc.reset_seqs:
+            # Only in the same write that takes this (root-signed, newer) keyring: applied once.
+            log.warning("keyring version %d resets the directive seqs handled (were %s)", doc.version,
+                        data.get("seqs"))
+            data.update(seqs={}, seq_floor=0, last_seq=0, timestamp=None)
         self.journal.commit(data, "keyring")
         self._use(doc)
         log.info("keyring version %d taken (release keys %d of %d, rollout keys %d)", doc.version,

@@ -21,6 +21,8 @@ from fleetctl.common import API, EXIT_OK, Parser, UsageError, client_from_args, 
 from fleetctl.keys import load_signing_key
 
 _DURATION_RE = re.compile(r"^(\d+)([dh])$")
+RESET_HELP = ("devices forget the directive seqs they handled when they take this keyring: after a stolen "
+              "rollout key signed huge seqs (a fast-forward attack), with the stolen key retired")
 
 
 def parse_expiry(text: str) -> timedelta:
@@ -46,7 +48,7 @@ def read_pems(paths: list[str], what: str) -> list[str]:
 
 
 def signed_keyring(*, root_path: str, version: int, expires: timedelta, release: list[str], rollout: list[str],
-                   release_threshold: int) -> dict:
+                   release_threshold: int, reset_seqs: bool = False) -> dict:
     """The DSSE envelope of a keyring, signed with the root private key at `root_path`."""
     from agent.protocol import ProtocolError, utcnow
     from agent.signing import KEYRING_PAYLOAD_TYPE, sign_envelope
@@ -55,7 +57,8 @@ def signed_keyring(*, root_path: str, version: int, expires: timedelta, release:
     root = load_signing_key(root_path)
     try:
         payload = build_keyring_payload(version=version, expires=utcnow() + expires, release_pems=release,
-                                        rollout_pems=rollout, release_threshold=release_threshold)
+                                        rollout_pems=rollout, release_threshold=release_threshold,
+                                        reset_seqs=reset_seqs)
     except ProtocolError as exc:
         raise UsageError(f"keyring refused: {exc}") from None
     return sign_envelope(payload, KEYRING_PAYLOAD_TYPE, root)
@@ -67,7 +70,7 @@ def cmd_keyring_sign(args: argparse.Namespace) -> int:
     envelope = signed_keyring(
         root_path=args.root, version=args.version, expires=parse_expiry(args.expires),
         release=read_pems(args.release, "--release"), rollout=read_pems(args.rollout, "--rollout"),
-        release_threshold=args.release_threshold,
+        release_threshold=args.release_threshold, reset_seqs=args.reset_seqs,
     )
     out = Path(args.out)
     out.write_text(json.dumps(envelope, indent=1) + "\n")
@@ -112,7 +115,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     threshold = args.release_threshold or doc["release"]["threshold"]
     envelope = signed_keyring(root_path=args.root, version=current["version"] + 1,
                               expires=parse_expiry(args.expires), release=release, rollout=rollout,
-                              release_threshold=threshold)
+                              release_threshold=threshold, reset_seqs=args.reset_seqs)
     row = client.post(f"{API}/keyring/", {"envelope": envelope})
     print(f"keyring version {row['version']} pushed: rollout keys {len(rollout)}, release keys {len(release)}")
     if args.stage == "add":
@@ -136,6 +139,7 @@ def add_parser(sub) -> None:
     sign.add_argument("--version", type=int, required=True, metavar="N", help="higher than the devices' keyring")
     sign.add_argument("--expires", default="365d", metavar="365d|48h")
     sign.add_argument("--out", required=True, metavar="keyring.json")
+    sign.add_argument("--reset-seqs", action="store_true", help=RESET_HELP)
     sign.set_defaults(func=cmd_keyring_sign)
     push = keyring_sub.add_parser("push", parents=[common], help="upload a signed keyring (admin)")
     push.add_argument("file", metavar="keyring.json")
@@ -157,4 +161,5 @@ def add_rotate_parser(keys_sub, common) -> None:
                         help="replace the release keys too (repeatable; default: keep the current ones)")
     rotate.add_argument("--release-threshold", type=int, default=0, metavar="K")
     rotate.add_argument("--expires", default="365d", metavar="365d|48h")
+    rotate.add_argument("--reset-seqs", action="store_true", help=RESET_HELP)
     rotate.set_defaults(func=cmd_keys_rotate)

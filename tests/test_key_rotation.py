@@ -39,10 +39,10 @@ def pem(key) -> str:
 
 
 def keyring(root, *, version: int, release: list, rollout: list, expires_in=timedelta(days=30),
-            release_threshold: int = 1) -> bytes:
+            release_threshold: int = 1, reset_seqs: bool = False) -> bytes:
     payload = build_keyring_payload(version=version, expires=utcnow() + expires_in,
                                     release_pems=[pem(k) for k in release], rollout_pems=[pem(k) for k in rollout],
-                                    release_threshold=release_threshold)
+                                    release_threshold=release_threshold, reset_seqs=reset_seqs)
     return json.dumps(signing.sign_envelope(payload, signing.KEYRING_PAYLOAD_TYPE, root)).encode()
 
 
@@ -166,6 +166,32 @@ def test_it_refuses_keyrings_older_expired_or_not_signed_by_the_root(rig):
     payload = rig.directive("kr-1", 1, MODEL, rel, v1)
     rig.publish_directive("kr-1", payload)
     refused_unauthenticated(rig, "kr-1", payload, agent)
+
+
+def test_it_recovers_from_a_fast_forward_with_a_keyring_that_resets_the_seqs(rig):
+    root = other_key()
+    name = "ff-1"
+    agent = start_agents(rig, root, [name])[name]
+    v1 = Artifact(linear_model(scale=2.0, bias=1.0, padding_bytes=10_000))
+    rel = release_envelope(rig.keys, model=MODEL, version="1", counter=1, artifacts=[v1.entry()])
+    stale = dict(expires_in=timedelta(seconds=-5), issued_ago=timedelta(hours=1))  # refused after the seq check
+
+    # The stolen rollout key (the rig's) signs a huge seq: the device records it.
+    rig.publish_directive(name, rig.directive(name, 10**12, MODEL, rel, v1, **stale))
+    assert rig.subscriber.wait_outcome(name, 10**12, agent=agent)["error_code"] == "EXPIRED"
+    # Retiring the key alone is not enough: the server's next seq is REPLAYED.
+    new_rollout = other_key()
+    publish_keyring(rig, keyring(root, version=1, release=[rig.keys.release], rollout=[new_rollout]))
+    wait_for(lambda: trust(rig, name).get("keyring_version") == 1, 15, "keyring v1", agent=agent)
+    rig.publish_directive(name, rig.directive(name, 41, MODEL, rel, v1, key=new_rollout, **stale))
+    assert rig.subscriber.wait_outcome(name, 41, agent=agent)["error_code"] == "REPLAYED"
+    # A root-signed keyring with reset_seqs: the server's seqs count again.
+    publish_keyring(rig, keyring(root, version=2, release=[rig.keys.release], rollout=[new_rollout],
+                                 reset_seqs=True))
+    wait_for(lambda: trust(rig, name).get("keyring_version") == 2, 15, "keyring v2", agent=agent)
+    assert journal(rig.tmp / name / "state")["seqs"] == {}
+    rig.publish_directive(name, rig.directive(name, 42, MODEL, rel, v1, key=new_rollout, **stale))
+    assert rig.subscriber.wait_outcome(name, 42, agent=agent)["error_code"] == "EXPIRED"
 
 
 def test_it_reports_stale_directives_and_refuses_bad_timestamps(rig):
