@@ -145,3 +145,15 @@ def test_it_goes_on_without_metrics_when_the_port_is_taken(rig, app_port):
         assert rig.subscriber.wait_outcome("dev-1", 1, agent=agent)["state"] == "committed"
         wait_for(lambda: "model metrics off: cannot listen for StatsD" in agent.log_text(), 10,
                  "the agent to say why metrics are off", agent=agent)
+
+
+def test_it_keeps_a_window_within_one_telemetry_message():
+    book = MetricsBook(releases=lambda: {"detector": "a" * 64})
+    rng = random.Random(3)
+    lines = [f"inference.output.score{i}:{rng.lognormvariate(0, 2):.6f}|h" for i in range(64) for _ in range(200)]
+    for start in range(0, len(lines), 50):
+        book.feed("\n".join(lines[start:start + 50]).encode())
+    book.feed(b"inference.latency_ms:12|ms\ninference.requests:1|c")
+    window = book.take_window()
+    assert window["truncated"] == "output_values" and window["models"][0]["output_values"] == {}
+    assert len(json.dumps(window)) < 48 * 1024 and window["models"][0]["requests"] == 1

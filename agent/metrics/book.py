@@ -13,7 +13,11 @@ from collections.abc import Callable
 
 from agent.metrics.aggregate import Window
 from agent.metrics.statsd import Rejected, parse_datagram
-from agent.protocol import format_time, utcnow
+from agent.protocol import encode_json, format_time, utcnow
+
+
+# What one telemetry message may spend on model metrics (agent.protocol.MAX_PAYLOAD_BYTES is 64 KiB).
+MAX_WINDOW_BYTES = 48 * 1024
 
 
 class MetricsBook:
@@ -68,6 +72,12 @@ class MetricsBook:
                "stats": stats}
         if problem:
             out["last_problem"] = problem
+        if len(encode_json(out)) > MAX_WINDOW_BYTES:
+            # Telemetry travels in one MQTT message under the 64 KiB cap ingest enforces: drop the
+            # numeric-output sketches first (latency, counts and labels are what gates need most).
+            for entry in entries:
+                entry["output_values"] = {}
+            out["truncated"] = "output_values"
         return out
 
     def trial_begin(self, model: str, sha: str) -> None:
