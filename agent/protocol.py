@@ -578,7 +578,8 @@ def presence_payload(
     sent neither), so the old shape stays byte for byte what it was. trust (agent.trust, only from
     a device that pins a root key): {"keyring_version", "timestamp" (the newest signed timestamp's
     issued time or None), "error_code" (STALE_DIRECTIVES or None), "refused" (the last keyring or
-    timestamp refused: {"kind", "code", "detail"}, or None)}.
+    timestamp refused: {"kind", "code", "detail"}, or None), "keyring_expired" (the keyring in force
+    is past its expiry)}.
     """
     body: dict[str, Any] = {
         "_type": "presence", "online": online, "agent_version": agent_version, "active": dict(active or {}),
@@ -625,6 +626,7 @@ def parse_presence(payload: bytes) -> dict:
         _opt(trust, "timestamp", str, w)
         _opt(trust, "error_code", str, w)
         _opt(trust, "refused", dict, w)  # the last keyring or timestamp refused: {kind, code, detail}
+        _opt(trust, "keyring_expired", bool, w)
     return data
 
 

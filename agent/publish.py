@@ -73,7 +73,8 @@ def trust(journal: Journal) -> dict | None:
     if not held:
         return None
     return {"keyring_version": int(held.get("keyring_version") or 0),
-            "timestamp": held.get("timestamp"), "error_code": held.get("error_code"), "refused": held.get("refused")}
+            "timestamp": held.get("timestamp"), "error_code": held.get("error_code"), "refused": held.get("refused"),
+            "keyring_expired": bool(held.get("keyring_expired"))}
 
 
 def publish_presence(link: MqttLink | None, *, journal: Journal) -> None:

@@ -212,6 +212,7 @@ class Trust:
         self.release_keys = Keyring.from_pems(*cfg.keys.release, threshold=cfg.keys.release_threshold)
         self.rollout_keys = Keyring.from_pems(*cfg.keys.rollout)
         self._version = 0  # the keyring in force; 0: the keys pinned at enrollment
+        self._expires: datetime | None = None  # its expiry: past it, reported (presence.trust.keyring_expired)
         held = journal.data.get("keyring")
         if self.root is not None and held:
             # Re-verified against the pinned root: a journal edited by hand grants nothing, and after
@@ -234,6 +235,7 @@ class Trust:
         self.release_keys = doc.release_keys()
         self.rollout_keys = doc.rollout_keys()
         self._version = doc.version
+        self._expires = doc.expires
 
     def accept_keyring(self, envelope: Any, now: datetime) -> KeyringDoc | None:
         """Take a keyring from the broker. None (and nothing changes) when it is the held version
@@ -298,6 +300,15 @@ class Trust:
             changed = True
         if trust.get("keyring_version") != self._version:  # e.g. a journalled keyring that no longer verifies
             trust["keyring_version"] = self._version
+            changed = True
+        # An expired keyring stays in force (its keys are the newest the root signed) but is reported:
+        # the root's owner has not re-signed it, which TUF treats as a freeze.
+        expired = self._expires is not None and now >= self._expires
+        if trust.get("keyring_expired") is not expired:
+            if expired:
+                log.warning("keyring version %d expired at %s; waiting for a newer one signed by the root",
+                            self._version, format_time(self._expires))
+            trust["keyring_expired"] = expired
             changed = True
         newest = (data.get("timestamp") or {}).get("issued") or trust["since"]
         stale = limit > 0 and now - parse_time(newest, "timestamp.issued") > timedelta(seconds=limit)

@@ -189,7 +189,9 @@ def test_it_recovers_from_a_fast_forward_with_a_keyring_that_resets_the_seqs(rig
     publish_keyring(rig, keyring(root, version=2, release=[rig.keys.release], rollout=[new_rollout],
                                  reset_seqs=True))
     wait_for(lambda: trust(rig, name).get("keyring_version") == 2, 15, "keyring v2", agent=agent)
-    assert journal(rig.tmp / name / "state")["seqs"] == {}
+    # (The retained seq 41 is judged again after the new keyring: no longer REPLAYED either.)
+    wait_for(lambda: [e for e in rig.subscriber.events_for(name, 41) if e["error_code"] == "EXPIRED"], 15,
+             "seq 41 judged again", agent=agent)
     rig.publish_directive(name, rig.directive(name, 42, MODEL, rel, v1, key=new_rollout, **stale))
     assert rig.subscriber.wait_outcome(name, 42, agent=agent)["error_code"] == "EXPIRED"
 
@@ -370,6 +372,11 @@ def test_it_restores_the_journalled_keyring_only_under_the_root_that_signed_it(t
     assert again.keyring_version == 5 and set(again.rollout_keys.keys) == {rollout2_id}
     assert again.accept_keyring(json.loads(keyring(root_a, version=5, release=[keys.release], rollout=[rollout2])),
                                 utcnow()) is None  # the same version again: ignored
+
+    # Past its expiry the keyring stays in force and is reported (presence.trust.keyring_expired).
+    assert again.check_staleness(utcnow()) and not again.journal.data["trust"]["keyring_expired"]
+    assert again.check_staleness(utcnow() + timedelta(days=31))
+    assert again.journal.data["trust"]["keyring_expired"] is True and again.keyring_version == 5
 
     other = trust_under(root_b)  # re-enrolled under another root: the old keyring neither applies nor blocks
     assert other.keyring_version == 0

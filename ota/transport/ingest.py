@@ -207,6 +207,7 @@ def _trust(trust: dict) -> dict:
         "timestamp": str(trust["timestamp"])[:40] if trust.get("timestamp") else None,
         "error_code": str(trust["error_code"])[:40] if trust.get("error_code") else None,
         "refused": {k: str(refused.get(k, ""))[:200] for k in ("kind", "code", "detail")} if refused else None,
+        "keyring_expired": bool(trust.get("keyring_expired")),
     }
 
 
