@@ -11,7 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
-from registry.audit import audit_record
+from registry.audit import audit_record, audit_values
 from registry.errors import ApiError, Conflict, not_found
 from registry.limits import instant_check
 from registry.models import Alias, AliasMove, Model, ModelVersion
@@ -46,6 +46,9 @@ def alias_set(*, model: Model, name: str, version_name: str, actor: str) -> Alia
             return alias  # already there: not a move, nothing to record
         else:
             previous = alias.version
+        before = audit_values(alias, ["version", "updated_at", "updated_by"]) if previous else {
+            "version": None, "updated_at": None, "updated_by": None}
+        if previous:
             alias.version, alias.updated_at, alias.updated_by = target, now, actor
             alias.save()
         AliasMove.objects.create(
@@ -60,6 +63,7 @@ def alias_set(*, model: Model, name: str, version_name: str, actor: str) -> Alia
                 "from": previous.version if previous else None,
                 "to": target.version,
             },
+            before=before,
         )
     return alias
 

@@ -20,7 +20,7 @@ from agent import protocol
 from agent.signing import RELEASE_PAYLOAD_TYPE, load_public_key_pem, pae, sign_envelope
 from registry import keys
 from registry.artifacts import artifact_storage
-from registry.audit import audit_record
+from registry.audit import audit_record, audit_values
 from registry.errors import ApiError, Conflict
 from registry.models import ModelVersion
 from registry.release_check import release_check
@@ -226,6 +226,7 @@ def version_release(
             locked.approver = approver or locked.approver or actor
             signed = release_payload(version=locked, artifacts=artifacts, created=created, approver=locked.approver)
             envelope = sign_envelope(signed, RELEASE_PAYLOAD_TYPE, private_key)
+        before = audit_values(locked, ["state", "released_at", "released_by", "expires_at", "approver"])
         locked.envelope = envelope
         locked.manifest_sha256 = hashlib.sha256(signed).hexdigest()
         locked.state = ModelVersion.State.RELEASED
@@ -245,6 +246,7 @@ def version_release(
                 "keyids": [entry["keyid"] for entry in envelope["signatures"]],
                 "signing": "offline" if offline else "online",
             },
+            before=before,
         )
         version_id = locked.pk
         transaction.on_commit(lambda: version_released.send(sender=ModelVersion, version_id=version_id))
@@ -260,9 +262,10 @@ def version_deprecate(*, version: ModelVersion, actor: str, reason: str = "") ->
                 f"Only a released version can be deprecated; {version} is {locked.state}.",
                 code="invalid_state",
             )
+        before = audit_values(locked, ["state"])
         locked.state = ModelVersion.State.DEPRECATED
         locked.save(update_fields=["state"])
-        audit_record(actor=actor, action="version.deprecate", obj=locked, reason=reason)
+        audit_record(actor=actor, action="version.deprecate", obj=locked, reason=reason, before=before)
     return locked
 
 
@@ -273,6 +276,7 @@ def version_revoke(*, version: ModelVersion, actor: str, reason: str = "") -> Mo
         if locked.state == ModelVersion.State.REVOKED:
             raise Conflict(f"{version} is already revoked.", code="invalid_state")
         previous = locked.state
+        before = audit_values(locked, ["state"])
         locked.state = ModelVersion.State.REVOKED
         locked.save(update_fields=["state"])
         audit_record(
@@ -281,6 +285,7 @@ def version_revoke(*, version: ModelVersion, actor: str, reason: str = "") -> Mo
             obj=locked,
             reason=reason,
             detail={"previous_state": previous},
+            before=before,
         )
     return locked
 

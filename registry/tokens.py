@@ -9,7 +9,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from registry.audit import audit_record
+from registry.audit import audit_record, audit_values
 from registry.errors import ApiError, Conflict, not_found
 from registry.limits import MAX_DURATION
 from registry.models import ApiToken
@@ -82,9 +82,10 @@ def tokens_revoke(*, tokens, actor: str) -> int:
     with transaction.atomic():
         now = timezone.now()
         for token in tokens.select_for_update().filter(revoked_at__isnull=True):
+            before = audit_values(token, ["revoked_at"])
             token.revoked_at = now
             token.save(update_fields=["revoked_at"])
-            audit_record(actor=actor, action="token.revoke", obj=token, detail={"name": token.name})
+            audit_record(actor=actor, action="token.revoke", obj=token, detail={"name": token.name}, before=before)
             count += 1
     return count
 

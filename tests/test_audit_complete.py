@@ -144,3 +144,30 @@ def test_it_checks_admin_label_edits_by_the_apis_rule_and_audits_nothing_refused
 
     assert Device.objects.get(pk=device.pk).labels == {"site": "berlin"}
     assert not AuditEntry.objects.filter(object_type="device").exists()
+
+
+def test_it_records_before_and_after_of_api_and_ui_changes(root, client, admin_token, rollout):
+    """Not only the admin: an action through the API or the web UI says what it changed."""
+    from unittest import mock
+
+    def last(action):
+        entry = AuditEntry.objects.filter(action=action).order_by("-id").first()
+        return entry.detail["before"], entry.detail["after"]
+
+    with mock.patch("ota.rollouts.actions.rollout_wake", autospec=True):
+        assert act(client, admin_token, rollout.pk, "start").status_code == 200
+        assert act(client, admin_token, rollout.pk, "pause", reason="night shift").status_code == 200
+    before, after = last("rollout.pause")
+    assert (before["state"], after["state"]) == ("running", "paused") and after["state_reason"] == "night shift"
+    assert last("rollout.start")[0]["state"] == "created" and last("rollout.start")[1]["started_by"]
+
+    response = client.post(f"{API}/models/detector/versions/1.0/deprecate", {}, content_type="application/json",
+                           **admin_token.headers)
+    assert response.status_code == 200, response.content
+    assert last("version.deprecate") == ({"state": "released"}, {"state": "deprecated"})
+    assert last("version.release")[0]["state"] == "draft" and last("version.release")[1]["state"] == "released"
+
+    revoked = root.post("/devices/rpi-0001/revoke/", {"reason": "stolen"})  # the web UI
+    assert revoked.status_code in (200, 302), revoked.content
+    before, after = last("device.revoke")
+    assert (before["state"], after["state"]) == ("active", "revoked") and after["revoked_by"]

@@ -16,7 +16,7 @@ from django.utils import timezone
 from ota.fleet.broker import BrokerError, BrokerUnavailable, broker_device_add
 from ota.fleet.parsing import validate_labels
 from ota.models import Device, EnrollmentToken, hash_secret
-from registry.audit import audit_record
+from registry.audit import audit_record, audit_values
 from registry.errors import ApiError
 from registry.keyrings import root_public_pems
 from registry.keys import public_key_info, public_keys, release_threshold, require_enough_release_keys
@@ -62,9 +62,10 @@ def enrollment_token_create(
 def enrollment_token_revoke(*, token_id: int, actor: str) -> EnrollmentToken:
     token = EnrollmentToken.objects.get(pk=token_id)
     if token.revoked_at is None:
+        before = audit_values(token, ["revoked_at"])
         token.revoked_at = timezone.now()
         token.save(update_fields=["revoked_at"])
-        audit_record(actor=actor, action="enrollment_token.revoke", obj=token)
+        audit_record(actor=actor, action="enrollment_token.revoke", obj=token, before=before)
     return token
 
 

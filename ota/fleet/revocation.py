@@ -10,7 +10,7 @@ from agent.protocol import Topics
 from ota.fleet.broker import BrokerError, BrokerUnavailable, broker_device_remove
 from ota.models import Device, Directive
 from ota.transport.mqtt import MqttError, clear_retained, retained_topics
-from registry.audit import audit_record
+from registry.audit import audit_record, audit_values
 
 
 def device_revoke(*, device_id: str, actor: str) -> Device:
@@ -19,6 +19,7 @@ def device_revoke(*, device_id: str, actor: str) -> Device:
     with transaction.atomic():
         device = Device.objects.select_for_update().get(pk=device_id)
         if device.state != Device.State.REVOKED:
+            before = audit_values(device, ["state", "revoked_at", "revoked_by", "online"])
             device.state = Device.State.REVOKED
             device.revoked_at = timezone.now()
             device.revoked_by = actor
@@ -28,7 +29,7 @@ def device_revoke(*, device_id: str, actor: str) -> Device:
             device.save(
                 update_fields=["state", "revoked_at", "revoked_by", "api_token_hash", "mqtt_password_hash", "online"]
             )
-            audit_record(actor=actor, action="device.revoke", obj=device)
+            audit_record(actor=actor, action="device.revoke", obj=device, before=before)
         transaction.on_commit(lambda: _revoke_on_broker(device.id))
     return device
 

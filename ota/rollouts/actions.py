@@ -23,12 +23,14 @@ from ota.rollouts.transitions import (
 )
 from ota.rollouts.wake import rollout_wake
 from ota.rollouts.waves import wave_pass
-from registry.audit import audit_record
+from registry.audit import audit_record, audit_values
 from registry.errors import ApiError, Conflict
 from registry.models import Model
 from registry.validity import release_require_installable
 
 RD = RolloutDevice.State
+# What a rollout action changes, for the before and after of its audit entry.
+STATE_FIELDS = ["state", "state_reason"]
 
 
 def rollout_approve(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
@@ -37,9 +39,10 @@ def rollout_approve(*, rollout_id: int, actor: str, reason: str = "") -> Rollout
         rollout_require_state(rollout, BY_NAME["approve"])
         if rollout.approved_at:
             raise Conflict(f"rollout {rollout.pk} was already approved by {rollout.approved_by}", code="already_approved")
+        before = audit_values(rollout, ["approved_at", "approved_by"])
         rollout.approved_at, rollout.approved_by = timezone.now(), actor
         rollout.save(update_fields=["approved_at", "approved_by"])
-        audit_record(actor=actor, action="rollout.approve", obj=rollout, reason=reason)
+        audit_record(actor=actor, action="rollout.approve", obj=rollout, reason=reason, before=before)
     return rollout
 
 
@@ -59,10 +62,12 @@ def rollout_start(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
         Model.objects.select_for_update().filter(pk=rollout.model_id).first()
         device_ids = list(rollout.assignments.values_list("device_id", flat=True))
         raise_conflicts(conflicts_find(model_id=rollout.model_id, device_ids=device_ids, exclude_rollout=rollout.pk))
+        before = audit_values(rollout, STATE_FIELDS + ["started_at", "started_by"])
         rollout.state = Rollout.State.RUNNING
         rollout.started_at, rollout.started_by = timezone.now(), actor
         rollout.save(update_fields=["state", "started_at", "started_by"])
-        audit_record(actor=actor, action="rollout.start", obj=rollout, reason=reason, detail={"devices": len(device_ids)})
+        audit_record(actor=actor, action="rollout.start", obj=rollout, reason=reason, detail={"devices": len(device_ids)},
+                     before=before)
         rollout_wake(rollout.pk)
     return rollout
 
@@ -71,8 +76,9 @@ def rollout_pause(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
         rollout_require_state(rollout, BY_NAME["pause"])
+        before = audit_values(rollout, STATE_FIELDS)
         rollout_set_state(rollout, Rollout.State.PAUSED, reason or f"paused by {actor}")
-        audit_record(actor=actor, action="rollout.pause", obj=rollout, reason=reason)
+        audit_record(actor=actor, action="rollout.pause", obj=rollout, reason=reason, before=before)
     return rollout
 
 
@@ -80,8 +86,9 @@ def rollout_resume(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
         rollout_require_state(rollout, BY_NAME["resume"])
+        before = audit_values(rollout, STATE_FIELDS)
         rollout_set_state(rollout, Rollout.State.RUNNING, reason or f"resumed by {actor}")
-        audit_record(actor=actor, action="rollout.resume", obj=rollout, reason=reason)
+        audit_record(actor=actor, action="rollout.resume", obj=rollout, reason=reason, before=before)
         rollout_wake(rollout.pk)
     return rollout
 
@@ -147,8 +154,9 @@ def rollout_abort(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
         rollout_require_state(rollout, BY_NAME["abort"])
+        before = audit_values(rollout, STATE_FIELDS + ["finished_at"])
         rollout_halt(rollout, reason=reason or f"aborted by {actor}")
-        audit_record(actor=actor, action="rollout.abort", obj=rollout, reason=reason)
+        audit_record(actor=actor, action="rollout.abort", obj=rollout, reason=reason, before=before)
     return rollout
 
 
@@ -156,12 +164,13 @@ def rollout_rollback(*, rollout_id: int, actor: str, reason: str = "") -> Rollou
     """Send every device this rollout updated (or may have) back to its previous release."""
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
+        before = audit_values(rollout, STATE_FIELDS + ["finished_at"])
         rollout_require_state(rollout, BY_NAME["rollback"])
         if rollout.state in Rollout.ACTIVE_STATES:
             rollout_halt(rollout, reason=reason or f"rolled back by {actor}")
         figures = rollout_revert_devices(rollout)
         rollout_set_state(rollout, Rollout.State.ROLLED_BACK, reason or f"rolled back by {actor}")
-        audit_record(actor=actor, action="rollout.rollback", obj=rollout, reason=reason, detail=figures)
+        audit_record(actor=actor, action="rollout.rollback", obj=rollout, reason=reason, detail=figures, before=before)
     return rollout
 
 
