@@ -1,5 +1,5 @@
 """`make run`: the whole platform comes up on local defaults, prints a working admin login, and
-stops every process it started on SIGTERM; a process that dies is restarted while make run goes
+stops every process it started on Ctrl-C (and on SIGTERM: tests/test_quickstart.py); a process that dies is restarted while make run goes
 on; the MQTT port it picked is kept across runs; `manage.py` works from a second shell with no
 settings in its environment. Runs the real Makefile target as a subprocess."""
 
@@ -58,70 +58,39 @@ def run_env(tmp_path) -> dict[str, str]:
     return env
 
 
-def _sigterm(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
+def check_serving(run, run_env) -> None:
+    """What a newcomer sees from `make run`: the printed URLs and admin login, /healthz, the API
+    docs, static files through WhiteNoise (DEBUG off: from collectstatic), the admin login with
+    the printed credentials, and every process of the platform running."""
+    username, password = run.login()
+    base = f"http://127.0.0.1:{run_env['WEB_PORT']}"
+    assert f"admin:     {base}/admin/" in run.text
+    assert f"API docs:  {base}/api/docs/" in run.text
 
+    opener, jar = _opener()
+    assert _get(opener, f"{base}/healthz") == (200, '{"ok": true}')
+    status, docs = _get(opener, f"{base}/api/docs/")
+    assert status == 200 and "swagger" in docs.lower()
+    assert _get(opener, f"{base}/static/admin/css/base.css")[0] == 200
 
-def _ctrl_c(process: subprocess.Popen) -> None:
-    # What a terminal does on Ctrl-C: SIGINT to the whole foreground process group.
-    os.killpg(process.pid, signal.SIGINT)
+    status, page = _get(opener, f"{base}/admin/login/?next=/admin/")
+    assert status == 200
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    form = urllib.parse.urlencode(
+        {"username": username, "password": password, "csrfmiddlewaretoken": csrf, "next": "/admin/"}
+    ).encode()
+    request = urllib.request.Request(f"{base}/admin/login/?next=/admin/", data=form, headers={"Referer": base})
+    with opener.open(request, timeout=10) as response:
+        landed = response.geturl()
+        body = response.read().decode()
+    assert landed == f"{base}/admin/", body[:500]
+    assert "Site administration" in body
+    assert any(cookie.name == "sessionid" for cookie in jar)
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stop", [_sigterm, _ctrl_c], ids=["sigterm", "ctrl-c"])
-def test_it_runs_the_platform_and_stops_everything_on_signal(run_env, stop):
-    process = subprocess.Popen(
-        ["make", "run"], cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    output = Output(process.stdout)
-    try:
-        username, password = output.wait_for(LOGIN_RE, process, timeout=120).groups()
-        base = f"http://127.0.0.1:{run_env['WEB_PORT']}"
-        assert f"admin:     {base}/admin/" in output.text
-        assert f"API docs:  {base}/api/docs/" in output.text
-
-        opener, jar = _opener()
-        assert _get(opener, f"{base}/healthz") == (200, '{"ok": true}')
-        status, docs = _get(opener, f"{base}/api/docs/")
-        assert status == 200 and "swagger" in docs.lower()
-        # DEBUG is off: static files come from collectstatic through WhiteNoise.
-        assert _get(opener, f"{base}/static/admin/css/base.css")[0] == 200
-
-        status, page = _get(opener, f"{base}/admin/login/?next=/admin/")
-        assert status == 200
-        csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-        form = urllib.parse.urlencode(
-            {"username": username, "password": password, "csrfmiddlewaretoken": csrf, "next": "/admin/"}
-        ).encode()
-        request = urllib.request.Request(f"{base}/admin/login/?next=/admin/", data=form, headers={"Referer": base})
-        with opener.open(request, timeout=10) as response:
-            landed = response.geturl()
-            body = response.read().decode()
-        assert landed == f"{base}/admin/", body[:500]
-        assert "Site administration" in body
-        assert any(cookie.name == "sessionid" for cookie in jar)
-
-        # Every process the run started, recorded before the stop.
-        children = psutil.Process(process.pid).children(recursive=True)
-        names = " ".join(" ".join(child.cmdline()) for child in children if child.is_running())
-        expected_processes = ["gunicorn", "celery -A config worker", "celery -A config beat", "mosquitto", "redis-server"]
-        if (ROOT / "ota" / "management" / "commands" / "mqtt_ingest.py").exists():
-            expected_processes.append("manage.py mqtt_ingest")
-        for expected in expected_processes:
-            assert expected in names, f"{expected!r} not running; processes: {names}"
-
-        stop(process)
-        process.wait(timeout=30)
-        gone, alive = psutil.wait_procs(children, timeout=10)
-        assert not alive, f"still running after {stop.__name__}: {[p.cmdline() for p in alive]}"
-        for port in (run_env["WEB_PORT"], run_env["MQTT_PORT"]):
-            with pytest.raises(ConnectionRefusedError):
-                socket.create_connection(("127.0.0.1", int(port)), timeout=2)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    names = " ".join(" ".join(child.cmdline()) for child in run.processes())
+    for expected in ["gunicorn", "celery -A config worker", "celery -A config beat", "mosquitto", "redis-server",
+                     "manage.py mqtt_ingest"]:
+        assert expected in names, f"{expected!r} not running; processes: {names}"
 
 
 @pytest.mark.django_db
@@ -197,7 +166,7 @@ def test_it_restarts_what_dies_keeps_its_mqtt_port_and_serves_a_second_shell(run
     base = f"http://127.0.0.1:{run_env['WEB_PORT']}"
     with PortTaken(1883):
         with MakeRun(run_env) as run:
-            run.login()
+            check_serving(run, run_env)
             mqtt_port = int(MQTT_LINE_RE.search(run.text).group(1))
             assert mqtt_port != 1883
             assert f"MQTT_PORT={mqtt_port}\n" in (data_dir / "run.env").read_text()
@@ -238,7 +207,12 @@ def test_it_restarts_what_dies_keeps_its_mqtt_port_and_serves_a_second_shell(run
             left = [p for p in pool if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
             assert not left, "the dead worker's pool processes were left behind"
             assert run.process.poll() is None
-            run.stop()
+            # Ctrl-C: everything stops and the ports are free (SIGTERM, as a service manager stops
+            # it, ends tests/test_quickstart.py's runs, which check the same of every process).
+            run.stop(ctrl_c=True)
+            for port in (run_env["WEB_PORT"], mqtt_port):
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", int(port)), timeout=2)
 
         # Started again with 1883 still taken: the same MQTT port, which devices have in agent.toml.
         with MakeRun(run_env) as again:

@@ -125,13 +125,17 @@ class MakeRun:
                 pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{self.text[-5000:]}")
             time.sleep(0.2)
 
-    def stop(self) -> None:
-        """SIGTERM, as a service manager or `kill` would: everything it started goes away."""
+    def stop(self, *, ctrl_c: bool = False) -> None:
+        """SIGTERM, as a service manager or `kill` would, or (`ctrl_c`) what a terminal does on
+        Ctrl-C, SIGINT to the whole foreground process group: everything it started goes away."""
         children = self.processes()
-        self.process.send_signal(signal.SIGTERM)
+        if ctrl_c:
+            os.killpg(self.process.pid, signal.SIGINT)
+        else:
+            self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=60)
         _gone, alive = psutil.wait_procs(children, timeout=15)
-        assert not alive, f"still running after SIGTERM: {[p.cmdline() for p in alive]}"
+        assert not alive, f"still running after {'Ctrl-C' if ctrl_c else 'SIGTERM'}: {[p.cmdline() for p in alive]}"
         self.output.thread.join(5)
         assert "run: error" not in self.text, self.text[-3000:]  # a requested stop, not a failure
 
