@@ -77,7 +77,7 @@ def test_it_reverts_a_slower_release_at_the_canary_and_passes_an_equally_good_on
     first = started(client, ci_token, "1.0", [{"percent": 100}], {"health": {"control": False}})
     wait_until(lambda: rollout_state(first) == "completed", 180, "1.0 everywhere", server_platform, agents)
 
-    gates = {"soak_seconds": 4, "failure": {"min_reports": 1, "max_failed_percent": 50},
+    gates = {"soak_seconds": 2, "failure": {"min_reports": 1, "max_failed_percent": 50},
              "health": {"control": {"min_devices": 3, "min_requests": 100, "wait_seconds": 120}}}
     canary = devices[:3]
     slow = started(client, ci_token, "2.0", [{"name": "canary", "devices": canary}, {"percent": 100}], gates)
