@@ -79,7 +79,8 @@ def test_it_reports_the_figures_behind_a_verdict():
     latency = verdict.figures["latency"]
     assert latency["p50"]["ratio"] > 1.2 and latency["p50"]["max_ratio"] == 1.2 and latency["p_value"] < 0.05
     assert verdict.figures["new_devices"] == 30 and verdict.figures["control_devices"] == 20
-    assert set(verdict.figures["errors"]) == {"new", "control", "difference", "max_increase", "p_value"}
+    assert set(verdict.figures["errors"]) == {"new", "control", "difference", "max_increase", "t_statistic", "p_value"}
+    assert latency["t_statistic"] > 2
 
 
 def test_it_switches_gates_off_one_by_one():

@@ -89,20 +89,20 @@ def settings_with_defaults(control: dict | bool | None) -> dict | None:
     return out
 
 
-def _welch_greater(new: list[float], control: list[float]) -> float:
-    """p-value of "new's mean is greater than control's" (Welch's t-test). Two groups without any
-    spread cannot be tested: their means decide alone (p 0 or 1)."""
+def _welch_greater(new: list[float], control: list[float]) -> tuple[float | None, float]:
+    """(t statistic, p-value) of "new's mean is greater than control's" (Welch's t-test). Two
+    groups without any spread cannot be tested: their means decide alone (t None, p 0 or 1)."""
     if len(new) < 2 or len(control) < 2:
-        return 1.0
+        return None, 1.0
     with warnings.catch_warnings():
         # Near-identical figures (every box at 0 errors, say) make scipy warn of lost precision;
         # a NaN is what it can then return, and is handled below.
         warnings.simplefilter("ignore", RuntimeWarning)
         result = stats.ttest_ind(new, control, equal_var=False, alternative="greater")
-    p = float(result.pvalue)
+    p, t = float(result.pvalue), float(result.statistic)
     if math.isnan(p):
-        return 0.0 if sum(new) / len(new) > sum(control) / len(control) else 1.0
-    return p
+        return None, 0.0 if sum(new) / len(new) > sum(control) / len(control) else 1.0
+    return round(t, 4), p
 
 
 def _merged(group: list[DeviceFigures]) -> tuple[dict, dict, float, dict]:
@@ -169,8 +169,8 @@ def compare_groups(new: list[DeviceFigures], control: list[DeviceFigures], setti
                         "max_ratio": latency[f"max_{key}_ratio"]}
         new_logs = [math.log(v) for v in (d.latency_p50() for d in new_ok) if v and v > 0]
         control_logs = [math.log(v) for v in (d.latency_p50() for d in control_ok) if v and v > 0]
-        p = _welch_greater(new_logs, control_logs)
-        fig["p_value"] = round(p, 6)
+        t, p = _welch_greater(new_logs, control_logs)
+        fig["t_statistic"], fig["p_value"] = t, round(p, 6)
         figures["latency"] = fig
         over = [k for k in ("p50", "p95") if fig[k]["ratio"] is not None and fig[k]["ratio"] > fig[k]["max_ratio"]]
         if over and p < alpha:
@@ -188,11 +188,11 @@ def compare_groups(new: list[DeviceFigures], control: list[DeviceFigures], setti
         new_rates = [d.error_rate for d in new_ok]
         control_rates = [d.error_rate for d in control_ok]
         # H1: new - control > margin, tested as (new - margin) > control.
-        p = _welch_greater([r - margin for r in new_rates], control_rates)
+        t, p = _welch_greater([r - margin for r in new_rates], control_rates)
         new_mean, control_mean = sum(new_rates) / len(new_rates), sum(control_rates) / len(control_rates)
         figures["errors"] = {"new": round(new_mean, 6), "control": round(control_mean, 6),
                              "difference": round(new_mean - control_mean, 6), "max_increase": margin,
-                             "p_value": round(p, 6)}
+                             "t_statistic": t, "p_value": round(p, 6)}
         if p < alpha:
             tripped.append(f"error rate {new_mean:.4f} vs {control_mean:.4f} (+{new_mean - control_mean:.4f} > "
                            f"+{margin}, p={p:.2g} < {alpha})")
