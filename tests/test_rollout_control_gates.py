@@ -103,6 +103,19 @@ def test_it_measures_drift_of_a_numeric_output_against_the_controls_deciles():
     assert score["psi"] > 0.2 and score["new_p50"] < score["control_p50"]
 
 
+def test_it_keeps_verdicts_storable_when_groups_have_no_spread():
+    """Per-device p50s are sketch buckets: identical boxes give identical values, an infinite t."""
+    import json as _json
+
+    same = {"bins": {"300": 100}, "zero": 0, "count": 100, "sum": 2000.0, "min": 19.0, "max": 21.0}
+    slow = {"bins": {"340": 100}, "zero": 0, "count": 100, "sum": 2800.0, "min": 27.0, "max": 29.0}
+    control = [DeviceFigures(f"c{i}", 100, 1, same, {}) for i in range(5)]
+    new = [DeviceFigures(f"n{i}", 100, 1, slow, {}) for i in range(3)]
+    verdict = compare_groups(new, control, SETTINGS)
+    assert verdict.state == "fail"
+    _json.dumps(verdict.figures, allow_nan=False)  # what PostgreSQL's jsonb accepts (no Infinity)
+
+
 def test_it_measures_drift_as_population_stability():
     assert psi({"a": 50, "b": 50}, {"a": 50, "b": 50}) == 0
     assert round(psi({"a": 80, "b": 20}, {"a": 50, "b": 50}), 3) == 0.416

@@ -102,7 +102,8 @@ def _welch_greater(new: list[float], control: list[float]) -> tuple[float | None
     p, t = float(result.pvalue), float(result.statistic)
     if math.isnan(p):
         return None, 0.0 if sum(new) / len(new) > sum(control) / len(control) else 1.0
-    return round(t, 4), p
+    # Groups without spread give an infinite t, which JSON (the audit log) cannot hold.
+    return (round(t, 4) if math.isfinite(t) else None), p
 
 
 def _merged(group: list[DeviceFigures]) -> tuple[dict, dict, float, dict]:
