@@ -37,7 +37,8 @@ The checks, in order (the first that fails decides):
     health contract says "precheck": "none"
     otherwise                                      Accept: start the update
 19. an update of this model is in flight, still    Preempt: it ends `failed` SUPERSEDED and
-    before activation (agent.machine.PREEMPTIBLE)  step 17/18's decision is carried out at once
+    before activation (agent.machine.PREEMPTIBLE),  step 17/18's decision is carried out at once
+    or parked waiting for its maintenance window
 
 A refusal from step 8 on carries `record_seq=True`: the directive is authentic and fresh, so the
 device remembers its seq as handled and reports under it. Before that the seq is either unknown
@@ -92,6 +93,7 @@ class DeviceView:
     agent.machine.Phase value). Unknown (None) means it cannot be preempted: Defer.
     precheck_formats: artifact formats this device has a precheck runtime for (the agent: those
     of agent.runtimes whose package is installed; the simulator: all of them).
+    waiting: model -> the seq of its update parked until a maintenance window opens (agent.machine).
     """
 
     device_id: str
@@ -106,6 +108,7 @@ class DeviceView:
     busy_seq: int = 0
     busy_phase: str | None = None
     precheck_formats: Collection[str] = FORMATS
+    waiting: Mapping[str, int] = field(default_factory=dict)
 
     def preemptible_by(self, model: str) -> bool:
         """Whether a newer directive for `model` may cancel the update in flight."""
@@ -175,13 +178,15 @@ class Accept:
 
 @dataclass(frozen=True, kw_only=True)
 class Preempt:
-    """A newer directive for the model whose update is in flight, before activation: end that update
-    `failed` with SUPERSEDED (`message` is the event's detail) and carry out `then` (start the new
-    update, or confirm the model already running) in the same journal write."""
+    """A newer directive for the model whose update is in flight, before activation, or parked
+    waiting for a window (`parked`): end that update `failed` with SUPERSEDED (`message` is the
+    event's detail) and carry out `then` (start the new update, or confirm the model already
+    running) in the same journal write."""
 
-    superseded: int  # the seq of the update in flight
+    superseded: int  # the seq of the update in flight (or parked)
     then: Accept | AlreadyActive
     message: str
+    parked: bool = False
 
     @property
     def seq(self) -> int:
@@ -286,6 +291,10 @@ def admit(
                       f"no precheck runtime here for format {artifact.format!r} "
                       f"(this device prechecks: {', '.join(sorted(device.precheck_formats)) or 'nothing'}); "
                       'a release the device cannot precheck needs the health contract {"precheck": "none"}')
+    parked = device.waiting.get(directive.model)
+    if parked is not None and not preempting:
+        return Preempt(superseded=parked, then=decision, parked=True,
+                       message=f"superseded by directive {seq} while waiting for its maintenance window")
     if not preempting:
         return decision
     return Preempt(superseded=device.busy_seq, then=decision,
@@ -316,6 +325,7 @@ def _start(directive: Directive, release: ReleaseManifest, artifact: ReleaseArti
         transitions=1,
         started=format_time(now),
         **({"delta": asdict(directive.delta)} if _delta_applies(directive, active_sha) else {}),
+        **({"windows": list(directive.windows)} if directive.windows else {}),
     )
     detail = (f"artifact {lifted} was deny-listed here; allowed again by an operator's retry (retry_denied)"
               if lifted else "")

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 from agent import __version__ as AGENT_VERSION
-from agent import identity, local_rollback, publish
+from agent import identity, local_rollback, publish, windows
 from agent.admission import Accept, Preempt
 from agent.config import Config
 from agent.directives import DirectiveHandler
@@ -106,7 +106,7 @@ class Agent:
         self.metrics = MetricsBook(releases=functools.partial(publish.active_models, self.journal))
         self.steps = Steps(cfg=cfg, store=self.store, journal=self.journal, stop=self.stop, preempt=self.preempt,
                            transition=self._transition, finish=self._finish, hook=self._hook,
-                           metrics=self.metrics)
+                           metrics=self.metrics, park=self._park)
         self.link = None
         if link_factory is not None:
             self.link = link_factory(
@@ -151,6 +151,8 @@ class Agent:
                     self.drive()
                     continue
                 local_rollback.handle_requests(self.requests_dir, start=self.start_local_rollback)
+                if self.wake_parked():
+                    continue
                 try:
                     payload = self.inbox.get(timeout=1.0)
                 except queue.Empty:
@@ -287,6 +289,29 @@ class Agent:
         for payload in waiting:
             self.handle_payload(payload)
 
+    def wake_parked(self) -> bool:
+        """With no update in flight: put back in the slot a parked update whose maintenance window
+        is open (True: drive() has work), and report a new next opening for one whose window came
+        and went while the agent was down or busy with another update.
+
+        The inbox is judged first: a newer directive for a parked model supersedes it before its
+        window could activate it."""
+        if not self.journal.data.get("waiting"):
+            return False
+        self.judge_waiting()
+        if self.journal.update:
+            return True
+        now = utcnow()
+        for model, raw in sorted(self.journal.data["waiting"].items(), key=lambda kv: kv[1].get("next_opening") or ""):
+            found = windows.parse_windows(raw.get("windows") or [])
+            if windows.is_open(found, now):
+                self._unpark(model)
+                return True
+            opening = windows.next_opening(found, now)
+            if opening is not None and format_time(opening) != raw.get("next_opening"):
+                self._park_again(model, format_time(opening))
+        return False
+
     def start_local_rollback(self, model: str) -> None:
         """Queue a rollback of `model` to its `previous` (re-verified) as a journalled update."""
         self._start(Entry.REQUEST, local_rollback.plan(model, journal=self.journal, store=self.store))
@@ -295,7 +320,7 @@ class Agent:
 
     def _event(self, data: dict, *, state: str, seq: int, model: str, sha: str | None, rollout_id: str | None,
                code: str | None = None, detail: str = "", health: dict | None = None,
-               upd: InFlightUpdate | None = None) -> dict:
+               upd: InFlightUpdate | None = None, next_opening: str | None = None) -> dict:
         data["event_no"] = data.get("event_no", 0) + 1
         if upd is not None and upd.delta_fallback and not detail:
             detail = f"delta not used, full artifact downloaded: {upd.delta_fallback}"
@@ -315,6 +340,7 @@ class Agent:
             ts=format_time(utcnow()),
             delivery=upd.delivery if upd else None,
             bytes_downloaded=upd.bytes_downloaded if upd else None,
+            next_opening=next_opening,
         )
         log.info("event %d seq=%d %s %s %s %s", event.event_no, seq, model, state, code or "", detail[:200])
         return {"event_no": event.event_no, "payload": event.to_payload().decode("utf-8")}
@@ -353,7 +379,13 @@ class Agent:
         its update, or confirm the model already running), in one journal write: after a SIGKILL
         the journal holds either the old update or the new state, never half of it."""
         data = self.journal.snapshot()
-        old = InFlightUpdate.from_json(data["update"])
+        if decision.parked:
+            if data.get("update"):
+                raise IllegalTransition(f"directive {decision.seq} supersedes a parked update while "
+                                        f"{data['update']['model']} is in flight")
+            old = InFlightUpdate.from_json(data["waiting"].pop(decision.model))
+        else:
+            old = InFlightUpdate.from_json(data["update"])
         if (old.model, old.seq) != (decision.model, decision.superseded):
             raise IllegalTransition(f"directive {decision.seq} supersedes {decision.model} seq {decision.superseded}, "
                                     f"but {old.model} seq {old.seq} is in flight")
@@ -377,6 +409,47 @@ class Agent:
         upd = InFlightUpdate.from_json(data["update"])
         data["update"] = upd.evolve(hook={"command": command, "boot_id": boot_id()} if command else None).to_json()
         self.journal.commit(data, "model-hook" if command else "model-hook-done")
+
+    def _park(self, next_opening: str) -> None:
+        """Move the in-flight update (waiting_for_window) out of the slot into `waiting` until a
+        window opens; report waiting_for_window with `next_opening` unless it was reported already."""
+        data = self.journal.snapshot()
+        upd = InFlightUpdate.from_json(data["update"])
+        if upd.phase is not Phase.WAITING_FOR_WINDOW:
+            raise IllegalTransition(f"only an update in {Phase.WAITING_FOR_WINDOW} may be parked, not one in {upd.phase}")
+        data["update"] = None
+        events = self._waiting(data, upd, next_opening)
+        log.info("%s seq %d waits for its maintenance window: next opening %s", upd.model, upd.seq, next_opening)
+        self._commit(data, "parked", events)
+
+    def _park_again(self, model: str, next_opening: str) -> None:
+        """A parked update's window was missed (the agent was down, or busy): report the next one."""
+        data = self.journal.snapshot()
+        upd = InFlightUpdate.from_json(data["waiting"][model])
+        events = self._waiting(data, upd, next_opening)
+        log.info("%s seq %d missed its maintenance window: next opening %s", model, upd.seq, next_opening)
+        self._commit(data, "parked", events)
+
+    def _waiting(self, data: dict, upd: InFlightUpdate, next_opening: str) -> list[dict]:
+        events = []
+        if next_opening != upd.next_opening:
+            events.append(self._event(data, state=Phase.WAITING_FOR_WINDOW.value, seq=upd.seq, model=upd.model,
+                                      sha=upd.sha, rollout_id=upd.rollout_id, upd=upd, next_opening=next_opening,
+                                      detail=f"downloaded and prechecked; activates when a maintenance window "
+                                             f"opens ({'; '.join(upd.windows or [])})"))
+        data.setdefault("waiting", {})[upd.model] = upd.evolve(next_opening=next_opening).to_json()
+        return events
+
+    def _unpark(self, model: str) -> None:
+        """Put a parked update back in the in-flight slot: its window is open. Its step (still
+        waiting_for_window) checks the stored copy again and activates."""
+        data = self.journal.snapshot()
+        if data.get("update"):
+            raise IllegalTransition(f"{model} cannot leave {Phase.WAITING_FOR_WINDOW} while "
+                                    f"{data['update']['model']} is in flight")
+        data["update"] = data["waiting"].pop(model)
+        log.info("%s seq %d: a maintenance window is open", model, data["update"]["seq"])
+        self._commit(data, "unparked", [])
 
     def _transition(self, phase: Phase, *, event: bool, mutate=None, **changes) -> None:
         """Move the in-flight update to another phase; `event`: report the phase (same name)."""
@@ -445,6 +518,7 @@ class Agent:
             keep.update(s for s in (m.get("current"), m.get("previous")) if s)
         if upd := self.journal.update:
             keep.add(upd.sha)
+        keep.update(parked["sha"] for parked in (self.journal.data.get("waiting") or {}).values())
         try:
             self.store.gc(keep)
         except OSError as exc:

@@ -122,6 +122,7 @@ class DirectiveHandler:
             busy_seq=upd.get("seq", 0),
             busy_phase=upd.get("phase"),
             precheck_formats=installed_formats(),
+            waiting={name: parked["seq"] for name, parked in (data.get("waiting") or {}).items()},
         )
 
     def _act(self, decision: Ignore | Defer | AlreadyActive | Accept | Preempt, payload: bytes) -> None:

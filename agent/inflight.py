@@ -52,6 +52,10 @@ class InFlightUpdate:
     bytes_downloaded: int | None = None  # fetched for this update, a failed delta's bytes included
     delta_fallback: str = ""  # why a delta was not used, for the event's detail
 
+    # The directive's maintenance windows (agent.windows texts): activate only while one is open.
+    windows: list | None = None
+    next_opening: str | None = None  # waiting_for_window: the opening last reported (RFC 3339 UTC)
+
     refetched: bool = False  # verifying sent a bad resumed download back once for a clean one
     previous_model: dict | None = None  # the journal's models[model] entry before activation
     precheck_latency_ms: float | None = None

@@ -6,9 +6,9 @@ journal *before* each side effect, and every step is safe to run twice.
 
 Crash hook (test-only, compiled in): FLEET_AGENT_CRASH_AT=<point>[:<n>] makes the agent
 SIGKILL itself the n-th time (default 1st) it passes <point>. Points are the journalled
-transitions (received, downloading, verifying, prechecking, activating, trial, trial-restart,
-resume, rolling_back, committed, failed, rolled_back, rejected, superseded), the model-hook marks
-(model-hook, model-hook-done), plus side-effect points between them (download-chunk, staged,
+transitions (received, downloading, verifying, prechecking, waiting_for_window, activating, trial,
+trial-restart, resume, rolling_back, committed, failed, rolled_back, rejected, superseded), the
+model-hook marks (model-hook, model-hook-done), parking (parked, unparked), plus side-effect points between them (download-chunk, staged,
 swapped, reloaded, swapped-back, event-queued). Leave it unset in production.
 """
 
@@ -94,6 +94,9 @@ def empty_journal() -> dict:
         "floors": {},  # name -> rollback floor from the newest committed release
         "denylist": [],  # artifact sha256s that failed a trial here
         "update": None,  # the in-flight update, with its phase (agent.inflight.InFlightUpdate)
+        # model -> an update parked in waiting_for_window until one of its maintenance windows
+        # opens (agent.machine): out of the in-flight slot, so other models' updates may run.
+        "waiting": {},
         "last_outcome": None,
         "last_events": [],  # events written by the last transition (re-queued after a crash)
         "last_health": None,

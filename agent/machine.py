@@ -1,6 +1,7 @@
 """The update machine: which phase may move to which, and which step runs each phase.
 
     directive ─► received ─► downloading ─► verifying ─► prechecking ─► activating ─► trial ─► committed
+    prechecking ─► waiting_for_window ─► activating     the directive has maintenance windows
 
     directive ─► rejected            agent.admission refused it; no update starts
     directive ─► committed           already active and committed: confirmed under the new seq
@@ -11,6 +12,8 @@
                                      staged copy vanished in a crash between move and rename
     verifying ─► failed              HASH_MISMATCH; ROLLBACK_LOOP; SUPERSEDED
     prechecking ─► failed            PRECHECK_FAILED; ROLLBACK_LOOP; SUPERSEDED
+    waiting_for_window ─► failed     SUPERSEDED; HASH_MISMATCH (the stored copy changed while it
+                                     waited); ROLLBACK_LOOP
     activating ─► rolling_back       ACTIVATE_FAILED (the reload command failed, or the agent died
                                      while it ran more than update.max_trial_restarts times); ROLLBACK_LOOP
     trial ─► rolling_back            TRIAL_FAILED (a health check failed, or the agent died while the
@@ -19,8 +22,17 @@
     rolling_back ─► rolled_back      previous model active again (or none), the new sha deny-listed
     rolling_back ─► failed           ROLLBACK_FAILED: previous failed re-verification, new model kept
 
+A directive with maintenance windows (agent.windows) goes from prechecking to waiting_for_window,
+whose step activates at once if a window is open and otherwise *parks* the update: it leaves the
+in-flight slot for the journal's `waiting` (one per model, keeping its phase) and reports
+`waiting_for_window` with the next opening, so another model's update can run meanwhile. The run
+loop, when idle, puts a parked update back in the slot once one of its windows is open
+(Agent.wake_parked), and the step runs again: it hashes the stored copy once more and activates.
+Parking and unparking are no moves of the table; a parked update is superseded like a
+preemptible one.
+
 `directive` and `request` are where an update's life starts (a directive payload, a local
-rollback request file); they are never journalled. The seven phases in between are
+rollback request file); they are never journalled. The eight phases in between are
 `update.phase` in the journal. committed, failed, rolled_back and rejected are outcomes: exactly
 one event per directive seq reports one of them, and the in-flight update is gone afterwards.
 ROLLBACK_LOOP is the loop guard in Agent.drive(): past update.max_transitions journal writes
@@ -54,6 +66,7 @@ class Phase(StrEnum):
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
     PRECHECKING = "prechecking"
+    WAITING_FOR_WINDOW = "waiting_for_window"
     ACTIVATING = "activating"
     TRIAL = "trial"
     ROLLING_BACK = "rolling_back"
@@ -102,7 +115,8 @@ TABLE: Mapping[Entry | Phase, Row] = {
     Phase.RECEIVED: _row("received", Phase.DOWNLOADING, Outcome.FAILED),
     Phase.DOWNLOADING: _row("downloading", Phase.VERIFYING, Outcome.FAILED),
     Phase.VERIFYING: _row("verifying", Phase.PRECHECKING, Phase.DOWNLOADING, Outcome.FAILED),
-    Phase.PRECHECKING: _row("prechecking", Phase.ACTIVATING, Outcome.FAILED),
+    Phase.PRECHECKING: _row("prechecking", Phase.ACTIVATING, Phase.WAITING_FOR_WINDOW, Outcome.FAILED),
+    Phase.WAITING_FOR_WINDOW: _row("waiting_for_window", Phase.ACTIVATING, Outcome.FAILED),
     Phase.ACTIVATING: _row("activating", Phase.TRIAL, Phase.ROLLING_BACK),
     Phase.TRIAL: _row("trial", Outcome.COMMITTED, Phase.ROLLING_BACK),
     Phase.ROLLING_BACK: _row("rolling_back", Outcome.ROLLED_BACK, Outcome.FAILED),
@@ -111,7 +125,8 @@ TABLE: Mapping[Entry | Phase, Row] = {
 
 # The phases a newer directive for the same model may cancel (ending the update `failed`,
 # SUPERSEDED): everything before activation. Each has an edge to Outcome.FAILED in TABLE.
-PREEMPTIBLE: frozenset[Phase] = frozenset({Phase.RECEIVED, Phase.DOWNLOADING, Phase.VERIFYING, Phase.PRECHECKING})
+PREEMPTIBLE: frozenset[Phase] = frozenset({Phase.RECEIVED, Phase.DOWNLOADING, Phase.VERIFYING, Phase.PRECHECKING,
+                                           Phase.WAITING_FOR_WINDOW})
 
 
 def preemptible(phase: Phase | str | None) -> bool:

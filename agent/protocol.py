@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from agent.signing import DIRECTIVE_PAYLOAD_TYPE, RELEASE_PAYLOAD_TYPE, Keyring, verify_envelope
+from agent.windows import WindowError, parse_windows
 
 SPEC_VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -74,9 +75,12 @@ class State:
     ROLLED_BACK = "rolled_back"  # terminal failure after activation
     FAILED = "failed"  # terminal failure before activation; current untouched
     REJECTED = "rejected"  # directive refused before any work
+    # Downloaded, verified and prechecked; activates when one of the directive's maintenance
+    # windows opens (the event's next_opening), by the device's own clock (agent.windows).
+    WAITING_FOR_WINDOW = "waiting_for_window"
 
     TERMINAL = frozenset({COMMITTED, ROLLED_BACK, FAILED, REJECTED})
-    ALL = frozenset({RECEIVED, DOWNLOADING, VERIFYING, PRECHECKING, ACTIVATING, TRIAL}) | TERMINAL
+    ALL = frozenset({RECEIVED, DOWNLOADING, VERIFYING, PRECHECKING, WAITING_FOR_WINDOW, ACTIVATING, TRIAL}) | TERMINAL
 
 
 class ProtocolError(Exception):
@@ -379,6 +383,8 @@ class Directive:
     # denylist (it failed a trial here before); the agent lifts the entry. Absent: false.
     retry_denied: bool = False
     delta: DirectiveDelta | None = None  # absent: only the full artifact (agents before deltas ignore it)
+    # Maintenance windows (agent.windows): activate only while one is open. Empty: at once.
+    windows: tuple[str, ...] = ()
 
 
 def build_directive_payload(
@@ -393,11 +399,13 @@ def build_directive_payload(
     artifact: dict,
     retry_denied: bool = False,
     delta: dict | None = None,
+    windows: list[str] | tuple[str, ...] = (),
 ) -> bytes:
     """The signed body of a directive. retry_denied=True (an operator retrying a device that rolled
     back) lets the device try the artifact again although it deny-listed it; the key is left out
     when false, so such a payload is byte for byte what earlier servers built. `delta` ({base_sha256,
-    url, length, sha256, method}) is left out likewise when None."""
+    url, length, sha256, method}) is left out likewise when None, and `windows` (maintenance
+    windows, agent.windows) when empty."""
     body = {
         "_type": "directive",
         "spec_version": SPEC_VERSION,
@@ -414,6 +422,8 @@ def build_directive_payload(
         body["retry_denied"] = True
     if delta is not None:
         body["delta"] = delta
+    if windows:
+        body["windows"] = list(windows)
     payload = encode_json(body)
     parse_directive(payload)
     return payload
@@ -450,6 +460,11 @@ def parse_directive(payload: bytes) -> Directive:
             length=_nonneg_int(raw_delta, "length", w), sha256=_sha(raw_delta, "sha256", w),
             method=_req(raw_delta, "method", str, w),
         )
+    windows = _opt(data, "windows", list, where, [])
+    try:
+        parse_windows(windows, "directive.windows")
+    except WindowError as exc:
+        raise ProtocolError(str(exc)) from None
     return Directive(
         device_id=_req(data, "device_id", str, where),
         seq=seq,
@@ -466,6 +481,7 @@ def parse_directive(payload: bytes) -> Directive:
         ),
         retry_denied=retry_denied,
         delta=delta,
+        windows=tuple(windows),
     )
 
 
@@ -496,10 +512,12 @@ class Event:
     # fetched for it (a failed delta's included). Left out when None, as earlier agents sent them.
     delivery: str | None = None
     bytes_downloaded: int | None = None
+    # waiting_for_window: when the next window opens (RFC 3339 UTC). Left out when None.
+    next_opening: str | None = None
 
     def to_payload(self) -> bytes:
         body = asdict(self)
-        for name in ("delivery", "bytes_downloaded"):
+        for name in ("delivery", "bytes_downloaded", "next_opening"):
             if body[name] is None:
                 del body[name]
         return encode_json({"_type": "event", **body})
@@ -524,6 +542,9 @@ def parse_event(payload: bytes) -> Event:
     bytes_downloaded = None
     if data.get("bytes_downloaded") is not None:
         bytes_downloaded = _nonneg_int(data, "bytes_downloaded", where)
+    next_opening = _opt(data, "next_opening", str, where)
+    if next_opening is not None:
+        parse_time(next_opening, "event.next_opening")
     return Event(
         device_id=_req(data, "device_id", str, where),
         event_no=_nonneg_int(data, "event_no", where),
@@ -539,6 +560,7 @@ def parse_event(payload: bytes) -> Event:
         ts=_opt(data, "ts", str, where, ""),
         delivery=delivery,
         bytes_downloaded=bytes_downloaded,
+        next_opening=next_opening,
     )
 
 

@@ -39,16 +39,21 @@ def active_models(journal: Journal) -> dict[str, str]:
 def reported_models(journal: Journal) -> dict[str, dict]:
     """model -> {sha256, version, committed, seq}: what runs (sha256 None: nothing installed) and the
     last directive seq handled for the model (a journal from before per-model seqs bounds every
-    model by its one last_seq, `seq_floor`, as admission does)."""
+    model by its one last_seq, `seq_floor`, as admission does); with `waiting` ({seq, sha256,
+    next_opening}) when an update of it is parked until a maintenance window opens."""
     data = journal.data
     seqs = data.get("seqs") or {}
     floor = data.get("seq_floor", 0)
     models = data["models"]
+    parked = data.get("waiting") or {}
     out = {}
     for name in sorted(set(models) | set(seqs)):
         m = models.get(name) or {}
         out[name] = {"sha256": m.get("current"), "version": m.get("version"), "committed": bool(m.get("committed")),
                      "seq": max(seqs.get(name, 0), floor)}
+        if name in parked:
+            p = parked[name]
+            out[name]["waiting"] = {"seq": p["seq"], "sha256": p["sha"], "next_opening": p.get("next_opening")}
     return out
 
 

@@ -26,6 +26,11 @@ def status(cfg: Config) -> dict:
             name: {k: m.get(k) for k in ("current", "previous", "file_name", "version", "committed")}
             for name, m in journal["models"].items()
         },
+        # Updates parked until a maintenance window opens (agent.machine): model -> seq, version, next opening.
+        "waiting": {
+            name: {k: parked.get(k) for k in ("seq", "version", "sha", "next_opening", "windows")}
+            for name, parked in (journal.get("waiting") or {}).items()
+        },
         "last_seq": journal["last_seq"],
         "seqs": journal.get("seqs") or {},
         "last_outcome": journal.get("last_outcome"),

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent import deltas
+from agent import deltas, windows
 from agent.config import Config
 from agent.download import AnyEvent, DownloadError, Interrupted, fetch
 from agent.health import judge_figures, run_health, run_shell
@@ -39,7 +39,7 @@ from agent.install import Store, StoreError, sha256_file
 from agent.journal import Journal, child_env, crash_point
 from agent.machine import Outcome, Phase
 from agent.precheck import run_precheck
-from agent.protocol import ErrorCode
+from agent.protocol import ErrorCode, format_time, utcnow
 from agent.shadow import ShadowResult, run_shadow, shadow_settings, spool_dir, spool_samples
 
 if TYPE_CHECKING:
@@ -52,15 +52,15 @@ class Steps:
     """The steps of one agent, with what they need of it.
 
     transition(phase, *, event, mutate=None, **changes), finish(outcome, code, detail="", *,
-    health=None, mutate=None) and hook(command | None) are Agent._transition, Agent._finish and
-    Agent._hook. stop: the agent is stopping; preempt: a newer directive may supersede the update
+    health=None, mutate=None), hook(command | None) and park(next_opening) are Agent._transition,
+    Agent._finish, Agent._hook and Agent._park. stop: the agent is stopping; preempt: a newer directive may supersede the update
     (only the steps before activation heed it: `halt` is either).
     """
 
     def __init__(self, *, cfg: Config, store: Store, journal: Journal, stop: threading.Event,
                  transition: Callable[..., None], finish: Callable[..., None],
                  preempt: threading.Event | None = None, hook: Callable[[str | None], None] | None = None,
-                 metrics: MetricsBook | None = None):
+                 metrics: MetricsBook | None = None, park: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.store = store
         self.journal = journal
@@ -69,6 +69,7 @@ class Steps:
         self.transition = transition
         self.finish = finish
         self.hook = hook or (lambda _command: None)
+        self.park = park
         self.metrics = metrics
         self.digests: dict[str, str] = {}  # sha -> digest computed while downloading (this process)
 
@@ -251,9 +252,39 @@ class Steps:
             code = ErrorCode.SHADOW_DISAGREES if shadow.disagrees else ErrorCode.PRECHECK_FAILED
             self.finish(Outcome.FAILED, code, shadow.detail, health={"shadow": shadow.figures})
             return
-        self.transition(Phase.ACTIVATING, event=True, previous_model=previous_model,
-                        precheck_latency_ms=result.latency_ms,
-                        **({"shadow": shadow.figures} if shadow is not None else {}))
+        checked = {"precheck_latency_ms": result.latency_ms, **({"shadow": shadow.figures} if shadow is not None else {})}
+        if upd.windows:
+            self.transition(Phase.WAITING_FOR_WINDOW, event=False, **checked)
+            return
+        self.transition(Phase.ACTIVATING, event=True, previous_model=previous_model, **checked)
+
+    def waiting_for_window(self, upd: InFlightUpdate) -> None:
+        """Activate if one of the directive's maintenance windows is open by this box's clock;
+        else park the update until one opens (Agent._park; Agent.wake_parked brings it back).
+
+        Hours may pass between the precheck and this step, so the stored copy is hashed again
+        before `current` may point at it, and the model it replaces is read afresh (a local
+        rollback may have run meanwhile)."""
+        found = windows.parse_windows(upd.windows or [])
+        now = utcnow()
+        if not windows.is_open(found, now):
+            opening = windows.next_opening(found, now)
+            assert opening is not None and self.park is not None
+            self.park(format_time(opening))
+            return
+        stored = self.store.stored_file(upd.sha, upd.file_name)
+        try:
+            intact = stored.stat().st_size == upd.length and sha256_file(stored) == upd.sha
+        except OSError:
+            intact = False
+        if not intact:
+            self.store.remove(upd.sha)
+            self.finish(Outcome.FAILED, ErrorCode.HASH_MISMATCH,
+                        f"the stored copy of {upd.sha} changed while it waited for its maintenance window")
+            return
+        old = self.journal.data["models"].get(upd.model)
+        previous_model = old if old and old.get("current") and old["current"] != upd.sha else None
+        self.transition(Phase.ACTIVATING, event=True, previous_model=previous_model)
 
     def _shadow(self, upd: InFlightUpdate, candidate: Path, previous_model: dict | None) -> ShadowResult | None:
         """The release's shadow evaluation against the model `current` points at (None: the
@@ -285,6 +316,7 @@ class Steps:
         record = {
             "current": sha, "previous": upd.previous_sha, "file_name": upd.file_name,
             "committed": False, "version": upd.version, "counter": upd.counter, "format": upd.format,
+            "activated": format_time(utcnow()),  # when `current` moved here (maintenance windows are judged by it)
         }
 
         def mutate(data):

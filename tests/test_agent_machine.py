@@ -54,7 +54,8 @@ def test_it_names_a_step_the_agent_has_for_every_phase():
 
 def test_it_keeps_the_journal_and_event_strings():
     assert [p.value for p in Phase] == [
-        "received", "downloading", "verifying", "prechecking", "activating", "trial", "rolling_back"]
+        "received", "downloading", "verifying", "prechecking", "waiting_for_window", "activating", "trial",
+        "rolling_back"]
     assert {o.value for o in Outcome} == State.TERMINAL
     assert {p.value for p in Phase} - {"rolling_back"} <= State.ALL
 
@@ -134,7 +135,8 @@ def test_it_refuses_to_start_an_update_while_one_is_in_flight(tmp_path):
 
 
 def test_it_lets_a_newer_directive_supersede_an_update_only_before_activation():
-    assert machine.PREEMPTIBLE == {Phase.RECEIVED, Phase.DOWNLOADING, Phase.VERIFYING, Phase.PRECHECKING}
+    assert machine.PREEMPTIBLE == {Phase.RECEIVED, Phase.DOWNLOADING, Phase.VERIFYING, Phase.PRECHECKING,
+                                   Phase.WAITING_FOR_WINDOW}
     for phase in machine.PREEMPTIBLE:
         machine.check_preempt(phase)  # each has its arrow to failed (SUPERSEDED) in TABLE
         machine.check_preempt(phase.value)

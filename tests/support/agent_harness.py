@@ -143,6 +143,7 @@ def directive_envelope(
     rollout_id: str | None = "r-1",
     key=None,
     retry_denied: bool = False,
+    windows: list[str] | None = None,
 ) -> bytes:
     now = utcnow()
     payload = build_directive_payload(
@@ -155,6 +156,7 @@ def directive_envelope(
         release_envelope=release,
         artifact={"hardware": artifact["hardware"], "sha256": artifact["sha256"], "length": artifact["length"], "url": url},
         **({"retry_denied": True} if retry_denied else {}),
+        **({"windows": windows} if windows else {}),
     )
     envelope = signing.sign_envelope(payload, signing.DIRECTIVE_PAYLOAD_TYPE, key or keys.rollout)
     return json.dumps(envelope).encode()
