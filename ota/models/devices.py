@@ -81,13 +81,13 @@ class DeviceModelState(models.Model):
     )
     active_sha256 = models.CharField(max_length=64, blank=True)
     last_seq = models.PositiveBigIntegerField(default=0)
-    last_state = models.CharField(max_length=16, blank=True)
+    last_state = models.CharField(max_length=24, blank=True)
     last_error_code = models.CharField(max_length=32, blank=True)
     last_rollout_id = models.CharField(max_length=64, blank=True)
     last_event_no = models.BigIntegerField(default=-1)
     # What the device itself last said in its retained presence (agents that send `models`): the
     # seq of the last directive it handled for this model, whether what runs is committed, and the
-    # seq of an update still in flight. The reconciler (ota/rollouts/reconcile.py) compares these
+    # seq of an update still in flight (or parked until its maintenance window opens). The reconciler (ota/rollouts/reconcile.py) compares these
     # with the desired state to repair lost events and lost directives.
     reported_seq = models.PositiveBigIntegerField(null=True, blank=True)
     reported_committed = models.BooleanField(null=True, blank=True)
@@ -107,7 +107,7 @@ class DeviceEvent(models.Model):
     event_no = models.BigIntegerField()
     seq = models.BigIntegerField()
     model = models.CharField(max_length=64)
-    state = models.CharField(max_length=16)
+    state = models.CharField(max_length=24)
     error_code = models.CharField(max_length=32, blank=True)
     detail = models.TextField(blank=True)
     sha256 = models.CharField(max_length=64, blank=True)
@@ -117,6 +117,8 @@ class DeviceEvent(models.Model):
     device_ts = models.CharField(max_length=40, blank=True, help_text="The device's own clock, as sent.")
     delivery = models.CharField(max_length=8, blank=True)  # "delta" or "full" (agents with deltas)
     bytes_downloaded = models.BigIntegerField(null=True, blank=True)
+    # waiting_for_window: when the device's next maintenance window opens, by its own clock.
+    next_opening = models.DateTimeField(null=True, blank=True)
     received_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:

@@ -12,6 +12,8 @@ __all__ = ["Directive", "Rollout", "RolloutDevice", "Wave"]
 class Rollout(models.Model):
     class State(models.TextChoices):
         CREATED = "created"  # planned, waiting for start (and approval when required)
+        # Started with a start_at still ahead: the engine's tick starts it then (ota.rollouts.schedule).
+        SCHEDULED = "scheduled"
         RUNNING = "running"
         PAUSED = "paused"
         COMPLETED = "completed"
@@ -23,9 +25,12 @@ class Rollout(models.Model):
         ABORT = "abort"
         REVERT = "revert"
 
-    # States in which a rollout "owns" its devices for its model (a device is never in two).
+    # States in which the engine drives a rollout's devices.
     ACTIVE_STATES = (State.RUNNING, State.PAUSED)
-    OPEN_STATES = (State.CREATED, State.RUNNING, State.PAUSED)
+    # States in which a rollout "owns" its devices for its model (a device is never in two): a
+    # scheduled rollout holds them from the moment it is scheduled, so its start cannot conflict.
+    OWNING_STATES = (State.SCHEDULED, *ACTIVE_STATES)
+    OPEN_STATES = (State.CREATED, *OWNING_STATES)
 
     name = models.CharField(max_length=200, blank=True)
     release = models.ForeignKey("registry.ModelVersion", on_delete=models.PROTECT, related_name="rollouts")
@@ -56,6 +61,13 @@ class Rollout(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     reverted_at = models.DateTimeField(null=True, blank=True)
     state_reason = models.TextField(blank=True)
+    # Maintenance windows (agent.windows texts; ota.rollouts.definition.windows_validate): a device
+    # activates only while one is open, by its own clock. `label_windows`: [{labels, windows}], the
+    # first group whose labels a device has gives it that group's windows instead of `windows`.
+    windows = models.JSONField(default=list, blank=True)
+    label_windows = models.JSONField(default=list, blank=True)
+    # When a started rollout begins sending (None: at once). Starting it earlier schedules it.
+    start_at = models.DateTimeField(null=True, blank=True)
     # Last time the engine evaluated it (for operators and tests: the beat tick evaluates every
     # running rollout whatever this says).
     evaluated_at = models.DateTimeField(null=True, blank=True)
@@ -115,6 +127,9 @@ class RolloutDevice(models.Model):
         DOWNLOADING = "downloading"
         VERIFYING = "verifying"
         PRECHECKING = "prechecking"
+        # Downloaded, verified and prechecked; activates when its maintenance window opens
+        # (window_opens_at, as the device reported it). Neither failed nor stalled.
+        WAITING_FOR_WINDOW = "waiting_for_window"
         ACTIVATING = "activating"
         TRIAL = "trial"
         COMMITTED = "committed"  # healthy after activation: the only success
@@ -134,7 +149,7 @@ class RolloutDevice(models.Model):
     WAITING = (State.PLANNED, State.QUEUED)  # nothing sent yet
     IN_FLIGHT = (
         State.DIRECTED, State.RECEIVED, State.DOWNLOADING, State.VERIFYING,
-        State.PRECHECKING, State.ACTIVATING, State.TRIAL,
+        State.PRECHECKING, State.WAITING_FOR_WINDOW, State.ACTIVATING, State.TRIAL,
     )
     # Update failures: what the failure gate counts and what "retry failed" sends again.
     FAILURES = (State.FAILED, State.ROLLED_BACK, State.REJECTED, State.TIMED_OUT, State.UNHEALTHY)
@@ -155,6 +170,7 @@ class RolloutDevice(models.Model):
         ("pending", "pending", WAITING),
         ("downloading", "downloading", (State.DIRECTED, State.RECEIVED, State.DOWNLOADING, State.VERIFYING)),
         ("prechecking", "prechecking", (State.PRECHECKING,)),
+        ("waiting_for_window", "waiting for window", (State.WAITING_FOR_WINDOW,)),
         ("in_trial", "in trial", (State.ACTIVATING, State.TRIAL)),
         ("healthy", "healthy", (State.COMMITTED,)),
         ("failed", "failed", (State.FAILED, State.REJECTED, State.UNHEALTHY, State.REVERT_FAILED)),
@@ -170,6 +186,7 @@ class RolloutDevice(models.Model):
         "downloading": State.DOWNLOADING,
         "verifying": State.VERIFYING,
         "prechecking": State.PRECHECKING,
+        "waiting_for_window": State.WAITING_FOR_WINDOW,
         "activating": State.ACTIVATING,
         "trial": State.TRIAL,
         "committed": State.COMMITTED,
@@ -181,7 +198,7 @@ class RolloutDevice(models.Model):
     @classmethod
     def group_counts(cls, counts) -> dict[str, int]:
         """Per-state counts ({state: n}) summed by group: committed, failed, in_flight, waiting,
-        unreachable, skipped."""
+        unreachable, skipped, and waiting_for_window (in flight too: downloaded, waiting to activate)."""
         return {
             "committed": counts.get(cls.State.COMMITTED, 0),
             "failed": sum(counts.get(s, 0) for s in cls.FAILURES),
@@ -189,6 +206,7 @@ class RolloutDevice(models.Model):
             "waiting": sum(counts.get(s, 0) for s in cls.WAITING),
             "unreachable": counts.get(cls.State.UNREACHABLE, 0),
             "skipped": counts.get(cls.State.SKIPPED, 0),
+            "waiting_for_window": counts.get(cls.State.WAITING_FOR_WINDOW, 0),
         }
 
     rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="assignments")
@@ -196,7 +214,7 @@ class RolloutDevice(models.Model):
     device = models.ForeignKey("ota.Device", on_delete=models.CASCADE, related_name="rollout_assignments")
     # Position in the stable hash order (sha256 of rollout id and device id).
     rank = models.PositiveIntegerField()
-    state = models.CharField(max_length=16, choices=State.choices, default=State.PLANNED, db_index=True)
+    state = models.CharField(max_length=24, choices=State.choices, default=State.PLANNED, db_index=True)
     seq = models.PositiveBigIntegerField(null=True, blank=True, help_text="seq of the update directive")
     revert_seq = models.PositiveBigIntegerField(null=True, blank=True)
     # What the device ran before this rollout touched it, for revert.
@@ -228,6 +246,9 @@ class RolloutDevice(models.Model):
     # fetched for it; a delta device saved the artifact's length less these.
     delivery = models.CharField(max_length=8, blank=True)
     bytes_downloaded = models.BigIntegerField(null=True, blank=True)
+    # waiting_for_window: when its next maintenance window opens, as the device last reported it
+    # (its own clock). The activate timeout counts from here (ota.rollouts.timeouts).
+    window_opens_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

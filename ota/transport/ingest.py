@@ -178,7 +178,9 @@ def dead_letter(message: Message, outcome: str, error: str) -> DeadLetter:
 def _presence_steps(item: _Parsed) -> list[tuple]:
     """Model-state steps from one presence: the active sha of every model, and, from an agent that
     reports them, per model the last directive seq handled, whether it is committed and the seq
-    of an update in flight (parse_presence has checked their types)."""
+    of an update in flight (parse_presence has checked their types). An update parked until its
+    maintenance window opens (models[name].waiting) counts as in flight: the device has not
+    finished with that seq, so the reconciler must not judge it by what runs."""
     data = item.data
     at = item.received_at
     reported = data.get("models")
@@ -191,10 +193,14 @@ def _presence_steps(item: _Parsed) -> list[tuple]:
         sha = entry.get("sha256") or (data.get("active") or {}).get(name) or ""
         if not (isinstance(sha, str) and (not sha or SHA256_RE.match(sha))):
             sha = ""
+        waiting = entry.get("waiting") if isinstance(entry.get("waiting"), dict) else {}
+        parked = waiting.get("seq")
+        if not isinstance(parked, int) or isinstance(parked, bool) or parked < 0:
+            parked = None  # parse_presence does not check `waiting`: a device sends it
         steps.append((item.device_id, name, None, sha, at, {
             "seq": entry.get("seq"),
             "committed": entry.get("committed"),
-            "update_seq": update.get("seq") if update.get("model") == name else None,
+            "update_seq": update.get("seq") if update.get("model") == name else parked,
         }))
     return steps
 
@@ -489,6 +495,7 @@ class Ingestor:
                 device_ts=e.ts[:40],
                 delivery=e.delivery or "",
                 bytes_downloaded=e.bytes_downloaded,
+                next_opening=parse_time(e.next_opening, "next_opening") if e.next_opening else None,
                 received_at=item.received_at,
             )
             for item in fresh.values()
