@@ -25,8 +25,13 @@ def rollout_create(
     requires_approval: bool = False,
     follow_target: bool = False,
     name: str = "",
+    windows: list | None = None,
+    label_windows: list | None = None,
+    start_at=None,
     actor: str,
 ) -> Rollout:
+    """`windows` / `label_windows`: maintenance windows (ota.rollouts.definition); `start_at`: when
+    the rollout begins once started (started earlier, it is scheduled)."""
     model_obj = Model.objects.filter(name=model).first()
     if model_obj is None:
         raise ValidationError({"model": f"no model named {model!r}"})
@@ -36,7 +41,8 @@ def rollout_create(
     release_require_installable(release)
     if abort_policy not in Rollout.AbortPolicy.values:
         raise ValidationError({"abort_policy": f"must be one of {', '.join(Rollout.AbortPolicy.values)}, got {abort_policy!r}"})
-    planned = rollout_plan(release=release, target=target, waves=waves, gates=gates)
+    planned = rollout_plan(release=release, target=target, waves=waves, gates=gates, windows=windows,
+                           label_windows=label_windows, start_at=start_at)
     plan, wave_specs = planned.resolved, planned.waves
     with transaction.atomic():
         rollout = Rollout.objects.create(
@@ -50,6 +56,9 @@ def rollout_create(
             requires_approval=requires_approval,
             follow_target=follow_target,
             incompatible=plan.incompatible,
+            windows=planned.windows,
+            label_windows=planned.label_windows,
+            start_at=planned.start_at,
             created_by=actor,
         )
         members = planned.members(rollout_id=rollout.pk)
@@ -74,6 +83,9 @@ def rollout_create(
                 "targeted": len(plan.targeted),
                 "incompatible": len(plan.incompatible),
                 "not_in_any_wave": len(plan.compatible) - rank,
+                **({"windows": planned.windows} if planned.windows else {}),
+                **({"label_windows": planned.label_windows} if planned.label_windows else {}),
+                **({"start_at": planned.start_at.isoformat()} if planned.start_at else {}),
             },
         )
     return rollout

@@ -1,5 +1,5 @@
-"""A rollout definition as the API, the UI and the CLI give it: target, waves and gates,
-checked field by field so every entry point reports the same messages."""
+"""A rollout definition as the API, the UI and the CLI give it: target, waves, gates, maintenance
+windows and a start time, checked field by field so every entry point reports the same messages."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import difflib
 import math
 import re
 from collections import Counter
+from datetime import datetime, timedelta
 
 from django.core.exceptions import ValidationError
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
+from agent.windows import MAX_WINDOW_CHARS, MAX_WINDOWS, WindowError, parse_windows
 from ota.fleet.parsing import validate_labels
 from registry.limits import bad_character, bad_character_message
 
@@ -31,6 +35,11 @@ MAX_WAIT_SECONDS = 30 * 24 * 3600
 MAX_COUNT = 1_000_000
 MAX_RATE_PER_MINUTE = 1_000_000
 MAX_LATENCY_MS = 3_600_000
+# Maintenance windows: at most MAX_WINDOWS (16) of at most MAX_WINDOW_CHARS (100) characters per
+# list (agent.windows: what every agent takes), and at most MAX_LABEL_WINDOW_GROUPS label groups.
+MAX_LABEL_WINDOW_GROUPS = 16
+# How far ahead a rollout may be scheduled (start_at).
+MAX_START_AHEAD = timedelta(days=90)
 # How many ids an error message lists before "... and N more".
 LISTED_IN_ERRORS = 20
 
@@ -441,3 +450,97 @@ def target_validate(raw) -> dict:
     if not labels and not hardware and not devices:
         raise ValidationError({"target": "is empty: give labels, hardware and/or devices (an empty target would mean the whole fleet)"})
     return {"labels": labels, "hardware": hardware, "devices": devices}
+
+
+# --- maintenance windows and the start time -------------------------------------------------------
+
+WINDOW_HELP = ("a window is [DAYS] HH:MM-HH:MM [ZONE], e.g. 'Mon-Fri 02:00-04:00 Europe/Berlin' "
+               f"(at most {MAX_WINDOWS} windows of {MAX_WINDOW_CHARS} characters)")
+
+
+def windows_validate(raw, *, where: str = "windows") -> list[str]:
+    """A list of maintenance windows, parsed as every agent parses them (agent.windows), so a
+    window the server accepts is one each agent understands. Returns the texts, stripped;
+    ValidationError on `where` naming the first bad window. None or [] means no windows."""
+    if raw is None:
+        return []
+    try:
+        parsed = parse_windows(raw, where)
+    except WindowError as exc:
+        raise ValidationError({where: str(exc)}) from None
+    return [w.text for w in parsed]
+
+
+def label_windows_validate(raw) -> list[dict]:
+    """`label_windows`: [{"labels": {...}, "windows": [...]}, ...], at most MAX_LABEL_WINDOW_GROUPS
+    groups. A device whose labels include every label of a group (the first such group, in this
+    order) gets that group's windows instead of the rollout's `windows`."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ValidationError({"label_windows": 'must be a list of {"labels": {...}, "windows": [...]} groups'})
+    if len(raw) > MAX_LABEL_WINDOW_GROUPS:
+        raise ValidationError({"label_windows": f"lists {len(raw)} groups; at most {MAX_LABEL_WINDOW_GROUPS} are allowed"})
+    errors: dict[str, str] = {}
+    out = []
+    for i, group in enumerate(raw):
+        where = f"label_windows[{i}]"
+        if not isinstance(group, dict) or set(group) != {"labels", "windows"}:
+            errors[where] = 'must be an object with exactly "labels" and "windows"'
+            continue
+        labels = group["labels"]
+        if not isinstance(labels, dict) or not labels:
+            errors[f"{where}.labels"] = "must be a non-empty object of label values, e.g. {\"site\": \"berlin\"}"
+            continue
+        try:
+            validate_labels(labels)
+        except ValueError as exc:
+            errors[f"{where}.labels"] = str(exc)
+            continue
+        try:
+            windows = windows_validate(group["windows"], where=f"{where}.windows")
+        except ValidationError as exc:
+            errors.update({k: "; ".join(v) for k, v in exc.message_dict.items()})
+            continue
+        if not windows:
+            errors[f"{where}.windows"] = f"must list at least one window; {WINDOW_HELP}"
+            continue
+        out.append({"labels": dict(labels), "windows": windows})
+    if errors:
+        raise ValidationError(errors)
+    return out
+
+
+def start_at_validate(raw, *, now: datetime | None = None) -> datetime | None:
+    """`start_at`: an RFC 3339 time with its offset (or an aware datetime), after now and at most
+    MAX_START_AHEAD ahead; None: no scheduled start."""
+    if raw is None or raw == "":
+        return None
+    now = now or timezone.now()
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = parse_datetime(raw.strip())
+        except ValueError:
+            value = None
+        if value is None:
+            raise ValidationError({"start_at": f"{raw[:40]!r} is not a time; write RFC 3339, e.g. 2026-12-24T02:00:00Z"})
+    if not isinstance(value, datetime):
+        raise ValidationError({"start_at": "must be an RFC 3339 time such as 2026-12-24T02:00:00Z"})
+    if timezone.is_naive(value):
+        raise ValidationError({"start_at": "must say its offset from UTC (Z or +01:00), e.g. 2026-12-24T02:00:00Z"})
+    if value <= now:
+        raise ValidationError({"start_at": f"{value.isoformat()} is not in the future; leave start_at out to start at once"})
+    if value > now + MAX_START_AHEAD:
+        raise ValidationError({"start_at": f"is more than {MAX_START_AHEAD.days} days ahead"})
+    return value
+
+
+def device_windows(*, windows: list[str], label_windows: list[dict], labels: dict | None) -> list[str]:
+    """The maintenance windows of one device: those of the first label group whose labels it has,
+    else the rollout's windows (maybe none: it activates at once)."""
+    labels = labels or {}
+    for group in label_windows or ():
+        if all(labels.get(k) == v for k, v in group["labels"].items()):
+            return list(group["windows"])
+    return list(windows or ())

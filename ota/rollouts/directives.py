@@ -45,6 +45,9 @@ class DirectiveRequest:
     hardware: str
     version: ModelVersion
     retry_denied: bool = False  # an operator's retry: the device may try a deny-listed artifact again
+    # Maintenance windows (agent.windows), signed into the directive: the device activates only
+    # while one is open. Updates of a rollout with windows carry them; reverts never do.
+    windows: tuple[str, ...] = ()
 
 
 def allocate_seqs(device_ids: list[str]) -> dict[str, int]:
@@ -104,6 +107,7 @@ def directives_issue(
             },
             retry_denied=req.retry_denied,
             delta=offered.get(req.device_id),
+            windows=req.windows,
         )
         records.append(
             Directive(

@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from ota.db import bulk_set
 from ota.models import DeviceModelState, Directive, Rollout, RolloutDevice, Wave
+from ota.rollouts.definition import device_windows
 from ota.rollouts.directives import DirectiveRequest, directives_issue
 from registry.models import Artifact
 
@@ -15,7 +16,8 @@ RD = RolloutDevice.State
 
 
 def wave_dispatch(rollout: Rollout, wave: Wave) -> int:
-    """Sign and send directives for queued devices, within the rate cap."""
+    """Sign and send directives for queued devices, within the rate cap. Each carries the device's
+    maintenance windows (its label group's, else the rollout's), by its labels at dispatch."""
     rate = wave.gates.get("rate_per_minute")
     now = timezone.now()
     limit = None
@@ -37,7 +39,10 @@ def wave_dispatch(rollout: Rollout, wave: Wave) -> int:
     }
     previous_by_sha = _versions_by_sha(rollout.model_id, {s.active_sha256 for s in states.values() if s.active_sha256})
     requests = [DirectiveRequest(device_id=a.device_id, hardware=a.device.hardware_id, version=release,
-                                 retry_denied=a.lift_denylist) for a in batch]
+                                 retry_denied=a.lift_denylist,
+                                 windows=tuple(device_windows(windows=rollout.windows, label_windows=rollout.label_windows,
+                                                              labels=a.device.labels)))
+                for a in batch]
     issued = directives_issue(requests=requests, rollout_id=rollout.pk, kind=Directive.Kind.UPDATE)
     for a in batch:
         directive = issued.get(a.device_id)
@@ -52,14 +57,14 @@ def wave_dispatch(rollout: Rollout, wave: Wave) -> int:
             a.attempts += 1
             a.lift_denylist = False  # signed into this directive
             a.received_at = a.download_started_at = a.verify_started_at = None
-            a.activate_started_at = a.trial_started_at = a.finished_at = None
+            a.activate_started_at = a.trial_started_at = a.finished_at = a.window_opens_at = None
         a.directed_at = a.updated_at = now
     bulk_set(
         batch,
         [
             "state", "seq", "attempts", "lift_denylist", "previous_version", "previous_sha256", "directed_at", "updated_at", "detail",
             "received_at", "download_started_at", "verify_started_at", "activate_started_at",
-            "trial_started_at", "finished_at",
+            "trial_started_at", "finished_at", "window_opens_at",
         ],
     )
     return len(issued)

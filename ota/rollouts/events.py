@@ -53,7 +53,7 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
         .exclude(seq=0)
         .order_by("event_no")
         .values("device_id", "seq", "event_no", "state", "error_code", "detail", "received_at", "health",
-                "delivery", "bytes_downloaded")
+                "delivery", "bytes_downloaded", "next_opening")
     )
     if not events:
         return set()
@@ -102,6 +102,10 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
                 # Late news about a device already decided (timed out, reverted) is kept as
                 # detail but never flips the outcome the gates already counted.
                 continue
+            if new_state == RD.WAITING_FOR_WINDOW and e["next_opening"] is not None:
+                # Reported again with a later opening when the device missed a window (it was
+                # down): the activate timeout counts from the opening it means to use.
+                a.window_opens_at = e["next_opening"]
             assignment_move(a, new_state, at=e["received_at"], error_code=e["error_code"], detail=e["detail"],
                             health=e["health"])
         now = timezone.now()
@@ -113,7 +117,7 @@ def rollout_apply_events(*, event_ids: list[int]) -> set[int]:
             [
                 "state", "last_event_no", "received_at", "download_started_at", "verify_started_at",
                 "activate_started_at", "trial_started_at", "finished_at", "reverted_at", "error_code",
-                "detail", "delivery", "bytes_downloaded", "updated_at",
+                "detail", "delivery", "bytes_downloaded", "window_opens_at", "updated_at",
             ],
         )
     return touched

@@ -6,9 +6,11 @@ page all call it, so a check added here holds at every entry point."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
+from datetime import datetime
 
 from django.core.exceptions import ValidationError
 from django.db import connection
@@ -16,7 +18,15 @@ from django.db.models import Q
 from django.db.models.expressions import RawSQL
 
 from ota.models import Device, Rollout, RolloutDevice
-from ota.rollouts.definition import gates_normalise, ids_listing, target_validate, waves_validate
+from ota.rollouts.definition import (
+    gates_normalise,
+    ids_listing,
+    label_windows_validate,
+    start_at_validate,
+    target_validate,
+    waves_validate,
+    windows_validate,
+)
 from registry.errors import Conflict
 from registry.models import ModelVersion
 from registry.validity import release_refusal
@@ -124,9 +134,9 @@ def plan_waves(*, plan: Plan, waves: list[dict], rollout_id: int) -> list[list[s
 
 
 def conflicts_find(*, model_id: int, device_ids: list[str], exclude_rollout: int | None = None) -> dict[str, list[str]]:
-    """Devices already in a running or paused rollout of the same model: {rollout id: [devices]}."""
+    """Devices already in a scheduled, running or paused rollout of the same model: {rollout id: [devices]}."""
     qs = RolloutDevice.objects.filter(
-        ids_in("device_id", device_ids), rollout__model_id=model_id, rollout__state__in=Rollout.ACTIVE_STATES
+        ids_in("device_id", device_ids), rollout__model_id=model_id, rollout__state__in=Rollout.OWNING_STATES
     )
     if exclude_rollout is not None:
         qs = qs.exclude(rollout_id=exclude_rollout)
@@ -173,8 +183,12 @@ class RolloutPlan:
     resolved: Plan
     sizes: list[int]
     # Devices of the planned waves (of the whole compatible target when no waves were given)
-    # that are busy in a running or paused rollout of the same model: {rollout id: [devices]}.
+    # that are busy in a scheduled, running or paused rollout of the same model: {rollout id: [devices]}.
     conflicts: dict[str, list[str]]
+    # Maintenance windows (all devices; per label group) and the scheduled start, checked.
+    windows: list[str] = dataclasses.field(default_factory=list)
+    label_windows: list[dict] = dataclasses.field(default_factory=list)
+    start_at: datetime | None = None
 
     def members(self, *, rollout_id: int) -> list[list[str]]:
         return plan_waves(plan=self.resolved, waves=self.waves, rollout_id=rollout_id)
@@ -184,11 +198,13 @@ class RolloutPlan:
         return sum(len(v) for v in self.conflicts.values())
 
 
-def rollout_plan(*, release: ModelVersion, target, waves=None, gates=None) -> RolloutPlan:
+def rollout_plan(*, release: ModelVersion, target, waves=None, gates=None, windows=None, label_windows=None,
+                 start_at=None) -> RolloutPlan:
     """Check a rollout definition and plan it, without writing anything.
 
     Raises django's ValidationError keyed by the API's field paths (`target.labels`,
-    `waves[1].percent`, `gates.failure.min_reports`, ...). `waves=None` plans the target alone,
+    `waves[1].percent`, `gates.failure.min_reports`, `windows`, `label_windows[0].windows`,
+    `start_at`, ...). `waves=None` plans the target alone,
     for a preview shown before a wave plan is typed. Busy devices are reported, not refused:
     the caller decides (create refuses them with 409, the wizard shows them).
     """
@@ -197,6 +213,14 @@ def rollout_plan(*, release: ModelVersion, target, waves=None, gates=None) -> Ro
     specs = waves_validate(waves) if waves is not None else []
     rollout_gates = gates_normalise(gates)
     errors: dict = {}
+    checked = {}
+    for name, check, value in (("windows", windows_validate, windows),
+                               ("label_windows", label_windows_validate, label_windows),
+                               ("start_at", start_at_validate, start_at)):
+        try:
+            checked[name] = check(value)
+        except ValidationError as exc:
+            errors.update(exc.message_dict)
     for i, spec in enumerate(specs):
         try:
             spec["effective_gates"] = gates_normalise(spec.get("gates"), where=f"waves[{i}].gates", base=rollout_gates)
@@ -213,5 +237,5 @@ def rollout_plan(*, release: ModelVersion, target, waves=None, gates=None) -> Ro
         sizes, planned = [], resolved.compatible
     return RolloutPlan(
         release=release, target=target, gates=rollout_gates, waves=specs, resolved=resolved, sizes=sizes,
-        conflicts=conflicts_find(model_id=release.model_id, device_ids=planned),
+        conflicts=conflicts_find(model_id=release.model_id, device_ids=planned), **checked,
     )
