@@ -2,8 +2,15 @@
 
     fleetctl rollout create --model detector --version 2.0 --label site=berlin \\
         --wave 'canary: box-1, box-2' --wave 25% --wave 100% --min-healthy 95 --abort-policy revert --start
+    fleetctl rollout create ... --window 'Mon-Fri 02:00-04:00 Europe/Berlin' --window 'Sat,Sun 22:00-06:00' \
+        --label-window 'site=tokyo' 'daily 01:00-03:00 Asia/Tokyo' --start-at 2026-12-24T02:00:00Z --start
     fleetctl rollout status 7 --watch        # live per-wave progress; exit 0 when completed
-    fleetctl rollout pause|resume|advance|retry|abort|rollback|approve 7 [--reason TEXT]
+    fleetctl rollout pause|resume|advance|retry|abort|rollback|approve|unschedule 7 [--reason TEXT]
+
+Maintenance windows (--window, repeatable; --label-window LABELS WINDOW for a label group): devices
+download and precheck at once and activate only while a window is open, by their own clock.
+--start-at: with --start the rollout is scheduled and the server starts it then (`unschedule`
+cancels that, `abort` drops it).
 
 `status --watch` exits 0 when the rollout completes and 1, with the reason, when it stops
 otherwise (paused by a gate or a person, aborted, rolled back), so a CI job can wait on it. It
@@ -38,7 +45,10 @@ from fleetctl.common import (
 # runners and edge boxes without the server's code, so it cannot import the catalogue itself.
 ACTIONS = {
     "approve": "approve a rollout that requires approval (operator)",
-    "start": "start a created (and, if required, approved) rollout",
+    "start": "start a created (and, if required, approved) rollout; with a start_at ahead it is scheduled and "
+    "the engine starts it then",
+    "unschedule": "cancel a scheduled start: the rollout is created again, without a start time (start then "
+    "starts it at once)",
     "pause": "stop sending directives; devices already updating finish",
     "resume": "continue a paused rollout",
     "advance": "pass the current wave now, whatever its gates say",
@@ -115,6 +125,16 @@ def build_definition(args) -> dict:
         body["follow_target"] = True
     if args.name:
         body["name"] = args.name
+    if args.window:
+        body["windows"] = list(args.window)  # the server checks them as every agent parses them
+    if args.label_window:
+        groups: dict[str, dict] = {}  # --label-window 'site=a' W1 --label-window 'site=a' W2: one group
+        for labels, window in args.label_window:
+            group = groups.setdefault(labels, {"labels": parse_labels(labels.split(",")), "windows": []})
+            group["windows"].append(window)
+        body["label_windows"] = list(groups.values())
+    if args.start_at:
+        body["start_at"] = args.start_at
     for required in ("model", "version"):
         if not body.get(required):
             raise UsageError(f"--{required} is required (or give it in --file)")
@@ -140,6 +160,14 @@ def render(rollout: dict) -> list[str]:
         f"rollout {rollout['id']}  {rollout['model']}@{rollout['version']}  {rollout['state'].upper()}"
         + (f"  ({rollout['state_reason']})" if rollout.get("state_reason") else ""),
     ]
+    if rollout.get("start_at") and not rollout.get("started_at"):
+        lines.append(f"  starts at {rollout['start_at']}"
+                     + ("" if rollout["state"] == "scheduled" else " once started"))
+    if rollout.get("windows"):
+        lines.append(f"  maintenance windows: {'; '.join(rollout['windows'])}")
+    for group in rollout.get("label_windows") or []:
+        labels = ",".join(f"{k}={v}" for k, v in group["labels"].items())
+        lines.append(f"  maintenance windows for {labels}: {'; '.join(group['windows'])}")
     for wave in rollout.get("waves", []):
         # The server's state groups (ota.models.RolloutDevice): never a copy of them here.
         committed, failed, in_flight = wave.get("committed", 0), wave.get("failed", 0), wave.get("in_flight", 0)
@@ -155,7 +183,14 @@ def render(rollout: dict) -> list[str]:
             f"{_bar(committed, failed, in_flight, wave['size'])} "
             f"{committed}/{wave['size']} ok  {failed} failed  {in_flight} updating"
             + (f"  {wave['unreachable']} unreachable" if wave.get("unreachable") else "")
+            + (f"  {wave['waiting_for_window']} waiting for a window" if wave.get("waiting_for_window") else "")
         )
+    waiting = rollout.get("waiting_for_window") or {}
+    if waiting.get("devices"):
+        lines.append(f"  {waiting['devices']} devices downloaded and waiting for their maintenance window: "
+                     f"next opening {waiting.get('next_opening')}"
+                     + (f", last {waiting['last_opening']}" if waiting.get("last_opening") != waiting.get("next_opening")
+                        else ""))
     incompatible = rollout.get("incompatible") or []
     if incompatible:
         lines.append(f"  {len(incompatible)} targeted devices have no artifact for their hardware "
@@ -259,6 +294,7 @@ def _watch(client, rollout_id: int, rollout: dict, *, interval: float) -> int:
     tty = sys.stdout.isatty()
     drawn = 0
     last = None
+    scheduled = rollout["state"] == "scheduled"
     while True:
         lines = render(rollout)
         if tty:
@@ -272,7 +308,8 @@ def _watch(client, rollout_id: int, rollout: dict, *, interval: float) -> int:
         state = rollout["state"]
         if state == COMPLETED:
             return 0
-        if state in STOPPED:
+        scheduled = scheduled or state == "scheduled"
+        if state in STOPPED or (scheduled and state == "created"):  # created again: its scheduled start failed
             # Paused (by a gate or a person) needs an operator; aborted and rolled back are over.
             eprint(f"fleetctl: rollout {rollout_id} is {state}: {rollout.get('state_reason') or 'no reason given'}")
             return EXIT_INVALID
@@ -323,6 +360,15 @@ def add_parser(subparsers) -> None:
     create.add_argument("--follow", action="store_true",
                         help="after the last wave, keep giving the release to devices that start matching the target")
     create.add_argument("--name")
+    create.add_argument("--window", action="append", default=[], metavar="WINDOW",
+                        help="maintenance window, repeatable: [DAYS] HH:MM-HH:MM [ZONE], e.g. 'Mon-Fri 02:00-04:00 "
+                        "Europe/Berlin' (no zone: the device's local time); devices activate only while one is open")
+    create.add_argument("--label-window", nargs=2, action="append", default=[], metavar=("K=V[,K=V]", "WINDOW"),
+                        help="a maintenance window for the devices with these labels (instead of --window); "
+                        "repeatable, the first matching label group wins")
+    create.add_argument("--start-at", metavar="TIME",
+                        help="RFC 3339 time (e.g. 2026-12-24T02:00:00Z): with --start the rollout is scheduled and "
+                        "starts then")
     create.add_argument("--file", metavar="JSON_FILE", help="the whole definition as JSON; flags override it")
     create.add_argument("--start", action="store_true", help="start it right away")
     create.add_argument("--watch", action="store_true",

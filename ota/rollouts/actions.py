@@ -1,4 +1,5 @@
-"""Operator actions on a rollout: approve, start, pause, resume, advance, retry, abort, roll back.
+"""Operator actions on a rollout: approve, start (or schedule), unschedule, pause, resume, advance,
+retry, abort, roll back.
 Each locks the rollout row, checks its state against the catalogue (ota.rollouts.catalogue),
 changes it and audits who did it and why. Entry points run them by name through `rollout_act`."""
 
@@ -13,10 +14,10 @@ from ota.models import Directive, Rollout, RolloutDevice, Wave
 from ota.rollouts.catalogue import BY_NAME
 from ota.rollouts.directives import directives_publish
 from ota.rollouts.gates import wave_figures
-from ota.rollouts.planning import conflicts_find, raise_conflicts
 from ota.rollouts.transitions import (
     rollout_halt,
     rollout_locked,
+    rollout_require_startable,
     rollout_require_state,
     rollout_revert_devices,
     rollout_set_state,
@@ -25,8 +26,6 @@ from ota.rollouts.wake import rollout_wake
 from ota.rollouts.waves import wave_pass
 from registry.audit import audit_record, audit_values
 from registry.errors import ApiError, Conflict
-from registry.models import Model
-from registry.validity import release_require_installable
 
 RD = RolloutDevice.State
 # What a rollout action changes, for the before and after of its audit entry.
@@ -47,28 +46,44 @@ def rollout_approve(*, rollout_id: int, actor: str, reason: str = "") -> Rollout
 
 
 def rollout_start(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
+    """Start a created rollout; one whose start_at is still ahead is scheduled instead (state
+    `scheduled`: it holds its devices, and the engine's tick starts it when due, checking again,
+    ota.rollouts.schedule). Either way the checks of a start are made now."""
     with transaction.atomic():
         rollout = rollout_locked(rollout_id)
         rollout_require_state(rollout, BY_NAME["start"])
-        if rollout.requires_approval and not rollout.approved_at:
-            raise Conflict(
-                f"rollout {rollout.pk} requires approval before start; an operator must POST .../approve",
-                code="approval_required",
-            )
-        # Revoked or expired since the rollout was created: every agent would refuse it.
-        release_require_installable(rollout.release)
-        # Starts of the same model queue up here: two starts in flight at once would each pass
-        # the conflict check before the other committed, and a device would get two rollouts.
-        Model.objects.select_for_update().filter(pk=rollout.model_id).first()
-        device_ids = list(rollout.assignments.values_list("device_id", flat=True))
-        raise_conflicts(conflicts_find(model_id=rollout.model_id, device_ids=device_ids, exclude_rollout=rollout.pk))
+        devices = rollout_require_startable(rollout)
+        now = timezone.now()
+        if rollout.start_at and rollout.start_at > now:
+            before = audit_values(rollout, STATE_FIELDS + ["started_by"])
+            rollout.started_by = actor
+            rollout_set_state(rollout, Rollout.State.SCHEDULED, f"scheduled by {actor} to start at "
+                              f"{rollout.start_at.isoformat()}")
+            rollout.save(update_fields=["started_by"])
+            audit_record(actor=actor, action="rollout.schedule", obj=rollout, reason=reason,
+                         detail={"devices": devices, "start_at": rollout.start_at.isoformat()}, before=before)
+            return rollout
         before = audit_values(rollout, STATE_FIELDS + ["started_at", "started_by"])
         rollout.state = Rollout.State.RUNNING
-        rollout.started_at, rollout.started_by = timezone.now(), actor
+        rollout.started_at, rollout.started_by = now, actor
         rollout.save(update_fields=["state", "started_at", "started_by"])
-        audit_record(actor=actor, action="rollout.start", obj=rollout, reason=reason, detail={"devices": len(device_ids)},
+        audit_record(actor=actor, action="rollout.start", obj=rollout, reason=reason, detail={"devices": devices},
                      before=before)
         rollout_wake(rollout.pk)
+    return rollout
+
+
+def rollout_unschedule(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
+    """Cancel a scheduled start: back to created, its start time cleared (a start then starts it
+    at once; to schedule it again, create it anew with another start_at)."""
+    with transaction.atomic():
+        rollout = rollout_locked(rollout_id)
+        rollout_require_state(rollout, BY_NAME["unschedule"])
+        before = audit_values(rollout, STATE_FIELDS + ["start_at", "started_by"])
+        rollout.start_at, rollout.started_by = None, ""
+        rollout_set_state(rollout, Rollout.State.CREATED, reason or f"scheduled start cancelled by {actor}")
+        rollout.save(update_fields=["start_at", "started_by"])
+        audit_record(actor=actor, action="rollout.unschedule", obj=rollout, reason=reason, before=before)
     return rollout
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CREATED, RUNNING, PAUSED, COMPLETED, ABORTED, ROLLED_BACK = (
-    "created", "running", "paused", "completed", "aborted", "rolled_back",
+CREATED, SCHEDULED, RUNNING, PAUSED, COMPLETED, ABORTED, ROLLED_BACK = (
+    "created", "scheduled", "running", "paused", "completed", "aborted", "rolled_back",
 )
 ACTIVE = (RUNNING, PAUSED)
 
@@ -54,10 +54,21 @@ ACTIONS: tuple[RolloutAction, ...] = (
         name="start", function="rollout_start",
         scopes=("ci", "operator"), states=(CREATED,),
         verb="start", past="started",
-        summary="start a created (and, if required, approved) rollout",
+        summary="start a created (and, if required, approved) rollout; with a start_at ahead it is "
+        "scheduled and the engine starts it then",
         label="Start", style="",
         confirm="Start rollout #{rollout}? {release} goes to {devices} devices in {waves} waves, "
-        "beginning with {wave}.",
+        "beginning with {wave} (at its scheduled start time, if it has one ahead).",
+    ),
+    RolloutAction(
+        name="unschedule", function="rollout_unschedule",
+        scopes=("ci", "operator"), states=(SCHEDULED,),
+        verb="unschedule", past="unscheduled",
+        summary="cancel a scheduled start: the rollout is created again, without a start time "
+        "(start then starts it at once)",
+        label="Cancel scheduled start", style="secondary",
+        confirm="Cancel the scheduled start of rollout #{rollout}? Nothing is sent; it goes back to created, "
+        "and Start then starts it at once.",
     ),
     RolloutAction(
         name="pause", function="rollout_pause",
@@ -97,7 +108,7 @@ ACTIONS: tuple[RolloutAction, ...] = (
     ),
     RolloutAction(
         name="abort", function="rollout_abort",
-        scopes=("ci", "operator"), states=(CREATED, *ACTIVE),
+        scopes=("ci", "operator"), states=(CREATED, SCHEDULED, *ACTIVE),
         verb="abort", past="aborted",
         summary="stop the rollout; devices not yet directed are skipped",
         label="Abort", style="danger",

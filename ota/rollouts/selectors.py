@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from django.db.models import Count, Sum
+from django.db.models import Count, Max, Min, Sum
 
 from ota.models import Rollout, RolloutDevice
 
@@ -48,7 +48,17 @@ def rollout_summary(rollout: Rollout) -> dict:
         "progress": RolloutDevice.group_counts(totals),
         "devices": sum(totals.values()),
         "delivery": rollout_delivery(rollout),
+        "waiting_for_window": rollout_window_wait(rollout),
     }
+
+
+def rollout_window_wait(rollout: Rollout) -> dict:
+    """Devices downloaded and prechecked that wait for a maintenance window: how many, and the
+    earliest and latest of the openings they reported (their own clocks)."""
+    found = RolloutDevice.objects.filter(rollout=rollout, state=RD.WAITING_FOR_WINDOW).aggregate(
+        devices=Count("id"), next_opening=Min("window_opens_at"), last_opening=Max("window_opens_at"),
+    )
+    return found
 
 
 def rollout_delivery(rollout: Rollout) -> dict:

@@ -3,12 +3,43 @@ waves, gates) is checked by ota.rollouts.definition so the API, the admin and th
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from agent.windows import MAX_WINDOW_CHARS, MAX_WINDOWS
 from ota.models import Rollout, RolloutDevice
+from ota.rollouts.definition import MAX_LABEL_WINDOW_GROUPS
 from ota.rollouts.selectors import rollout_summary
 from registry.models import AuditEntry
 from registry.parsers import CheckedJSONField
+
+
+_WINDOWS_SCHEMA = {
+    "type": "array", "maxItems": MAX_WINDOWS,
+    "items": {"type": "string", "maxLength": MAX_WINDOW_CHARS},
+    "description": "Maintenance windows: [DAYS] HH:MM-HH:MM [ZONE] in the device's local time or an IANA zone, "
+    "e.g. 'Mon-Fri 02:00-04:00 Europe/Berlin'. A device activates the release only while one is open "
+    "(it downloads, verifies and prechecks at once). Empty: activate at once.",
+    "example": ["Mon-Fri 02:00-04:00 Europe/Berlin"],
+}
+
+
+@extend_schema_field(_WINDOWS_SCHEMA)
+class WindowsField(CheckedJSONField):
+    """Checked by ota.rollouts.definition.windows_validate (the agent's own parser)."""
+
+
+@extend_schema_field({
+    "type": "array", "maxItems": MAX_LABEL_WINDOW_GROUPS,
+    "items": {"type": "object", "required": ["labels", "windows"], "properties": {
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "windows": _WINDOWS_SCHEMA,
+    }},
+    "description": "Per label group: a device whose labels include all of a group's labels (the first such "
+    "group) gets that group's windows instead of `windows`.",
+})
+class LabelWindowsField(CheckedJSONField):
+    """Checked by ota.rollouts.definition.label_windows_validate."""
 
 
 class RolloutCreateSerializer(serializers.Serializer):
@@ -22,6 +53,13 @@ class RolloutCreateSerializer(serializers.Serializer):
     requires_approval = serializers.BooleanField(default=False)
     follow_target = serializers.BooleanField(
         default=False, help_text="after the last wave, keep taking in devices that start matching the target"
+    )
+    windows = WindowsField(required=False, default=list)
+    label_windows = LabelWindowsField(required=False, default=list)
+    start_at = serializers.DateTimeField(
+        required=False, allow_null=True, default=None,
+        help_text="RFC 3339, in the future (at most 90 days): starting the rollout before then schedules it "
+        "(state scheduled) and the engine starts it at this time",
     )
 
 
@@ -38,13 +76,13 @@ class RolloutSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "model", "version", "state", "state_reason", "abort_policy", "requires_approval", "follow_target",
             "current_wave", "created_at", "created_by", "approved_at", "approved_by", "started_at",
-            "started_by", "finished_at", "reverted_at",
+            "started_by", "finished_at", "reverted_at", "start_at",
         ]
 
 
 class RolloutDetailSerializer(RolloutSerializer):
     class Meta(RolloutSerializer.Meta):
-        fields = RolloutSerializer.Meta.fields + ["target", "gates", "incompatible"]
+        fields = RolloutSerializer.Meta.fields + ["target", "gates", "incompatible", "windows", "label_windows"]
 
     def to_representation(self, instance):
         data = super().to_representation(instance)
@@ -62,7 +100,7 @@ class RolloutDeviceSerializer(serializers.ModelSerializer):
             "device", "wave", "rank", "state", "seq", "revert_seq", "previous_version", "previous_sha256",
             "error_code", "detail", "attempts", "queued_at", "directed_at", "received_at",
             "download_started_at", "verify_started_at", "activate_started_at", "trial_started_at",
-            "finished_at", "revert_directed_at", "reverted_at", "delivery", "bytes_downloaded",
+            "finished_at", "revert_directed_at", "reverted_at", "delivery", "bytes_downloaded", "window_opens_at",
         ]
 
 

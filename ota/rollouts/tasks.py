@@ -29,6 +29,7 @@ from ota.rollouts.engine import (
 from ota.rollouts.events import events_concern_rollouts, rollout_apply_events, rollout_catch_up_events
 from ota.rollouts.joiners import rollout_take_in_joiners, rollouts_taking_joiners
 from ota.rollouts.reconcile import assignments_reconcile_reported, directives_republish_unacknowledged, reverts_retry
+from ota.rollouts.schedule import rollouts_start_due
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,14 @@ def apply_device_events(event_ids: list[int]) -> list[int]:
 def rollout_tick() -> dict:
     """The beat: re-publish directives a dead worker left unpublished or the broker lost, retry
     failed reverts, record outcomes devices report in their presence but whose events were lost
-    (ota/rollouts/reconcile.py), take in late joiners,
-    then evaluate every running rollout (soak timers and phase timeouts need a clock, not only
+    (ota/rollouts/reconcile.py), start scheduled rollouts that are due (ota/rollouts/schedule.py),
+    take in late joiners, then evaluate every running rollout (soak timers and phase timeouts need a clock, not only
     events). Finished rollouts with devices still expected to report (unreachable ones that may
     come back) get their stored events caught up too."""
     republished = directives_publish_stale() + directives_republish_unacknowledged()
     reverts = reverts_retry()
     recorded = assignments_reconcile_reported()
+    started = rollouts_start_due()
     # A rollout whose stored definition makes a step raise is paused (rollout_step_guarded); the
     # others are still taken care of in this tick.
     joined = {
@@ -78,7 +80,7 @@ def rollout_tick() -> dict:
     for rollout_id in rollouts_awaiting_late_reports():
         catch_up_events.delay(rollout_id)
     return {"republished": republished, "evaluated": due, "joined": joined, "reverts_retried": reverts,
-            "outcomes_from_presence": sorted(recorded)}
+            "outcomes_from_presence": sorted(recorded), "scheduled_started": started}
 
 
 @shared_task(name="ota.tasks.catch_up_events", autoretry_for=(OperationalError,), retry_backoff=1, max_retries=5)

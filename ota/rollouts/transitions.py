@@ -15,9 +15,10 @@ from ota.db import bulk_set
 from ota.models import Directive, Rollout, RolloutDevice, Wave
 from ota.rollouts.catalogue import RolloutAction
 from ota.rollouts.directives import DirectiveRequest, directives_issue, directives_withdraw
+from ota.rollouts.planning import conflicts_find, raise_conflicts
 from registry.errors import ApiError, Conflict
-from registry.models import Artifact
-from registry.validity import release_refusal
+from registry.models import Artifact, Model
+from registry.validity import release_refusal, release_require_installable
 
 RD = RolloutDevice.State
 
@@ -37,6 +38,25 @@ def rollout_require_state(rollout: Rollout, action: RolloutAction) -> None:
             code="invalid_state",
             state=rollout.state,
         )
+
+
+def rollout_require_startable(rollout: Rollout) -> int:
+    """What a start (or a scheduled one, when due) checks: approval if required, a release every
+    agent would still take, and no device of it owned by another scheduled, running or paused
+    rollout of the model (Conflict, ApiError). Returns how many devices it has."""
+    if rollout.requires_approval and not rollout.approved_at:
+        raise Conflict(
+            f"rollout {rollout.pk} requires approval before start; an operator must POST .../approve",
+            code="approval_required",
+        )
+    # Revoked or expired since the rollout was created: every agent would refuse it.
+    release_require_installable(rollout.release)
+    # Starts of the same model queue up here: two starts in flight at once would each pass
+    # the conflict check before the other committed, and a device would get two rollouts.
+    Model.objects.select_for_update().filter(pk=rollout.model_id).first()
+    device_ids = list(rollout.assignments.values_list("device_id", flat=True))
+    raise_conflicts(conflicts_find(model_id=rollout.model_id, device_ids=device_ids, exclude_rollout=rollout.pk))
+    return len(device_ids)
 
 
 def rollout_set_state(rollout: Rollout, state: str, reason: str) -> None:
