@@ -12,7 +12,8 @@ the state directory over to the new identity:
   numbers stay unique on this box whichever id they go out under (the server de-duplicates on
   device id and event_no, and a new device starts with none);
 - reset: last_seq (0: the new identity's first directive is seq 1), last_outcome and refused (they
-  name the old identity's directives);
+  name the old identity's directives), and updates parked until a maintenance window opens
+  (`waiting`: the old identity's rollouts; the new identity's send their own directives);
 - retired, never published: every outbox event made for another device id goes to
   outbox/retired/<that id>/ (kept for an operator, never sent: the broker would carry it on the
   new device's topic), and the journal's last_events of another id are dropped (they would be
@@ -94,6 +95,7 @@ def rebind(journal: Journal, outbox: Outbox, device_id: str) -> Rebound | None:
         last_outcome=None,
         refused=[],
         timestamp=None,  # the old identity's signed state (agent.trust); the keyring is the fleet's, kept
+        waiting={},  # updates parked for a maintenance window: the old identity's directives
         last_events=[e for e in data.get("last_events") or [] if _event_device(e.get("payload", "")) == device_id],
     )
     journal.commit(data, "rebind")
