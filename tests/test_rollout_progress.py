@@ -76,7 +76,7 @@ def test_it_returns_failed_and_in_flight_counts_from_the_api(client, read_token,
     wave = data["waves"][0]
     assert (wave["committed"], wave["failed"], wave["in_flight"], wave["waiting"]) == (1, 2, 3, 0)
     assert data["progress"] == {"committed": 1, "failed": 2, "in_flight": 3, "waiting": 0, "unreachable": 0,
-                                "skipped": 0}
+                                "skipped": 0, "waiting_for_window": 0}
 
 
 def test_it_has_fleetctl_show_the_servers_counts_not_its_own_copy_of_the_states():

@@ -36,7 +36,8 @@ from ota.transport.ingest import Ingestor, Message
 from registry.errors import Conflict
 from registry.keys import load_rollout_key
 from registry.models import AuditEntry, ModelVersion
-from tests.support.rollout_data import act, create_rollout, make_devices, release
+from tests.support import web_data
+from tests.support.rollout_data import act, create_rollout, make_devices
 
 API = "/api/v1"
 pytestmark = pytest.mark.django_db
@@ -46,11 +47,11 @@ RD = RolloutDevice.State
 
 
 @pytest.fixture
-def fleet(client, admin_token, django_capture_on_commit_callbacks, settings):
+def fleet(django_capture_on_commit_callbacks, settings):
     # Callbacks after commit (publishing, waking the engine) are captured and not run: no broker.
     settings.MQTT_BROKER_AUTH = "none"
-    release(client, admin_token, "detector", "1.0")
-    release(client, admin_token, "detector", "2.0")
+    web_data.released("detector", "1.0", hardware_ids=("rpi4",))
+    web_data.released("detector", "2.0", hardware_ids=("rpi4",), scale=3.0)
     make_devices(3, labels={"site": "berlin"}, prefix="ber")
     make_devices(2, labels={"site": "tokyo"}, prefix="tok")
     with django_capture_on_commit_callbacks():
@@ -351,3 +352,43 @@ def test_it_documents_windows_start_at_and_window_opens_at_in_the_schema(tmp_pat
     assert "window_opens_at" in schemas["RolloutDevice"]["properties"]
     assert any("scheduled" in schema.get("enum", []) for schema in schemas.values())
     assert any("waiting_for_window" in schema.get("enum", []) for schema in schemas.values())
+
+
+# --- the web UI ------------------------------------------------------------------------------------
+
+
+def test_it_takes_windows_and_a_start_time_in_the_wizard_and_shows_them_on_the_rollout_page(client, operator, fleet):
+    from django.urls import reverse
+
+    client.force_login(operator)
+    url = reverse("web:rollout_new")
+    start_at = format_time((timezone.now() + timedelta(hours=5)).replace(microsecond=0))
+    data = {
+        "release": ModelVersion.objects.get(version="2.0").pk, "name": "", "target_labels": "", "target_hardware": "rpi4",
+        "target_devices": "", "waves": "100%", "success_percent": "100", "failure_min_reports": "1",
+        "failure_percent": "10", "failure_count": "", "soak_seconds": "0", "rate_per_minute": "",
+        "download_seconds": "600", "activate_seconds": "300", "trial_seconds": "60", "abort_policy": "pause",
+        "windows": f"{BERLIN}\n02:00-03:00 Mars/Olympus", "label_windows": f"site=tokyo: {TOKYO}", "start_at": start_at,
+    }
+    refused = client.post(url, {**data, "step": "review"})
+    assert refused.status_code == 400 and "&#x27;Mars/Olympus&#x27; is not a known time zone" in refused.content.decode()
+
+    data["windows"] = BERLIN
+    review = client.post(url, {**data, "step": "review"}).content.decode()
+    assert BERLIN in review and TOKYO in review and "scheduled: Start makes it begin at" in review
+    created = client.post(url, {**data, "step": "create"})
+    assert created.status_code == 302, created.content.decode()[-2000:]
+    rollout = Rollout.objects.get()
+    assert rollout.windows == [BERLIN] and rollout.label_windows == [{"labels": {"site": "tokyo"}, "windows": [TOKYO]}]
+
+    rollout_start(rollout_id=rollout.pk, actor="user:ops")
+    page = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
+    assert "Scheduled: starts at" in page and BERLIN in page and 'data-action="unschedule"' in page
+    rollouts_start_due(now=rollout.start_at)
+    rollout_evaluate(rollout_id=rollout.pk)
+    RolloutDevice.objects.filter(rollout=rollout, device_id="tok-0000").update(
+        state=RD.WAITING_FOR_WINDOW, window_opens_at=timezone.now() + timedelta(hours=1))
+    Device.objects.filter(pk="tok-0000").update(online=False)  # it waits by its own clock, offline or not
+    page = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
+    assert "1 device downloaded and waiting for a maintenance window" in page and ">tok-0000</a>" in page
+    assert 'data-state="waiting_for_window"' in page

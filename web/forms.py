@@ -143,6 +143,25 @@ class RolloutForm(forms.Form):
         choices=ABORT_POLICIES, initial="pause", label="When the failure gate trips",
     )
     requires_approval = forms.BooleanField(required=False, label="Require a second operator's approval before start")
+    # Maintenance windows and the start time: text as the API takes it, checked by
+    # ota.rollouts.definition (the agent's own window parser) like every other entry.
+    windows = forms.CharField(
+        required=False, label="Maintenance windows",
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "Mon-Fri 02:00-04:00 Europe/Berlin"}),
+        help_text="One per line: [DAYS] HH:MM-HH:MM [ZONE] (no zone: each device's local time). Devices download "
+        "at once and activate only while a window is open. Blank: activate at once.",
+    )
+    label_windows = forms.CharField(
+        required=False, label="Windows by label",
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "site=tokyo: daily 01:00-03:00 Asia/Tokyo"}),
+        help_text="One per line, LABELS: WINDOW; devices with those labels (the first matching line's labels) get "
+        "these windows instead.",
+    )
+    start_at = forms.CharField(
+        required=False, label="Start at",
+        widget=forms.TextInput(attrs={"placeholder": "2026-12-24T02:00:00Z"}),
+        help_text="Optional, RFC 3339 with its offset: Start then schedules the rollout, and it begins at this time.",
+    )
 
     TARGET_FIELDS = ("target_labels", "target_hardware", "target_devices")
 
@@ -171,6 +190,28 @@ class RolloutForm(forms.Form):
 
     def clean_target_devices(self):
         return split_ids(self.cleaned_data["target_devices"])
+
+    def clean_windows(self):
+        return [line.strip() for line in self.cleaned_data["windows"].splitlines() if line.strip()]
+
+    def clean_label_windows(self):
+        groups: dict[str, dict] = {}
+        for number, line in enumerate(self.cleaned_data["label_windows"].splitlines(), start=1):
+            if not line.strip():
+                continue
+            labels, colon, window = line.partition(":")
+            try:
+                pairs = parse_labels(labels) if colon else []
+            except ValueError as exc:
+                raise forms.ValidationError(f"Line {number}: {exc}") from None
+            if not pairs or any(v is None for _, v in pairs) or not window.strip():
+                raise forms.ValidationError(f"Line {number}: write LABELS: WINDOW, e.g. site=tokyo: daily 01:00-03:00 Asia/Tokyo")
+            group = groups.setdefault(labels.strip(), {"labels": dict(pairs), "windows": []})
+            group["windows"].append(window.strip())
+        return list(groups.values())
+
+    def clean_start_at(self):
+        return self.cleaned_data["start_at"].strip() or None
 
     def clean_waves(self):
         try:
@@ -224,7 +265,12 @@ class RolloutForm(forms.Form):
             "abort_policy": self.cleaned_data["abort_policy"],
             "requires_approval": self.cleaned_data["requires_approval"],
             "name": self.cleaned_data["name"],
+            **self.schedule_spec(),
         }
+
+    def schedule_spec(self) -> dict:
+        d = self.cleaned_data
+        return {"windows": d["windows"], "label_windows": d["label_windows"], "start_at": d["start_at"]}
 
     # ota.rollouts reports problems keyed by the API's field paths; show each next to our field.
     ERROR_FIELDS = (
@@ -245,6 +291,9 @@ class RolloutForm(forms.Form):
         ("gates.timeouts.activate_seconds", "activate_seconds"),
         ("gates.timeouts.trial_seconds", "trial_seconds"),
         ("abort_policy", "abort_policy"),
+        ("windows", "windows"),
+        ("label_windows", "label_windows"),
+        ("start_at", "start_at"),
     )
 
     def add_action_errors(self, errors: dict[str, list[str]]) -> None:

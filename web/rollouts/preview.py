@@ -63,7 +63,8 @@ def rollout_dry_run(form) -> dict:
     """The review page: everything rollout_create checks (rollout_plan), without creating.
     Raises django's ValidationError like the create does."""
     plan = rollout_plan(
-        release=form.release_obj, target=form.target_spec(), waves=form.cleaned_data["waves"], gates=form.gates_spec()
+        release=form.release_obj, target=form.target_spec(), waves=form.cleaned_data["waves"], gates=form.gates_spec(),
+        **form.schedule_spec(),
     )
     resolved = plan.resolved
     return {
@@ -77,4 +78,7 @@ def rollout_dry_run(form) -> dict:
         "planned": sum(plan.sizes),
         "busy": plan.busy,
         "busy_rollouts": sorted(plan.conflicts),
+        "windows": plan.windows,
+        "label_windows": plan.label_windows,
+        "start_at": plan.start_at,
     }

@@ -16,7 +16,11 @@ PROGRESS_BUCKETS = [
     *(b for b in RolloutDevice.PROGRESS_BUCKETS if b[0] == "skipped"),
 ]
 # Shown only when some device is in them.
-OPTIONAL_BUCKETS = {"reverting", "skipped", "unreachable"}
+OPTIONAL_BUCKETS = {"reverting", "skipped", "unreachable", "waiting_for_window"}
+# Not "offline" when its box is: the device waits for its maintenance window by its own clock,
+# offline or not, and activates when the window opens.
+NOT_OFFLINE = (*RolloutDevice.FINISHED, *RolloutDevice.WAITING, RolloutDevice.State.UNREACHABLE,
+               RolloutDevice.State.WAITING_FOR_WINDOW)
 BUCKET_OF = {state: key for key, _, states in PROGRESS_BUCKETS for state in states}
 
 
@@ -25,7 +29,7 @@ def empty_counts() -> dict[str, int]:
 
 
 def bucket_for(state: str, online: bool) -> str:
-    if not online and state not in (*RolloutDevice.FINISHED, *RolloutDevice.WAITING, RolloutDevice.State.UNREACHABLE):
+    if not online and state not in NOT_OFFLINE:
         return "offline"
     return BUCKET_OF[state]
 

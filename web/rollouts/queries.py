@@ -202,3 +202,11 @@ def rollout_health(rollout) -> dict:
             "chart_id": f"health-{key}",
         })
     return {"charts": charts, "old_source": old_source}
+
+
+def window_waiters(rollout, *, limit: int = 40) -> list[dict]:
+    """Devices downloaded and waiting for their maintenance window, soonest opening first: the
+    device and the opening it reported (its own clock)."""
+    rows = (RolloutDevice.objects.filter(rollout=rollout, state=RolloutDevice.State.WAITING_FOR_WINDOW)
+            .order_by("window_opens_at", "rank").values("device_id", "window_opens_at")[:limit])
+    return [{"device": r["device_id"], "opens_at": r["window_opens_at"]} for r in rows]

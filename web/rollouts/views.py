@@ -11,7 +11,7 @@ from django.views.decorators.http import require_GET, require_POST
 from ota.models import Rollout
 from ota.rollouts.actions import rollout_act
 from ota.rollouts.catalogue import ACTION_SCOPES, action_named, actions_available, may_run
-from ota.rollouts.selectors import rollout_delivery
+from ota.rollouts.selectors import rollout_delivery, rollout_window_wait
 from registry.auth import actor_label, scopes_of
 from registry.errors import ApiError
 from web.pages import is_htmx, page
@@ -85,4 +85,5 @@ def rollout_context(request, pk):
         for entry in available
         if may_run(entry, scopes)
     ]
-    return {"rollout": rollout, "live": live, "buttons": buttons, "delivery": rollout_delivery(rollout)}
+    return {"rollout": rollout, "live": live, "buttons": buttons, "delivery": rollout_delivery(rollout),
+            "window_wait": rollout_window_wait(rollout), "window_waiters": queries.window_waiters(rollout)}
