@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from datetime import timedelta
 from unittest import mock
 
@@ -392,3 +393,31 @@ def test_it_takes_windows_and_a_start_time_in_the_wizard_and_shows_them_on_the_r
     page = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
     assert "1 device downloaded and waiting for a maintenance window" in page and ">tok-0000</a>" in page
     assert 'data-state="waiting_for_window"' in page
+
+
+# --- the fleet simulator ------------------------------------------------------------------------------
+
+
+def test_it_has_the_fleet_simulator_wait_for_the_window_as_an_agent_does(fleet):
+    from ota.sim.enroll import SimCredentials
+    from ota.sim.fleet import FleetSimulator
+
+    now = timezone.now()
+    closed = f"{(now + timedelta(hours=3)):%H:%M}-{(now + timedelta(hours=4)):%H:%M} UTC"
+    rollout = create(windows=[closed])
+    rollout_start(rollout_id=rollout.pk, actor="user:ops")
+    rollout_evaluate(rollout_id=rollout.pk)
+    directive = Directive.objects.get(rollout=rollout, device_id="ber-0000")
+    sim = FleetSimulator.from_settings([SimCredentials(device_id="ber-0000", password="x", hardware="rpi4")],
+                                       step_seconds=0.0, resume={})
+    device = sim.devices[0]  # never connected: its events stay in its outbox
+    device.handle_directive(json.dumps(directive.envelope).encode())
+    for _ in range(10):  # run the timers that are due (received → ... → prechecking → the window)
+        due = [t for t in sim._timers if t[0] <= time.monotonic() + 1]
+        for t in due:
+            sim._timers.remove(t)
+            t[2]()
+    events = [json.loads(p) for p in device.outbox]
+    assert [e["state"] for e in events] == ["received", "downloading", "verifying", "prechecking", "waiting_for_window"]
+    assert events[-1]["next_opening"] == f"{(now + timedelta(hours=3)):%Y-%m-%dT%H:%M}:00Z"
+    assert device.update.phase == "waiting_for_window" and sim._timers  # it looks again at the opening

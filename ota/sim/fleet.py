@@ -11,6 +11,11 @@ instead of a thread per device.
 A newer directive for the model being updated, arriving before activation, supersedes the update
 (admission's Preempt: failed SUPERSEDED, then the newer one starts at once), as on the agent.
 
+Maintenance windows (a directive's signed `windows`, agent.windows) are honoured as the agent does:
+after the precheck, a device whose window is closed reports `waiting_for_window` with the next
+opening and activates when it opens, by the simulator's clock. Unlike the agent, it keeps the
+waiting update in its one slot (other models' directives wait), which is all a fleet test needs.
+
 Behaviours: healthy; fail-precheck (failed PRECHECK_FAILED, active model untouched);
 fail-trial (activates, then rolled_back TRIAL_FAILED); slow (long steps); flapping (drops
 offline now and then, converging from the retained directive after reconnecting).
@@ -64,6 +69,7 @@ from agent.protocol import (
     presence_payload,
     utcnow,
 )
+from agent import windows as maintenance_windows
 from agent.metrics.aggregate import Window
 from agent.signing import Keyring
 from ota.sim.enroll import SimCredentials, resume_state
@@ -108,6 +114,8 @@ class _Update:
     rollout_id: str | None
     rollback_floor: int
     version: str | None = None
+    windows: tuple[str, ...] = ()  # maintenance windows: activate only while one is open
+    next_opening: str | None = None  # the opening last reported while waiting for a window
     steps: list[tuple[str, str | None]] = field(default_factory=list)  # (state, error code), in order
     previous: str | None = None  # the sha `current` pointed at before activation, restored by a rollback
     phase: str = State.RECEIVED  # the last state reported (agent.machine.Phase values)
@@ -333,17 +341,20 @@ class SimDevice:
         if decision.lifted:
             self.denylist.discard(decision.lifted)  # an operator's retry (retry_denied)
         self.update = _Update(seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id,
-                              rollback_floor=upd.rollback_floor, version=upd.version, steps=self._plan(upd.sha))
+                              rollback_floor=upd.rollback_floor, version=upd.version,
+                              windows=tuple(upd.windows or ()), steps=self._plan(upd.sha, bool(upd.windows)))
         self._emit(State.RECEIVED, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id,
                    detail=decision.detail)
         self.sim.schedule(self.sim.step_delay(self.behaviour), functools.partial(self.step, self.update))
 
-    def _plan(self, sha: str) -> list[tuple[str, str | None]]:
+    def _plan(self, sha: str, windows: bool = False) -> list[tuple[str, str | None]]:
         fails_precheck = self.behaviour == "fail-precheck" or sha in self.sim.fail_shas
         steps: list[tuple[str, str | None]] = [(State.DOWNLOADING, None), (State.VERIFYING, None),
                                                (State.PRECHECKING, None)]
         if fails_precheck:
             return steps + [(State.FAILED, ErrorCode.PRECHECK_FAILED)]
+        if windows:
+            steps.append((State.WAITING_FOR_WINDOW, None))
         steps += [(State.ACTIVATING, None), (State.TRIAL, None)]
         if self.behaviour == "fail-trial":
             return steps + [(State.ROLLED_BACK, ErrorCode.TRIAL_FAILED)]
@@ -356,6 +367,9 @@ class SimDevice:
         if upd is None or (update is not None and update is not upd):
             return
         state, code = upd.steps.pop(0)
+        if state == State.WAITING_FOR_WINDOW:
+            self._wait_for_window(upd)
+            return
         health = None
         detail = ""
         # The same journal changes as the agent's steps, made before the event that reports them.
@@ -396,15 +410,35 @@ class SimDevice:
         while self.pending and self.update is None:
             self.handle_directive(self.pending.pop(0))
 
+    def _wait_for_window(self, upd: _Update) -> None:
+        """The agent's waiting_for_window step: on to activating if a window is open now, else
+        report the next opening (once per opening) and look again when it comes."""
+        found = maintenance_windows.parse_windows(list(upd.windows))
+        now = utcnow()
+        if maintenance_windows.is_open(found, now):
+            self.sim.schedule(0, functools.partial(self.step, upd))
+            return
+        opening = maintenance_windows.next_opening(found, now)
+        upd.steps.insert(0, (State.WAITING_FOR_WINDOW, None))
+        upd.phase = State.WAITING_FOR_WINDOW
+        if opening is None:
+            return  # cannot happen for windows admission accepted; the update stays, as the agent's would
+        if format_time(opening) != upd.next_opening:
+            upd.next_opening = format_time(opening)
+            self._emit(State.WAITING_FOR_WINDOW, seq=upd.seq, model=upd.model, sha=upd.sha, rollout_id=upd.rollout_id,
+                       detail=f"downloaded and prechecked; activates when a maintenance window opens "
+                              f"({'; '.join(upd.windows)})", next_opening=upd.next_opening)
+        self.sim.schedule(max(0.0, (opening - now).total_seconds()) + 0.05, functools.partial(self.step, upd))
+
     # reports ------------------------------------------------------------------------------------
 
     def _emit(self, state: str, *, seq: int, model: str, sha, rollout_id, code=None, detail: str = "",
-              health=None) -> None:
+              health=None, next_opening: str | None = None) -> None:
         active = self.models.get(model)
         event = Event(
             device_id=self.id, event_no=self.event_no, seq=seq, model=model, state=state, error_code=code,
             detail=detail[:2000], sha256=sha, active_sha256=active[0] if active else None,
-            rollout_id=rollout_id, health=health, ts=format_time(utcnow()),
+            rollout_id=rollout_id, health=health, ts=format_time(utcnow()), next_opening=next_opening,
         )
         self.event_no += 1
         self._send_event(event.to_payload())
