@@ -246,6 +246,26 @@ def test_it_counts_waiting_devices_neither_failed_nor_stalled_and_times_out_from
     assert {states[d] for d in ("ber-0002", "tok-0000", "tok-0001")} == {RD.WAITING_FOR_WINDOW}
 
 
+def test_it_cancels_parked_updates_when_the_rollout_is_aborted(waiting):
+    v1 = ModelVersion.objects.get(version="1.0")
+    assignments = RolloutDevice.objects.filter(rollout=waiting)
+    assignments.update(previous_version=v1, previous_sha256=v1.artifacts.get().sha256)
+    assignments.filter(device_id__in=["ber-0000", "ber-0001"]).update(
+        state=RD.WAITING_FOR_WINDOW, window_opens_at=timezone.now() + timedelta(hours=2))
+    assignments.filter(device_id="ber-0002").update(state=RD.COMMITTED)
+    rollout_act(action="abort", rollout_id=waiting.pk, actor="user:ops")
+    states = dict(assignments.values_list("device_id", "state"))
+    # Parked, never activated: sent a directive for the release they run, which supersedes the
+    # parked update (no windows: it is carried out at once). The committed one keeps the release.
+    assert (states["ber-0000"], states["ber-0001"], states["ber-0002"]) == (RD.REVERTING, RD.REVERTING, RD.COMMITTED)
+    cancels = Directive.objects.filter(rollout=waiting, kind="revert")
+    assert {d.device_id for d in cancels} == {"ber-0000", "ber-0001"} and all("windows" not in payload_of(d) for d in cancels)
+    entry = AuditEntry.objects.get(object_id=str(waiting.pk), action="rollout.abort")
+    assert entry.detail["waiting_for_window_cancelled"] == 2
+    waiting.refresh_from_db()
+    assert waiting.state == "aborted" and waiting.reverted_at is None
+
+
 def test_it_keeps_the_reconciler_from_judging_a_parked_update_by_what_runs(waiting):
     seq = seqs(waiting)["ber-0002"]
     parked = presence_payload(online=True, agent_version="1.0",

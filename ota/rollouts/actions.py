@@ -170,8 +170,10 @@ def rollout_abort(*, rollout_id: int, actor: str, reason: str = "") -> Rollout:
         rollout = rollout_locked(rollout_id)
         rollout_require_state(rollout, BY_NAME["abort"])
         before = audit_values(rollout, STATE_FIELDS + ["finished_at"])
-        rollout_halt(rollout, reason=reason or f"aborted by {actor}")
-        audit_record(actor=actor, action="rollout.abort", obj=rollout, reason=reason, before=before)
+        cancelled = rollout_halt(rollout, reason=reason or f"aborted by {actor}")
+        audit_record(actor=actor, action="rollout.abort", obj=rollout, reason=reason, before=before,
+                     detail={"waiting_for_window_cancelled": cancelled["revert_directives"]}
+                     if cancelled["revert_directives"] else None)
     return rollout
 
 

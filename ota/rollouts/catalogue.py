@@ -112,7 +112,8 @@ ACTIONS: tuple[RolloutAction, ...] = (
         verb="abort", past="aborted",
         summary="stop the rollout; devices not yet directed are skipped",
         label="Abort", style="danger",
-        confirm="Abort rollout #{rollout}? Nothing more is sent; devices already on {release} keep it.",
+        confirm="Abort rollout #{rollout}? Nothing more is sent; devices already on {release} keep it, and "
+        "devices waiting for a maintenance window to activate it are told to stay on what they run.",
     ),
     RolloutAction(
         name="rollback", function="rollout_rollback",

@@ -151,7 +151,9 @@ def _gate_trip(rollout: Rollout, wave: Wave, reason: str, figures: dict, *, gate
         rollout_set_state(rollout, Rollout.State.PAUSED, why)
         audit_record(actor=SYSTEM, action="rollout.auto_pause", obj=rollout, reason=why, detail=detail)
         return
-    rollout_halt(rollout, reason=why)
+    cancelled = rollout_halt(rollout, reason=why)
+    if cancelled["revert_directives"]:
+        detail["waiting_for_window_cancelled"] = cancelled["revert_directives"]
     if policy == Rollout.AbortPolicy.REVERT:
         detail.update(rollout_revert_devices(rollout))
     audit_record(

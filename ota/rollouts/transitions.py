@@ -69,8 +69,14 @@ def rollout_set_state(rollout: Rollout, state: str, reason: str) -> None:
     rollout.save(update_fields=fields)
 
 
-def rollout_halt(rollout: Rollout, *, reason: str) -> None:
+def rollout_halt(rollout: Rollout, *, reason: str) -> dict:
+    """Stop the rollout (aborted): withdraw directives not picked up, skip devices not yet sent,
+    halt the wave, and cancel updates parked until a maintenance window opens: those devices
+    downloaded the release but have not activated it, and an aborted rollout must not switch
+    them hours later, so each gets a directive for the release it runs (a revert, which
+    supersedes the parked update and changes nothing on the box). Returns what that sent."""
     now = timezone.now()
+    cancelled = rollout_revert_devices(rollout, states=(RD.WAITING_FOR_WINDOW,), stamp=False)
     # Directed but silent (typically offline): take the directive back so they never install a
     # release the rollout gave up on. A revert, if any, then publishes over the cleared topic.
     directives_withdraw(
@@ -87,15 +93,20 @@ def rollout_halt(rollout: Rollout, *, reason: str) -> None:
         state=Wave.State.HALTED, finished_at=now
     )
     rollout_set_state(rollout, Rollout.State.ABORTED, reason)
+    return cancelled
 
 
-def rollout_revert_devices(rollout: Rollout) -> dict:
-    """New directives pointing each touched device back at the release it ran before."""
+def rollout_revert_devices(rollout: Rollout, *, states=RolloutDevice.TOUCHED, stamp: bool = True) -> dict:
+    """New directives pointing each touched device (or each in `states`) back at the release it
+    ran before. Reverts never carry maintenance windows: sending a device back must not wait.
+    `stamp`: record the rollout as reverted (a full revert, not the halt's cancelling)."""
     candidates = list(
         RolloutDevice.objects.filter(
-            rollout=rollout, state__in=RolloutDevice.TOUCHED
+            rollout=rollout, state__in=states
         ).select_related("device", "previous_version__model")
     )
+    if not candidates and not stamp:
+        return {"revert_directives": 0}
     requests, sent, without_previous, below_floor = [], [], [], []
     refused: dict[str, str] = {}  # device -> why its previous release may not be sent (revoked, expired)
     floor = rollout.release.rollback_floor
@@ -135,8 +146,9 @@ def rollout_revert_devices(rollout: Rollout) -> dict:
             RolloutDevice.objects.filter(
                 pk__in=[a.pk for a in candidates if refused.get(a.device_id) == code]
             ).update(detail=f"cannot revert: the previous release is {code.removeprefix('release_')}")
-    rollout.reverted_at = now
-    rollout.save(update_fields=["reverted_at"])
+    if stamp:
+        rollout.reverted_at = now
+        rollout.save(update_fields=["reverted_at"])
     return {
         "revert_directives": len(issued),
         "no_previous_release": without_previous[:100],
