@@ -372,6 +372,8 @@ def test_it_documents_windows_start_at_and_window_opens_at_in_the_schema(tmp_pat
     assert create_props["label_windows"]["items"]["required"] == ["labels", "windows"]
     assert create_props["start_at"]["format"] == "date-time"
     assert "window_opens_at" in schemas["RolloutDevice"]["properties"]
+    wait = schemas["RolloutDetail"]["properties"]["waiting_for_window"]["allOf"][0]["$ref"].rsplit("/", 1)[1]
+    assert set(schemas[wait]["properties"]) == {"devices", "next_opening", "last_opening"}
     assert any("scheduled" in schema.get("enum", []) for schema in schemas.values())
     assert any("waiting_for_window" in schema.get("enum", []) for schema in schemas.values())
 

@@ -13,7 +13,8 @@ RD = RolloutDevice.State
 
 def rollout_summary(rollout: Rollout) -> dict:
     """Per wave and overall: counts by device state and by state group (committed, failed,
-    in_flight, waiting; the groups of RolloutDevice), for the API, the CLI and the UI."""
+    in_flight, waiting, waiting_for_window; the groups of RolloutDevice), how the artifact was
+    delivered, and the devices waiting for a maintenance window, for the API, the CLI and the UI."""
     per_wave: dict[int, Counter] = {}
     for wave_id, state, n in (
         RolloutDevice.objects.filter(rollout=rollout).values_list("wave_id", "state").annotate(n=Count("id")).order_by()

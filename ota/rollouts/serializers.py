@@ -80,9 +80,36 @@ class RolloutSerializer(serializers.ModelSerializer):
         ]
 
 
+class DeliverySerializer(serializers.Serializer):
+    delta_devices = serializers.IntegerField(help_text="devices that said they installed from a delta")
+    full_devices = serializers.IntegerField(help_text="devices that said they downloaded the full artifact")
+    bytes_downloaded = serializers.IntegerField(help_text="bytes those devices fetched")
+    bytes_saved = serializers.IntegerField(help_text="full artifact lengths of the delta devices less what they fetched")
+
+
+class WindowWaitSerializer(serializers.Serializer):
+    devices = serializers.IntegerField(help_text="devices downloaded and waiting for a maintenance window")
+    next_opening = serializers.DateTimeField(allow_null=True, help_text="the earliest opening they reported")
+    last_opening = serializers.DateTimeField(allow_null=True, help_text="the latest opening they reported")
+
+
 class RolloutDetailSerializer(RolloutSerializer):
+    # Filled in by to_representation from rollout_summary (one pass over the assignments for all
+    # its figures); declared here so that the OpenAPI schema documents them.
+    delivery = serializers.SerializerMethodField()
+    waiting_for_window = serializers.SerializerMethodField()
+
     class Meta(RolloutSerializer.Meta):
-        fields = RolloutSerializer.Meta.fields + ["target", "gates", "incompatible", "windows", "label_windows"]
+        fields = RolloutSerializer.Meta.fields + ["target", "gates", "incompatible", "windows", "label_windows",
+                                                  "delivery", "waiting_for_window"]
+
+    @extend_schema_field(DeliverySerializer)
+    def get_delivery(self, obj):
+        return None  # rollout_summary's
+
+    @extend_schema_field(WindowWaitSerializer)
+    def get_waiting_for_window(self, obj):
+        return None  # rollout_summary's
 
     def to_representation(self, instance):
         data = super().to_representation(instance)
