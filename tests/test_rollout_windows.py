@@ -405,6 +405,8 @@ def test_it_takes_windows_and_a_start_time_in_the_wizard_and_shows_them_on_the_r
     rollout = Rollout.objects.get()
     assert rollout.windows == [BERLIN] and rollout.label_windows == [{"labels": {"site": "tokyo"}, "windows": [TOKYO]}]
 
+    page = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
+    assert f"It is scheduled: nothing is sent before {rollout.start_at:%Y-%m-%d %H:%M:%S} UTC." in page
     rollout_start(rollout_id=rollout.pk, actor="user:ops")
     page = client.get(reverse("web:rollout_live", args=[rollout.pk])).content.decode()
     assert "Scheduled: starts at" in page and BERLIN in page and 'data-action="unschedule"' in page

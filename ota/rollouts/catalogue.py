@@ -58,7 +58,7 @@ ACTIONS: tuple[RolloutAction, ...] = (
         "scheduled and the engine starts it then",
         label="Start", style="",
         confirm="Start rollout #{rollout}? {release} goes to {devices} devices in {waves} waves, "
-        "beginning with {wave} (at its scheduled start time, if it has one ahead).",
+        "beginning with {wave}.",
     ),
     RolloutAction(
         name="unschedule", function="rollout_unschedule",

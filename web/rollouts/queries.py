@@ -24,7 +24,7 @@ def confirm_text(rollout, action: RolloutAction, live: dict) -> str:
         f"wave {current['number']} ({current['name'] or 'unnamed'}, {current['size']} devices)"
         if current else "the current wave"
     )
-    return action.confirm.format(
+    text = action.confirm.format(
         rollout=rollout.pk,
         release=f"{rollout.model.name}@{rollout.release.version}",
         devices=live["overall"]["devices"],
@@ -33,6 +33,9 @@ def confirm_text(rollout, action: RolloutAction, live: dict) -> str:
         Wave=wave[0].upper() + wave[1:],
         failed=live["progress"]["failed"],
     )
+    if action.name == "start" and rollout.start_at and rollout.start_at > timezone.now():
+        text += f" It is scheduled: nothing is sent before {rollout.start_at:%Y-%m-%d %H:%M:%S} UTC."
+    return text
 
 
 def rollout_live(rollout) -> dict:
