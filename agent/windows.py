@@ -116,7 +116,7 @@ def parse_window(text: object, where: str = "window") -> Window:
     if zone is not None:
         try:
             ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder of the database ("America")
             raise WindowError(f"{where}: {zone!r} is not a known time zone (an IANA name such as Europe/Berlin "
                               "or UTC)") from None
     return Window(text=text.strip(), days=days, start=start, end=end, zone=zone)

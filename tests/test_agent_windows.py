@@ -57,6 +57,7 @@ def test_it_reads_days_times_and_zones():
     ("02:00-02:00 UTC", "opens and closes at the same time"),
     ("02:00-03:00 Mars/Olympus_Mons", "'Mars/Olympus_Mons' is not a known time zone"),
     ("02:00-03:00 ../../etc/passwd", "is not a known time zone"),
+    ("02:00-03:00 America", "'America' is not a known time zone"),
     ("at night", "is not a window; write [DAYS] HH:MM-HH:MM [ZONE]"),
     ("x" * 101, "longer than 100 characters"),
     (7, "must be a string"),
