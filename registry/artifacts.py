@@ -1,6 +1,6 @@
-"""Artifacts: the artifact store, uploading a file to a draft (hashing, size budget, format and
-ONNX checks, the version's health contract against the model's inputs and outputs, then store
-and row together or neither), and deleting one from a draft."""
+"""Artifacts: the artifact store, uploading a file to a draft (hashing, size budget, format check,
+ONNX and TFLite model checks, the version's health contract against the model's inputs and
+outputs, then store and row together or neither), and deleting one from a draft."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import hashlib
 import logging
 import re
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from django.core.files.storage import storages
 from django.db import transaction
@@ -54,6 +57,60 @@ def _digest_of(upload) -> tuple[str, int]:
         length += len(chunk)
     upload.seek(0)
     return digest.hexdigest(), length
+
+
+def _onnx_reader():
+    # Imported here: onnx + numpy cost ~25 MB that workers not validating uploads never need.
+    from registry.onnx_check import OnnxInvalid, onnx_io, onnx_validate
+
+    return onnx_validate, OnnxInvalid, onnx_io
+
+
+def _tflite_reader():
+    from registry.tflite_check import TfliteInvalid, tflite_validate
+
+    return tflite_validate, TfliteInvalid, lambda declared: declared  # validate returns (inputs, outputs)
+
+
+@dataclass(frozen=True)
+class _ModelCheck:
+    """What _model_check needs to know of one model format."""
+
+    label: str  # the format as messages spell it
+    is_not: str  # what a file that fails validation is said not to be
+    code: str  # the error code of both refusals
+    # Imports the format's reader and returns (validate: path -> model, the error validate raises,
+    # model -> (inputs, outputs)).
+    reader: Callable[[], tuple[Callable[[str], Any], type[Exception], Callable[[Any], tuple]]]
+
+
+# The formats whose uploads are read and checked; the others are stored as sent.
+_MODEL_CHECKS = {
+    Artifact.Format.ONNX: _ModelCheck("ONNX", "a valid ONNX model", "invalid_onnx", _onnx_reader),
+    Artifact.Format.TFLITE: _ModelCheck("TFLite", "a TFLite model", "invalid_tflite", _tflite_reader),
+}
+
+
+def _model_check(
+    check: _ModelCheck, *, format: str, upload, version: ModelVersion, hardware: HardwareTarget
+) -> None:
+    """Refuse (ApiError check.code) an upload that is not spooled to disk or is not a valid model
+    of its format; then hold the version's health contract against the model's declared inputs
+    and outputs (health_contract_check_model, which raises its own refusal)."""
+    validate, invalid, declared_io = check.reader()
+    path = getattr(upload, "temporary_file_path", None)
+    if path is None:
+        raise ApiError(f"{check.label} validation needs the upload spooled to disk.", code=check.code)
+    try:
+        model = validate(path())
+    except invalid as exc:
+        raise ApiError(
+            f"The file claims format {format} but is not {check.is_not}: {exc}", code=check.code
+        ) from None
+    # A contract given at version create is held against each model as it arrives.
+    health_contract_check_model(
+        version.health, *declared_io(model), where=f"uploaded for hardware '{hardware.id}'"
+    )
 
 
 def artifact_upload(
@@ -145,36 +202,9 @@ def artifact_upload(
             raise Conflict(
                 f"{version} already has an artifact for hardware '{hardware.id}'.", code="artifact_exists"
             )
-        if format == Artifact.Format.ONNX:
-            # Imported here: onnx + numpy cost ~25 MB that workers not validating uploads never need.
-            from registry.onnx_check import OnnxInvalid, onnx_io, onnx_validate
-
-            path = getattr(upload, "temporary_file_path", None)
-            if path is None:
-                raise ApiError("ONNX validation needs the upload spooled to disk.", code="invalid_onnx")
-            try:
-                skeleton = onnx_validate(path())
-            except OnnxInvalid as exc:
-                raise ApiError(
-                    f"The file claims format onnx but is not a valid ONNX model: {exc}", code="invalid_onnx"
-                ) from None
-            # A contract given at version create is held against each model as it arrives.
-            health_contract_check_model(
-                version.health, *onnx_io(skeleton), where=f"uploaded for hardware '{hardware.id}'"
-            )
-        elif format == Artifact.Format.TFLITE:
-            from registry.tflite_check import TfliteInvalid, tflite_validate
-
-            path = getattr(upload, "temporary_file_path", None)
-            if path is None:
-                raise ApiError("TFLite validation needs the upload spooled to disk.", code="invalid_tflite")
-            try:
-                declared = tflite_validate(path())
-            except TfliteInvalid as exc:
-                raise ApiError(
-                    f"The file claims format tflite but is not a TFLite model: {exc}", code="invalid_tflite"
-                ) from None
-            health_contract_check_model(version.health, *declared, where=f"uploaded for hardware '{hardware.id}'")
+        check = _MODEL_CHECKS.get(format)
+        if check is not None:
+            _model_check(check, format=format, upload=upload, version=version, hardware=hardware)
 
         file_name = get_valid_filename(Path(upload.name or "").name) or f"{hardware.id}.{format}"
         key = f"{version.model.name}/{version.version}/{hardware.id}/{uuid.uuid4().hex}/{file_name}"
