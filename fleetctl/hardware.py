@@ -14,9 +14,8 @@ from fleetctl.common import (
     client_from_args,
     common_options,
     eprint,
-    print_json,
-    print_table,
 )
+from fleetctl.output import print_listing, print_result
 from fleetctl.progress import human_bytes
 
 
@@ -32,23 +31,19 @@ def cmd_hardware_create(args: argparse.Namespace) -> int:
             raise
         eprint(f"hardware {args.id} exists already; left as it is (--if-missing)")
         return EXIT_OK
-    if args.json:
-        print_json(created)
-    else:
-        print(f"created hardware {created['id']} (artifacts up to {human_bytes(created['max_artifact_bytes'])})")
-    return EXIT_OK
+    return print_result(
+        created, as_json=args.json,
+        line=lambda r: f"created hardware {r['id']} (artifacts up to {human_bytes(r['max_artifact_bytes'])})",
+    )
 
 
 def cmd_hardware_list(args: argparse.Namespace) -> int:
-    rows = client_from_args(args).get_all(f"{API}/hardware/")
-    if args.json:
-        print_json(rows)
-        return EXIT_OK
-    print_table(
-        [{**r, "max": human_bytes(r.get("max_artifact_bytes") or 0)} for r in rows],
+    return print_listing(
+        client_from_args(args).get_all(f"{API}/hardware/"),
         [("id", "ID"), ("max", "MAX ARTIFACT"), ("description", "DESCRIPTION")],
+        as_json=args.json,
+        computed={"max": lambda r: human_bytes(r.get("max_artifact_bytes") or 0)},
     )
-    return EXIT_OK
 
 
 def add_parser(sub) -> None:

@@ -19,9 +19,8 @@ from fleetctl.common import (
     client_from_args,
     common_options,
     eprint,
-    print_json,
-    print_table,
 )
+from fleetctl.output import print_listing, print_result
 
 
 def public_path_for(private_path: Path) -> Path:
@@ -87,34 +86,23 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{args.public_key}: cannot read the public key: {exc}") from None
     row = client_from_args(args).post(f"{API}/keys/", {"role": "release", "public_key_pem": pem})
-    if args.json:
-        print_json(row)
-    else:
-        print(f"registered release key {row['keyid']}")
-    return EXIT_OK
+    return print_result(row, as_json=args.json, line=lambda r: f"registered release key {r['keyid']}")
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    rows = client_from_args(args).get_all(f"{API}/keys/registered/")
-    if args.json:
-        print_json(rows)
-        return EXIT_OK
-    print_table(
-        [{**r, "state": f"revoked {r['revoked_at']}" if r.get("revoked_at") else "active"} for r in rows],
+    return print_listing(
+        client_from_args(args).get_all(f"{API}/keys/registered/"),
         [("keyid", "KEY ID"), ("role", "ROLE"), ("state", "STATE"), ("created_at", "CREATED"), ("created_by", "BY")],
+        as_json=args.json,
+        computed={"state": lambda r: f"revoked {r['revoked_at']}" if r.get("revoked_at") else "active"},
     )
-    return EXIT_OK
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     row = client_from_args(args).post(
         f"{API}/keys/registered/{path_quote(args.keyid)}/revoke", {"reason": args.reason or ""}
     )
-    if args.json:
-        print_json(row)
-    else:
-        print(f"revoked release key {row['keyid']}")
-    return EXIT_OK
+    return print_result(row, as_json=args.json, line=lambda r: f"revoked release key {r['keyid']}")
 
 
 def add_parser(sub, *, extra_actions=()) -> None:
