@@ -81,6 +81,11 @@ class FleetClient:
         self.port = parts.port
         # A server mounted under a path prefix (https://host/fleet) keeps working.
         self.prefix = parts.path.rstrip("/")
+        token = token.strip()  # a trailing newline from a file or `$(cat ...)` is not part of it
+        if not token or any(c.isspace() or not c.isprintable() for c in token):
+            # e.g. FLEET_TOKEN=$(... 2>&1) caught a message along with the token: say so, not a traceback
+            raise ConfigError("the API token contains spaces, line breaks or control characters; "
+                              "set FLEET_TOKEN (or --token) to the token alone")
         self.token = token
         self.timeout = timeout
 

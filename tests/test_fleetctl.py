@@ -369,6 +369,8 @@ def test_it_rejects_bad_usage_with_exit_code_2(tmp_path):
          "must be 64 hex characters"),
         (["push", "--model", "m", "--artifact", f"a={model}"], "the following arguments are required: --version"),
         (["versions", "m", "--url", "ftp://example.com"], "server URL must look like http(s)://host[:port]"),
+        # FLEET_TOKEN=$(manage.py tokens create ... 2>&1) catches the message along with the token.
+        (["versions", "m", "--token", "mf_abc\ncreated ci token 'x'"], "the API token contains spaces, line breaks"),
     ]
     for argv, message in cases:
         result = run_fleetctl(*argv, env=env)
