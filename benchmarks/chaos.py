@@ -23,7 +23,6 @@ import json
 import os
 import platform as pyplatform
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "chaos.json"
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("SECRET_KEY", "benchmark-only")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/modelfleet")
 
@@ -58,145 +56,129 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave the results file alone")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
-    keys = workdir / "keys"
-    keys.mkdir()
-    from agent.signing import generate_private_key_pem
+    from benchmarks._setup import throwaway_database, throwaway_workdir
 
-    for role in ("release", "rollout"):
-        (keys / f"{role}.pem").write_bytes(generate_private_key_pem())
-        (keys / f"{role}.pem").chmod(0o600)
-    os.environ.update(
-        RELEASE_KEY_PATH=str(keys / "release.pem"), ROLLOUT_KEY_PATH=str(keys / "rollout.pem"),
-        ARTIFACT_DIR=str(workdir / "artifacts"), UPLOAD_TEMP_DIR=str(workdir / "tmp"), LOG_LEVEL="WARNING",
-    )
+    workdir = throwaway_workdir("bench-chaos-", signing_keys=True)
+    with throwaway_database(
+        postgresql_because="the chaos benchmark needs PostgreSQL (several processes share the database)",
+        plain_static_files=True, announce=log,
+    ):
+        from django.conf import settings
+        from django.test import Client
 
-    import django
+        broker = redis = plat = None
+        try:
+            from ota.models import Device, DeviceEvent, Rollout, RolloutDevice
+            from ota.rollouts.actions import rollout_start
+            from ota.rollouts.create import rollout_create
+            from registry.models import ApiToken
+            from tests.support.broker_auth import start_secure_broker
+            from tests.support.chaos import Storm, directives_per_wave, event_gaps, events_missing
+            from tests.support.platform import Platform
+            from tests.support.redis_server import RedisServer
+            from tests.support.rollout_data import health_for, release
 
-    django.setup()
-    from django.conf import settings
-    from django.db import connection
-    from django.test import Client
+            broker = start_secure_broker(workdir / "broker", persistent=True)
+            broker.apply(settings)
+            redis = RedisServer(workdir / "redis").start()
+            secret = ApiToken.new_secret()
+            ApiToken.objects.create(name="bench", scope="admin", prefix=secret[:8], token_hash=ApiToken.hash_secret(secret))
 
-    if connection.vendor != "postgresql":
-        raise SystemExit("the chaos benchmark needs PostgreSQL (several processes share the database)")
-    settings.STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
-    log("creating the throw-away database")
-    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
-    broker = redis = plat = None
-    try:
-        from ota.models import Device, DeviceEvent, Rollout, RolloutDevice
-        from ota.rollouts.actions import rollout_start
-        from ota.rollouts.create import rollout_create
-        from registry.models import ApiToken
-        from tests.support.broker_auth import start_secure_broker
-        from tests.support.chaos import Storm, directives_per_wave, event_gaps, events_missing
-        from tests.support.platform import Platform
-        from tests.support.redis_server import RedisServer
-        from tests.support.rollout_data import health_for, release
+            class _Token:
+                headers = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
 
-        broker = start_secure_broker(workdir / "broker", persistent=True)
-        broker.apply(settings)
-        redis = RedisServer(workdir / "redis").start()
-        secret = ApiToken.new_secret()
-        ApiToken.objects.create(name="bench", scope="admin", prefix=secret[:8], token_hash=ApiToken.hash_secret(secret))
+            client = Client()
+            release(client, _Token, "detector", "1.0", scale=2.0, bias=1.0, health=health_for(2.0, 1.0))
+            release(client, _Token, "detector", "2.0", scale=0.5, bias=0.0, health=health_for(0.5, 0.0))
 
-        class _Token:
-            headers = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+            plat = Platform(workdir, broker=broker, redis_url=redis.url, tick_seconds=1,
+                            extra_env={"LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING")})
+            plat.__enter__()
+            storm = Storm(platform=plat, broker=broker, redis=redis)
+            storm.start_server()
+            log(f"enrolling and connecting {args.devices} simulated devices")
+            plat._spawn("simulator", [
+                sys.executable, "manage.py", "simulate_fleet", "--devices", str(args.devices), "--hardware", "rpi4",
+                "--label", "site=bench", "--step-seconds", "0.2",
+            ])
+            wait_until(lambda: Device.objects.filter(online=True).count() >= args.devices, args.timeout,
+                       "every simulated device to come online", plat)
 
-        client = Client()
-        release(client, _Token, "detector", "1.0", scale=2.0, bias=1.0, health=health_for(2.0, 1.0))
-        release(client, _Token, "detector", "2.0", scale=0.5, bias=0.0, health=health_for(0.5, 0.0))
+            def rollout(version: str, *, chaos: bool) -> dict:
+                r = rollout_create(
+                    model="detector", version=version, target={"labels": {"site": "bench"}},
+                    waves=[{"percent": 10}, {"percent": 50}, {"percent": 100}],
+                    gates={"success": {"min_healthy_percent": 100}, "soak_seconds": 5,
+                           "failure": {"min_reports": 5, "max_failed_percent": 5},
+                           "timeouts": {"download_seconds": 900, "activate_seconds": 900, "trial_seconds": 900}},
+                    abort_policy="pause", actor="benchmark")
+                running = lambda: Rollout.objects.get(pk=r.pk).state == "running"  # noqa: E731
+                rollout_start(rollout_id=r.pk, actor="benchmark")
+                kills = storm.run(rounds=args.rounds, while_=running, stop_early=True) if chaos else []
+                wait_until(lambda: not running(), args.timeout, f"rollout of {version} to finish", plat)
+                r.refresh_from_db()
+                states = dict(RolloutDevice.objects.filter(rollout=r).values_list("device_id", "state"))
+                twice = sum(1 for seqs in directives_per_wave(r.pk).values() if len(seqs) != 1)
+                result = {
+                    "version": version, "state": r.state, "reason": r.state_reason,
+                    # From the database: the storm's last round may go on after the rollout finished.
+                    "seconds": round((r.finished_at - r.started_at).total_seconds(), 1),
+                    "devices": len(states),
+                    "committed": sum(s == "committed" for s in states.values()),
+                    "devices_signed_two_directives_for_one_wave": twice,
+                    "events_stored": DeviceEvent.objects.filter(rollout_id=str(r.pk)).count(),
+                    "updates_missing_events": events_missing(r.pk),
+                }
+                # What the database holds for those devices, to tell where an event went missing.
+                result["missing_detail"] = {
+                    d: {"assignment": RolloutDevice.objects.filter(rollout=r, device_id=d).values(
+                            "state", "seq", "detail", "finished_at").first(),
+                        "events": list(DeviceEvent.objects.filter(device_id=d).order_by("event_no").values_list(
+                            "event_no", "seq", "state", "received_at"))}
+                    for d in list(result["updates_missing_events"])[:5]}
+                if chaos:
+                    result["kills"] = kills
+                    result["kills_mid_rollout"] = sum(1 for k in kills if k["mid_rollout"])
+                log(json.dumps(result))
+                return result
 
-        plat = Platform(workdir, broker=broker, redis_url=redis.url, tick_seconds=1,
-                        extra_env={"LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING")})
-        plat.__enter__()
-        storm = Storm(platform=plat, broker=broker, redis=redis)
-        storm.start_server()
-        log(f"enrolling and connecting {args.devices} simulated devices")
-        plat._spawn("simulator", [
-            sys.executable, "manage.py", "simulate_fleet", "--devices", str(args.devices), "--hardware", "rpi4",
-            "--label", "site=bench", "--step-seconds", "0.2",
-        ])
-        wait_until(lambda: Device.objects.filter(online=True).count() >= args.devices, args.timeout,
-                   "every simulated device to come online", plat)
-
-        def rollout(version: str, *, chaos: bool) -> dict:
-            r = rollout_create(
-                model="detector", version=version, target={"labels": {"site": "bench"}},
-                waves=[{"percent": 10}, {"percent": 50}, {"percent": 100}],
-                gates={"success": {"min_healthy_percent": 100}, "soak_seconds": 5,
-                       "failure": {"min_reports": 5, "max_failed_percent": 5},
-                       "timeouts": {"download_seconds": 900, "activate_seconds": 900, "trial_seconds": 900}},
-                abort_policy="pause", actor="benchmark")
-            running = lambda: Rollout.objects.get(pk=r.pk).state == "running"  # noqa: E731
-            rollout_start(rollout_id=r.pk, actor="benchmark")
-            kills = storm.run(rounds=args.rounds, while_=running, stop_early=True) if chaos else []
-            wait_until(lambda: not running(), args.timeout, f"rollout of {version} to finish", plat)
-            r.refresh_from_db()
-            states = dict(RolloutDevice.objects.filter(rollout=r).values_list("device_id", "state"))
-            twice = sum(1 for seqs in directives_per_wave(r.pk).values() if len(seqs) != 1)
+            baseline = rollout("1.0", chaos=False)
+            chaos = rollout("2.0", chaos=True)
+            gaps = event_gaps(Device.objects.values_list("id", flat=True))
+            ok = (chaos["state"] == "completed" and chaos["committed"] == chaos["devices"]
+                  and chaos["devices_signed_two_directives_for_one_wave"] == 0 and not gaps
+                  and not chaos["updates_missing_events"])
             result = {
-                "version": version, "state": r.state, "reason": r.state_reason,
-                # From the database: the storm's last round may go on after the rollout finished.
-                "seconds": round((r.finished_at - r.started_at).total_seconds(), 1),
-                "devices": len(states),
-                "committed": sum(s == "committed" for s in states.values()),
-                "devices_signed_two_directives_for_one_wave": twice,
-                "events_stored": DeviceEvent.objects.filter(rollout_id=str(r.pk)).count(),
-                "updates_missing_events": events_missing(r.pk),
+                "benchmark": "chaos",
+                "command": "make bench-chaos  (.venv/bin/python benchmarks/chaos.py)",
+                "measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "machine": {"cpus": os.cpu_count(), "python": pyplatform.python_version(),
+                            "platform": pyplatform.platform()},
+                "setup": {"devices": args.devices, "waves": "10% -> 50% -> 100%, 5 s soak",
+                          "storm": f"worker, beat, ingest, redis, broker SIGKILLed in turn, {storm.down_seconds} s "
+                                   f"down each, {storm.between_seconds} s apart, up to {args.rounds} rounds",
+                          "processes": "1 celery worker (-P solo), celery beat (1 s tick), 1 mqtt_ingest, "
+                                       "1 simulate_fleet, mosquitto (dynamic security, persistence), redis"},
+                "baseline_without_kills": baseline,
+                "with_kills": chaos,
+                "slowdown_ratio": round(chaos["seconds"] / baseline["seconds"], 2) if baseline["seconds"] else None,
+                "devices_with_lost_events": len(gaps),
+                "lost_events": sum(map(len, gaps.values())),
+                "passed": ok,
             }
-            # What the database holds for those devices, to tell where an event went missing.
-            result["missing_detail"] = {
-                d: {"assignment": RolloutDevice.objects.filter(rollout=r, device_id=d).values(
-                        "state", "seq", "detail", "finished_at").first(),
-                    "events": list(DeviceEvent.objects.filter(device_id=d).order_by("event_no").values_list(
-                        "event_no", "seq", "state", "received_at"))}
-                for d in list(result["updates_missing_events"])[:5]}
-            if chaos:
-                result["kills"] = kills
-                result["kills_mid_rollout"] = sum(1 for k in kills if k["mid_rollout"])
-            log(json.dumps(result))
-            return result
-
-        baseline = rollout("1.0", chaos=False)
-        chaos = rollout("2.0", chaos=True)
-        gaps = event_gaps(Device.objects.values_list("id", flat=True))
-        ok = (chaos["state"] == "completed" and chaos["committed"] == chaos["devices"]
-              and chaos["devices_signed_two_directives_for_one_wave"] == 0 and not gaps
-              and not chaos["updates_missing_events"])
-        result = {
-            "benchmark": "chaos",
-            "command": "make bench-chaos  (.venv/bin/python benchmarks/chaos.py)",
-            "measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "machine": {"cpus": os.cpu_count(), "python": pyplatform.python_version(),
-                        "platform": pyplatform.platform()},
-            "setup": {"devices": args.devices, "waves": "10% -> 50% -> 100%, 5 s soak",
-                      "storm": f"worker, beat, ingest, redis, broker SIGKILLed in turn, {storm.down_seconds} s "
-                               f"down each, {storm.between_seconds} s apart, up to {args.rounds} rounds",
-                      "processes": "1 celery worker (-P solo), celery beat (1 s tick), 1 mqtt_ingest, "
-                                   "1 simulate_fleet, mosquitto (dynamic security, persistence), redis"},
-            "baseline_without_kills": baseline,
-            "with_kills": chaos,
-            "slowdown_ratio": round(chaos["seconds"] / baseline["seconds"], 2) if baseline["seconds"] else None,
-            "devices_with_lost_events": len(gaps),
-            "lost_events": sum(map(len, gaps.values())),
-            "passed": ok,
-        }
-        print(json.dumps(result, indent=2))
-        if not args.no_write:
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-            log(f"wrote {RESULTS.relative_to(ROOT)}")
-        return 0 if ok else 1
-    finally:
-        if plat is not None:
-            plat.stop_all()
-        if broker is not None:
-            broker.stop()
-        if redis is not None:
-            redis.stop()
-        connection.creation.destroy_test_db(old_name, verbosity=0)
+            print(json.dumps(result, indent=2))
+            if not args.no_write:
+                RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+                log(f"wrote {RESULTS.relative_to(ROOT)}")
+            return 0 if ok else 1
+        finally:
+            if plat is not None:
+                plat.stop_all()
+            if broker is not None:
+                broker.stop()
+            if redis is not None:
+                redis.stop()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import platform as pyplatform
 import random
 import resource
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,19 +48,13 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-gates-"))
-    os.environ.update(ARTIFACT_DIR=str(workdir / "artifacts"), UPLOAD_TEMP_DIR=str(workdir / "tmp"), LOG_LEVEL="WARNING")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-    import django
+    from benchmarks._setup import throwaway_database, throwaway_workdir
 
-    django.setup()
-    from django.db import connection
-    from django.utils import timezone
+    throwaway_workdir("bench-gates-")
+    with throwaway_database(postgresql_because="run it on PostgreSQL, as a fleet of this size would"):
+        from django.db import connection
+        from django.utils import timezone
 
-    if connection.vendor != "postgresql":
-        raise SystemExit("run it on PostgreSQL, as a fleet of this size would")
-    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
-    try:
         from agent.metrics.aggregate import Window
         from agent.protocol import format_time, utcnow
         from ota.models import Device, DeviceModelState, ModelMetricsHour, Rollout, RolloutDevice, Wave
@@ -181,8 +174,6 @@ def main() -> int:
             RESULTS.write_text(json.dumps(result, indent=2) + "\n")
             log(f"wrote {RESULTS.relative_to(ROOT)}")
         return 0 if outcome == "gate-tripped" else 1
-    finally:
-        connection.creation.destroy_test_db(old_name, verbosity=0)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "device_list.json"
 TARGET_MS = 300
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("SECRET_KEY", "benchmark-only")
 
 
@@ -83,15 +82,13 @@ def make_rollout(versions, keys_dir: Path) -> int:
     """A release signed with throw-away keys and a rollout over every device, part-way through."""
     from django.conf import settings
 
-    from agent.signing import generate_private_key_pem
+    from benchmarks._setup import throwaway_keys
     from ota.models import Rollout, RolloutDevice
     from ota.rollouts.create import rollout_create
     from registry.models import Artifact, HardwareTarget
     from registry.releases import version_release
 
-    for role in ("release", "rollout"):
-        (keys_dir / f"{role}.pem").write_bytes(generate_private_key_pem())
-    settings.RELEASE_KEY_PATH, settings.ROLLOUT_KEY_PATH = keys_dir / "release.pem", keys_dir / "rollout.pem"
+    settings.RELEASE_KEY_PATH, settings.ROLLOUT_KEY_PATH = throwaway_keys(keys_dir)
     draft = versions[0].model.versions.create(version="2.0.0", counter=99)
     for i, hw in enumerate(HardwareTarget.objects.all()):
         Artifact.objects.create(version=draft, hardware=hw, format="onnx", file_name="m.onnx", length=1000 + i,
@@ -135,18 +132,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
 
-    import django
+    from benchmarks._setup import throwaway_database
 
-    django.setup()
-    from django.conf import settings
-    from django.db import connection
-    from django.test import Client
-    from django.test.utils import CaptureQueriesContext, setup_test_environment, teardown_test_environment
+    with throwaway_database(plain_static_files=True, test_environment=True):
+        from django.db import connection
+        from django.test import Client
+        from django.test.utils import CaptureQueriesContext
 
-    settings.STORAGES = {**settings.STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
-    setup_test_environment()
-    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
-    try:
         started = time.perf_counter()
         data = fill(args.devices)
         fill_seconds = time.perf_counter() - started
@@ -170,9 +162,6 @@ def main() -> int:
         with CaptureQueriesContext(connection) as queries:
             client.get("/devices/")
         query_count = len(queries.captured_queries)
-    finally:
-        connection.creation.destroy_test_db(old_name, verbosity=0)
-        teardown_test_environment()
 
     first = results["first_page"]["median_ms"]
     report = {

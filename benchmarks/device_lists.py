@@ -50,7 +50,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "device_lists.json"
 TARGET_VALIDATE_MS = 1000
 TARGET_HEALTHZ_MS = 1000
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 os.environ.setdefault("SECRET_KEY", "benchmark-only")
 
 
@@ -235,53 +234,48 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4, help="gunicorn workers (deploy's WEB_WORKERS default: 4)")
     args = parser.parse_args()
 
-    import django
+    from benchmarks._setup import throwaway_database
 
-    django.setup()
-    from django.conf import settings
-    from django.db import connection
-    from django.test.utils import setup_test_environment, teardown_test_environment
+    with throwaway_database(test_environment=True):
+        from django.conf import settings
+        from django.db import connection
 
-    setup_test_environment()
-    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
-    server = None
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            started = time.perf_counter()
-            token = fill(args.devices)
-            with connection.cursor() as cursor:
-                if connection.vendor == "postgresql":
-                    cursor.execute("ANALYZE")
-            fill_seconds = time.perf_counter() - started
-            db = settings.DATABASES["default"]
-            database_url = os.environ.get("DATABASE_URL", "")
-            database_url = database_url.rsplit("/", 1)[0] + "/" + db["NAME"] if connection.vendor == "postgresql" \
-                else f"sqlite:///{db['NAME']}"
-            server = Server(database_url, tmp, args.workers)
-            for _ in range(2 * args.workers):  # warm-up: each worker's first request connects to the database
-                request(server.port, "GET", "/api/v1/rollouts/?limit=1", token=token)
-            results = {}
-            for name, definition in cases(args.devices).items():
-                body = json.dumps(definition).encode()
-                results[name] = {
-                    "ids": max(len(definition["target"].get("devices", [])),
-                               *(len(w.get("devices", [])) for w in definition["waves"])),
-                    **measure_case(server, token, body, args.runs),
-                    **validate_in_process(definition, args.runs),
-                    **reference(body, args.runs),
-                }
-            load = {kind: healthz_under_load(server, token, json.dumps(cases(args.devices)[kind]).encode())
-                    for kind in ("wave_75k_over_cap", "target_75k")}
-            server.stop()
-            # As many workers as heavy requests: /healthz waits for one of them to finish.
-            server = Server(database_url, tmp, 2)
-            every_worker_busy = healthz_under_load(server, token, json.dumps(cases(args.devices)["target_75k"]).encode())
-    finally:
-        if server is not None:
-            server.stop()
-        connection.creation.destroy_test_db(old_name, verbosity=0)
-        teardown_test_environment()
+        server = None
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp = Path(tmp)
+                started = time.perf_counter()
+                token = fill(args.devices)
+                with connection.cursor() as cursor:
+                    if connection.vendor == "postgresql":
+                        cursor.execute("ANALYZE")
+                fill_seconds = time.perf_counter() - started
+                db = settings.DATABASES["default"]
+                database_url = os.environ.get("DATABASE_URL", "")
+                database_url = database_url.rsplit("/", 1)[0] + "/" + db["NAME"] if connection.vendor == "postgresql" \
+                    else f"sqlite:///{db['NAME']}"
+                server = Server(database_url, tmp, args.workers)
+                for _ in range(2 * args.workers):  # warm-up: each worker's first request connects to the database
+                    request(server.port, "GET", "/api/v1/rollouts/?limit=1", token=token)
+                results = {}
+                for name, definition in cases(args.devices).items():
+                    body = json.dumps(definition).encode()
+                    results[name] = {
+                        "ids": max(len(definition["target"].get("devices", [])),
+                                   *(len(w.get("devices", [])) for w in definition["waves"])),
+                        **measure_case(server, token, body, args.runs),
+                        **validate_in_process(definition, args.runs),
+                        **reference(body, args.runs),
+                    }
+                load = {kind: healthz_under_load(server, token, json.dumps(cases(args.devices)[kind]).encode())
+                        for kind in ("wave_75k_over_cap", "target_75k")}
+                server.stop()
+                # As many workers as heavy requests: /healthz waits for one of them to finish.
+                server = Server(database_url, tmp, 2)
+                every_worker_busy = healthz_under_load(server, token, json.dumps(cases(args.devices)["target_75k"]).encode())
+        finally:
+            if server is not None:
+                server.stop()
 
     worst_validate = max(r["validate_median_ms"] for k, r in results.items() if "75k" in k)
     worst_healthz = max(r["healthz_max_ms"] for r in load.values())

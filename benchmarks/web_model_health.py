@@ -27,7 +27,6 @@ import platform as pyplatform
 import random
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -57,25 +56,16 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-web-health-"))
-    os.environ.update(ARTIFACT_DIR=str(workdir / "artifacts"), UPLOAD_TEMP_DIR=str(workdir / "tmp"),
-                      LOG_LEVEL="WARNING")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-    import django
+    from benchmarks._setup import throwaway_database, throwaway_workdir
 
-    django.setup()
-    from django.db import connection
-    from django.test.utils import setup_test_environment
-    from django.utils import timezone
-
-    if connection.vendor != "postgresql":
-        raise SystemExit("run it on PostgreSQL, as a fleet of this size would")
-    setup_test_environment()
-    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
-    try:
+    throwaway_workdir("bench-web-health-")
+    with throwaway_database(postgresql_because="run it on PostgreSQL, as a fleet of this size would",
+                            test_environment=True):
         from django.contrib.auth.models import Group, User
         from django.core.cache import cache
+        from django.db import connection
         from django.test import Client
+        from django.utils import timezone
 
         from agent.metrics.aggregate import Window
         from ota.models import (
@@ -216,8 +206,6 @@ def main() -> int:
             RESULTS.write_text(json.dumps(result, indent=2) + "\n")
             log(f"wrote {RESULTS.relative_to(ROOT)}")
         return 0
-    finally:
-        connection.creation.destroy_test_db(old_name, verbosity=0)
 
 
 if __name__ == "__main__":
