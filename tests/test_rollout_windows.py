@@ -90,7 +90,7 @@ def ingest(device_id: str, kind: str, payload: bytes) -> list[int]:
 REFUSALS = [
         ({"windows": ["Mon-Fri 2am-4am"]}, "windows", "windows[0]: 'Mon-Fri 2am-4am' is not a window"),
         ({"windows": ["02:00-04:00 Mars/Olympus"]}, "windows", "'Mars/Olympus' is not a known time zone"),
-        ({"windows": ["02:00-04:00 America"]}, "windows", "names a time zone that is not one"),
+        ({"windows": ["02:00-04:00 America"]}, "windows", "'America' is not a known time zone"),
         ({"windows": ["Mon-Fry 02:00-04:00"]}, "windows", "'Mon-Fry' is not a day"),
         ({"windows": ["02:00-02:00"]}, "windows", "opens and closes at the same time"),
         ({"windows": ["25:00-26:00"]}, "windows", "is not a time of day"),
