@@ -1,5 +1,6 @@
 """What the benchmarks that run server code set up, written once: a work directory for the
-server's files with throw-away signing keys, and a throw-away test database.
+server's files with throw-away signing keys, a throw-away test database, and the data two or
+more of them start from (detector_releases, canary_rollout).
 
 Imported as benchmarks._setup: each benchmark puts the repository root on sys.path first."""
 
@@ -9,7 +10,9 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def throwaway_keys(directory: Path) -> tuple[Path, Path]:
@@ -83,3 +86,84 @@ def throwaway_database(
         connection.creation.destroy_test_db(old_name, verbosity=0)
         if test_environment:
             teardown_test_environment()
+
+
+def detector_releases() -> None:
+    """detector 1.0 (y = 2x + 1) and 2.0 (y = 0.5x), each with one real ONNX artifact for
+    hardware rpi4 and a health contract its model passes, created and released through the API
+    (tests.support.rollout_data.release) with a new admin token."""
+    from django.test import Client
+
+    from registry.models import ApiToken
+    from tests.support.rollout_data import health_for, release
+
+    secret = ApiToken.new_secret()
+    ApiToken.objects.create(name="bench", scope="admin", prefix=secret[:8], token_hash=ApiToken.hash_secret(secret))
+
+    class _Token:
+        headers = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+
+    client = Client()
+    release(client, _Token, "detector", "1.0", scale=2.0, bias=1.0, health=health_for(2.0, 1.0))
+    release(client, _Token, "detector", "2.0", scale=0.5, bias=0.0, health=health_for(0.5, 0.0))
+
+
+@dataclass
+class CanaryRollout:
+    """What canary_rollout made."""
+
+    model: Any  # registry Model "detector"
+    versions: dict[str, Any]  # "1.0", "2.0" -> ModelVersion
+    sha: dict[str, str]  # "1.0", "2.0" -> the artifact's sha256
+    ids: list[str]  # device ids, the canary first
+    rollout: Any
+    wave: Any  # the canary wave
+    gates: dict  # both waves' gates
+
+
+def canary_rollout(*, devices: int, canary: int, started_hours_ago: int, soak_seconds: int,
+                   online: bool = False) -> CanaryRollout:
+    """Rows for a fleet mid-rollout, written directly (bulk_create), nothing signed or sent:
+    `devices` devices box-00000... (hardware bench-hw, site=berlin, online or not) and detector
+    1.0 and 2.0 (released, an ONNX artifact each); the first `canary` devices run 2.0, the others
+    1.0. A running rollout of 2.0, started `started_hours_ago` hours ago, whose canary wave (10 %,
+    those devices, all committed) met its success gate then and soaks for `soak_seconds` from
+    then, with the control-group health gate on; its second wave (100 %) has not started."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from ota.models import Device, DeviceModelState, Rollout, RolloutDevice, Wave
+    from registry.models import Artifact, HardwareTarget, Model, ModelVersion
+
+    hw = HardwareTarget.objects.create(id="bench-hw", max_artifact_bytes=10**9)
+    model = Model.objects.create(name="detector")
+    versions, sha = {}, {}
+    for counter, v in enumerate(("1.0", "2.0"), start=1):
+        versions[v] = ModelVersion.objects.create(model=model, version=v, state="released", counter=counter)
+        sha[v] = f"{counter:x}" * 64
+        Artifact.objects.create(version=versions[v], hardware=hw, sha256=sha[v], length=100,
+                                format="onnx", file_name="model.onnx", storage_key=f"bench/{v}")
+    ids = [f"box-{i:05d}" for i in range(devices)]
+    Device.objects.bulk_create(
+        [Device(id=d, hardware=hw, labels={"site": "berlin"}, mqtt_username=d, online=online) for d in ids],
+        batch_size=2000)
+    DeviceModelState.objects.bulk_create(
+        [DeviceModelState(device_id=d, model=model, active_version=versions[v], active_sha256=sha[v])
+         for i, d in enumerate(ids) for v in ["2.0" if i < canary else "1.0"]],
+        batch_size=2000)
+    started = timezone.now() - timedelta(hours=started_hours_ago)
+    rollout = Rollout.objects.create(model=model, release=versions["2.0"], state=Rollout.State.RUNNING,
+                                     abort_policy="pause", started_at=started)
+    gates = {"success": {"min_healthy_percent": 100, "min_reachable_percent": 50},
+             "failure": {"min_reports": 1, "max_failed_percent": 20, "max_failures": None},
+             "soak_seconds": soak_seconds, "rate_per_minute": None,
+             "timeouts": {"delivery_seconds": 3600, "download_seconds": 1800, "activate_seconds": 600,
+                          "trial_seconds": 900}, "health": {"control": {}}}
+    wave = Wave.objects.create(rollout=rollout, index=0, spec={"percent": 10}, gates=gates, size=canary,
+                               state=Wave.State.SOAKING, started_at=started, gate_met_at=started)
+    Wave.objects.create(rollout=rollout, index=1, spec={"percent": 100}, gates=gates, size=devices - canary)
+    RolloutDevice.objects.bulk_create(
+        [RolloutDevice(rollout=rollout, wave=wave, device_id=d, state="committed", rank=i, seq=1)
+         for i, d in enumerate(ids[:canary])], batch_size=2000)
+    return CanaryRollout(model=model, versions=versions, sha=sha, ids=ids, rollout=rollout, wave=wave, gates=gates)

@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave the results file alone")
     args = parser.parse_args()
 
-    from benchmarks._setup import throwaway_database, throwaway_workdir
+    from benchmarks._setup import detector_releases, throwaway_database, throwaway_workdir
 
     workdir = throwaway_workdir("bench-chaos-", signing_keys=True)
     with throwaway_database(
@@ -64,32 +64,21 @@ def main() -> int:
         plain_static_files=True, announce=log,
     ):
         from django.conf import settings
-        from django.test import Client
 
         broker = redis = plat = None
         try:
             from ota.models import Device, DeviceEvent, Rollout, RolloutDevice
             from ota.rollouts.actions import rollout_start
             from ota.rollouts.create import rollout_create
-            from registry.models import ApiToken
             from tests.support.broker_auth import start_secure_broker
             from tests.support.chaos import Storm, directives_per_wave, event_gaps, events_missing
             from tests.support.platform import Platform
             from tests.support.redis_server import RedisServer
-            from tests.support.rollout_data import health_for, release
 
             broker = start_secure_broker(workdir / "broker", persistent=True)
             broker.apply(settings)
             redis = RedisServer(workdir / "redis").start()
-            secret = ApiToken.new_secret()
-            ApiToken.objects.create(name="bench", scope="admin", prefix=secret[:8], token_hash=ApiToken.hash_secret(secret))
-
-            class _Token:
-                headers = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
-
-            client = Client()
-            release(client, _Token, "detector", "1.0", scale=2.0, bias=1.0, health=health_for(2.0, 1.0))
-            release(client, _Token, "detector", "2.0", scale=0.5, bias=0.0, health=health_for(0.5, 0.0))
+            detector_releases()
 
             plat = Platform(workdir, broker=broker, redis_url=redis.url, tick_seconds=1,
                             extra_env={"LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING")})

@@ -48,54 +48,25 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    from benchmarks._setup import throwaway_database, throwaway_workdir
+    from benchmarks._setup import canary_rollout, throwaway_database, throwaway_workdir
 
     throwaway_workdir("bench-gates-")
     with throwaway_database(postgresql_because="run it on PostgreSQL, as a fleet of this size would"):
         from django.db import connection
-        from django.utils import timezone
 
         from agent.metrics.aggregate import Window
         from agent.protocol import format_time, utcnow
-        from ota.models import Device, DeviceModelState, ModelMetricsHour, Rollout, RolloutDevice, Wave
+        from ota.models import ModelMetricsHour
         from ota.rollouts.control_group import wave_control_verdict
         from ota.rollouts.engine import rollout_evaluate
         from ota.transport.ingest import Ingestor, Message
-        from registry.models import Artifact, HardwareTarget, Model, ModelVersion
 
         n = args.devices
         canary = n // 10
         log(f"{n} devices, canary {canary}, {args.hours} h x {args.windows_per_hour} windows each")
-        hw = HardwareTarget.objects.create(id="bench-hw", max_artifact_bytes=10**9)
-        model = Model.objects.create(name="detector")
-        versions = {}
-        for counter, v in enumerate(("1.0", "2.0"), start=1):
-            versions[v] = ModelVersion.objects.create(model=model, version=v, state="released", counter=counter)
-            Artifact.objects.create(version=versions[v], hardware=hw, sha256=f"{counter:x}" * 64, length=100,
-                                    format="onnx", file_name="model.onnx", storage_key=f"bench/{v}")
-        sha = {v: f"{i:x}" * 64 for i, v in enumerate(("1.0", "2.0"), start=1)}
-        ids = [f"box-{i:05d}" for i in range(n)]
-        Device.objects.bulk_create([Device(id=d, hardware=hw, labels={"site": "berlin"}, mqtt_username=d) for d in ids],
-                                   batch_size=2000)
-        DeviceModelState.objects.bulk_create(
-            [DeviceModelState(device_id=d, model=model, active_version=versions["2.0" if i < canary else "1.0"],
-                              active_sha256=sha["2.0" if i < canary else "1.0"]) for i, d in enumerate(ids)],
-            batch_size=2000)
-        started = timezone.now() - timedelta(hours=args.hours - 1)
-        rollout = Rollout.objects.create(model=model, release=versions["2.0"], state=Rollout.State.RUNNING,
-                                         abort_policy="pause", started_at=started)
-        gates = {"success": {"min_healthy_percent": 100, "min_reachable_percent": 50},
-                 "failure": {"min_reports": 1, "max_failed_percent": 20, "max_failures": None},
-                 "soak_seconds": 0, "rate_per_minute": None,
-                 "timeouts": {"delivery_seconds": 3600, "download_seconds": 1800, "activate_seconds": 600,
-                              "trial_seconds": 900}, "health": {"control": {}}}
-        wave = Wave.objects.create(rollout=rollout, index=0, spec={"percent": 10}, gates=gates, size=canary,
-                                   state=Wave.State.SOAKING, started_at=started, gate_met_at=started)
-        Wave.objects.create(rollout=rollout, index=1, spec={"percent": 100}, gates=gates, size=n - canary)
-        RolloutDevice.objects.bulk_create(
-            [RolloutDevice(rollout=rollout, wave=wave, device_id=d, state="committed", rank=i, seq=1)
-             for i, d in enumerate(ids[:canary])],
-            batch_size=2000)
+        fleet = canary_rollout(devices=n, canary=canary, started_hours_ago=args.hours - 1, soak_seconds=0)
+        sha, ids, rollout, wave = fleet.sha, fleet.ids, fleet.rollout, fleet.wave
+        started = rollout.started_at
 
         # Telemetry, as agents send it: each window through the real ingest code.
         rng = random.Random(1)

@@ -71,7 +71,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave the results file alone")
     args = parser.parse_args()
 
-    from benchmarks._setup import throwaway_database, throwaway_workdir
+    from benchmarks._setup import detector_releases, throwaway_database, throwaway_workdir
 
     workdir = throwaway_workdir("bench-rollout-", signing_keys=True)
     with throwaway_database(
@@ -81,7 +81,6 @@ def main() -> int:
         from django.conf import settings
         from django.db import transaction
         from django.db.models import Max, Min
-        from django.test import Client
 
         broker = plat = None
         try:
@@ -89,22 +88,13 @@ def main() -> int:
             from ota.rollouts.actions import rollout_start
             from ota.rollouts.create import rollout_create
             from ota.rollouts.directives import DirectiveRequest, directives_issue
-            from registry.models import ApiToken, ModelVersion
+            from registry.models import ModelVersion
             from tests.support.broker_auth import start_secure_broker
             from tests.support.platform import Platform, _vm_hwm_kb
-            from tests.support.rollout_data import health_for, release
 
             broker = start_secure_broker(workdir / "broker")
             broker.apply(settings)
-            secret = ApiToken.new_secret()
-            ApiToken.objects.create(name="bench", scope="admin", prefix=secret[:8], token_hash=ApiToken.hash_secret(secret))
-
-            class _Token:
-                headers = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
-
-            client = Client()
-            release(client, _Token, "detector", "1.0", scale=2.0, bias=1.0, health=health_for(2.0, 1.0))
-            release(client, _Token, "detector", "2.0", scale=0.5, bias=0.0, health=health_for(0.5, 0.0))
+            detector_releases()
 
             plat = Platform(workdir, broker=broker, redis_url=args.redis, tick_seconds=1,
                             extra_env={"LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING")})

@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    from benchmarks._setup import throwaway_database, throwaway_workdir
+    from benchmarks._setup import canary_rollout, throwaway_database, throwaway_workdir
 
     throwaway_workdir("bench-web-health-")
     with throwaway_database(postgresql_because="run it on PostgreSQL, as a fleet of this size would",
@@ -65,50 +65,21 @@ def main() -> int:
         from django.core.cache import cache
         from django.db import connection
         from django.test import Client
-        from django.utils import timezone
 
         from agent.metrics.aggregate import Window
-        from ota.models import (
-            ActiveRelease, Device, DeviceModelState, ModelMetricsHour, Rollout, RolloutDevice, Wave,
-        )
-        from registry.models import Artifact, AuditEntry, HardwareTarget, Model, ModelVersion
+        from ota.models import ActiveRelease, ModelMetricsHour, Wave
+        from registry.models import AuditEntry
         from web.rollouts import model_health
 
         n, hours = args.devices, args.hours
         canary = n // 10
         log(f"{n} devices, canary {canary}, {hours} h of metrics each; one device with 168 h")
-        hw = HardwareTarget.objects.create(id="bench-hw", max_artifact_bytes=10**9)
-        model = Model.objects.create(name="detector")
-        versions, sha = {}, {}
-        for counter, v in enumerate(("1.0", "2.0"), start=1):
-            versions[v] = ModelVersion.objects.create(model=model, version=v, state="released",
-                                                      counter=counter)
-            sha[v] = f"{counter:x}" * 64
-            Artifact.objects.create(version=versions[v], hardware=hw, sha256=sha[v], length=100,
-                                    format="onnx", file_name="model.onnx", storage_key=f"bench/{v}")
-        ids = [f"box-{i:05d}" for i in range(n)]
-        Device.objects.bulk_create(
-            [Device(id=d, hardware=hw, labels={"site": "berlin"}, mqtt_username=d, online=True) for d in ids],
-            batch_size=2000)
-        DeviceModelState.objects.bulk_create(
-            [DeviceModelState(device_id=d, model=model, active_version=versions[v], active_sha256=sha[v])
-             for i, d in enumerate(ids) for v in ["2.0" if i < canary else "1.0"]],
-            batch_size=2000)
-        now = timezone.now()
-        started = now - timedelta(hours=hours - 1)
-        rollout = Rollout.objects.create(model=model, release=versions["2.0"], state=Rollout.State.RUNNING,
-                                         abort_policy="pause", started_at=started)
-        gates = {"success": {"min_healthy_percent": 100, "min_reachable_percent": 50},
-                 "failure": {"min_reports": 1, "max_failed_percent": 20, "max_failures": None},
-                 "soak_seconds": 86400, "rate_per_minute": None,
-                 "timeouts": {"delivery_seconds": 3600, "download_seconds": 1800, "activate_seconds": 600,
-                              "trial_seconds": 900}, "health": {"control": {}}}
-        wave = Wave.objects.create(rollout=rollout, index=0, spec={"percent": 10}, gates=gates, size=canary,
-                                   state=Wave.State.SOAKING, started_at=started, gate_met_at=started)
-        Wave.objects.create(rollout=rollout, index=1, spec={"percent": 100}, gates=gates, size=n - canary)
-        RolloutDevice.objects.bulk_create(
-            [RolloutDevice(rollout=rollout, wave=wave, device_id=d, state="committed", rank=i, seq=1)
-             for i, d in enumerate(ids[:canary])], batch_size=2000)
+        fleet = canary_rollout(devices=n, canary=canary, started_hours_ago=hours - 1, soak_seconds=86400,
+                               online=True)
+        model, versions, sha, ids = fleet.model, fleet.versions, fleet.sha, fleet.ids
+        rollout, wave, gates = fleet.rollout, fleet.wave, fleet.gates
+        started = rollout.started_at
+        now = started + timedelta(hours=hours - 1)  # the moment canary_rollout counted back from
 
         rng = random.Random(1)
         log("building hourly rows")
