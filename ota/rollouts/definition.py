@@ -282,16 +282,21 @@ def wave_plan_parse(plan) -> list:
     return out
 
 
+def devices_count(n: int, adjective: str = "") -> str:
+    """"1 device", "2 listed devices": the audit log and the UI are read by people."""
+    return " ".join(filter(None, (str(n), adjective, "device" if n == 1 else "devices")))
+
+
 def wave_describe(spec: dict) -> str:
     """A wave spec for people: "canary: 2 devices", "up to 25 % of the target", "5 more devices"."""
     if "devices" in spec:
-        body = f"{len(spec['devices'])} listed devices"
+        body = devices_count(len(spec["devices"]), "listed")
     elif "percent" in spec:
         body = f"up to {spec['percent']} % of the target"
     elif spec.get("name") == "canary" and "count" in spec:
-        return f"canary: {spec['count']} devices"
+        return f"canary: {devices_count(spec['count'])}"
     else:
-        body = f"{spec['count']} more devices"
+        body = devices_count(spec["count"], "more")
     return f"{spec['name']}: {body}" if spec.get("name") else body
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.utils import timezone
 
 from ota.models import Rollout, RolloutDevice, Wave
-from ota.rollouts.definition import wave_describe
+from ota.rollouts.definition import devices_count, wave_describe
 from registry.audit import SYSTEM, audit_record
 
 RD = RolloutDevice.State
@@ -20,7 +20,7 @@ def wave_start(rollout: Rollout, wave: Wave) -> None:
     queued = RolloutDevice.objects.filter(wave=wave, state=RD.PLANNED).update(state=RD.QUEUED, queued_at=now, updated_at=now)
     audit_record(
         actor=SYSTEM, action="wave.start", obj=rollout,
-        reason=f"Wave {wave.number} ({wave_describe(wave.spec)}) started with {queued} devices.",
+        reason=f"Wave {wave.number} ({wave_describe(wave.spec)}) started with {devices_count(queued)}.",
         detail={"wave": wave.index, "devices": queued},
     )
 
