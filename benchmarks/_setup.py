@@ -88,14 +88,12 @@ def throwaway_database(
             teardown_test_environment()
 
 
-def detector_releases() -> None:
-    """detector 1.0 (y = 2x + 1) and 2.0 (y = 0.5x), each with one real ONNX artifact for
-    hardware rpi4 and a health contract its model passes, created and released through the API
-    (tests.support.rollout_data.release) with a new admin token."""
+def admin_client():
+    """A Django test client and a new admin API token (an object with `headers`), for creating
+    what a benchmark needs through the API as a user would (tests.support.rollout_data)."""
     from django.test import Client
 
     from registry.models import ApiToken
-    from tests.support.rollout_data import health_for, release
 
     secret = ApiToken.new_secret()
     ApiToken.objects.create(name="bench", scope="admin", prefix=secret[:8], token_hash=ApiToken.hash_secret(secret))
@@ -103,9 +101,18 @@ def detector_releases() -> None:
     class _Token:
         headers = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
 
-    client = Client()
-    release(client, _Token, "detector", "1.0", scale=2.0, bias=1.0, health=health_for(2.0, 1.0))
-    release(client, _Token, "detector", "2.0", scale=0.5, bias=0.0, health=health_for(0.5, 0.0))
+    return Client(), _Token
+
+
+def detector_releases() -> None:
+    """detector 1.0 (y = 2x + 1) and 2.0 (y = 0.5x), each with one real ONNX artifact for
+    hardware rpi4 and a health contract its model passes, created and released through the API
+    (tests.support.rollout_data.release) with a new admin token."""
+    from tests.support.rollout_data import health_for, release
+
+    client, token = admin_client()
+    release(client, token, "detector", "1.0", scale=2.0, bias=1.0, health=health_for(2.0, 1.0))
+    release(client, token, "detector", "2.0", scale=0.5, bias=0.0, health=health_for(0.5, 0.0))
 
 
 @dataclass

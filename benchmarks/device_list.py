@@ -7,7 +7,7 @@ hardware ids, two or three labels each, a model state per device (active version
 several releases) and some offline. Then renders, through the real URL, middleware, view and
 template (Django test client, signed-in viewer), the first page unfiltered and a few filtered
 pages, each --runs times after a warm-up, and reports the median and worst in milliseconds.
-It also releases a version (signed with throw-away keys), creates a rollout over every device
+It also releases a version through the API (real ONNX artifacts, signed with throw-away keys), creates a rollout over every device
 through ota.rollouts.create.rollout_create, spreads the assignments over the update states, and times
 the live panel the rollout page fetches every 2 s.
 
@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,22 +77,19 @@ def fill(n_devices: int) -> dict:
     return {"viewer": viewer, "versions": versions}
 
 
-def make_rollout(versions, keys_dir: Path) -> int:
+def make_rollout() -> int:
     """A release signed with throw-away keys and a rollout over every device, part-way through."""
-    from django.conf import settings
-
-    from benchmarks._setup import throwaway_keys
+    from benchmarks._setup import admin_client
     from ota.models import Rollout, RolloutDevice
     from ota.rollouts.create import rollout_create
-    from registry.models import Artifact, HardwareTarget
-    from registry.releases import version_release
+    from registry.models import HardwareTarget
+    from tests.support.rollout_data import health_for, release
 
-    settings.RELEASE_KEY_PATH, settings.ROLLOUT_KEY_PATH = throwaway_keys(keys_dir)
-    draft = versions[0].model.versions.create(version="2.0.0", counter=99)
-    for i, hw in enumerate(HardwareTarget.objects.all()):
-        Artifact.objects.create(version=draft, hardware=hw, format="onnx", file_name="m.onnx", length=1000 + i,
-                                sha256=f"{i + 10:064x}", storage_key=f"bench/{hw.id}")
-    version_release(version=draft, actor="bench")
+    # Released through the API with a real ONNX artifact per hardware: a release is checked as
+    # devices will check it (registry.release_check runs the precheck on each file).
+    client, token = admin_client()
+    release(client, token, "detector", "2.0.0", hardware=tuple(HardwareTarget.objects.values_list("id", flat=True)),
+            health=health_for(2.0, 1.0))
     rollout = rollout_create(
         model="detector", version="2.0.0", target={"hardware": ["jetson-orin", "rpi5", "x86-cpu"]},
         waves=[{"name": "canary", "count": 10}, {"percent": 10}, {"percent": 50}, {"percent": 100}], actor="bench",
@@ -132,8 +128,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
 
-    from benchmarks._setup import throwaway_database
+    from benchmarks._setup import throwaway_database, throwaway_workdir
 
+    throwaway_workdir("bench-device-list-", signing_keys=True)  # artifacts and keys of the release it makes
     with throwaway_database(plain_static_files=True, test_environment=True):
         from django.db import connection
         from django.test import Client
@@ -156,8 +153,7 @@ def main() -> int:
             "search": "/devices/?q=00042",
         }
         results = {name: measure(client, url, args.runs) for name, url in pages.items()}
-        with tempfile.TemporaryDirectory() as keys_dir:
-            rollout_id = make_rollout(data["versions"], Path(keys_dir))
+        rollout_id = make_rollout()
         results["rollout_live_panel"] = measure(client, f"/rollouts/{rollout_id}/live/", args.runs)
         with CaptureQueriesContext(connection) as queries:
             client.get("/devices/")

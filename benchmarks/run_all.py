@@ -3,6 +3,7 @@ under benchmarks/results/. A failing benchmark is reported and the others still 
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -25,13 +26,21 @@ BENCHMARKS = [
 
 
 def main() -> int:
+    # Parsed so that `--help` (or a typo) explains instead of starting every benchmark.
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("only", nargs="*", metavar="BENCHMARK",
+                        help=f"run only these (default: all of {', '.join(BENCHMARKS)})")
+    chosen = parser.parse_args().only or BENCHMARKS
+    unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"no such benchmark: {', '.join(unknown)} (choose from {', '.join(BENCHMARKS)})")
     env = {
         "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/modelfleet",
         "SECRET_KEY": "benchmark-only",
         **os.environ,
     }
     failed = []
-    for script in BENCHMARKS:
+    for script in chosen:
         print(f"==> {script}", flush=True)
         started = time.monotonic()
         result = subprocess.run([sys.executable, str(HERE / script)], env=env, cwd=HERE.parent)
