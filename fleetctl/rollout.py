@@ -187,7 +187,8 @@ def render(rollout: dict) -> list[str]:
         )
     waiting = rollout.get("waiting_for_window") or {}
     if waiting.get("devices"):
-        lines.append(f"  {waiting['devices']} devices downloaded and waiting for their maintenance window: "
+        n = waiting["devices"]
+        lines.append(f"  {n} {'device' if n == 1 else 'devices'} downloaded and waiting for a maintenance window: "
                      f"next opening {waiting.get('next_opening')}"
                      + (f", last {waiting['last_opening']}" if waiting.get("last_opening") != waiting.get("next_opening")
                         else ""))

@@ -212,7 +212,7 @@ def test_it_folds_waiting_for_window_with_the_opening_and_then_activating(waitin
     assert detail["waiting_for_window"]["next_opening"] == rows["ber-0000"]["window_opens_at"]
     assert detail["waves"][0]["waiting_for_window"] == 1
     shown = "\n".join(render(detail))
-    assert f"maintenance windows: {BERLIN}" in shown and "1 devices downloaded and waiting" in shown
+    assert f"maintenance windows: {BERLIN}" in shown and "1 device downloaded and waiting for a maintenance window" in shown
 
     # Missed its window (it was down): it reports the next opening, and then activates in it.
     later = opening + timedelta(days=1)
