@@ -30,6 +30,7 @@ from tests.support.makerun import (
     listen_port,
     second_shell,
 )
+from tests.support.net import reserve
 
 
 def _opener():
@@ -168,6 +169,7 @@ def test_it_restarts_what_dies_keeps_its_mqtt_port_and_serves_a_second_shell(run
         with MakeRun(run_env) as run:
             check_serving(run, run_env)
             mqtt_port = int(MQTT_LINE_RE.search(run.text).group(1))
+            reserve(mqtt_port)  # make run picked it and must find it free again below
             assert mqtt_port != 1883
             assert f"MQTT_PORT={mqtt_port}\n" in (data_dir / "run.env").read_text()
 

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.support.makerun import ROOT, MakeRun, listen_port
+from tests.support.net import reserve
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -89,6 +90,7 @@ def test_it_takes_a_newcomer_and_a_ci_pipeline_to_a_committed_rollout_on_the_fir
         platform.login()
         kept = (clone / "var" / "run.env").read_text()
         mqtt_port = re.search(r"^MQTT_PORT=(\d+)$", kept, re.M).group(1)
+        reserve(int(mqtt_port))  # make run picked it and wants it again after the restart below
 
         # --- the README's first rollout, block by block, verbatim ---------------------------
         state = tmp_path / "shell.env"

@@ -4,7 +4,6 @@ the way a service manager would; ports for it; another terminal's environment.""
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import socket
@@ -56,17 +55,9 @@ class Output:
 
 
 def listen_port() -> int:
-    """A free port below the kernel's ephemeral range: a port from bind(0) can be taken by any
-    outgoing connection on this busy machine before gunicorn or Mosquitto binds it."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(100):
-        port = random.randrange(max(1024, low - 12000), low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+    """A port for make run to listen on: tests.support.net.free_port(), which already keeps below
+    the kernel's ephemeral range (no outgoing connection takes it before gunicorn or Mosquitto
+    binds it) and reserves it against the other test processes on this machine."""
     return free_port()
 
 
