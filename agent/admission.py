@@ -20,7 +20,8 @@ The checks, in order (the first that fails decides):
     trial, rolling_back: those finish or roll back)
  8. directive expired                              EXPIRED
  9. release envelope (release key) and schema      UNKNOWN_KEY, SIGNATURE_INVALID,
-                                                   WRONG_PAYLOAD_TYPE, MALFORMED
+    (a lean directive's release_ref: the cached     WRONG_PAYLOAD_TYPE, MALFORMED;
+    envelope, DeviceView.releases)                 NeedRelease when it is not cached
 10. release.model == directive.model               MALFORMED
 11. release expired                                RELEASE_EXPIRED
 12. release counter >= the model's rollback floor  BELOW_ROLLBACK_FLOOR
@@ -70,6 +71,7 @@ from agent.protocol import (
     ProtocolError,
     ReleaseArtifact,
     ReleaseManifest,
+    ReleaseRef,
     format_time,
     verify_directive,
     verify_release,
@@ -94,6 +96,8 @@ class DeviceView:
     precheck_formats: artifact formats this device has a precheck runtime for (the agent: those
     of agent.runtimes whose package is installed; the simulator: all of them).
     waiting: model -> the seq of its update parked until a maintenance window opens (agent.machine).
+    releases: sha256 -> release envelope, the ones lean directives referenced (agent.releases;
+    read only: a lookup that misses makes admission answer NeedRelease).
     """
 
     device_id: str
@@ -109,6 +113,7 @@ class DeviceView:
     busy_phase: str | None = None
     precheck_formats: Collection[str] = FORMATS
     waiting: Mapping[str, int] = field(default_factory=dict)
+    releases: Mapping[str, dict] = field(default_factory=dict)
 
     def preemptible_by(self, model: str) -> bool:
         """Whether a newer directive for `model` may cancel the update in flight."""
@@ -197,7 +202,21 @@ class Preempt:
         return self.then.model if isinstance(self.then, AlreadyActive) else self.then.update.model
 
 
-Decision = Refuse | Ignore | Defer | AlreadyActive | Accept | Preempt
+@dataclass(frozen=True, kw_only=True)
+class NeedRelease:
+    """A lean directive, authentic and fresh, whose release envelope is not cached here: fetch it
+    (agent.releases.fetch_release) and judge the directive again. `preempting`: it may then
+    supersede the update in flight (the broker thread stops that update's step meanwhile)."""
+
+    ref: ReleaseRef
+    seq: int
+    model: str
+    sha: str
+    rollout_id: str | None
+    preempting: bool = False
+
+
+Decision = Refuse | Ignore | Defer | AlreadyActive | Accept | Preempt | NeedRelease
 
 
 def admit(
@@ -256,8 +275,14 @@ def admit(
 
     if directive.expires <= now:
         return refuse(ErrorCode.EXPIRED, f"directive expired at {format_time(directive.expires)}")
+    envelope = directive.release
+    if directive.release_ref is not None:
+        envelope = device.releases.get(directive.release_ref.sha256)
+        if envelope is None:
+            return NeedRelease(ref=directive.release_ref, preempting=preempting or directive.model in device.waiting,
+                               **context)
     try:
-        release = verify_release(directive.release, release_keys)
+        release = verify_release(envelope, release_keys)
     except (VerificationError, ProtocolError) as exc:
         return refuse(exc.code, f"release refused: {exc}")
     if release.model != directive.model:

@@ -63,12 +63,15 @@ def cmd_verify(args) -> int:
     try:
         if kind == DIRECTIVE_PAYLOAD_TYPE:
             directive = verify_directive(envelope, rollout_keys)
-            release = verify_release(directive.release, release_keys)
             summary = {
                 "type": "directive", "device_id": directive.device_id, "seq": directive.seq,
-                "expires": directive.expires.isoformat(), "model": release.model, "version": release.version,
+                "expires": directive.expires.isoformat(), "model": directive.model,
                 "artifact": directive.artifact.sha256, "for_this_device": directive.device_id == cfg.device_id,
             }
+            if directive.release is not None:
+                summary["version"] = verify_release(directive.release, release_keys).version
+            else:  # lean: the release is fetched by reference (agent.releases); verify that file on its own
+                summary["release_ref"] = {"sha256": directive.release_ref.sha256, "url": directive.release_ref.url}
         elif kind == RELEASE_PAYLOAD_TYPE:
             release = verify_release(envelope, release_keys)
             summary = {

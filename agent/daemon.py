@@ -101,7 +101,7 @@ class Agent:
         self.trust = Trust(cfg=cfg, journal=self.journal)
         self.directives = DirectiveHandler(cfg=cfg, journal=self.journal, requeue=self.inbox.put,
                                            report=self._report, start=self._start, preempt=self._preempt,
-                                           trust=self.trust)
+                                           trust=self.trust, stop=self.stop)
         # The app's own figures (agent/metrics): telemetry reports them, the trial judges on them.
         self.metrics = MetricsBook(releases=functools.partial(publish.active_models, self.journal))
         self.steps = Steps(cfg=cfg, store=self.store, journal=self.journal, stop=self.stop, preempt=self.preempt,

@@ -5,7 +5,10 @@ on the decision through the agent's journal writes: Accept starts an update (TAB
 entry, into received), AlreadyActive reports `committed` under the new seq, Refuse reports
 `rejected` (an unauthenticated payload only the first time), Defer puts the payload back in the
 inbox until the update in flight ends, Ignore does nothing, Preempt ends the update in flight
-`failed` (SUPERSEDED) and carries out its Accept or AlreadyActive in the same journal write.
+`failed` (SUPERSEDED) and carries out its Accept or AlreadyActive in the same journal write, and
+NeedRelease (a lean directive whose release envelope is not cached) fetches it
+(agent.releases) and judges the directive again; an envelope that cannot be had, or does not
+match the directive's reference, refuses it under its seq.
 Agent.handle_payload calls `DirectiveHandler.handle` for each payload the run loop takes from the
 inbox; `would_preempt` is the early look the broker thread takes at a payload arriving during an
 update, so that a download or precheck it supersedes stops at once instead of running to its end.
@@ -14,6 +17,7 @@ update, so that a download or precheck it supersedes stops at once instead of ru
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from hashlib import sha256
 
@@ -23,15 +27,18 @@ from agent.admission import (
     Defer,
     DeviceView,
     Ignore,
+    NeedRelease,
     Preempt,
     Refuse,
     admit,
     could_not_process,
 )
 from agent.config import Config
+from agent.download import Interrupted
 from agent.journal import Journal
 from agent.machine import Entry, IllegalTransition, Outcome, preemptible
-from agent.protocol import utcnow
+from agent.protocol import ErrorCode, utcnow
+from agent.releases import ReleaseCache, ReleaseUnavailable, fetch_release
 from agent.runtimes import installed_formats
 from agent.signing import Keyring
 from agent.trust import Trust
@@ -50,7 +57,7 @@ class DirectiveHandler:
 
     def __init__(self, *, cfg: Config, journal: Journal, requeue: Callable[[bytes], None],
                  report: Callable[..., None], start: Callable[..., None], preempt: Callable[[Preempt], None],
-                 trust: Trust | None = None):
+                 trust: Trust | None = None, stop: threading.Event | None = None):
         self.cfg = cfg
         self.journal = journal
         self.requeue = requeue
@@ -59,6 +66,9 @@ class DirectiveHandler:
         self.preempt = preempt
         # The keys in force: the pinned ones, or those of the newest root-signed keyring (agent.trust).
         self.trust = trust or Trust(cfg=cfg, journal=journal)
+        # Release envelopes lean directives referenced (agent.releases), fetched on NeedRelease.
+        self.releases = ReleaseCache(cfg.state_dir)
+        self.stop = stop
 
     @property
     def release_keys(self) -> Keyring:
@@ -72,8 +82,13 @@ class DirectiveHandler:
         """Judge one directive payload (agent.admission) and act on the decision."""
         digest = sha256(payload).hexdigest()
         try:
-            decision = admit(payload=payload, device=self.device_view(), release_keys=self.release_keys,
-                             rollout_keys=self.rollout_keys, now=utcnow())
+            decision = self._admit(payload)
+            if isinstance(decision, NeedRelease):
+                try:
+                    decision = self._with_release(decision, payload)
+                except Interrupted:
+                    self.requeue(payload)  # the agent is stopping: judged again after the restart
+                    return
             if not isinstance(decision, Refuse):
                 self._act(decision, payload)
                 return
@@ -91,6 +106,26 @@ class DirectiveHandler:
                     rollout_id=decision.rollout_id, code=decision.code, detail=decision.message,
                     record_seq=decision.record_seq, refused=None if decision.record_seq else digest)
 
+    def _admit(self, payload: bytes):
+        return admit(payload=payload, device=self.device_view(), release_keys=self.release_keys,
+                     rollout_keys=self.rollout_keys, now=utcnow())
+
+    def _with_release(self, need: NeedRelease, payload: bytes):
+        """Fetch the envelope a lean directive references and judge the directive again; a
+        release that cannot be had refuses the directive (authentic and fresh: under its seq)."""
+        try:
+            fetch_release(need.ref, cfg=self.cfg, cache=self.releases, stop=self.stop)
+        except ReleaseUnavailable as exc:
+            return Refuse(code=exc.code, message=str(exc), record_seq=True, seq=need.seq, model=need.model,
+                          sha=need.sha, rollout_id=need.rollout_id)
+        decision = self._admit(payload)
+        if isinstance(decision, Refuse):  # e.g. signed by a key not held here: keep nothing of it
+            self.releases.discard(need.ref.sha256)
+        if isinstance(decision, NeedRelease):  # stored, yet not readable back: the disk failed us
+            return Refuse(code=ErrorCode.DOWNLOAD_FAILED, message="the fetched release manifest could not be read back",
+                          record_seq=True, seq=need.seq, model=need.model, sha=need.sha, rollout_id=need.rollout_id)
+        return decision
+
     def would_preempt(self, payload: bytes) -> bool:
         """Whether `payload` supersedes the update in flight, judged now (any thread: admission is
         pure and the journal's data is replaced whole, never changed in place). Only a hint to stop
@@ -103,7 +138,8 @@ class DirectiveHandler:
                              rollout_keys=self.rollout_keys, now=utcnow())
         except Exception:  # noqa: BLE001  (the run loop refuses it, could_not_process, when it judges it)
             return False
-        return isinstance(decision, Preempt)
+        # A lean directive whose release is not cached yet may supersede it once fetched.
+        return isinstance(decision, Preempt) or (isinstance(decision, NeedRelease) and decision.preempting)
 
     def device_view(self) -> DeviceView:
         """What admission may know of this device: its identity and the journal's bookkeeping."""
@@ -123,6 +159,7 @@ class DirectiveHandler:
             busy_phase=upd.get("phase"),
             precheck_formats=installed_formats(),
             waiting={name: parked["seq"] for name, parked in (data.get("waiting") or {}).items()},
+            releases=self.releases,
         )
 
     def _act(self, decision: Ignore | Defer | AlreadyActive | Accept | Preempt, payload: bytes) -> None:

@@ -370,6 +370,30 @@ class DirectiveDelta:
 
 
 @dataclass(frozen=True)
+class ReleaseRef:
+    """A lean directive's reference to its release envelope, instead of the envelope itself: the
+    device fetches `length` bytes from `url` (the server it enrolled with), accepts them only if
+    their sha256 is `sha256`, verifies the envelope with the release keys as always, and caches it
+    (agent.releases), so the broker keeps a few hundred bytes per device and model instead of the
+    whole signed release with its health contract."""
+
+    sha256: str
+    length: int
+    url: str
+
+
+def release_bytes(envelope: Mapping) -> bytes:
+    """The canonical bytes of a release envelope (sorted keys, no spaces): what a lean directive's
+    ReleaseRef digests and what the server serves for it."""
+    return encode_json(envelope)
+
+
+# What this agent understands beyond the original wire format, advertised in its presence so
+# the server sends it only what it can take: release_ref (lean directives, ReleaseRef).
+FEATURES = ("release_ref",)
+
+
+@dataclass(frozen=True)
 class Directive:
     device_id: str
     seq: int
@@ -377,7 +401,9 @@ class Directive:
     expires: datetime
     rollout_id: str | None
     model: str
-    release: dict  # the release DSSE envelope, verified separately with the release key
+    # The release DSSE envelope, verified separately with the release key; None in a lean
+    # directive, which carries `release_ref` instead (exactly one of the two is set).
+    release: dict | None
     artifact: DirectiveArtifact
     # An operator's explicit retry: the artifact may be tried again even if it is on this device's
     # denylist (it failed a trial here before); the agent lifts the entry. Absent: false.
@@ -385,6 +411,7 @@ class Directive:
     delta: DirectiveDelta | None = None  # absent: only the full artifact (agents before deltas ignore it)
     # Maintenance windows (agent.windows): activate only while one is open. Empty: at once.
     windows: tuple[str, ...] = ()
+    release_ref: ReleaseRef | None = None
 
 
 def build_directive_payload(
@@ -395,17 +422,19 @@ def build_directive_payload(
     expires: datetime,
     rollout_id: str | None,
     model: str,
-    release_envelope: dict,
+    release_envelope: dict | None = None,
     artifact: dict,
     retry_denied: bool = False,
     delta: dict | None = None,
     windows: list[str] | tuple[str, ...] = (),
+    release_ref: dict | None = None,
 ) -> bytes:
     """The signed body of a directive. retry_denied=True (an operator retrying a device that rolled
     back) lets the device try the artifact again although it deny-listed it; the key is left out
     when false, so such a payload is byte for byte what earlier servers built. `delta` ({base_sha256,
     url, length, sha256, method}) is left out likewise when None, and `windows` (maintenance
-    windows, agent.windows) when empty."""
+    windows, agent.windows) when empty. Exactly one of `release_envelope` (the whole signed release)
+    and `release_ref` ({sha256, length, url}: a lean directive, ReleaseRef) is given."""
     body = {
         "_type": "directive",
         "spec_version": SPEC_VERSION,
@@ -415,9 +444,12 @@ def build_directive_payload(
         "expires": format_time(expires),
         "rollout_id": rollout_id,
         "model": model,
-        "release": release_envelope,
         "artifact": artifact,
     }
+    if release_ref is not None:
+        body["release_ref"] = release_ref
+    else:
+        body["release"] = release_envelope
     if retry_denied:
         body["retry_denied"] = True
     if delta is not None:
@@ -460,6 +492,20 @@ def parse_directive(payload: bytes) -> Directive:
             length=_nonneg_int(raw_delta, "length", w), sha256=_sha(raw_delta, "sha256", w),
             method=_req(raw_delta, "method", str, w),
         )
+    raw_ref = _opt(data, "release_ref", dict, where)
+    release_ref = None
+    if raw_ref is not None:
+        if data.get("release") is not None:
+            raise ProtocolError("directive has both release and release_ref; a directive carries one of them")
+        w = "directive.release_ref"
+        ref_url = _req(raw_ref, "url", str, w)
+        if not ref_url.startswith(("http://", "https://")):
+            raise ProtocolError("directive.release_ref.url must be an http(s) URL")
+        release_ref = ReleaseRef(sha256=_sha(raw_ref, "sha256", w), length=_nonneg_int(raw_ref, "length", w),
+                                 url=ref_url)
+        if release_ref.length > MAX_PAYLOAD_BYTES:
+            raise ProtocolError(f"directive.release_ref.length {release_ref.length} is over the "
+                                f"{MAX_PAYLOAD_BYTES}-byte limit of a release manifest", ErrorCode.PAYLOAD_TOO_LARGE)
     windows = _opt(data, "windows", list, where, [])
     try:
         parse_windows(windows, "directive.windows")
@@ -472,7 +518,7 @@ def parse_directive(payload: bytes) -> Directive:
         expires=parse_time(data.get("expires"), "directive.expires"),
         rollout_id=str(rollout_id) if rollout_id is not None else None,
         model=_req(data, "model", str, where),
-        release=_req(data, "release", dict, where),
+        release=None if release_ref is not None else _req(data, "release", dict, where),
         artifact=DirectiveArtifact(
             hardware=_req(raw_artifact, "hardware", str, w),
             sha256=_sha(raw_artifact, "sha256", w),
@@ -482,6 +528,7 @@ def parse_directive(payload: bytes) -> Directive:
         retry_denied=retry_denied,
         delta=delta,
         windows=tuple(windows),
+        release_ref=release_ref,
     )
 
 
@@ -589,6 +636,7 @@ def presence_payload(
     models: Mapping[str, Mapping[str, Any]] | None = None,
     update: Mapping[str, Any] | None = None,
     trust: Mapping[str, Any] | None = None,
+    features: tuple[str, ...] | list[str] | None = None,
 ) -> bytes:
     """The retained presence of a device (agent/README.md, "Presence").
 
@@ -601,7 +649,8 @@ def presence_payload(
     a device that pins a root key): {"keyring_version", "timestamp" (the newest signed timestamp's
     issued time or None), "error_code" (STALE_DIRECTIVES or None), "refused" (the last keyring or
     timestamp refused: {"kind", "code", "detail"}, or None), "keyring_expired" (the keyring in force
-    is past its expiry)}.
+    is past its expiry)}. features: what the agent understands beyond the original wire format
+    (FEATURES); left out when None, as earlier agents sent none.
     """
     body: dict[str, Any] = {
         "_type": "presence", "online": online, "agent_version": agent_version, "active": dict(active or {}),
@@ -611,6 +660,8 @@ def presence_payload(
         body["update"] = dict(update) if update else None
     if trust is not None:
         body["trust"] = dict(trust)
+    if features is not None:
+        body["features"] = list(features)
     payload = encode_json(body)
     if models is not None:
         parse_presence(payload)  # never send what our own server would refuse
@@ -649,6 +700,10 @@ def parse_presence(payload: bytes) -> dict:
         _opt(trust, "error_code", str, w)
         _opt(trust, "refused", dict, w)  # the last keyring or timestamp refused: {kind, code, detail}
         _opt(trust, "keyring_expired", bool, w)
+    features = _opt(data, "features", list, where)
+    if features is not None and (len(features) > 32 or not all(isinstance(f, str) and IDENT_RE.match(f)
+                                                                  for f in features)):
+        raise ProtocolError("presence.features must be a list of at most 32 names (A-Z a-z 0-9 . _ -)")
     return data
 
 

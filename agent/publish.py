@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from agent import __version__ as AGENT_VERSION
 from agent.config import Config
 from agent.journal import Journal
-from agent.protocol import presence_payload
+from agent.protocol import FEATURES, presence_payload
 
 if TYPE_CHECKING:
     from agent.metrics.book import MetricsBook
@@ -69,7 +69,8 @@ def presence(online: bool, *, journal: Journal) -> bytes:
     if not online:
         return presence_payload(online=False, agent_version=AGENT_VERSION, active=active_models(journal))
     return presence_payload(online=True, agent_version=AGENT_VERSION, active=active_models(journal),
-                            models=reported_models(journal), update=in_flight(journal), trust=trust(journal))
+                            models=reported_models(journal), update=in_flight(journal), trust=trust(journal),
+                            features=FEATURES)
 
 
 def trust(journal: Journal) -> dict | None:

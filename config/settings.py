@@ -213,6 +213,11 @@ MQTT_INGEST_CLIENT_ID = env_str("MQTT_INGEST_CLIENT_ID", "")
 # Seconds the broker keeps that session, queueing for it, after the process disconnects or dies.
 MQTT_INGEST_SESSION_EXPIRY = env_int("MQTT_INGEST_SESSION_EXPIRY", 86400, min_value=0, max_value=4294967295)
 
+# Lean directives: a device whose agent advertises "release_ref" gets its release envelope by
+# reference (sha256, length, URL; it fetches and caches it) instead of inside every retained
+# directive. Off: every directive carries the whole envelope, as for agents that predate it.
+DIRECTIVE_RELEASE_BY_REFERENCE = env_bool("DIRECTIVE_RELEASE_BY_REFERENCE", True)
+
 # Base URL devices use to reach this server (artifact downloads, enrollment).
 PUBLIC_URL = env_str("PUBLIC_URL", f"http://127.0.0.1:{env_int('WEB_PORT', 8000)}").rstrip("/")
 

@@ -1,16 +1,19 @@
 """Artifact downloads: their URL (built here and nowhere else) and the responses: HTTP Range from
 the filesystem store, streamed in chunks, or a redirect to a presigned URL for object stores (the
-server never proxies bytes from S3)."""
+server never proxies bytes from S3). Also the reference a lean directive carries to its release
+envelope (release_ref) and the response that serves that envelope's canonical bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from django.conf import settings
 from django.http import FileResponse, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 from django.urls import reverse
 
-from registry.models import Artifact
+from agent.protocol import release_bytes
+from registry.models import Artifact, ModelVersion
 
 CHUNK = 256 * 1024
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -34,6 +37,25 @@ def artifact_download_url(*, artifact: Artifact) -> str:
     auth). With an object store the endpoint answers with a redirect to a short-lived presigned
     URL, which a directive valid for weeks could not carry itself."""
     return f"{settings.PUBLIC_URL}{artifact_download_path(artifact=artifact)}"
+
+
+def release_ref(*, version: ModelVersion) -> dict:
+    """A lean directive's reference to the released `version`'s envelope (agent.protocol.ReleaseRef):
+    the sha256 and length of its canonical bytes and where a device fetches them."""
+    data = release_bytes(version.envelope)
+    path = reverse("registry:version-release-envelope", kwargs={"name": version.model.name, "version": version.version})
+    return {"sha256": hashlib.sha256(data).hexdigest(), "length": len(data), "url": f"{settings.PUBLIC_URL}{path}"}
+
+
+def release_envelope_response(request, *, version: ModelVersion) -> HttpResponse:
+    """The envelope's canonical bytes, the ones release_ref digests. Always whole (a Range is
+    ignored: at most 64 KiB, and a piece of JSON is no JSON); agent.download.fetch takes a 200 to a
+    Range request as the whole file."""
+    data = release_bytes(version.envelope)
+    response = HttpResponse(data, content_type="application/json")
+    response["ETag"] = f'"{hashlib.sha256(data).hexdigest()}"'
+    response["Cache-Control"] = "private, max-age=31536000, immutable"  # signed bytes; a new release is a new URL's content
+    return response
 
 
 def parse_range(header: str | None, length: int) -> tuple[int, int] | None | str:

@@ -20,6 +20,7 @@ urlpatterns = [
     ),
     path(f"{V}/release", views.VersionRelease.as_view(), name="version-release"),
     path(f"{V}/manifest", views.VersionManifest.as_view(), name="version-manifest"),
+    path(f"{V}/release-envelope", views.VersionReleaseEnvelope.as_view(), name="version-release-envelope"),
     path(f"{V}/manifest-payload", views.VersionManifestPayload.as_view(), name="version-manifest-payload"),
     path(f"{V}/deprecate", views.VersionDeprecate.as_view(), name="version-deprecate"),
     path(f"{V}/revoke", views.VersionRevoke.as_view(), name="version-revoke"),

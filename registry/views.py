@@ -13,7 +13,7 @@ from registry import keys
 from registry.aliases import alias_set, aliases_list, parse_instant
 from registry.artifacts import artifact_storage, artifact_upload, upload_discard
 from registry.auth import actor_label
-from registry.downloads import artifact_response
+from registry.downloads import artifact_response, release_envelope_response
 from registry.errors import ApiError, not_found
 from registry.hardware import hardware_create
 from registry.lookups import artifact_get, model_get, version_get
@@ -218,6 +218,24 @@ class VersionManifest(APIView):
         if found.envelope is None:
             raise not_found(f"{found} is a draft; it has no signed manifest until released.", "not_released")
         return Response(found.envelope, headers={"X-Manifest-Sha256": found.manifest_sha256})
+
+
+class VersionReleaseEnvelope(APIView):
+    """The signed release envelope as canonical bytes (agent.protocol.release_bytes): what a lean
+    directive's release_ref names by sha256 and length; devices fetch it once and cache it."""
+
+    read_scope = ("read", "device")
+
+    @extend_schema(responses={200: EnvelopeSerializer, 403: ERROR, 404: ERROR, 410: ERROR})
+    def get(self, request, name, version):
+        found = version_get(model_name=name, version=version)
+        if found.state == ModelVersion.State.REVOKED:
+            raise ApiError(f"{found} has been revoked; its release may no longer be installed.",
+                           code="version_revoked", status_code=410)
+        require_directed(request, found)
+        if found.envelope is None:
+            raise not_found(f"{found} is a draft; it has no signed manifest until released.", "not_released")
+        return release_envelope_response(request, version=found)
 
 
 class _VersionStateChange(APIView):

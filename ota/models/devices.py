@@ -41,6 +41,9 @@ class Device(models.Model):
     # a model missing from such a presence is one the device has had no directive for.
     reported_at = models.DateTimeField(null=True, blank=True)
     agent_version = models.CharField(max_length=64, blank=True)
+    # What its agent advertised it understands beyond the original wire format (presence.features,
+    # agent.protocol.FEATURES), e.g. "release_ref": lean directives (ota.rollouts.directives).
+    features = models.JSONField(default=list, blank=True)
     last_telemetry = models.JSONField(default=dict, blank=True)
     last_telemetry_at = models.DateTimeField(null=True, blank=True)
     # presence.trust (agent.trust), from a device that pins a root key: {keyring_version, timestamp,

@@ -7,6 +7,12 @@ with QoS 1 once the transaction has committed, so a device never sees a directiv
 does not know about. A worker killed between commit and publish leaves rows with
 `published_at` NULL, which the beat tick publishes byte for byte later (same seq, so an agent
 that already has it ignores the copy).
+
+Lean directives (issue 12): a device whose agent advertised "release_ref" gets the release by
+reference (registry.downloads.release_ref: sha256, length, URL of the envelope's canonical
+bytes) instead of the whole envelope in every retained message; it fetches the envelope once and
+caches it (agent.releases). Others, and every device with DIRECTIVE_RELEASE_BY_REFERENCE off, get
+the envelope inside as before.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from agent.signing import DIRECTIVE_PAYLOAD_TYPE, sign_envelope
 from ota.models import Device, Directive
 from ota.rollouts.deltas import deltas_offered
 from ota.transport import mqtt
-from registry.downloads import artifact_download_url
+from registry.downloads import artifact_download_url, release_ref
 from registry.keys import load_rollout_key
 from registry.models import Artifact, ModelVersion
 
@@ -85,6 +91,8 @@ def directives_issue(
     expires = issued + DIRECTIVE_VALIDITY
     artifacts = _artifacts_for(requests)
     offered = deltas_offered(requests=requests, artifacts=artifacts)
+    lean = _lean_devices([r.device_id for r in requests])
+    refs: dict[int, dict] = {}  # version pk -> its release_ref, computed once per batch
     records = []
     for req in requests:
         seq = seqs.get(req.device_id)
@@ -98,7 +106,9 @@ def directives_issue(
             expires=expires,
             rollout_id=str(rollout_id) if rollout_id is not None else None,
             model=req.version.model.name,
-            release_envelope=req.version.envelope,
+            **({"release_ref": refs.get(req.version.pk) or refs.setdefault(req.version.pk,
+                                                                           release_ref(version=req.version))}
+               if req.device_id in lean else {"release_envelope": req.version.envelope}),
             artifact={
                 "hardware": req.hardware,
                 "sha256": art.sha256,
@@ -126,6 +136,16 @@ def directives_issue(
     logger.info("signed and recorded %d %s directives in %.3fs", len(ids), kind, time.perf_counter() - started)
     transaction.on_commit(lambda: directives_publish(directive_ids=ids))
     return {d.device_id: d for d in created}
+
+
+def _lean_devices(device_ids: list[str]) -> set[str]:
+    """The devices that get lean directives (a release_ref instead of the envelope): those whose
+    agent advertised "release_ref" (Device.features), while DIRECTIVE_RELEASE_BY_REFERENCE is on."""
+    if not settings.DIRECTIVE_RELEASE_BY_REFERENCE or not device_ids:
+        return set()
+    # Filtered here, not with features__contains: SQLite (make run's database) has no JSON contains.
+    rows = Device.objects.filter(pk__in=device_ids).values_list("pk", "features")
+    return {pk for pk, features in rows if "release_ref" in (features or [])}
 
 
 def _artifacts_for(requests: list[DirectiveRequest]) -> dict[tuple[int, str], Artifact]:

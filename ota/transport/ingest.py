@@ -655,6 +655,8 @@ class Ingestor:
                 version = item.data.get("agent_version")
                 if isinstance(version, str) and version:
                     fields["agent_version"] = version[:64]
+                if item.data.get("features") is not None:  # checked by parse_presence: up to 32 short names
+                    fields["features"] = sorted(set(item.data["features"]))
                 if item.data.get("trust") is not None:
                     fields["trust"] = _trust(item.data["trust"])
             else:

@@ -144,6 +144,7 @@ def directive_envelope(
     key=None,
     retry_denied: bool = False,
     windows: list[str] | None = None,
+    release_ref: dict | None = None,
 ) -> bytes:
     now = utcnow()
     payload = build_directive_payload(
@@ -157,6 +158,7 @@ def directive_envelope(
         artifact={"hardware": artifact["hardware"], "sha256": artifact["sha256"], "length": artifact["length"], "url": url},
         **({"retry_denied": True} if retry_denied else {}),
         **({"windows": windows} if windows else {}),
+        **({"release_ref": release_ref} if release_ref else {}),
     )
     envelope = signing.sign_envelope(payload, signing.DIRECTIVE_PAYLOAD_TYPE, key or keys.rollout)
     return json.dumps(envelope).encode()

@@ -313,7 +313,7 @@ class DirectiveRecorder:
             envelope = json.loads(message.payload)
             body = json.loads(base64.b64decode(envelope["payload"]))
             record.update(seq=body["seq"], rollout_id=body["rollout_id"], body=body, envelope=envelope,
-                          sha256=body["artifact"]["sha256"], version=_release_version(body["release"]))
+                          sha256=body["artifact"]["sha256"], version=_release_version(body))
         with self._lock:
             self.messages.append(record)
 
@@ -341,10 +341,15 @@ class DirectiveRecorder:
                          diagnostics=lambda: f"have {len(self.live())} messages")
 
 
-def _release_version(envelope: dict) -> str:
+def _release_version(body: dict) -> str:
+    """The release version a directive body names: from its envelope, or from the URL of a lean
+    directive's release_ref (.../versions/<version>/release-envelope)."""
     import base64
+    from urllib.parse import unquote
 
-    return json.loads(base64.b64decode(envelope["payload"]))["version"]
+    if body.get("release") is not None:
+        return json.loads(base64.b64decode(body["release"]["payload"]))["version"]
+    return unquote(body["release_ref"]["url"].rsplit("/versions/", 1)[1].split("/", 1)[0])
 
 
 class ProtocolResponder:
