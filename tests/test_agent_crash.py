@@ -20,14 +20,13 @@ from hashlib import sha256
 
 import pytest
 
-from tests.support.agent_fixtures import MODEL, close_rig, install_template, make_rig
+from tests.support.agent_fixtures import MODEL, close_rig, device_from, install_template, make_rig
 from tests.support.agent_harness import (
     HEALTH_FAILS,
     HEALTH_OK,
     PROGRESS,
     Artifact,
     active_file,
-    clone_state,
     journal,
     linear_contract,
     release_envelope,
@@ -79,8 +78,7 @@ def _check_active(state, allowed: dict[str, bytes]) -> str:
 
 def _run(inst, device: str, point: str, double: bool, update: dict | None = None, expect: str = "committed") -> None:
     rig = inst.rig
-    state = clone_state(inst.template, rig.tmp / device / "state")
-    rig.config(device, state_dir=state, update={"reload_command": "true", **(update or {})})
+    state = device_from(inst, device, reload_command="true", **(update or {}))
     final = inst.v2 if expect == "committed" else inst.v1
     rig.publish_directive(device, rig.directive(device, 2, MODEL, inst.rel2, inst.v2))
     allowed = {inst.v1.sha256: inst.v1.data, inst.v2.sha256: inst.v2.data}
@@ -157,8 +155,7 @@ def test_it_survives_sigkill_while_rolling_back(installed, point):
 
 def _fresh(inst, device: str, update: dict):
     rig = inst.rig
-    state = clone_state(inst.template, rig.tmp / device / "state")
-    rig.config(device, state_dir=state, update=update)
+    state = device_from(inst, device, **update)
     rig.publish_directive(device, rig.directive(device, 2, MODEL, inst.rel2, inst.v2))
     return rig, state, rig.agent(device)
 
@@ -239,8 +236,7 @@ def test_it_breaks_a_crash_loop(installed, tolerated, code):
 def test_it_resumes_a_preemption_killed_right_after_it_was_journalled(installed):
     rig = installed.rig
     device = "c-superseded"
-    state = clone_state(installed.template, rig.tmp / device / "state")
-    rig.config(device, state_dir=state, update={"reload_command": "true"})
+    state = device_from(installed, device, reload_command="true")
     slow = f"/slow-crash/{installed.v2.sha256}"
     rig.server.rates[slow] = 64 * 1024
     v3 = Artifact(linear_model(scale=4.0, bias=0.25, padding_bytes=100_000))

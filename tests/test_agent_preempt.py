@@ -11,12 +11,11 @@ import time
 
 import pytest
 
-from tests.support.agent_fixtures import MODEL, close_rig, install_template, make_rig
+from tests.support.agent_fixtures import MODEL, close_rig, device_from, install_template, make_rig
 from tests.support.agent_harness import (
     PROGRESS,
     Artifact,
     active_fingerprint,
-    clone_state,
     journal,
     linear_contract,
     release_envelope,
@@ -47,10 +46,7 @@ def installed(tmp_path_factory):
 
 
 def _device(inst, device: str, **update):
-    rig = inst.rig
-    state = clone_state(inst.template, rig.tmp / device / "state")
-    rig.config(device, state_dir=state, update={"reload_command": "true", **update})
-    return rig, state
+    return inst.rig, device_from(inst, device, reload_command="true", **update)
 
 
 def _slow_download_under_way(inst, device: str, agent, state) -> None:

@@ -9,13 +9,12 @@ import signal
 
 import pytest
 
-from tests.support.agent_fixtures import MODEL, close_rig, install_template, make_rig
+from tests.support.agent_fixtures import MODEL, close_rig, device_from, install_template, make_rig
 from tests.support.agent_harness import (
     HEALTH_FAILS,
     PROGRESS,
     Artifact,
     active_fingerprint,
-    clone_state,
     journal,
     linear_contract,
     release_envelope,
@@ -40,9 +39,8 @@ def installed(tmp_path_factory):
 def test_an_operators_retry_lifts_the_denylist_entry(installed):
     inst, device = installed, "r-retry"
     rig = inst.rig
-    state = clone_state(inst.template, rig.tmp / device / "state")
     # The app is broken during the first try: v2 fails its trial and is deny-listed.
-    rig.config(device, state_dir=state, update={"reload_command": "true", "health_command": HEALTH_FAILS})
+    state = device_from(inst, device, reload_command="true", health_command=HEALTH_FAILS)
     agent = rig.agent(device).start()
     rig.publish_directive(device, rig.directive(device, 2, MODEL, inst.rel2, inst.v2))
     first = rig.subscriber.wait_outcome(device, 2, agent=agent)

@@ -19,11 +19,10 @@ import pytest
 
 from agent.protocol import ErrorCode, ProtocolError, build_directive_payload, format_time, parse_time, utcnow
 from agent.windows import WindowError, is_open, next_opening, open_until, parse_window, parse_windows
-from tests.support.agent_fixtures import MODEL, close_rig, install_template, make_rig
+from tests.support.agent_fixtures import MODEL, close_rig, device_from, install_template, make_rig
 from tests.support.agent_harness import (
     Artifact,
     active_fingerprint,
-    clone_state,
     journal,
     linear_contract,
     release_envelope,
@@ -148,10 +147,7 @@ def installed(tmp_path_factory):
 
 
 def _device(inst, device: str):
-    rig = inst.rig
-    state = clone_state(inst.template, rig.tmp / device / "state")
-    rig.config(device, state_dir=state, update={"reload_command": "true", "trial_seconds": 1})
-    return rig, state
+    return inst.rig, device_from(inst, device, reload_command="true", trial_seconds=1)
 
 
 def _states(rig, device: str, seq: int) -> list[str]:

@@ -20,12 +20,11 @@ import pytest
 from agent.protocol import ErrorCode, encode_json, parse_directive, parse_presence, presence_payload, release_bytes
 from ota.models import Device, Directive
 from registry.models import ModelVersion
-from tests.support.agent_fixtures import MODEL, close_rig, install_template, make_rig
+from tests.support.agent_fixtures import MODEL, close_rig, device_from, install_template, make_rig
 from tests.support.agent_harness import (
     Artifact,
     Keys,
     active_fingerprint,
-    clone_state,
     journal,
     linear_contract,
     release_envelope,
@@ -136,10 +135,7 @@ def _lean(inst, device: str, seq: int, envelope: dict, *, served: bytes | None =
 
 
 def _device(inst, device: str):
-    rig = inst.rig
-    state = clone_state(inst.template, rig.tmp / device / "state")
-    rig.config(device, state_dir=state, update={"reload_command": "true", "trial_seconds": 1})
-    return rig, state
+    return inst.rig, device_from(inst, device, reload_command="true", trial_seconds=1)
 
 
 def _requests(rig, path: str) -> int:

@@ -13,6 +13,7 @@ from tests.support.agent_harness import (
     Keys,
     Rig,
     Subscriber,
+    clone_state,
     linear_contract,
     release_envelope,
     wait_for,
@@ -59,3 +60,11 @@ def install_template(rig: Rig, *, counter: int = 1, rollback_floor: int = 0, **c
     wait_for(lambda: not list((state / "outbox").glob("*.json")), 10, "template outbox drained", agent=agent)
     assert agent.stop() == 0
     return Installed(rig=rig, template=state, v1=v1, rel1=rel1, v1_counter=counter)
+
+
+def device_from(inst: Installed, device: str, **update) -> Path:
+    """A new device named `device` whose state directory is a copy of the template's (v1 installed
+    and committed) and whose agent.toml has `update` as its [update] table; returns the state dir."""
+    state = clone_state(inst.template, inst.rig.tmp / device / "state")
+    inst.rig.config(device, state_dir=state, update=update)
+    return state
