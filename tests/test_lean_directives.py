@@ -193,3 +193,20 @@ def test_it_refuses_a_lean_directive_whose_release_cannot_be_trusted(installed, 
     assert journal(state)["seqs"][MODEL] == 2  # refused under its seq: authentic and fresh
     assert not list((state / "releases").glob("*.json"))  # nothing untrusted kept
     assert agent.stop() == 0
+
+
+@pytest.mark.django_db
+def test_it_lets_the_fleet_simulator_resolve_a_reference_as_an_agent_would(released):
+    from agent.protocol import ReleaseRef
+    from ota.sim.fleet import FleetSimulator, _release_from_registry
+    from registry.downloads import release_ref
+
+    sim = FleetSimulator([], host="127.0.0.1", port=1, release_pems=[], rollout_pems=[],
+                         release_resolver=_release_from_registry)
+    assert sim.features == ("release_ref",)  # its devices advertise lean directives
+    ref = ReleaseRef(**release_ref(version=released))
+    assert sim.release_for(ref) == released.envelope
+    wrong = ReleaseRef(sha256="0" * 64, length=ref.length, url=ref.url)
+    assert sim.release_for(wrong) is None  # bytes that do not match the reference are never used
+    plain = FleetSimulator([], host="127.0.0.1", port=1, release_pems=[], rollout_pems=[])
+    assert plain.features is None  # without a resolver: envelopes inside, as agents before release_ref

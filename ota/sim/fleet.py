@@ -51,13 +51,17 @@ from agent.admission import (
     Defer,
     DeviceView,
     Ignore,
+    NeedRelease,
     Preempt,
     Refuse,
     admit,
     could_not_process,
 )
 from agent.protocol import (
+    FEATURES,
     ErrorCode,
+    ReleaseRef,
+    release_bytes,
     Event,
     ProtocolError,
     State,
@@ -192,7 +196,7 @@ class SimDevice:
         upd = self.update
         update = {"model": upd.model, "seq": upd.seq, "phase": upd.phase} if upd else None
         return presence_payload(online=True, agent_version=SIM_AGENT_VERSION, active=self.active, models=models,
-                                update=update)
+                                update=update, features=self.sim.features)
 
     def connect(self) -> None:
         try:
@@ -273,7 +277,8 @@ class SimDevice:
         return DeviceView(device_id=self.id, hardware=self.creds.hardware, seqs=self.seqs,
                           floors=self.floors, denylist=self.denylist, active=self.models,
                           busy=upd is not None, busy_model=upd.model if upd else None,
-                          busy_seq=upd.seq if upd else 0, busy_phase=upd.phase if upd else None)
+                          busy_seq=upd.seq if upd else 0, busy_phase=upd.phase if upd else None,
+                          releases=self.sim.releases)
 
     def handle_directive(self, payload: bytes) -> None:
         """Judge one directive payload with the agent's admit() and act on the decision as
@@ -281,6 +286,14 @@ class SimDevice:
         try:
             decision = admit(payload=payload, device=self.device_view(), release_keys=self.sim.release_keys,
                              rollout_keys=self.sim.rollout_keys, now=utcnow())
+            if isinstance(decision, NeedRelease):  # a lean directive: the envelope it names, then again
+                if self.sim.release_for(decision.ref) is None:
+                    decision = Refuse(code=ErrorCode.NOT_FOUND, message="the release manifest could not be fetched",
+                                      record_seq=True, seq=decision.seq, model=decision.model, sha=decision.sha,
+                                      rollout_id=decision.rollout_id)
+                else:
+                    decision = admit(payload=payload, device=self.device_view(), release_keys=self.sim.release_keys,
+                                     rollout_keys=self.sim.rollout_keys, now=utcnow())
         except Exception as exc:
             # As on a real device, input must not take the simulator down; the agent refuses it too.
             logger.warning("sim %s: directive could not be processed: %r", self.id, exc)
@@ -507,6 +520,7 @@ class FleetSimulator:
         metrics_requests: int = 0,
         seed: int | None = None,
         release_threshold: int = 1,
+        release_resolver=None,
     ):
         if isinstance(behaviour, str) and behaviour not in BEHAVIOURS:
             raise ValueError(f"behaviour {behaviour!r} is not one of {', '.join(BEHAVIOURS)}")
@@ -526,6 +540,12 @@ class FleetSimulator:
         self.model_behaviours = dict(model_behaviours or {})
         self.metrics_requests = metrics_requests
         self.rng = random.Random(seed)
+        # Lean directives: with a resolver (ReleaseRef -> envelope or None; from_settings reads the
+        # registry, as the agent would fetch it) the devices advertise release_ref and look the
+        # envelopes up through it, once per release; without one they take envelopes inside.
+        self.release_resolver = release_resolver
+        self.features = FEATURES if release_resolver is not None else None
+        self.releases: dict[str, dict] = {}
         self.stats = SimStats()
         self.stopping = False
         self._selector = selectors.DefaultSelector()
@@ -557,8 +577,17 @@ class FleetSimulator:
             release_pems=[info.public_key_pem for info in require_enough_release_keys()],
             rollout_pems=[public_key_info("rollout").public_key_pem],
             release_threshold=release_threshold(),
+            release_resolver=_release_from_registry,
             **kwargs,
         )
+
+    def release_for(self, ref: ReleaseRef) -> dict | None:
+        """The envelope a lean directive names, if the resolver has it and it matches the reference."""
+        if ref.sha256 not in self.releases and self.release_resolver is not None:
+            envelope = self.release_resolver(ref)
+            if envelope is not None and sha256(release_bytes(envelope)).hexdigest() == ref.sha256:
+                self.releases[ref.sha256] = envelope
+        return self.releases.get(ref.sha256)
 
     # timers and sockets -------------------------------------------------------------------------
 
@@ -675,3 +704,18 @@ class FleetSimulator:
 def _sleep(timeout: float):
     time.sleep(timeout)
     return ()
+
+
+def _release_from_registry(ref: ReleaseRef) -> dict | None:
+    """The envelope of the release a lean directive's URL names (.../versions/<v>/release-envelope),
+    read from the registry: what the agent would fetch from that URL (needs Django)."""
+    from urllib.parse import unquote, urlsplit
+
+    from registry.models import ModelVersion
+
+    parts = [unquote(p) for p in urlsplit(ref.url).path.split("/")]
+    if "models" not in parts or "versions" not in parts:
+        return None
+    name, version = parts[parts.index("models") + 1], parts[parts.index("versions") + 1]
+    found = ModelVersion.objects.filter(model__name=name, version=version).values_list("envelope", flat=True).first()
+    return found
