@@ -100,11 +100,24 @@ def test_it_serves_the_referenced_bytes_to_the_directed_device_only(client, rele
     assert stranger.status_code == 403
 
 
-def test_it_reads_the_features_a_presence_advertises():
-    payload = presence_payload(online=True, agent_version="0.1.0", active={}, models={}, features=["release_ref"])
-    assert parse_presence(payload)["features"] == ["release_ref"]
+@pytest.mark.django_db
+def test_it_stores_what_a_presence_advertises_and_forgets_it_on_a_downgrade(released):
+    from agent.protocol import ProtocolError, Topics
+    from ota.transport.ingest import Ingestor, Message
+
+    (device,) = make_devices(1, prefix="feat")
+
+    def presence(**kwargs):
+        message = Message(topic=Topics("fleet").presence(device), payload=presence_payload(**kwargs), qos=1)
+        Ingestor().process([message])
+        return Device.objects.get(pk=device).features
+
+    assert presence(online=True, agent_version="0.1.0", active={}, models={}, features=["release_ref"]) == [
+        "release_ref"]
+    assert presence(online=False, agent_version="0.1.0", active={}) == ["release_ref"]  # the last will says nothing
+    assert presence(online=True, agent_version="0.0.9", active={}, models={}) == []  # an older agent again
     bad = json.dumps({"_type": "presence", "online": True, "features": ["release\x00ref"]}).encode()
-    with pytest.raises(Exception, match="presence.features"):
+    with pytest.raises(ProtocolError, match="presence.features"):
         parse_presence(bad)
 
 

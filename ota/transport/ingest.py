@@ -655,8 +655,11 @@ class Ingestor:
                 version = item.data.get("agent_version")
                 if isinstance(version, str) and version:
                     fields["agent_version"] = version[:64]
-                if item.data.get("features") is not None:  # checked by parse_presence: up to 32 short names
-                    fields["features"] = sorted(set(item.data["features"]))
+                if item.data.get("models") is not None:
+                    # An online presence says everything it understands (parse_presence checked the
+                    # names): none listed is an agent from before features, or one downgraded to it,
+                    # which must get envelopes inside again. The offline one (the last will) says nothing.
+                    fields["features"] = sorted(set(item.data.get("features") or []))
                 if item.data.get("trust") is not None:
                     fields["trust"] = _trust(item.data["trust"])
             else:
