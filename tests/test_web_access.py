@@ -169,7 +169,9 @@ def test_it_covers_every_action_url_of_the_web_admin():
         "device_revoke", "alias_move", "version_release", "version_deprecate", "version_revoke", "access",
         "rollout_new", "rollout_action",
     }
-    assert len(POST_URLS) == 7 + 8  # one per rollout action
+    from ota.rollouts.catalogue import ACTIONS
+
+    assert len(POST_URLS) == 7 + len(ACTIONS) == 7 + 9  # one per rollout action (start ... unschedule)
 
 
 @pytest.mark.parametrize("name, kwargs", POST_URLS, ids=[f"{n}-{k.get('action', '')}".rstrip("-") for n, k in POST_URLS])
