@@ -350,7 +350,8 @@ def _start(directive: Directive, release: ReleaseManifest, artifact: ReleaseArti
         transitions=1,
         started=format_time(now),
         **({"delta": asdict(directive.delta)} if _delta_applies(directive, active_sha) else {}),
-        **({"windows": list(directive.windows)} if directive.windows else {}),
+        **({"windows": list(directive.windows), "release_expires": format_time(release.expires) if release.expires
+            else None} if directive.windows else {}),
     )
     detail = (f"artifact {lifted} was deny-listed here; allowed again by an operator's retry (retry_denied)"
               if lifted else "")

@@ -55,6 +55,7 @@ class InFlightUpdate:
     # The directive's maintenance windows (agent.windows texts): activate only while one is open.
     windows: list | None = None
     next_opening: str | None = None  # waiting_for_window: the opening last reported (RFC 3339 UTC)
+    release_expires: str | None = None  # the signed release's expiry (RFC 3339 UTC), checked again at activation
 
     refetched: bool = False  # verifying sent a bad resumed download back once for a clean one
     previous_model: dict | None = None  # the journal's models[model] entry before activation

@@ -13,7 +13,7 @@
     verifying ─► failed              HASH_MISMATCH; ROLLBACK_LOOP; SUPERSEDED
     prechecking ─► failed            PRECHECK_FAILED; ROLLBACK_LOOP; SUPERSEDED
     waiting_for_window ─► failed     SUPERSEDED; HASH_MISMATCH (the stored copy changed while it
-                                     waited); ROLLBACK_LOOP
+                                     waited); RELEASE_EXPIRED (while it waited); ROLLBACK_LOOP
     activating ─► rolling_back       ACTIVATE_FAILED (the reload command failed, or the agent died
                                      while it ran more than update.max_trial_restarts times); ROLLBACK_LOOP
     trial ─► rolling_back            TRIAL_FAILED (a health check failed, or the agent died while the

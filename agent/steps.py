@@ -39,7 +39,7 @@ from agent.install import Store, StoreError, sha256_file
 from agent.journal import Journal, child_env, crash_point
 from agent.machine import Outcome, Phase
 from agent.precheck import run_precheck
-from agent.protocol import ErrorCode, format_time, utcnow
+from agent.protocol import ErrorCode, format_time, parse_time, utcnow
 from agent.shadow import ShadowResult, run_shadow, shadow_settings, spool_dir, spool_samples
 
 if TYPE_CHECKING:
@@ -262,15 +262,20 @@ class Steps:
         """Activate if one of the directive's maintenance windows is open by this box's clock;
         else park the update until one opens (Agent._park; Agent.wake_parked brings it back).
 
-        Hours may pass between the precheck and this step, so the stored copy is hashed again
-        before `current` may point at it, and the model it replaces is read afresh (a local
-        rollback may have run meanwhile)."""
+        Hours may pass between the precheck and this step, so the release's expiry is checked
+        again, the stored copy is hashed again before `current` may point at it, and the model it
+        replaces is read afresh (a local rollback may have run meanwhile)."""
         found = windows.parse_windows(upd.windows or [])
         now = utcnow()
         if not windows.is_open(found, now):
             opening = windows.next_opening(found, now)
             assert opening is not None and self.park is not None
             self.park(format_time(opening))
+            return
+        if upd.release_expires and parse_time(upd.release_expires, "release_expires") <= now:
+            # Admission refuses an expired release; one that expired while it waited is no better.
+            self.finish(Outcome.FAILED, ErrorCode.RELEASE_EXPIRED,
+                        f"the release expired at {upd.release_expires} while it waited for its maintenance window")
             return
         stored = self.store.stored_file(upd.sha, upd.file_name)
         try:

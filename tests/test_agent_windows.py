@@ -265,3 +265,19 @@ def test_it_never_activates_a_copy_changed_while_it_waited(installed):
     assert active_fingerprint(state, MODEL)[1] == inst.v1.sha256
     assert "activating" not in _states(rig, "w-tamper", 2)
     assert agent.stop() == 0
+
+
+def test_it_never_activates_a_release_that_expired_while_it_waited(installed):
+    inst = installed
+    rig, state = _device(inst, "w-expired")
+    agent = rig.agent("w-expired").start()
+    short = release_envelope(rig.keys, model=MODEL, version="2.0", counter=2, artifacts=[inst.v2.entry()],
+                             health=linear_contract(scale=3.0, bias=0.5), expires_in=timedelta(seconds=6))
+    rig.publish_directive("w-expired", rig.directive("w-expired", 2, MODEL, short, inst.v2,
+                                                     windows=[window(opens_in=9, lasts=60)]))
+    wait_for(lambda: _waiting_events(rig, "w-expired", 2), 30, "waiting_for_window", agent=agent)
+    outcome = rig.subscriber.wait_outcome("w-expired", 2, timeout=30, agent=agent)
+    assert (outcome["state"], outcome["error_code"]) == ("failed", "RELEASE_EXPIRED"), outcome
+    assert "expired" in outcome["detail"] and "while it waited" in outcome["detail"]
+    assert active_fingerprint(state, MODEL)[1] == inst.v1.sha256
+    assert agent.stop() == 0
