@@ -20,7 +20,7 @@ from hashlib import sha256
 
 import pytest
 
-from tests.support.agent_fixtures import MODEL, close_rig, device_from, install_template, make_rig
+from tests.support.agent_fixtures import MODEL, add_v2, close_rig, device_from, install_template, make_rig
 from tests.support.agent_harness import (
     HEALTH_FAILS,
     HEALTH_OK,
@@ -57,9 +57,7 @@ def installed(tmp_path_factory):
     rig, _ = make_rig(tmp_path_factory.mktemp("crash"))
     try:
         inst = install_template(rig, update={"reload_command": "true"})
-        inst.v2 = Artifact(linear_model(scale=3.0, bias=0.5, padding_bytes=3_500_000))
-        inst.rel2 = release_envelope(rig.keys, model=MODEL, version="2.0", counter=2, artifacts=[inst.v2.entry()],
-                                     health=linear_contract(scale=3.0, bias=0.5))
+        add_v2(inst, padding_bytes=3_500_000)
         yield inst
     finally:
         close_rig(rig)

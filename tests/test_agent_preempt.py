@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.support.agent_fixtures import MODEL, close_rig, device_from, install_template, make_rig
+from tests.support.agent_fixtures import MODEL, add_v2, close_rig, device_from, install_template, make_rig
 from tests.support.agent_harness import (
     PROGRESS,
     Artifact,
@@ -31,9 +31,7 @@ def installed(tmp_path_factory):
     rig, _ = make_rig(tmp_path_factory.mktemp("preempt"))
     try:
         inst = install_template(rig, update={"reload_command": "true"})
-        inst.v2 = Artifact(linear_model(scale=3.0, bias=0.5, padding_bytes=4_000_000))
-        inst.rel2 = release_envelope(rig.keys, model=MODEL, version="2.0", counter=2, artifacts=[inst.v2.entry()],
-                                     health=linear_contract(scale=3.0, bias=0.5))
+        add_v2(inst, padding_bytes=4_000_000)
         inst.slow_path = f"/slow/{inst.v2.sha256}"
         inst.slow_url = rig.server.add(inst.slow_path, inst.v2.data)
         rig.server.rates[inst.slow_path] = SLOW

@@ -9,18 +9,14 @@ import signal
 
 import pytest
 
-from tests.support.agent_fixtures import MODEL, close_rig, device_from, install_template, make_rig
+from tests.support.agent_fixtures import MODEL, add_v2, close_rig, device_from, install_template, make_rig
 from tests.support.agent_harness import (
     HEALTH_FAILS,
     PROGRESS,
-    Artifact,
     active_fingerprint,
     journal,
-    linear_contract,
-    release_envelope,
     wait_for,
 )
-from tests.support.onnx_models import linear_model
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +24,7 @@ def installed(tmp_path_factory):
     rig, _ = make_rig(tmp_path_factory.mktemp("retry"))
     try:
         inst = install_template(rig, update={"reload_command": "true"})
-        inst.v2 = Artifact(linear_model(scale=3.0, bias=0.5, padding_bytes=200_000))
-        inst.rel2 = release_envelope(rig.keys, model=MODEL, version="2.0", counter=2, artifacts=[inst.v2.entry()],
-                                     health=linear_contract(scale=3.0, bias=0.5))
+        add_v2(inst, padding_bytes=200_000)
         yield inst
     finally:
         close_rig(rig)

@@ -19,7 +19,7 @@ import pytest
 
 from agent.protocol import ErrorCode, ProtocolError, build_directive_payload, format_time, parse_time, utcnow
 from agent.windows import WindowError, is_open, next_opening, open_until, parse_window, parse_windows
-from tests.support.agent_fixtures import MODEL, close_rig, device_from, install_template, make_rig
+from tests.support.agent_fixtures import MODEL, add_v2, close_rig, device_from, install_template, make_rig
 from tests.support.agent_harness import (
     Artifact,
     active_fingerprint,
@@ -135,9 +135,7 @@ def installed(tmp_path_factory):
     rig, _ = make_rig(tmp_path_factory.mktemp("windows"))
     try:
         inst = install_template(rig, update={"reload_command": "true", "trial_seconds": 1})
-        inst.v2 = Artifact(linear_model(scale=3.0, bias=0.5, padding_bytes=300_000))
-        inst.rel2 = release_envelope(rig.keys, model=MODEL, version="2.0", counter=2, artifacts=[inst.v2.entry()],
-                                     health=linear_contract(scale=3.0, bias=0.5))
+        add_v2(inst, padding_bytes=300_000)
         inst.other = Artifact(linear_model(scale=5.0, bias=0.0, padding_bytes=1_000), file_name="other.onnx")
         inst.other_rel = release_envelope(rig.keys, model="counter", version="1.0", counter=1,
                                           artifacts=[inst.other.entry()], health=linear_contract(scale=5.0, bias=0.0))

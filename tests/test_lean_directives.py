@@ -20,9 +20,8 @@ import pytest
 from agent.protocol import ErrorCode, encode_json, parse_directive, parse_presence, presence_payload, release_bytes
 from ota.models import Device, Directive
 from registry.models import ModelVersion
-from tests.support.agent_fixtures import MODEL, close_rig, device_from, install_template, make_rig
+from tests.support.agent_fixtures import MODEL, add_v2, close_rig, device_from, install_template, make_rig
 from tests.support.agent_harness import (
-    Artifact,
     Keys,
     active_fingerprint,
     journal,
@@ -30,7 +29,6 @@ from tests.support.agent_harness import (
     release_envelope,
 )
 from tests.support.fleet import enroll_device, record_directive
-from tests.support.onnx_models import linear_model
 from tests.support.registry_api import version_url
 from tests.support.rollout_data import make_devices, release
 
@@ -129,9 +127,7 @@ def installed(tmp_path_factory):
     rig, _ = make_rig(tmp_path_factory.mktemp("lean"))
     try:
         inst = install_template(rig, update={"reload_command": "true", "trial_seconds": 1})
-        inst.v2 = Artifact(linear_model(scale=3.0, bias=0.5, padding_bytes=10_000))
-        inst.rel2 = release_envelope(rig.keys, model=MODEL, version="2.0", counter=2, artifacts=[inst.v2.entry()],
-                                     health=linear_contract(scale=3.0, bias=0.5))
+        add_v2(inst, padding_bytes=10_000)
         yield inst
     finally:
         close_rig(rig)

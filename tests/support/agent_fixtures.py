@@ -68,3 +68,11 @@ def device_from(inst: Installed, device: str, **update) -> Path:
     state = clone_state(inst.template, inst.rig.tmp / device / "state")
     inst.rig.config(device, state_dir=state, update=update)
     return state
+
+
+def add_v2(inst: Installed, *, padding_bytes: int) -> None:
+    """inst.v2 and inst.rel2: release 2.0 of MODEL (y = 3x + 0.5, padded to the size a test needs)
+    with a health contract its model passes, signed with the rig's release key."""
+    inst.v2 = Artifact(linear_model(scale=3.0, bias=0.5, padding_bytes=padding_bytes))
+    inst.rel2 = release_envelope(inst.rig.keys, model=MODEL, version="2.0", counter=2, artifacts=[inst.v2.entry()],
+                                 health=linear_contract(scale=3.0, bias=0.5))
