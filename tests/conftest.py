@@ -9,6 +9,43 @@ import pytest
 
 from agent.signing import generate_private_key_pem
 
+# --- parallel runs (scripts/test.sh: pytest-xdist, --dist loadgroup) -----------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    """On xdist's workers (`--dist loadgroup`, which hands each free worker the next test):
+    - a module whose tests share a module-scoped fixture (an agent installed once, an S3 endpoint)
+      is one work unit, so its tests keep their order and the fixture is set up once, not once
+      per worker that gets a few of them (marked here, before xdist's own hook reads the marks);
+    - the longest tests come first (end-to-end runs marked slow, then those with servers, agents
+      or a browser, then the rest), so no worker starts a minute-long test when the others have
+      nothing left to do. Serial runs keep pytest-django's order."""
+    loadgroup = getattr(config.option, "loadgroup", False)  # set on xdist's workers only
+    if loadgroup:
+        for item in items:
+            if any(defs and defs[-1].scope in ("module", "class")
+                   for defs in item._fixtureinfo.name2fixturedefs.values()):
+                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    result = yield
+    if loadgroup:
+        items.sort(key=_expected_length)
+    return result
+
+
+_HEAVY_FIXTURES = {"transactional_db", "live_server", "server_platform", "secure_broker", "mosquitto", "rig"}
+
+
+def _expected_length(item) -> int:
+    """0 for the end-to-end tests (minutes), 1 for tests running servers, agents or a browser
+    (seconds), 2 for the rest (milliseconds)."""
+    if item.get_closest_marker("slow"):
+        return 0
+    if (item.get_closest_marker("browser") or item.get_closest_marker("xdist_group")
+            or _HEAVY_FIXTURES & set(item.fixturenames)):
+        return 1
+    return 2
+
 
 @pytest.fixture(scope="session")
 def signing_keys(tmp_path_factory):
