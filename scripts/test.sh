@@ -13,7 +13,7 @@ fi
 export DATABASE_URL="$TEST_DATABASE_URL"
 export DEBUG=false SECRET_KEY=test-only-secret-key
 # In parallel (pytest-xdist): most heavy tests wait on processes (soaks, timeouts, agents), so
-# workers overlap their waits. TEST_WORKERS (3, measured best on the 2-core CI machine) sets how
+# workers overlap their waits. TEST_WORKERS (3: faster than 2 on the 2-core CI machine) sets how
 # many; TEST_WORKERS=0, or -n / -p no:xdist among the arguments, runs as given (0: serially).
 # loadgroup: any test goes to whichever worker is free, except that a module sharing a
 # module-scoped fixture stays on one worker (tests/conftest.py).
