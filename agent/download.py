@@ -333,3 +333,16 @@ def _attempt(url, progress: _Progress, view, token, server_url, timeout, ssl_con
         finally:
             conn.close()
     raise _Retryable(f"more than {MAX_REDIRECTS} redirects")
+
+
+def fetch_from_server(cfg, url: str, part_path: Path, *, length: int, stop=None, on_chunk=None,
+                      retries: int | None = None) -> DownloadResult:
+    """`fetch` with this agent's settings (agent.config.Config): its device token for the server it
+    enrolled with, its [update] download timeouts, retries and back-off, and its server CA."""
+    u = cfg.update
+    ssl_context = ssl.create_default_context(cafile=cfg.server.ca_file) if cfg.server.ca_file else None
+    return fetch(url, part_path, length=length, token=cfg.server.token, server_url=cfg.server.url,
+                 timeout=u.download_timeout_seconds, retries=u.download_retries if retries is None else retries,
+                 backoff=u.download_backoff_seconds, backoff_max=u.download_backoff_max_seconds,
+                 byte_budget_factor=u.download_byte_budget_factor, stop=stop, on_chunk=on_chunk,
+                 ssl_context=ssl_context)

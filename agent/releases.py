@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from agent.config import Config
-from agent.download import DownloadError, fetch
+from agent.download import DownloadError, fetch_from_server
 from agent.journal import atomic_write_bytes
 from agent.protocol import ErrorCode, ReleaseRef
 
@@ -87,17 +87,9 @@ def fetch_release(ref: ReleaseRef, *, cfg: Config, cache: ReleaseCache,
     (NOT_FOUND, TOO_LARGE, DOWNLOAD_FAILED, HASH_MISMATCH, MALFORMED) or agent.download.Interrupted."""
     cache.dir.mkdir(parents=True, exist_ok=True)
     part = cache.dir / f"{ref.sha256}.part"
-    u = cfg.update
-    ssl_context = None
-    if cfg.server.ca_file:
-        import ssl
-
-        ssl_context = ssl.create_default_context(cafile=cfg.server.ca_file)
     try:
-        result = fetch(ref.url, part, length=ref.length, token=cfg.server.token, server_url=cfg.server.url,
-                       timeout=u.download_timeout_seconds, retries=min(u.download_retries, 3),
-                       backoff=u.download_backoff_seconds, backoff_max=u.download_backoff_max_seconds,
-                       byte_budget_factor=u.download_byte_budget_factor, stop=stop, ssl_context=ssl_context)
+        result = fetch_from_server(cfg, ref.url, part, length=ref.length, stop=stop,
+                                   retries=min(cfg.update.download_retries, 3))
     except DownloadError as exc:
         part.unlink(missing_ok=True)
         raise ReleaseUnavailable(f"the release manifest could not be fetched from {ref.url}: {exc}", exc.code) from None

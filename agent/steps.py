@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from agent import deltas, windows
 from agent.config import Config
-from agent.download import AnyEvent, DownloadError, Interrupted, fetch
+from agent.download import AnyEvent, DownloadError, Interrupted, fetch_from_server
 from agent.health import judge_figures, run_health, run_shell
 from agent.inflight import InFlightUpdate
 from agent.install import Store, StoreError, sha256_file
@@ -112,16 +112,9 @@ class Steps:
             fallback = {"delta_fallback": why}
             marker.write_text(json.dumps({"why": why, "bytes": delta_bytes}))
         if not self.store.has(sha, upd.file_name):
-            u = self.cfg.update
             try:
-                result = fetch(
-                    upd.url, self.store.part_path(sha), length=upd.length, token=self.cfg.server.token,
-                    server_url=self.cfg.server.url,
-                    timeout=u.download_timeout_seconds, retries=u.download_retries, backoff=u.download_backoff_seconds,
-                    backoff_max=u.download_backoff_max_seconds, byte_budget_factor=u.download_byte_budget_factor,
-                    stop=self.halt, on_chunk=lambda _pos: crash_point("download-chunk"),
-                    ssl_context=_ssl_context(self.cfg),
-                )
+                result = fetch_from_server(self.cfg, upd.url, self.store.part_path(sha), length=upd.length,
+                                           stop=self.halt, on_chunk=lambda _pos: crash_point("download-chunk"))
             except DownloadError as exc:
                 if exc.code == ErrorCode.TOO_LARGE:
                     self.store.part_path(sha).unlink(missing_ok=True)
@@ -161,16 +154,9 @@ class Steps:
             return False, 0, f"the base model here cannot be read: {exc}"
         part = self.store.part_path(delta["sha256"]).with_suffix(".delta")
         built = self.store.part_path(sha).with_suffix(".patched")
-        u = self.cfg.update
         try:
-            result = fetch(
-                delta["url"], part, length=delta["length"], token=self.cfg.server.token,
-                server_url=self.cfg.server.url,
-                timeout=u.download_timeout_seconds, retries=u.download_retries, backoff=u.download_backoff_seconds,
-                backoff_max=u.download_backoff_max_seconds, byte_budget_factor=u.download_byte_budget_factor,
-                stop=self.halt, on_chunk=lambda _pos: crash_point("download-chunk"),
-                ssl_context=_ssl_context(self.cfg),
-            )
+            result = fetch_from_server(self.cfg, delta["url"], part, length=delta["length"], stop=self.halt,
+                                       on_chunk=lambda _pos: crash_point("download-chunk"))
         except (DownloadError, OSError) as exc:
             part.unlink(missing_ok=True)
             return False, 0, f"the delta download failed: {exc}"
@@ -462,14 +448,6 @@ class Steps:
 def _fetched(result) -> int:
     """Bytes fetched for a download, by this process and (the part it resumed) by earlier ones."""
     return result.resumed_from + result.bytes_received
-
-
-def _ssl_context(cfg: Config):
-    if not cfg.server.ca_file:
-        return None
-    import ssl
-
-    return ssl.create_default_context(cafile=cfg.server.ca_file)
 
 
 def _run_reload(cfg: Config) -> tuple[bool, str]:

@@ -92,7 +92,9 @@ def directives_issue(
     artifacts = _artifacts_for(requests)
     offered = deltas_offered(requests=requests, artifacts=artifacts)
     lean = _lean_devices([r.device_id for r in requests])
-    refs: dict[int, dict] = {}  # version pk -> its release_ref, computed once per batch
+    # version pk -> its release_ref, once per version of the batch (a wave is one version)
+    lean_versions = {r.version.pk: r.version for r in requests if r.device_id in lean}
+    refs = {pk: release_ref(version=version) for pk, version in lean_versions.items()}
     records = []
     for req in requests:
         seq = seqs.get(req.device_id)
@@ -106,9 +108,8 @@ def directives_issue(
             expires=expires,
             rollout_id=str(rollout_id) if rollout_id is not None else None,
             model=req.version.model.name,
-            **({"release_ref": refs.get(req.version.pk) or refs.setdefault(req.version.pk,
-                                                                           release_ref(version=req.version))}
-               if req.device_id in lean else {"release_envelope": req.version.envelope}),
+            **({"release_ref": refs[req.version.pk]} if req.device_id in lean
+               else {"release_envelope": req.version.envelope}),
             artifact={
                 "hardware": req.hardware,
                 "sha256": art.sha256,
